@@ -1,0 +1,395 @@
+"""EOV-Seg model configuration."""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+from .vocabulary import display_name, validate_vocabulary
+
+# open_clip model configurations (the content of open_clip's model_configs/*.json, with the
+# activation the released weights were trained with). Holding them here means building a model
+# never asks open_clip, or a hub, for anything.
+_RN50_CLIP = {
+    "embed_dim": 1024,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64, "patch_size": None},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+_RN50X4_CLIP = {
+    "embed_dim": 640,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 288, "layers": [4, 6, 10, 6], "width": 80, "patch_size": None},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 640, "heads": 10, "layers": 12},
+}
+_CONVNEXT_L_CLIP = {
+    "embed_dim": 768,
+    "quick_gelu": False,
+    "vision_cfg": {
+        "timm_model_name": "convnext_large",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "mlp",
+        "timm_drop": 0.0,
+        "timm_drop_path": 0.1,
+        "image_size": 320,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 16},
+}
+_VIT_B16_CLIP = {
+    "embed_dim": 512,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+
+# Small towers for tests and demos: the same module types as the published variants.
+_TINY_RN_CLIP = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+_TINY_CONVNEXT_CLIP = {
+    "embed_dim": 64,
+    "quick_gelu": False,
+    "vision_cfg": {
+        "timm_model_name": "convnext_atto",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "mlp",
+        "timm_drop": 0.0,
+        "timm_drop_path": 0.0,
+        "image_size": 64,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+_TINY_VIT_CLIP = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+# Small made-up vocabularies for the tiny presets (things first, then stuff).
+TINY_VOCABULARY = [
+    "person, child, girl, boy",
+    "car, automobile",
+    "dog, puppy",
+    "chair",
+    "sky",
+    "grass, lawn",
+    "road, street",
+    "wall",
+]
+TINY_IS_THING = [True, True, True, True, False, False, False, False]
+TINY_TRAIN_VOCABULARY = ["person", "car", "chair", "sky", "road, street", "building"]
+
+VARIANTS = {
+    "r50": {
+        "clip_model_name": "RN50",
+        "clip_pretrained": "openai",
+        "clip_model_config": _RN50_CLIP,
+        "vit_model_name": "ViT-B-16",
+        "vit_pretrained": "openai",
+        "vit_model_config": _VIT_B16_CLIP,
+        "agg_dim": 128,
+        "ensemble_on_valid_mask": True,
+    },
+    "r50x4": {
+        "clip_model_name": "RN50x4",
+        "clip_pretrained": "openai",
+        "clip_model_config": _RN50X4_CLIP,
+        "vit_model_name": "ViT-B-16",
+        "vit_pretrained": "openai",
+        "vit_model_config": _VIT_B16_CLIP,
+        "agg_dim": 128,
+        "ensemble_on_valid_mask": True,
+    },
+    "convnext_l": {
+        "clip_model_name": "convnext_large_d_320",
+        "clip_pretrained": "laion2b_s29b_b131k_ft_soup",
+        "clip_model_config": _CONVNEXT_L_CLIP,
+        "vit_model_name": "ViT-B-16",
+        "vit_pretrained": "openai",
+        "vit_model_config": _VIT_B16_CLIP,
+        "agg_dim": 96,
+        "ensemble_on_valid_mask": False,
+    },
+    "tiny": {
+        "clip_model_name": "tiny-RN",
+        "clip_pretrained": None,
+        "clip_model_config": _TINY_RN_CLIP,
+        "vit_model_name": "tiny-ViT",
+        "vit_pretrained": None,
+        "vit_model_config": _TINY_VIT_CLIP,
+        "agg_dim": 32,
+        "hidden_dim": 64,
+        "num_proposals": 10,
+        "decoder_ffn_dim": 128,
+        "ensemble_on_valid_mask": True,
+        "train_num_points": 256,
+        "vocabulary": TINY_VOCABULARY,
+        "is_thing": TINY_IS_THING,
+        "train_vocabulary": TINY_TRAIN_VOCABULARY,
+    },
+    "tiny_convnext": {
+        "clip_model_name": "tiny-ConvNeXt",
+        "clip_pretrained": None,
+        "clip_model_config": _TINY_CONVNEXT_CLIP,
+        "vit_model_name": "tiny-ViT",
+        "vit_pretrained": None,
+        "vit_model_config": _TINY_VIT_CLIP,
+        "agg_dim": 32,
+        "hidden_dim": 64,
+        "num_proposals": 10,
+        "decoder_ffn_dim": 128,
+        "ensemble_on_valid_mask": False,
+        "train_num_points": 256,
+        "vocabulary": TINY_VOCABULARY,
+        "is_thing": TINY_IS_THING,
+        "train_vocabulary": TINY_TRAIN_VOCABULARY,
+    },
+}
+
+PUBLISHED_VARIANTS = ("r50", "r50x4", "convnext_l")
+
+
+class EovSegConfig(PretrainedConfig):
+    r"""
+    Configuration of an [`EovSegForPanopticSegmentation`] model (EOV-Seg, AAAI 2025).
+
+    Use [`EovSegConfig.from_variant`] for the published variants (`"r50"`, `"r50x4"`, `"convnext_l"`) and the small
+    test presets (`"tiny"`, `"tiny_convnext"`). Building a model from a configuration never downloads anything: the
+    CLIP towers are described by full open_clip configuration dictionaries.
+
+    Args:
+        variant (`str`, *optional*, defaults to `"r50"`):
+            Name of the preset this configuration follows (`"r50"`, `"r50x4"`, `"convnext_l"`, `"tiny"`,
+            `"tiny_convnext"`), or `"custom"`. Checked against the CLIP configuration when a checkpoint is converted.
+        clip_model_name (`str`, *optional*):
+            open_clip name of the frozen CNN CLIP model (for example `"RN50"`); informational.
+        clip_pretrained (`str`, *optional*):
+            open_clip pretrained tag the CNN CLIP weights come from (for example `"openai"`); informational.
+        clip_model_config (`dict`):
+            open_clip model configuration of the CNN CLIP (`embed_dim`, `quick_gelu`, `vision_cfg`, `text_cfg`). Its
+            vision tower is the backbone and the out-of-vocabulary classifier, its text tower encodes the vocabulary.
+            The vision tower must be a ModifiedResNet (`layers` is a list) or a timm ConvNeXt (`timm_model_name`).
+        vit_model_name (`str`, *optional*):
+            open_clip name of the ViT CLIP whose first block is the spatial-awareness extractor; informational.
+        vit_pretrained (`str`, *optional*):
+            open_clip pretrained tag of the ViT CLIP; informational.
+        vit_model_config (`dict`):
+            open_clip model configuration of the ViT CLIP. Only the patch embedding, positional embedding, `ln_pre`
+            and the first residual block of its vision tower are built.
+        hidden_dim (`int`, *optional*, defaults to 256):
+            Channels of the aggregated features and of the decoder's object kernels.
+        agg_dim (`int`, *optional*, defaults to 128):
+            Channels of the light aggregator's output before the coordinate features are appended (128 for the
+            ResNets, 96 for ConvNeXt-L).
+        num_proposals (`int`, *optional*, defaults to 100):
+            Number of object queries (kernels) of the light-weight decoder.
+        num_stages (`int`, *optional*, defaults to 3):
+            Number of light-weight decoder stages.
+        conv_kernel_size_1d (`int`, *optional*, defaults to 3):
+            Kernel size of the dynamic depth-wise convolution ("attention") over the channel axis.
+        conv_kernel_size_2d (`int`, *optional*, defaults to 1):
+            Spatial size of the object kernels (EOV-Seg uses 1).
+        num_mask_fcs (`int`, *optional*, defaults to 1):
+            Number of Linear-LayerNorm-ReLU blocks before the mask kernel projection.
+        decoder_ffn_dim (`int`, *optional*, defaults to 2048):
+            Hidden size of the decoder's feed-forward network.
+        decoder_num_heads (`int`, *optional*, defaults to 8):
+            Attention heads of the decoder's self-attention over object kernels.
+        class_embed_num_layers (`int`, *optional*, defaults to 3):
+            Layers of the MLP that maps instance embeddings to the CLIP text space.
+        hard_mask_threshold (`float`, *optional*, defaults to 0.5):
+            Sigmoid threshold of the hard masks that gather features at the start of each decoder stage.
+        vas_num_heads (`int`, *optional*, defaults to 1):
+            Heads of the Vocabulary-Aware Selection gating.
+        geometric_ensemble_alpha (`float`, *optional*, defaults to 0.4):
+            Weight of the out-of-vocabulary (CLIP) probabilities for classes seen in training.
+        geometric_ensemble_beta (`float`, *optional*, defaults to 0.8):
+            Weight of the out-of-vocabulary (CLIP) probabilities for classes not seen in training.
+        ensemble_on_valid_mask (`bool`, *optional*, defaults to `True`):
+            Use the CLIP probabilities only for queries whose mask has at least one positive pixel at the CLIP
+            feature resolution (the original does this for the ResNets, not for ConvNeXt-L).
+        object_mask_threshold (`float`, *optional*, defaults to 0.0):
+            Minimum class score of a query kept by panoptic post-processing.
+        overlap_threshold (`float`, *optional*, defaults to 0.8):
+            Minimum ratio of a query's argmax area to its own binary mask area kept by panoptic post-processing.
+        pixel_mean (`list[float]`, *optional*, defaults to `[123.675, 116.28, 103.53]`):
+            Per-channel mean subtracted from RGB pixel values in 0-255. The released EOV-Seg configs inherit the
+            ImageNet statistics of their Mask2Former base config (not CLIP's), and the weights were trained with them.
+        pixel_std (`list[float]`, *optional*, defaults to `[58.395, 57.12, 57.375]`):
+            Per-channel standard deviation (0-255 units) pixel values are divided by.
+        size_divisibility (`int`, *optional*, defaults to 32):
+            Padded inputs must have height and width divisible by this.
+        text_chunk_size (`int`, *optional*, defaults to 128):
+            Number of prompts encoded by the text tower at once.
+        class_weight (`float`, *optional*, defaults to 2.0):
+            Weight of the classification loss and of the class cost in matching.
+        mask_weight (`float`, *optional*, defaults to 5.0):
+            Weight of the sigmoid binary cross-entropy mask loss and matching cost.
+        dice_weight (`float`, *optional*, defaults to 5.0):
+            Weight of the dice loss and matching cost.
+        no_object_weight (`float`, *optional*, defaults to 0.1):
+            Cross-entropy weight of the void class.
+        train_num_points (`int`, *optional*, defaults to 12544):
+            Points sampled per mask for matching and the mask losses.
+        oversample_ratio (`float`, *optional*, defaults to 3.0):
+            Oversampling of candidate points for importance sampling.
+        importance_sample_ratio (`float`, *optional*, defaults to 0.75):
+            Fraction of points chosen by uncertainty.
+        train_vocabulary (`list[str]`, *optional*):
+            The training vocabulary (class entries of comma-separated synonyms). A test class is *seen* when one of
+            its synonyms is a synonym of a training class; seen and unseen classes use different ensemble weights.
+        vocabulary (`list[str]`, *optional*):
+            The default vocabulary used when no text is given to the model. Its text embeddings are stored with the
+            weights (buffer `default_text_embeddings`) once computed.
+        is_thing (`list[bool]`, *optional*):
+            For each class of `vocabulary`, whether it is a thing (instances kept apart) or stuff (merged).
+        kwargs:
+            Remaining arguments of [`~transformers.PretrainedConfig`] (`id2label` is derived from `vocabulary`).
+    """
+
+    model_type = "eovseg"
+
+    def __init__(
+        self,
+        variant: str = "r50",
+        clip_model_name: str | None = None,
+        clip_pretrained: str | None = None,
+        clip_model_config: dict | None = None,
+        vit_model_name: str | None = None,
+        vit_pretrained: str | None = None,
+        vit_model_config: dict | None = None,
+        hidden_dim: int = 256,
+        agg_dim: int | None = None,
+        num_proposals: int = 100,
+        num_stages: int = 3,
+        conv_kernel_size_1d: int = 3,
+        conv_kernel_size_2d: int = 1,
+        num_mask_fcs: int = 1,
+        decoder_ffn_dim: int = 2048,
+        decoder_num_heads: int = 8,
+        class_embed_num_layers: int = 3,
+        hard_mask_threshold: float = 0.5,
+        vas_num_heads: int = 1,
+        geometric_ensemble_alpha: float = 0.4,
+        geometric_ensemble_beta: float = 0.8,
+        ensemble_on_valid_mask: bool | None = None,
+        object_mask_threshold: float = 0.0,
+        overlap_threshold: float = 0.8,
+        pixel_mean: list[float] | None = None,
+        pixel_std: list[float] | None = None,
+        size_divisibility: int = 32,
+        text_chunk_size: int = 128,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        train_num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        train_vocabulary: list[str] | None = None,
+        vocabulary: list[str] | None = None,
+        is_thing: list[bool] | None = None,
+        **kwargs,
+    ):
+        if variant != "custom" and variant not in VARIANTS:
+            raise ValueError(
+                f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(VARIANTS)} (or 'custom' with explicit "
+                "clip_model_config and vit_model_config)."
+            )
+        preset = VARIANTS.get(variant, {})
+        self.variant = variant
+        self.clip_model_name = clip_model_name if clip_model_name is not None else preset.get("clip_model_name")
+        self.clip_pretrained = clip_pretrained if clip_pretrained is not None else preset.get("clip_pretrained")
+        self.clip_model_config = copy.deepcopy(clip_model_config or preset.get("clip_model_config"))
+        self.vit_model_name = vit_model_name if vit_model_name is not None else preset.get("vit_model_name")
+        self.vit_pretrained = vit_pretrained if vit_pretrained is not None else preset.get("vit_pretrained")
+        self.vit_model_config = copy.deepcopy(vit_model_config or preset.get("vit_model_config"))
+        if self.clip_model_config is None or self.vit_model_config is None:
+            raise ValueError("A 'custom' EOV-Seg config needs both clip_model_config and vit_model_config.")
+        vision_cfg = self.clip_model_config.get("vision_cfg", {})
+        if not ("timm_model_name" in vision_cfg or isinstance(vision_cfg.get("layers"), (list, tuple))):
+            raise ValueError(
+                "clip_model_config['vision_cfg'] must describe a CLIP ModifiedResNet ('layers' a list of 4 ints) or "
+                "a timm ConvNeXt ('timm_model_name')."
+            )
+        if not isinstance(self.vit_model_config.get("vision_cfg", {}).get("patch_size"), int):
+            raise ValueError("vit_model_config['vision_cfg'] must describe a CLIP ViT (an int 'patch_size').")
+        self.hidden_dim = hidden_dim
+        self.agg_dim = agg_dim if agg_dim is not None else preset.get("agg_dim", 128)
+        self.num_proposals = num_proposals
+        self.num_stages = num_stages
+        self.conv_kernel_size_1d = conv_kernel_size_1d
+        self.conv_kernel_size_2d = conv_kernel_size_2d
+        self.num_mask_fcs = num_mask_fcs
+        self.decoder_ffn_dim = decoder_ffn_dim
+        self.decoder_num_heads = decoder_num_heads
+        self.class_embed_num_layers = class_embed_num_layers
+        self.hard_mask_threshold = hard_mask_threshold
+        self.vas_num_heads = vas_num_heads
+        self.geometric_ensemble_alpha = geometric_ensemble_alpha
+        self.geometric_ensemble_beta = geometric_ensemble_beta
+        self.ensemble_on_valid_mask = (
+            ensemble_on_valid_mask if ensemble_on_valid_mask is not None else preset.get("ensemble_on_valid_mask", True)
+        )
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.pixel_mean = list(pixel_mean) if pixel_mean is not None else [123.675, 116.28, 103.53]
+        self.pixel_std = list(pixel_std) if pixel_std is not None else [58.395, 57.12, 57.375]
+        self.size_divisibility = size_divisibility
+        self.text_chunk_size = text_chunk_size
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.no_object_weight = no_object_weight
+        self.train_num_points = train_num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+
+        self.train_vocabulary = list(train_vocabulary if train_vocabulary is not None else preset.get("train_vocabulary", []))
+        if vocabulary is None:
+            vocabulary = preset.get("vocabulary")
+            if is_thing is None:
+                is_thing = preset.get("is_thing")
+        if vocabulary is not None:
+            vocabulary = validate_vocabulary(vocabulary, "default vocabulary")
+            if is_thing is None:
+                is_thing = [True] * len(vocabulary)
+            if len(is_thing) != len(vocabulary):
+                raise ValueError(
+                    f"is_thing has {len(is_thing)} flags for a vocabulary of {len(vocabulary)} classes."
+                )
+            kwargs["id2label"] = {i: display_name(name) for i, name in enumerate(vocabulary)}
+            kwargs.setdefault("label2id", {display_name(name): i for i, name in enumerate(vocabulary)})
+        self.vocabulary = vocabulary
+        self.is_thing = [bool(x) for x in is_thing] if is_thing is not None else None
+        super().__init__(**kwargs)
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the CLIP joint embedding space (1024 for RN50, 640 for RN50x4, 768 for ConvNeXt-L)."""
+        return int(self.clip_model_config["embed_dim"])
+
+    @property
+    def backbone_type(self) -> str:
+        """`"convnext"` or `"resnet"`, from the CNN CLIP vision configuration."""
+        return "convnext" if "timm_model_name" in self.clip_model_config["vision_cfg"] else "resnet"
+
+    @classmethod
+    def from_variant(cls, variant: str, **kwargs) -> "EovSegConfig":
+        """The configuration of a published variant (`"r50"`, `"r50x4"`, `"convnext_l"`) or a test preset
+        (`"tiny"`, `"tiny_convnext"`); keyword arguments override fields."""
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(VARIANTS)}.")
+        preset = {k: v for k, v in VARIANTS[variant].items()}
+        preset.update(kwargs)
+        return cls(variant=variant, **preset)
+
+
+__all__ = ["EovSegConfig", "PUBLISHED_VARIANTS", "VARIANTS"]

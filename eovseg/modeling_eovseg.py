@@ -1,0 +1,959 @@
+"""PyTorch EOV-Seg: Efficient Open-Vocabulary Panoptic Segmentation (Niu et al., AAAI 2025).
+
+The module layout follows Fig. 4 of the paper:
+
+* [`EovSegClipBackbone`]: the frozen CNN CLIP (ResNet or ConvNeXt) giving multi-scale features, the dense CLIP
+  features of the out-of-vocabulary branch and, through its text tower, the vocabulary embeddings;
+* [`EovSegSpatialAwarenessExtractor`]: the first block of a frozen ViT CLIP, giving spatial-awareness features F_s;
+* [`EovSegLightAggregator`]: the light aggregator neck (modulated deformable convolutions, coordinate features);
+* [`VAS`]: Vocabulary-Aware Selection, gating aggregated features with the text embeddings;
+* [`EovSegLightweightDecoder`] made of [`LightweightDecoderLayer`] stages, each with two
+  [`DynamicDepthwiseConvAttention`], self-attention, an FFN, [`MaskPooling`] and [`TDEE`] (Two-way Dynamic Embedding
+  Experts);
+* [`OutOfVocabularyClassifier`] (mask pooling on dense CLIP features) and [`GeometricEnsemble`], which combine the
+  in-vocabulary and CLIP probabilities with a void class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import LayerNorm as ClipLayerNorm
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+from torch import nn
+from torchvision.ops import deform_conv2d
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_eovseg import EovSegConfig
+from .vocabulary import PROMPT_TEMPLATES, seen_class_mask, synonym_counts
+
+
+class EovSegInputError(ValueError):
+    """Raised for inputs the model cannot use (wrong image size or channels, inconsistent vocabulary tensors)."""
+
+
+@dataclass
+class EovSegOutput(ModelOutput):
+    """
+    Outputs of [`EovSegForPanopticSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The training loss (sum over decoder stages of the weighted classification, mask and dice losses),
+            returned when `mask_labels` and `class_labels` are given.
+        loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
+            The unweighted loss terms, named `s{stage}_loss_ce`, `s{stage}_loss_mask`, `s{stage}_loss_dice`.
+        class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
+            In eval mode: the log of the ensembled class probabilities, void last: the in-vocabulary and CLIP
+            probabilities combined by the geometric ensemble, re-weighted by (1 - void probability), with
+            `log(p + 1e-8)` as the original feeds to its post-processing. In training mode: the last decoder
+            stage's cosine-similarity logits (void last), as the losses use them.
+        masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 4, width / 4)`):
+            Mask logits of the last decoder stage at a quarter of the padded input resolution.
+        stage_class_queries_logits (`tuple[torch.FloatTensor]`):
+            Class logits (batch_size, num_queries, num_classes + 1) of every decoder stage, void last.
+        stage_masks_queries_logits (`tuple[torch.FloatTensor]`):
+            Mask logits (batch_size, num_queries, height / 4, width / 4) of every decoder stage.
+        out_of_vocabulary_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`, *optional*):
+            The CLIP branch's logits (mask-pooled dense CLIP features against the text embeddings, void last); eval
+            mode only.
+        image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+            Height and width of each image's valid (unpadded) region in the input, from `pixel_mask`.
+        backbone_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+            The CNN CLIP features res2 to res5, returned with `output_hidden_states=True`.
+        spatial_hidden_state (`torch.FloatTensor` of shape `(batch_size, vit_width, height / 16, width / 16)`, *optional*):
+            The spatial-awareness features of the first ViT block, returned with `output_hidden_states=True`.
+        aggregator_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 4, width / 4)`, *optional*):
+            The light aggregator's output, returned with `output_hidden_states=True`.
+        vas_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 4, width / 4)`, *optional*):
+            The aggregated features after Vocabulary-Aware Selection, returned with `output_hidden_states=True`.
+        text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
+            The normalized, template-averaged text embedding of every synonym of the vocabulary that was used,
+            returned with `output_hidden_states=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict | None = None
+    class_queries_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    stage_class_queries_logits: tuple | None = None
+    stage_masks_queries_logits: tuple | None = None
+    out_of_vocabulary_logits: torch.FloatTensor | None = None
+    image_sizes: torch.LongTensor | None = None
+    backbone_hidden_states: tuple | None = None
+    spatial_hidden_state: torch.FloatTensor | None = None
+    aggregator_hidden_state: torch.FloatTensor | None = None
+    vas_hidden_state: torch.FloatTensor | None = None
+    text_embeddings: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Frozen CLIP parts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def interpolate_positional_embedding(positional_embedding: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize the square grid of a CLIP positional embedding ((1 + G*G), C) to (height*width, C), bilinearly.
+
+    The first row (class token / global query) is not part of the grid and is not returned.
+    """
+    grid = positional_embedding[1:]
+    side = int(math.sqrt(grid.shape[0]))
+    grid = grid.T.reshape(1, -1, side, side)
+    grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    return grid.reshape(grid.shape[1], height * width).T
+
+
+class EovSegClipBackbone(nn.Module):
+    """The frozen CNN CLIP model (vision and text towers), built from an open_clip configuration dict.
+
+    Gives the multi-scale features `stem`, `res2`..`res5` and the dense CLIP features (`clip_dense`) pooled by the
+    out-of-vocabulary branch, and encodes prompts with the text tower.
+    """
+
+    def __init__(self, config: EovSegConfig):
+        super().__init__()
+        clip_cfg = dict(config.clip_model_config)
+        self.clip_model = open_clip.model.CLIP(
+            embed_dim=clip_cfg["embed_dim"],
+            vision_cfg=dict(clip_cfg["vision_cfg"]),
+            text_cfg=dict(clip_cfg["text_cfg"]),
+            quick_gelu=bool(clip_cfg.get("quick_gelu", False)),
+        )
+        self.backbone_type = config.backbone_type
+        visual = self.clip_model.visual
+        if self.backbone_type == "convnext":
+            stages = visual.trunk.stages
+            self.channels = [visual.trunk.stem[0].out_channels] + [self._stage_channels(s) for s in stages]
+        else:
+            layers = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+            self.channels = [visual.conv3.out_channels] + [layer[-1].conv3.out_channels for layer in layers]
+        for p in self.parameters():
+            p.requires_grad = False
+
+    @staticmethod
+    def _stage_channels(stage: nn.Module) -> int:
+        for module in reversed(list(stage.modules())):
+            if isinstance(module, nn.Linear):
+                return module.out_features
+            if isinstance(module, nn.Conv2d):
+                return module.out_channels
+        raise ValueError("Could not infer the channels of a ConvNeXt stage.")
+
+    def train(self, mode: bool = True):
+        # The CLIP towers are frozen: their batch norms always use running statistics, as in the original.
+        return super().train(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        visual = self.clip_model.visual
+        features = {}
+        if self.backbone_type == "convnext":
+            trunk = visual.trunk
+            x = trunk.stem(pixel_values)
+            features["stem"] = x
+            for i, stage in enumerate(trunk.stages):
+                x = stage(x)
+                features[f"res{i + 2}"] = x
+            features["clip_dense"] = trunk.norm_pre(x)
+        else:
+            x = visual.act1(visual.bn1(visual.conv1(pixel_values)))
+            x = visual.act2(visual.bn2(visual.conv2(x)))
+            x = visual.act3(visual.bn3(visual.conv3(x)))
+            features["stem"] = x
+            x = visual.avgpool(x)
+            for i, layer in enumerate([visual.layer1, visual.layer2, visual.layer3, visual.layer4]):
+                x = layer(x)
+                features[f"res{i + 2}"] = x
+            features["clip_dense"] = x
+        return features
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip_model.text_projection.shape[-1]
+
+    def encode_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Un-normalized text embeddings of tokenized prompts (P, L).
+
+        Only the first `max(EOT position) + 1` tokens are run through the tower: with CLIP's causal mask, tokens after
+        the end-of-text token cannot change the embedding taken at the end-of-text token.
+        """
+        model = self.clip_model
+        eot = input_ids.argmax(dim=-1)
+        length = int(eot.max().item()) + 1
+        ids = input_ids[:, :length]
+        x = model.token_embedding(ids) + model.positional_embedding[:length]
+        causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+        x = model.transformer(x, attn_mask=causal)
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        return x @ model.text_projection
+
+
+class EovSegSpatialAwarenessExtractor(nn.Module):
+    """The first residual block of a frozen CLIP ViT (patch embedding, interpolated positional embedding, `ln_pre`),
+    giving the spatial-awareness features F_s at the patch stride (16 for ViT-B/16)."""
+
+    def __init__(self, config: EovSegConfig):
+        super().__init__()
+        vit_cfg = config.vit_model_config
+        vision = vit_cfg["vision_cfg"]
+        width = vision["width"]
+        patch = vision["patch_size"]
+        grid = vision["image_size"] // patch
+        heads = width // vision.get("head_width", 64)
+        act_layer = QuickGELU if vit_cfg.get("quick_gelu", False) else nn.GELU
+        self.patch_size = patch
+        self.width = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = ClipLayerNorm(width)
+        self.block = ResidualAttentionBlock(
+            width, heads, mlp_ratio=vision.get("mlp_ratio", 4.0), act_layer=act_layer, norm_layer=ClipLayerNorm
+        )
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixel_values)
+        batch, channels, height, width = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(batch, 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = interpolate_positional_embedding(self.positional_embedding.to(x.dtype), height, width)
+        x = x + torch.cat([self.positional_embedding[:1].to(x.dtype), pos], dim=0)
+        x = self.block(self.ln_pre(x))
+        return x[:, 1:].transpose(1, 2).reshape(batch, channels, height, width)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Light aggregator neck
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ModulatedDeformConv(nn.Module):
+    """A 3x3 modulated deformable convolution (DCNv2) whose offsets and modulation come from a plain convolution.
+
+    The offset convolution predicts 27 channels: the first 18 are the (y, x) offsets in the layout that
+    `torchvision.ops.deform_conv2d` takes, the last 9 pass through a sigmoid as the modulation mask.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.offset_conv = nn.Conv2d(in_channels, 3 * kernel_size * kernel_size, kernel_size, padding=padding)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset_y_x_mask = self.offset_conv(x)
+        offsets, modulation = offset_y_x_mask.split([offset_y_x_mask.shape[1] * 2 // 3, offset_y_x_mask.shape[1] // 3], 1)
+        return deform_conv2d(x, offsets, self.weight, padding=self.padding, mask=modulation.sigmoid())
+
+
+class EovSegDeformUpsampleLayer(nn.Module):
+    """Modulated deformable conv, BN, ReLU, then a x2 transposed-conv upsampling, BN, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.deform_conv = ModulatedDeformConv(in_channels, out_channels)
+        self.deform_norm = nn.BatchNorm2d(out_channels)
+        self.upsample = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False)
+        self.upsample_norm = nn.BatchNorm2d(out_channels)
+        self._init_bilinear_upsampling()
+
+    def _init_bilinear_upsampling(self):
+        weight = self.upsample.weight.data
+        size = weight.shape[-1]
+        factor = math.ceil(size / 2)
+        center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
+        ramp = 1 - (torch.arange(size, dtype=weight.dtype) / factor - center).abs()
+        weight.zero_()
+        weight[:, 0] = ramp[:, None] * ramp[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.deform_norm(self.deform_conv(x)))
+        return F.relu(self.upsample_norm(self.upsample(x)))
+
+
+class EovSegLightAggregator(nn.Module):
+    """The light aggregator: top-down deformable upsampling of res5..res2 with lateral 1x1 convs, fusion of all four
+    levels at stride 4, a 3x3 output conv, then coordinate features and a projection to `hidden_dim`."""
+
+    def __init__(self, config: EovSegConfig, in_channels: list[int]):
+        super().__init__()
+        # in_channels: res2..res5; every level is halved, the fused output has agg_dim channels.
+        lateral = [c // 2 for c in in_channels]
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, c // 2, 1) for c in reversed(in_channels))
+        self.deform_layers = nn.ModuleList(
+            EovSegDeformUpsampleLayer(lateral[i], lateral[i - 1]) for i in range(len(lateral) - 1, 0, -1)
+        )
+        self.fuse_convs = nn.ModuleList(nn.Conv2d(c, config.agg_dim, 1, bias=False) for c in reversed(lateral))
+        self.fuse_bias = nn.Parameter(torch.zeros(1, config.agg_dim, 1, 1))
+        self.output_conv = nn.Conv2d(config.agg_dim, config.agg_dim, 3, padding=1)
+        self.coord_proj = nn.Conv2d(config.agg_dim + 2, config.hidden_dim, 1)
+
+    @staticmethod
+    def coordinate_features(x: torch.Tensor) -> torch.Tensor:
+        """CoordConv features: x and y in [-1, 1] over the feature map, (B, 2, H, W)."""
+        batch, _, height, width = x.shape
+        ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x, grid_y]).expand(batch, -1, -1, -1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        # features: res2..res5. Walk from the coarsest level down.
+        levels = list(reversed(features))
+        x = self.lateral_convs[0](levels[0])
+        merged = [x]
+        for lateral_conv, deform_layer, level in zip(self.lateral_convs[1:], self.deform_layers, levels[1:]):
+            x = lateral_conv(level) + deform_layer(x)
+            merged.append(x)
+        fused = self.fuse_bias
+        for i, (conv, level) in enumerate(zip(self.fuse_convs, merged)):
+            y = conv(level)
+            scale = 2 ** (len(merged) - 1 - i)
+            if scale > 1:
+                y = F.interpolate(y, scale_factor=scale, mode="bilinear", align_corners=False)
+            fused = fused + y
+        x = self.output_conv(fused)
+        return self.coord_proj(torch.cat([x, self.coordinate_features(x)], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Paper components
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class MaskPooling(nn.Module):
+    """Average features inside each binarized mask (mask logit > 0): (B, C, H, W), (B, Q, h, w) -> (B, Q, C).
+
+    Masks of another size are first resized bilinearly to the features' size. No gradient flows through the masks.
+    """
+
+    def forward(self, features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        if mask_logits.shape[-2:] != features.shape[-2:]:
+            mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            masks = (mask_logits.detach() > 0).to(features.dtype)
+            masks = masks / (masks.sum(dim=(-2, -1), keepdim=True) + 1e-8)
+        return torch.einsum("bchw,bqhw->bqc", features, masks)
+
+
+class VAS(nn.Module):
+    """Vocabulary-Aware Selection: each pixel's aggregated feature is scaled by how strongly it matches its best
+    vocabulary entry (softmax over the text embeddings, max), with a learned scale and offset per head."""
+
+    def __init__(self, in_channels: int, embed_channels: int, guide_channels: int, num_heads: int = 1):
+        super().__init__()
+        if embed_channels % num_heads or in_channels % num_heads:
+            raise ValueError("VAS channels must be divisible by the number of heads.")
+        self.num_heads = num_heads
+        self.head_channels = embed_channels // num_heads
+        if embed_channels != in_channels:
+            self.embed_conv = nn.Sequential(
+                OrderedDict(
+                    depthwise=nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+                    depthwise_norm=nn.BatchNorm2d(in_channels),
+                    depthwise_act=nn.GELU(),
+                    pointwise=nn.Conv2d(in_channels, embed_channels, 1, bias=False),
+                    pointwise_norm=nn.BatchNorm2d(embed_channels),
+                    pointwise_act=nn.GELU(),
+                )
+            )
+        else:
+            self.embed_conv = nn.Identity()
+        self.guide_fc = nn.Linear(guide_channels, embed_channels)
+        self.scale = nn.Parameter(torch.ones(1, num_heads, 1, 1))
+        self.offset = nn.Parameter(torch.zeros(1, num_heads, 1, 1))
+
+    def forward(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = features.shape
+        guide = self.guide_fc(text_embeddings).reshape(-1, self.num_heads, self.head_channels)
+        embed = self.embed_conv(features).reshape(batch, self.num_heads, self.head_channels, height, width)
+        similarity = torch.einsum("bmchw,nmc->bmhwn", embed, guide) / math.sqrt(self.head_channels)
+        gate = similarity.softmax(dim=-1).amax(dim=-1) * self.scale + self.offset
+        features = features.reshape(batch, self.num_heads, -1, height, width) * gate.unsqueeze(2)
+        return features.reshape(batch, channels, height, width)
+
+
+class DynamicDepthwiseConvAttention(nn.Module):
+    """Dynamic depth-wise "attention": each query predicts a 1-D kernel that convolves its value vector along the
+    channel axis; then LayerNorm. The whole batch runs as one grouped convolution."""
+
+    def __init__(self, hidden_dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.kernel_proj = nn.Linear(hidden_dim, kernel_size)
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, num_queries, channels = value.shape
+        kernels = self.kernel_proj(query).reshape(batch * num_queries, 1, self.kernel_size)
+        out = F.conv1d(value.reshape(1, batch * num_queries, channels), kernels, groups=batch * num_queries, padding="same")
+        return self.norm(out.reshape(batch, num_queries, channels))
+
+
+class TDEE(nn.Module):
+    """Two-way Dynamic Embedding Experts: fuses the mask-pooled aggregated embedding (update) with the mask-pooled
+    spatial-awareness embedding (input) through two sigmoid routers computed from their product."""
+
+    def __init__(self, in_channels: int = 256, feat_channels: int = 256, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.feat_channels = feat_channels
+        self.dynamic_layer = nn.Linear(in_channels, 2 * feat_channels)
+        self.input_layer = nn.Linear(in_channels, 2 * feat_channels)
+        self.update_router = nn.Linear(in_channels, feat_channels)
+        self.input_router = nn.Linear(in_channels, feat_channels)
+        self.norm_in = nn.LayerNorm(feat_channels)
+        self.input_norm_in = nn.LayerNorm(feat_channels)
+        self.norm_out = nn.LayerNorm(feat_channels)
+        self.input_norm_out = nn.LayerNorm(feat_channels)
+        self.fc_layer = nn.Linear(feat_channels, out_channels)
+        self.fc_norm = nn.LayerNorm(out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, update_embedding: torch.Tensor, input_embedding: torch.Tensor) -> torch.Tensor:
+        update_in, update_out = self.dynamic_layer(update_embedding).split(self.feat_channels, dim=-1)
+        input_in, input_out = self.input_layer(input_embedding).split(self.feat_channels, dim=-1)
+        routed = input_in * update_in
+        update_gate = self.norm_in(self.update_router(routed)).sigmoid()
+        input_gate = self.input_norm_in(self.input_router(routed)).sigmoid()
+        fused = update_gate * self.norm_out(update_out) + input_gate * self.input_norm_out(input_out)
+        return self.activation(self.fc_norm(self.fc_layer(fused)))
+
+
+def synonym_index(counts: torch.LongTensor) -> torch.LongTensor:
+    """(K, max_synonyms) column indices of each class's synonyms in the synonym axis, padded with -1."""
+    counts = counts.to(torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(int(counts.max().item()), device=counts.device)
+    index = starts[:, None] + offsets[None, :]
+    return torch.where(offsets[None, :] < counts[:, None], index, torch.full_like(index, -1))
+
+
+def classification_logits(
+    embeddings: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor, index: torch.LongTensor
+) -> torch.Tensor:
+    """Cosine-similarity logits of (B, Q, D) embeddings against (S + 1, D) normalized synonym embeddings (void last),
+    scaled by exp(logit_scale) clamped at 100, then the max over each class's synonyms: (B, Q, K + 1)."""
+    scale = logit_scale.exp().clamp(max=100)
+    logits = scale * F.normalize(embeddings, dim=-1) @ classifier.T
+    synonym_logits = logits[..., :-1]
+    gathered = synonym_logits[..., index.clamp(min=0)]
+    gathered = gathered.masked_fill(index < 0, float("-inf"))
+    return torch.cat([gathered.amax(dim=-1), logits[..., -1:]], dim=-1)
+
+
+class EovSegMLP(nn.Module):
+    """A plain MLP with ReLU between layers."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class LightweightDecoderLayer(nn.Module):
+    """One stage of the light-weight decoder.
+
+    Hard masks of the previous stage gather features per query; two dynamic depth-wise attentions update the
+    gathered features and the kernels; self-attention and an FFN refine the kernels; new masks come from the kernels
+    and the VAS features; mask pooling on the VAS features and on the spatial-awareness features, fused by TDEE and
+    added to the kernels, gives the instance embedding classified against the text embeddings.
+    """
+
+    def __init__(self, config: EovSegConfig, spatial_channels: int):
+        super().__init__()
+        hidden = config.hidden_dim
+        kernel_dim = hidden * config.conv_kernel_size_2d**2
+        self.hard_mask_threshold = config.hard_mask_threshold
+        self.feature_attention = DynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
+        self.feature_attention_norm = nn.LayerNorm(kernel_dim)
+        self.kernel_attention = DynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
+        self.kernel_attention_norm = nn.LayerNorm(kernel_dim)
+        self.self_attention = nn.MultiheadAttention(kernel_dim, config.decoder_num_heads, batch_first=True)
+        self.self_attention_norm = nn.LayerNorm(kernel_dim)
+        self.ffn = nn.Sequential(
+            OrderedDict(fc1=nn.Linear(hidden, config.decoder_ffn_dim), act=nn.ReLU(), fc2=nn.Linear(config.decoder_ffn_dim, hidden))
+        )
+        self.ffn_norm = nn.LayerNorm(hidden)
+        mask_fcs = []
+        for _ in range(config.num_mask_fcs):
+            mask_fcs += [nn.Linear(hidden, hidden, bias=False), nn.LayerNorm(hidden), nn.ReLU()]
+        self.mask_fcs = nn.Sequential(*mask_fcs)
+        self.mask_kernel_proj = nn.Linear(hidden, hidden)
+        self.mask_pooling = MaskPooling()
+        self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+        self.spatial_pooling_proj = nn.Sequential(nn.LayerNorm(spatial_channels), nn.Linear(spatial_channels, hidden))
+        self.tdee = TDEE(hidden, hidden, hidden)
+        self.class_embed = EovSegMLP(hidden, hidden, config.embed_dim, config.class_embed_num_layers)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, spatial_features, features, kernels, mask_logits, classifier, index):
+        hard_masks = (mask_logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
+        gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
+        gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
+        kernels = self.kernel_attention_norm(gathered + self.kernel_attention(kernels, gathered))
+        kernels = self.self_attention_norm(kernels + self.self_attention(kernels, kernels, kernels, need_weights=False)[0])
+        kernels = self.ffn_norm(kernels + self.ffn(kernels))
+
+        mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
+        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels, features)
+
+        pooled = self.mask_pooling_proj(self.mask_pooling(features, mask_logits))
+        spatial_pooled = self.spatial_pooling_proj(self.mask_pooling(spatial_features, mask_logits))
+        instance_embeddings = self.tdee(pooled, spatial_pooled)
+        class_embeddings = self.class_embed(instance_embeddings + kernels)
+        class_logits = classification_logits(class_embeddings, classifier, self.logit_scale, index)
+        return class_logits, mask_logits, kernels
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class EovSegLightweightDecoder(nn.Module):
+    """VAS, initial masks from learned object kernels, x4 upsampling of the spatial-awareness features, then
+    `num_stages` [`LightweightDecoderLayer`]s."""
+
+    def __init__(self, config: EovSegConfig, spatial_channels: int):
+        super().__init__()
+        self.vas = VAS(config.hidden_dim, config.embed_dim, config.embed_dim, config.vas_num_heads)
+        self.object_kernels = nn.Embedding(config.num_proposals, config.hidden_dim)
+        self.spatial_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
+            LayerNorm2d(spatial_channels),
+            nn.GELU(),
+            nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.layers = nn.ModuleList(LightweightDecoderLayer(config, spatial_channels) for _ in range(config.num_stages))
+
+    def forward(self, spatial_features, features, classifier, index):
+        features = self.vas(features, classifier)
+        kernels = self.object_kernels.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
+        mask_logits = torch.einsum("bnc,bchw->bnhw", kernels, features)
+        spatial_features = self.spatial_upscaling(spatial_features)
+        class_logits_per_stage, mask_logits_per_stage = [], []
+        for layer in self.layers:
+            class_logits, mask_logits, kernels = layer(spatial_features, features, kernels, mask_logits, classifier, index)
+            class_logits_per_stage.append(class_logits)
+            mask_logits_per_stage.append(mask_logits)
+        return features, class_logits_per_stage, mask_logits_per_stage
+
+
+class OutOfVocabularyClassifier(nn.Module):
+    """The out-of-vocabulary branch: CLIP embeddings of each predicted mask from the frozen dense CLIP features.
+
+    ConvNeXt: mask pooling, then the trunk head and the projection head of the CLIP vision tower. ResNet: CLIP's
+    attention pooling with each query's attention restricted to its mask (a mask with no positive pixel attends
+    everywhere; its CLIP probabilities are not used when `ensemble_on_valid_mask` is set).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mask_pooling = MaskPooling()
+
+    def forward(self, backbone: EovSegClipBackbone, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        visual = backbone.clip_model.visual
+        if backbone.backbone_type == "convnext":
+            pooled = self.mask_pooling(dense, mask_logits)
+            batch, queries, channels = pooled.shape
+            x = visual.trunk.head(pooled.reshape(batch * queries, channels, 1, 1))
+            x = visual.head(x)
+            return x.reshape(batch, queries, -1)
+        return self._masked_attention_pool(visual.attnpool, dense, mask_logits)
+
+    @staticmethod
+    def _masked_attention_pool(attnpool: nn.Module, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = dense.shape
+        if mask_logits.shape[-2:] != (height, width):
+            mask_logits = F.interpolate(mask_logits, size=(height, width), mode="bilinear", align_corners=False)
+        num_queries = mask_logits.shape[1]
+        heads = attnpool.num_heads
+        pos = attnpool.positional_embedding.to(dense.dtype)
+        tokens = dense.flatten(2).transpose(1, 2)  # (B, HW, C)
+        keys = tokens + interpolate_positional_embedding(pos, height, width)
+        query = (tokens.mean(dim=1, keepdim=True) + pos[:1]).expand(-1, num_queries, -1)  # (B, Q, C)
+
+        inside = mask_logits.flatten(2) > 0  # (B, Q, HW)
+        inside = inside | ~inside.any(dim=-1, keepdim=True)
+        bias = torch.zeros(inside.shape, dtype=dense.dtype, device=dense.device).masked_fill(~inside, float("-inf"))
+
+        def split(x):
+            return x.reshape(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+        q = split(attnpool.q_proj(query))
+        k = split(attnpool.k_proj(keys))
+        v = split(attnpool.v_proj(keys))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
+        out = out.transpose(1, 2).reshape(batch, num_queries, -1)
+        return attnpool.c_proj(out)
+
+
+class GeometricEnsemble(nn.Module):
+    """Geometric ensemble of in-vocabulary and out-of-vocabulary (CLIP) class probabilities, with void re-weighting.
+
+    For seen classes p = p_in^(1 - alpha) * p_out^alpha, for unseen ones p = p_in^(1 - beta) * p_out^beta (both over
+    the K real classes); the combined logits log p are soft-maxed, scaled by (1 - void probability) of the decoder and
+    the void probability appended. Returns log(p + 1e-8).
+    """
+
+    def __init__(self, alpha: float, beta: float, on_valid_mask: bool):
+        super().__init__()
+        self.alpha = alpha
+        self.beta = beta
+        self.on_valid_mask = on_valid_mask
+
+    def forward(self, in_vocab_logits, out_vocab_logits, seen_mask, valid_queries=None):
+        in_probs = in_vocab_logits[..., :-1].softmax(-1)
+        out_probs = out_vocab_logits[..., :-1].softmax(-1)
+        seen = seen_mask.to(in_probs.dtype)
+        alpha = torch.full_like(in_probs, self.alpha)
+        beta = torch.full_like(in_probs, self.beta)
+        if self.on_valid_mask and valid_queries is not None:
+            valid = valid_queries.to(in_probs.dtype).unsqueeze(-1)
+            alpha = alpha * valid
+            beta = beta * valid
+        seen_logits = (in_probs ** (1 - alpha) * out_probs**alpha).log() * seen
+        unseen_logits = (in_probs ** (1 - beta) * out_probs**beta).log() * (1 - seen)
+        combined = seen_logits + unseen_logits
+        void_prob = in_vocab_logits.softmax(-1)[..., -1:]
+        probs = torch.cat([combined.softmax(-1) * (1.0 - void_prob), void_prob], dim=-1)
+        return torch.log(probs + 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class EovSegPreTrainedModel(PreTrainedModel):
+    config_class = EovSegConfig
+    base_model_prefix = "eovseg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # The frozen CLIP towers keep open_clip's own initialisation (real weights come from a checkpoint).
+        if getattr(module, "_eovseg_frozen", False):
+            return
+        if isinstance(module, EovSegLightAggregator):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            for layer in module.deform_layers:
+                nn.init.kaiming_normal_(layer.deform_conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.deform_conv.offset_conv.weight)
+                nn.init.zeros_(layer.deform_conv.offset_conv.bias)
+                layer._init_bilinear_upsampling()
+        elif isinstance(module, LightweightDecoderLayer):
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.trunc_normal_(sub.weight, std=0.02)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
+                elif isinstance(sub, nn.LayerNorm):
+                    nn.init.ones_(sub.weight)
+                    nn.init.zeros_(sub.bias)
+            module.logit_scale.fill_(math.log(1 / 0.07))
+
+
+def _hash_tensor(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data + str(tuple(tensor.shape)).encode()).hexdigest()
+
+
+class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
+    """EOV-Seg for open-vocabulary panoptic (and semantic / instance) segmentation.
+
+    Give it normalized, padded `pixel_values` (from [`EovSegImageProcessor`]) and a vocabulary: token ids of the
+    prompts from [`EovSegProcessor`] (`input_ids`, `synonym_counts`, `class_seen_mask`), or precomputed
+    `text_embeddings` from [`~EovSegForPanopticSegmentation.get_text_embeddings`]; with neither, the default
+    vocabulary of the configuration is used, whose embeddings are stored with the weights.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"clip_backbone\.clip_model\.attn_mask"]
+
+    def __init__(self, config: EovSegConfig):
+        super().__init__(config)
+        self.clip_backbone = EovSegClipBackbone(config)
+        self.spatial_extractor = EovSegSpatialAwarenessExtractor(config)
+        for frozen in (self.clip_backbone, self.spatial_extractor):
+            for m in frozen.modules():
+                m._eovseg_frozen = True
+        self.aggregator = EovSegLightAggregator(config, self.clip_backbone.channels[1:])
+        self.decoder = EovSegLightweightDecoder(config, self.spatial_extractor.width)
+        self.void_embedding = nn.Embedding(1, config.embed_dim)
+        self.out_of_vocabulary = OutOfVocabularyClassifier()
+        self.ensemble = GeometricEnsemble(
+            config.geometric_ensemble_alpha, config.geometric_ensemble_beta, config.ensemble_on_valid_mask
+        )
+        if config.vocabulary:
+            num_synonyms = sum(synonym_counts(config.vocabulary))
+            self.register_buffer("default_text_embeddings", torch.zeros(num_synonyms, config.embed_dim))
+        else:
+            self.default_text_embeddings = None
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.text_cache_size = 8
+        self.num_text_encoder_calls = 0
+        self.post_init()
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def _clear_text_cache(self):
+        self._text_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the model invalidates cached text embeddings.
+        self._text_cache = OrderedDict()
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def get_text_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Embeddings (S, D) of every synonym from its prompts' token ids (S * num_templates, L) ordered by synonym then
+        template: each prompt's embedding normalized, averaged over the templates, normalized again.
+
+        Results are cached by the token ids, so a repeated vocabulary costs no text pass. Prompts are encoded
+        `config.text_chunk_size` at a time, each chunk only as long as its longest prompt.
+        """
+        if input_ids.dim() != 2:
+            raise EovSegInputError(f"input_ids must be a 2-D (num_prompts, length) tensor, got shape {tuple(input_ids.shape)}.")
+        num_templates = len(PROMPT_TEMPLATES)
+        if input_ids.shape[0] == 0 or input_ids.shape[0] % num_templates:
+            raise EovSegInputError(
+                f"input_ids has {input_ids.shape[0]} prompts; expected a positive multiple of {num_templates} "
+                "(every synonym in every prompt template), as EovSegProcessor makes them."
+            )
+        key = _hash_tensor(input_ids)
+        dtype = self.void_embedding.weight.dtype
+        cached = self._text_cache.get(key)
+        if cached is not None:
+            self._text_cache.move_to_end(key)
+            return cached
+        device = self.void_embedding.weight.device
+        chunks = []
+        for start in range(0, input_ids.shape[0], self.config.text_chunk_size):
+            chunk = input_ids[start : start + self.config.text_chunk_size].to(device)
+            chunks.append(self.clip_backbone.encode_text(chunk))
+        self.num_text_encoder_calls += 1
+        embeddings = F.normalize(torch.cat(chunks), dim=-1)
+        embeddings = F.normalize(embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(1), dim=-1).to(dtype)
+        self._text_cache[key] = embeddings
+        while len(self._text_cache) > self.text_cache_size:
+            self._text_cache.popitem(last=False)
+        return embeddings
+
+    @torch.no_grad()
+    def set_default_vocabulary_embeddings(self, input_ids: torch.LongTensor) -> None:
+        """Compute and store (with the weights) the text embeddings of `config.vocabulary` from its prompts' ids."""
+        if self.default_text_embeddings is None:
+            raise EovSegInputError("This model's config has no default vocabulary (config.vocabulary is empty).")
+        embeddings = self.get_text_embeddings(input_ids)
+        if embeddings.shape != self.default_text_embeddings.shape:
+            raise EovSegInputError(
+                f"The prompts give {embeddings.shape[0]} synonyms, but the default vocabulary has "
+                f"{self.default_text_embeddings.shape[0]}."
+            )
+        self.default_text_embeddings.copy_(embeddings)
+
+    def _resolve_vocabulary(self, input_ids, synonym_counts_, class_seen_mask, text_embeddings):
+        device = self.void_embedding.weight.device
+        if input_ids is not None and text_embeddings is not None:
+            raise EovSegInputError("Give either input_ids or text_embeddings, not both.")
+        if input_ids is None and text_embeddings is None:
+            if self.default_text_embeddings is None or not bool(self.default_text_embeddings.abs().sum() > 0):
+                raise EovSegInputError(
+                    "No vocabulary was given and this model has no stored default-vocabulary embeddings: pass the "
+                    "processor's text outputs (processor(images=..., text=class_names)) or text_embeddings."
+                )
+            vocab = self.config.vocabulary
+            counts = torch.tensor(synonym_counts(vocab), device=device)
+            seen = torch.tensor(seen_class_mask(vocab, self.config.train_vocabulary), device=device)
+            return self.default_text_embeddings, counts, seen
+        if synonym_counts_ is None:
+            raise EovSegInputError("synonym_counts (the number of synonyms of each class) must come with the vocabulary.")
+        counts = torch.as_tensor(synonym_counts_, device=device).to(torch.long).flatten()
+        if counts.numel() == 0 or bool((counts <= 0).any()):
+            raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
+        embeddings = self.get_text_embeddings(input_ids) if input_ids is not None else text_embeddings.to(device)
+        if embeddings.shape[0] != int(counts.sum()):
+            raise EovSegInputError(
+                f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {int(counts.sum())}."
+            )
+        if class_seen_mask is None:
+            seen = torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
+        else:
+            seen = torch.as_tensor(class_seen_mask, device=device).to(torch.bool).flatten()
+            if seen.shape[0] != counts.shape[0]:
+                raise EovSegInputError(
+                    f"class_seen_mask has {seen.shape[0]} entries for {counts.shape[0]} classes."
+                )
+        return embeddings, counts, seen
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise EovSegInputError(
+                f"pixel_values must be a (batch, 3, height, width) RGB tensor, got {shape}; use EovSegImageProcessor."
+            )
+        height, width = pixel_values.shape[-2:]
+        div = self.config.size_divisibility
+        if height < div or width < div:
+            raise EovSegInputError(f"The input is {height}x{width} pixels; EOV-Seg needs at least {div}x{div}.")
+        if height % div or width % div:
+            raise EovSegInputError(
+                f"The input is {height}x{width}; height and width must be multiples of {div} (pad it, as "
+                "EovSegImageProcessor does)."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        synonym_counts: torch.LongTensor | None = None,
+        class_seen_mask: torch.BoolTensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EovSegOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Normalized images, padded to a multiple of `config.size_divisibility`.
+            pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                1 on valid pixels, 0 on padding; gives `image_sizes` in the output.
+            input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+                Token ids of every prompt of the vocabulary (class, synonym, template order), from `EovSegProcessor`.
+            synonym_counts (`torch.LongTensor` of shape `(num_classes,)`, *optional*):
+                Number of synonyms of each class; required with `input_ids` or `text_embeddings`.
+            class_seen_mask (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
+                Whether each class was seen in training (selects the ensemble weight alpha rather than beta);
+                all unseen when not given.
+            text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
+                Precomputed synonym embeddings from `get_text_embeddings`, instead of `input_ids`.
+            mask_labels (`list[torch.FloatTensor]`, *optional*):
+                Per image, (num_targets, height, width) binary target masks at the padded input size.
+            class_labels (`list[torch.LongTensor]`, *optional*):
+                Per image, (num_targets,) class indices into the vocabulary.
+            output_hidden_states (`bool`, *optional*):
+                Also return backbone, spatial, aggregator and VAS features and the text embeddings.
+            return_dict (`bool`, *optional*):
+                Return an [`EovSegOutput`] (default) or a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values(pixel_values)
+        text, counts, seen = self._resolve_vocabulary(input_ids, synonym_counts, class_seen_mask, text_embeddings)
+        text = text.to(pixel_values.dtype)
+        index = synonym_index(counts)
+        classifier = torch.cat([text, F.normalize(self.void_embedding.weight, dim=-1).to(text.dtype)], dim=0)
+
+        with torch.no_grad():
+            clip_features = self.clip_backbone(pixel_values)
+            spatial_features = self.spatial_extractor(pixel_values)
+        aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
+        vas_features, stage_class_logits, stage_mask_logits = self.decoder(spatial_features, aggregated, classifier, index)
+
+        class_logits, mask_logits = stage_class_logits[-1], stage_mask_logits[-1]
+        out_vocab_logits = None
+        if not self.training:
+            with torch.no_grad():
+                dense = clip_features["clip_dense"]
+                masks_for_pooling = F.interpolate(mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)
+                clip_embeddings = self.out_of_vocabulary(self.clip_backbone, dense, masks_for_pooling)
+                out_vocab_logits = classification_logits(
+                    clip_embeddings, classifier, self.clip_backbone.clip_model.logit_scale, index
+                )
+                valid = (masks_for_pooling > 0).flatten(2).any(-1)
+            class_logits = self.ensemble(class_logits, out_vocab_logits, seen, valid)
+
+        loss = loss_dict = None
+        if mask_labels is not None or class_labels is not None:
+            loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels)
+
+        if pixel_mask is not None:
+            rows = pixel_mask.any(dim=2).sum(dim=1)
+            cols = pixel_mask.any(dim=1).sum(dim=1)
+            image_sizes = torch.stack([rows, cols], dim=1).to(torch.long)
+        else:
+            image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
+
+        hidden = bool(output_hidden_states)
+        output = EovSegOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            class_queries_logits=class_logits,
+            masks_queries_logits=mask_logits,
+            stage_class_queries_logits=tuple(stage_class_logits),
+            stage_masks_queries_logits=tuple(stage_mask_logits),
+            out_of_vocabulary_logits=out_vocab_logits,
+            image_sizes=image_sizes,
+            backbone_hidden_states=tuple(clip_features[f"res{i}"] for i in range(2, 6)) if hidden else None,
+            spatial_hidden_state=spatial_features if hidden else None,
+            aggregator_hidden_state=aggregated if hidden else None,
+            vas_hidden_state=vas_features if hidden else None,
+            text_embeddings=text if hidden else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def compute_loss(self, stage_class_logits, stage_mask_logits, mask_labels, class_labels):
+        """Set-criterion loss summed over stages; added by the training issue."""
+        raise NotImplementedError("Training losses are not implemented yet (see the training issue).")
+
+
+__all__ = [
+    "EovSegForPanopticSegmentation",
+    "EovSegPreTrainedModel",
+    "EovSegOutput",
+    "EovSegInputError",
+    "VAS",
+    "TDEE",
+    "MaskPooling",
+    "LightweightDecoderLayer",
+    "DynamicDepthwiseConvAttention",
+    "GeometricEnsemble",
+    "OutOfVocabularyClassifier",
+]

@@ -1,0 +1,932 @@
+"""Image processor for EOV-Seg: test-time resizing, normalization and padding of images, training
+targets (panoptic or semantic annotations turned into per-segment binary masks), and the semantic,
+instance and panoptic post-processing of the model's outputs.
+
+Pre-processing reproduces the evaluation pipeline of the released EOV-Seg (detectron2) code:
+
+1. every input is decoded to an 8-bit RGB array (see "Input formats" below);
+2. the shorter side is resized to `size["shortest_edge"]` (640) unless the longer side would then
+   exceed `size["longest_edge"]` (2560), in which case the longer side is resized to that length;
+   each new side is `int(side * scale + 0.5)`. Resizing is done by PIL on the 8-bit image with
+   bilinear resampling, as detectron2's `ResizeShortestEdge` test transform does;
+3. the 0-255 values are normalized channel-wise with `image_mean` / `image_std` (given in 0-255
+   units: the ImageNet statistics the released configs use), optionally after multiplying by
+   `rescale_factor` when `do_rescale=True` (then give mean/std in the rescaled units);
+4. the batch is zero-padded at the bottom and right (after normalization) to a common size that
+   is a multiple of `size_divisibility` (32). `pixel_mask` is 1 on the image, 0 on padding.
+
+Input formats (PIL images, NumPy arrays, torch tensors; a single image, a list of images or a 4-d
+batch array): arrays may be `(H, W)`, channels-last `(H, W, C)` or channels-first `(C, H, W)` with
+C in {1, 3, 4} (the layout is inferred, the first axis winning when both could be channels, unless
+`input_data_format` says otherwise). One channel is replicated to RGB; a fourth (alpha) channel is
+dropped. Values are brought to 8 bits by this rule:
+
+- `uint8`: as is; `bool`: False -> 0, True -> 255;
+- `uint16` (and PIL modes `I;16*`): `round(v / 257)`, i.e. 0-65535 mapped onto 0-255;
+- other integer types (and PIL mode `I`): must already lie in 0-255;
+- floating point: if every value lies in [0, 1] the image is taken as already rescaled and is
+  multiplied by 255; otherwise the values must lie in [0, 255]. Either way the result is rounded to
+  the nearest integer. (An all-dark 0-255 float image whose maximum is <= 1 is therefore read as a
+  [0, 1] image; pass such images as `uint8` to avoid the ambiguity.)
+
+Other PIL modes (`L`, `LA`, `P`, `RGBA`, `CMYK`, ...) are converted with `Image.convert("RGB")`.
+EXIF orientation is not applied: pass `PIL.ImageOps.exif_transpose(image)` if that matters (the
+original pipeline reads files with detectron2, which does apply it).
+
+Post-processing takes the model output (`class_queries_logits` `(B, Q, K + 1)` with the void class
+last, `masks_queries_logits` `(B, Q, Hp / 4, Wp / 4)` at a quarter of the padded input size, and
+`image_sizes` `(B, 2)`, the valid height and width of each image in the padded input) and gives the
+same results as the original code: masks are upsampled bilinearly to the padded size, cropped to the
+valid region and resized bilinearly to the requested output size before any decision is made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, infer_channel_dimension_format
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["EovSegImageProcessor"]
+
+EOVSEG_PIXEL_MEAN = (123.675, 116.28, 103.53)
+EOVSEG_PIXEL_STD = (58.395, 57.12, 57.375)
+
+_IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
+_VALID_CHANNELS = (1, 3, 4)
+# Masks come out of the model at 1/4 of the padded input size.
+_MASK_STRIDE = 4
+# Upper bound on the number of full-resolution floats one chunk of masks may hold during panoptic
+# post-processing (the queries are processed in chunks with a running argmax).
+_PANOPTIC_CHUNK_ELEMENTS = 6_000_000
+
+
+class EovSegImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    size_divisibility (`int`, *optional*, defaults to 32):
+        The padded height and width of a batch are rounded up to a multiple of this number.
+    ignore_index (`int`, *optional*, defaults to 255):
+        Label of the pixels of a semantic segmentation map that belong to no target.
+    """
+
+    size_divisibility: int | None
+    ignore_index: int | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return f"{type(obj).__name__} of shape {tuple(obj.shape)}"
+    return type(obj).__name__
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _split_batch(images: Any, name: str = "images") -> list:
+    """Turns `images` (one image, a list/tuple of images or a 4-d batch) into a list of images."""
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError(f"`{name}` is an empty list; pass at least one image.")
+        for i, image in enumerate(images):
+            if not isinstance(image, _IMAGE_TYPES):
+                raise ValueError(
+                    f"{name}[{i}] is a {_describe(image)}; expected a PIL.Image.Image, a numpy.ndarray or a "
+                    "torch.Tensor."
+                )
+            if not isinstance(image, PIL.Image.Image) and image.ndim not in (2, 3):
+                raise ValueError(
+                    f"{name}[{i}] has {image.ndim} dimensions (shape {tuple(image.shape)}); an image in a list "
+                    "must have 2 (height, width) or 3 (channels first or last) dimensions."
+                )
+        return list(images)
+    if isinstance(images, PIL.Image.Image):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim in (2, 3):
+            return [images]
+        if images.ndim == 4:
+            if images.shape[0] == 0:
+                raise ValueError(f"`{name}` is an empty batch (shape {tuple(images.shape)}).")
+            return list(images)
+        raise ValueError(
+            f"`{name}` has {images.ndim} dimensions (shape {tuple(images.shape)}); expected 2 (height, width), "
+            "3 (channels first or last) or 4 (a batch of images)."
+        )
+    raise ValueError(
+        f"`{name}` is a {_describe(images)}; expected a PIL.Image.Image, a numpy.ndarray, a torch.Tensor or a "
+        "list of them."
+    )
+
+
+def _to_uint8(array: np.ndarray, where: str) -> np.ndarray:
+    """Brings pixel values to uint8 following the rule in the module docstring."""
+    dtype = array.dtype
+    if dtype == np.uint8:
+        return array
+    if dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)
+    if dtype == np.uint16:
+        # v / 257 maps 0-65535 onto 0-255 (65535 = 255 * 257); 257 is odd so there are no ties.
+        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if np.issubdtype(dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{where} has dtype {dtype} with values in [{low}, {high}]; integer images other than uint16 must "
+                "hold 0-255 values (pass 16-bit data as uint16)."
+            )
+        return array.astype(np.uint8)
+    if np.issubdtype(dtype, np.floating):
+        array = array.astype(np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where} contains NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0.0 and high <= 1.0:
+            array = array * 255.0
+        elif low < 0.0 or high > 255.0:
+            raise ValueError(
+                f"{where} is a floating-point image with values in [{low:g}, {high:g}]; expected values in [0, 1] "
+                "(rescaled) or in [0, 255]."
+            )
+        return np.rint(array).astype(np.uint8)
+    raise ValueError(f"{where} has unsupported dtype {dtype}.")
+
+
+def _decode_image(image: Any, where: str, input_data_format: ChannelDimension | str | None = None) -> np.ndarray:
+    """Returns the image as a contiguous uint8 (H, W, 3) RGB array."""
+    if isinstance(image, PIL.Image.Image):
+        if image.width < 2 or image.height < 2:
+            raise ValueError(f"{where} is {image.height}x{image.width} pixels; both sides must be at least 2 pixels.")
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            array = np.array(image)
+            if array.dtype.byteorder not in ("=", "|"):
+                array = array.astype(array.dtype.newbyteorder("="))
+            array = _to_uint8(array, where)
+            return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.array(image, dtype=np.uint8)
+
+    array = _tensor_to_numpy(image) if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3:
+        if input_data_format is not None:
+            layout = ChannelDimension(input_data_format)
+        elif array.shape[0] not in _VALID_CHANNELS and array.shape[-1] not in _VALID_CHANNELS:
+            raise ValueError(
+                f"{where} has shape {tuple(array.shape)}: neither its first nor its last axis holds 1 (grayscale), "
+                "3 (RGB) or 4 (RGBA) channels."
+            )
+        else:
+            layout = infer_channel_dimension_format(array, num_channels=_VALID_CHANNELS)
+        if layout == ChannelDimension.FIRST:
+            array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] not in _VALID_CHANNELS:
+            raise ValueError(
+                f"{where} has {array.shape[-1]} channels (shape {tuple(image.shape)}); expected 1 (grayscale), "
+                "3 (RGB) or 4 (RGBA)."
+            )
+    else:
+        raise ValueError(
+            f"{where} has {array.ndim} dimensions (shape {tuple(array.shape)}); expected 2 (height, width) or 3 "
+            "(channels first or last)."
+        )
+    height, width = array.shape[:2]
+    if height < 2 or width < 2:
+        raise ValueError(f"{where} is {height}x{width} pixels; both sides must be at least 2 pixels.")
+    array = _to_uint8(array, where)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[-1] == 4:
+        array = array[:, :, :3]
+    return np.ascontiguousarray(array)
+
+
+def get_resize_output_shape(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
+    """The output (height, width) of detectron2's `ResizeShortestEdge` test transform: the shorter side becomes
+    `shortest_edge` unless the longer one would then exceed `longest_edge`, in which case the longer side becomes
+    `longest_edge`; each side is rounded with `int(x + 0.5)`."""
+    scale = shortest_edge / min(height, width)
+    if height < width:
+        new_h, new_w = float(shortest_edge), scale * width
+    else:
+        new_h, new_w = scale * height, float(shortest_edge)
+    if longest_edge is not None and max(new_h, new_w) > longest_edge:
+        rescale = longest_edge / max(new_h, new_w)
+        new_h, new_w = new_h * rescale, new_w * rescale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG colour to segment id: R + 256 * G + 256 * 256 * B."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def _decode_label_map(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
+    """Returns an int64 (H, W) map: segment ids for panoptic annotations (RGB-encoded PNGs are decoded with
+    `rgb_to_id`; a 2-d map is taken as ids already), class labels for semantic ones."""
+    if isinstance(seg_map, PIL.Image.Image):
+        if seg_map.mode in ("RGB", "RGBA"):
+            array = np.array(seg_map.convert("RGB"))
+        else:
+            # "P" keeps its palette indices, "L"/"I"/"I;16" their values.
+            array = np.array(seg_map)
+    elif isinstance(seg_map, torch.Tensor):
+        array = _tensor_to_numpy(seg_map)
+    elif isinstance(seg_map, np.ndarray):
+        array = seg_map
+    else:
+        raise ValueError(f"{where} is a {_describe(seg_map)}; expected a PIL.Image.Image, numpy.ndarray or torch.Tensor.")
+
+    if array.ndim == 3:
+        if array.shape[-1] in (3, 4):
+            array = array[..., :3]
+        elif array.shape[0] in (3, 4):
+            array = np.moveaxis(array[:3], 0, -1)
+        elif array.shape[-1] == 1:
+            array = array[..., 0]
+        elif array.shape[0] == 1:
+            array = array[0]
+        else:
+            raise ValueError(f"{where} has shape {tuple(array.shape)}; expected (H, W), (H, W, 3) or (3, H, W).")
+    if array.ndim == 3:
+        if not panoptic:
+            raise ValueError(
+                f"{where} is a 3-channel map but no `segments_info` was given for it; pass `segments_info` for COCO "
+                "panoptic (RGB-encoded) annotations, or a 2-d label map for semantic annotations."
+            )
+        if array.dtype != np.uint8:
+            raise ValueError(f"{where} is an RGB-encoded panoptic map and must be uint8, got {array.dtype}.")
+        return rgb_to_id(array)
+    if array.ndim != 2:
+        raise ValueError(f"{where} has {array.ndim} dimensions (shape {tuple(array.shape)}); expected a 2-d map.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{where} is a floating-point map with non-integer values.")
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise ValueError(f"{where} has unsupported dtype {array.dtype}.")
+    return array.astype(np.int64)
+
+
+def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) -> np.ndarray:
+    """Nearest-neighbour resize through PIL (as detectron2 resizes annotations), on 32-bit integers."""
+    if label_map.shape == tuple(new_hw):
+        return label_map
+    if label_map.size and (label_map.min() < np.iinfo(np.int32).min or label_map.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{where} holds values that do not fit in 32 bits.")
+    pil = PIL.Image.fromarray(label_map.astype(np.int32), mode="I")
+    resized = pil.resize((new_hw[1], new_hw[0]), PIL.Image.NEAREST)
+    return np.asarray(resized).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask resizing shared by the post-processing methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize_mask_logits(
+    masks: torch.Tensor, image_size: tuple[int, int], target_size: tuple[int, int], stride: int = _MASK_STRIDE
+) -> torch.Tensor:
+    """Low-resolution mask logits `(n, h, w)` to `(n, *target_size)`, exactly as the original: bilinear upsampling
+    (align_corners=False) to the padded size `(stride * h, stride * w)`, crop to `image_size`, bilinear resize to
+    `target_size`.
+
+    Only the low-resolution rows and columns that the crop depends on are upsampled: with an integer upsampling
+    factor the interpolation weights of an output pixel do not depend on the input size, so the cropped result is
+    bit-for-bit the same as cropping the full upsampled map, at a fraction of the cost when there is padding.
+    """
+    n, low_h, low_w = masks.shape
+    height, width = image_size
+    # The last output row (height - 1) reads input rows floor((height - 0.5) / stride - 0.5) and the one below.
+    need_h = min(low_h, (2 * height - 1 - stride) // (2 * stride) + 2)
+    need_w = min(low_w, (2 * width - 1 - stride) // (2 * stride) + 2)
+    masks = masks[:, :need_h, :need_w]
+    up = F.interpolate(masks[None], size=(need_h * stride, need_w * stride), mode="bilinear", align_corners=False)
+    up = up[:, :, :height, :width]
+    if tuple(target_size) != (height, width):
+        up = F.interpolate(up, size=tuple(target_size), mode="bilinear", align_corners=False)
+    return up[0]
+
+
+def _label_set(label_ids: Iterable[int] | torch.Tensor | None) -> set[int]:
+    if label_ids is None:
+        return set()
+    if isinstance(label_ids, torch.Tensor):
+        return {int(x) for x in label_ids.flatten().tolist()}
+    return {int(x) for x in label_ids}
+
+
+def _binary_mask_to_coco_rle(mask: torch.Tensor) -> dict:
+    """COCO run-length encoding (column-major, `{"size": [H, W], "counts": str}`) of a binary mask."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.to(torch.uint8).cpu().numpy()))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+class EovSegImageProcessor(BaseImageProcessor):
+    r"""
+    Image processor for EOV-Seg. See the module docstring for the exact pre-processing rules.
+
+    Args:
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Whether to resize the images with the shortest-edge rule.
+        size (`dict[str, int]` or `int`, *optional*, defaults to `{"shortest_edge": 640, "longest_edge": 2560}`):
+            Target shorter side and maximum longer side. An int sets the shorter side (longer side 2560).
+        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BILINEAR`):
+            PIL resampling filter for the images (annotations always use nearest).
+        do_rescale (`bool`, *optional*, defaults to `False`):
+            Whether to multiply the 0-255 values by `rescale_factor` before normalizing.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Factor used when `do_rescale=True`.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalize with `image_mean` and `image_std`.
+        image_mean (`list[float]`, *optional*, defaults to `[123.675, 116.28, 103.53]`):
+            Channel means, in 0-255 units.
+        image_std (`list[float]`, *optional*, defaults to `[58.395, 57.12, 57.375]`):
+            Channel standard deviations, in 0-255 units.
+        size_divisibility (`int`, *optional*, defaults to 32):
+            The padded batch height and width are multiples of this number (0 or 1: no rounding).
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label of unlabeled pixels in semantic segmentation maps.
+    """
+
+    model_input_names = ["pixel_values", "pixel_mask"]
+    valid_kwargs = EovSegImageProcessorKwargs
+
+    do_resize = True
+    size = {"shortest_edge": 640, "longest_edge": 2560}
+    resample = PILImageResampling.BILINEAR
+    do_rescale = False
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = list(EOVSEG_PIXEL_MEAN)
+    image_std = list(EOVSEG_PIXEL_STD)
+    size_divisibility = 32
+    ignore_index = 255
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int] | int | None = None,
+        resample: PILImageResampling | int = PILImageResampling.BILINEAR,
+        do_rescale: bool = False,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        size_divisibility: int = 32,
+        ignore_index: int | None = 255,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.do_resize = do_resize
+        self.size = self._standardize_size(size)
+        self.resample = PILImageResampling(int(resample))
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = self._standardize_stats(image_mean, EOVSEG_PIXEL_MEAN, "image_mean")
+        self.image_std = self._standardize_stats(image_std, EOVSEG_PIXEL_STD, "image_std")
+        self.size_divisibility = int(size_divisibility)
+        self.ignore_index = ignore_index
+
+    # -- configuration helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _standardize_size(size: Any) -> dict[str, int]:
+        if size is None:
+            return {"shortest_edge": 640, "longest_edge": 2560}
+        if isinstance(size, int):
+            return {"shortest_edge": size, "longest_edge": 2560}
+        size = dict(size)
+        if "shortest_edge" not in size or set(size) - {"shortest_edge", "longest_edge"}:
+            raise ValueError(
+                f"`size` must be an int or a dict with 'shortest_edge' and optionally 'longest_edge', got {size}."
+            )
+        out = {"shortest_edge": int(size["shortest_edge"])}
+        if size.get("longest_edge") is not None:
+            out["longest_edge"] = int(size["longest_edge"])
+        if out["shortest_edge"] < 1 or out.get("longest_edge", 1) < 1:
+            raise ValueError(f"`size` values must be positive, got {size}.")
+        return out
+
+    @staticmethod
+    def _standardize_stats(values: Any, default: tuple[float, ...], name: str) -> list[float]:
+        if values is None:
+            return list(default)
+        if isinstance(values, (int, float)):
+            return [float(values)] * 3
+        values = [float(v) for v in values]
+        if len(values) == 1:
+            values = values * 3
+        if len(values) != 3:
+            raise ValueError(f"`{name}` must have 1 or 3 values, got {len(values)}.")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["resample"] = int(self.resample)
+        output.pop("_valid_kwargs_names", None)
+        return output
+
+    # -- pre-processing -----------------------------------------------------------------------
+
+    def __call__(self, images, segmentation_maps=None, segments_info=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, segmentation_maps=segmentation_maps, segments_info=segments_info, **kwargs)
+
+    def preprocess(
+        self,
+        images,
+        segmentation_maps=None,
+        segments_info=None,
+        do_resize: bool | None = None,
+        size: dict[str, int] | int | None = None,
+        resample: PILImageResampling | int | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        size_divisibility: int | None = None,
+        ignore_index: int | None = None,
+        input_data_format: ChannelDimension | str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Resize, normalize and pad a batch of images, and optionally build training targets.
+
+        Args:
+            images (`ImageInput`):
+                One image, a list of images, or a 4-d batch array (see the module docstring for formats).
+            segmentation_maps (`ImageInput`, *optional*):
+                One annotation per image, the same size as its image (before resizing). With `segments_info`: a COCO
+                panoptic annotation, either the RGB-encoded PNG (id = R + 256 G + 256^2 B) or a 2-d map of segment
+                ids. Without: a 2-d semantic label map whose `ignore_index` pixels belong to no target.
+            segments_info (`list[list[dict]]`, *optional*):
+                Per image, the COCO `segments_info` list: dicts with `"id"`, `"category_id"` (a contiguous class
+                index) and optionally `"iscrowd"`. A single image may give the list of dicts directly. An entry
+                `None` makes that image's map a semantic label map.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"` for torch tensors, `"np"` for NumPy arrays.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` `(B, 3, Hp, Wp)` float32, `pixel_mask` `(B, Hp, Wp)` int64 and, when
+            `segmentation_maps` is given, `mask_labels` (a list of `(N_i, Hp, Wp)` float32 binary masks, padded with
+            zeros like the images) and `class_labels` (a list of `(N_i,)` int64 class indices).
+
+            Panoptic targets follow the original training mapper: one target per non-crowd entry of `segments_info`,
+            in its order (after nearest-neighbour resizing a tiny segment may leave an empty mask; it is kept, as in
+            the original). Crowd segments and pixels whose id is not listed in `segments_info` (e.g. 0, unlabeled)
+            are covered by no target mask. Semantic targets: one mask per class present, in increasing class order.
+        """
+        unknown = set(kwargs) - {"data_format", "device", "image_processor_type"}
+        if unknown:
+            logger.warning_once(f"EovSegImageProcessor.preprocess ignores the unknown arguments {sorted(unknown)}.")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        size = self.size if size is None else self._standardize_size(size)
+        resample = self.resample if resample is None else PILImageResampling(int(resample))
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else self._standardize_stats(image_mean, (), "image_mean")
+        image_std = self.image_std if image_std is None else self._standardize_stats(image_std, (), "image_std")
+        size_divisibility = self.size_divisibility if size_divisibility is None else int(size_divisibility)
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
+        if do_normalize and any(s == 0 for s in image_std):
+            raise ValueError(f"`image_std` must not contain zeros, got {image_std}.")
+
+        image_list = _split_batch(images, "images")
+        decoded = [_decode_image(image, f"images[{i}]", input_data_format) for i, image in enumerate(image_list)]
+        original_sizes = [image.shape[:2] for image in decoded]
+        if do_resize:
+            new_sizes = [
+                get_resize_output_shape(h, w, size["shortest_edge"], size.get("longest_edge")) for h, w in original_sizes
+            ]
+        else:
+            new_sizes = list(original_sizes)
+
+        mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+        tensors = []
+        for image, (new_h, new_w) in zip(decoded, new_sizes):
+            if do_resize:
+                image = np.asarray(PIL.Image.fromarray(image).resize((new_w, new_h), resample))
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32)
+            if do_rescale:
+                tensor = tensor * rescale_factor
+            if do_normalize:
+                tensor = (tensor - mean) / std
+            tensors.append(tensor)
+
+        max_h = max(h for h, _ in new_sizes)
+        max_w = max(w for _, w in new_sizes)
+        if size_divisibility > 1:
+            max_h = math.ceil(max_h / size_divisibility) * size_divisibility
+            max_w = math.ceil(max_w / size_divisibility) * size_divisibility
+        pixel_values = torch.zeros((len(tensors), 3, max_h, max_w), dtype=torch.float32)
+        pixel_mask = torch.zeros((len(tensors), max_h, max_w), dtype=torch.int64)
+        for i, tensor in enumerate(tensors):
+            pixel_values[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
+            pixel_mask[i, : tensor.shape[1], : tensor.shape[2]] = 1
+
+        data: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+        if segmentation_maps is not None:
+            mask_labels, class_labels = self._encode_targets(
+                segmentation_maps, segments_info, original_sizes, new_sizes, (max_h, max_w), ignore_index
+            )
+            data["mask_labels"] = mask_labels
+            data["class_labels"] = class_labels
+        elif segments_info is not None:
+            raise ValueError("`segments_info` was given without `segmentation_maps`.")
+
+        if return_tensors == "np":
+            data = {
+                k: ([t.numpy() for t in v] if isinstance(v, list) else v.numpy()) for k, v in data.items()
+            }
+        return BatchFeature(data=data)
+
+    def _encode_targets(self, segmentation_maps, segments_info, original_sizes, new_sizes, padded_size, ignore_index):
+        batch_size = len(original_sizes)
+        maps = _split_batch(segmentation_maps, "segmentation_maps")
+        if isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 3 and batch_size > 1:
+            # A (B, H, W) stack of 2-d maps, not one RGB map.
+            maps = list(segmentation_maps)
+        if len(maps) != batch_size:
+            raise ValueError(f"Got {len(maps)} segmentation maps for {batch_size} images.")
+
+        if segments_info is None:
+            infos = [None] * batch_size
+        elif isinstance(segments_info, (list, tuple)) and (
+            len(segments_info) == 0 or all(isinstance(s, dict) for s in segments_info)
+        ):
+            if batch_size != 1:
+                raise ValueError(
+                    f"`segments_info` must hold one list of segment dicts per image ({batch_size} images)."
+                )
+            infos = [list(segments_info)]
+        elif isinstance(segments_info, (list, tuple)):
+            infos = list(segments_info)
+            if len(infos) != batch_size:
+                raise ValueError(f"Got {len(infos)} `segments_info` entries for {batch_size} images.")
+        else:
+            raise ValueError(f"`segments_info` must be a list, got {type(segments_info).__name__}.")
+
+        mask_labels, class_labels = [], []
+        for i, (seg_map, info) in enumerate(zip(maps, infos)):
+            where = f"segmentation_maps[{i}]"
+            label_map = _decode_label_map(seg_map, where, panoptic=info is not None)
+            if label_map.shape != tuple(original_sizes[i]):
+                raise ValueError(
+                    f"{where} is {label_map.shape[0]}x{label_map.shape[1]} but images[{i}] is "
+                    f"{original_sizes[i][0]}x{original_sizes[i][1]}; an annotation must have the size of its image."
+                )
+            if info is not None:
+                if not isinstance(info, (list, tuple)):
+                    raise ValueError(f"segments_info[{i}] must be a list of dicts, got {type(info).__name__}.")
+                ids, classes = [], []
+                present = set(np.unique(label_map).tolist())
+                for j, segment in enumerate(info):
+                    if not isinstance(segment, dict) or "id" not in segment or "category_id" not in segment:
+                        raise ValueError(f"segments_info[{i}][{j}] must be a dict with 'id' and 'category_id'.")
+                    segment_id = int(segment["id"])
+                    if segment_id not in present:
+                        raise ValueError(
+                            f"segments_info[{i}][{j}] has id {segment_id}, which does not occur in {where} (image {i})."
+                        )
+                    if not segment.get("iscrowd", 0):
+                        ids.append(segment_id)
+                        classes.append(int(segment["category_id"]))
+                label_map = _resize_nearest(label_map, new_sizes[i], where)
+                values = ids
+            else:
+                label_map = _resize_nearest(label_map, new_sizes[i], where)
+                values = np.unique(label_map)
+                if ignore_index is not None:
+                    values = values[values != ignore_index]
+                if values.size and values.min() < 0:
+                    raise ValueError(f"{where} holds negative class labels ({int(values.min())}).")
+                values = values.tolist()
+                classes = values
+            label_tensor = torch.from_numpy(label_map)
+            masks = torch.zeros((len(values), *padded_size), dtype=torch.float32)
+            if values:
+                masks[:, : label_tensor.shape[0], : label_tensor.shape[1]] = (
+                    label_tensor[None] == torch.tensor(values, dtype=torch.int64).view(-1, 1, 1)
+                ).to(torch.float32)
+            mask_labels.append(masks)
+            class_labels.append(torch.tensor(classes, dtype=torch.int64))
+        return mask_labels, class_labels
+
+    def encode_inputs(self, images, segmentation_maps=None, segments_info=None, **kwargs) -> BatchFeature:
+        """Same as `preprocess` (kept for symmetry with Mask2Former's image processor)."""
+        return self.preprocess(images, segmentation_maps=segmentation_maps, segments_info=segments_info, **kwargs)
+
+    # -- post-processing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _output_geometry(outputs, target_sizes) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Valid image sizes in the padded input and the requested output sizes, one per image."""
+        masks = outputs.masks_queries_logits
+        batch_size = masks.shape[0]
+        padded = (masks.shape[-2] * _MASK_STRIDE, masks.shape[-1] * _MASK_STRIDE)
+        image_sizes = getattr(outputs, "image_sizes", None)
+        if image_sizes is None:
+            sizes = [padded] * batch_size
+        else:
+            if isinstance(image_sizes, torch.Tensor):
+                image_sizes = image_sizes.tolist()
+            sizes = [(int(h), int(w)) for h, w in image_sizes]
+            if len(sizes) != batch_size:
+                raise ValueError(f"`outputs.image_sizes` has {len(sizes)} entries for a batch of {batch_size}.")
+            for i, (h, w) in enumerate(sizes):
+                if not (0 < h <= padded[0] and 0 < w <= padded[1]):
+                    raise ValueError(
+                        f"outputs.image_sizes[{i}] = ({h}, {w}) does not fit the padded size {padded} implied by "
+                        "`masks_queries_logits` (4x its spatial size)."
+                    )
+        if target_sizes is None:
+            return sizes, list(sizes)
+        if isinstance(target_sizes, torch.Tensor):
+            target_sizes = target_sizes.tolist()
+        if len(target_sizes) != batch_size:
+            raise ValueError(
+                f"`target_sizes` has {len(target_sizes)} entries but the batch has {batch_size} images; give one "
+                "(height, width) per image."
+            )
+        targets = []
+        for i, target in enumerate(target_sizes):
+            if len(target) != 2 or int(target[0]) < 1 or int(target[1]) < 1:
+                raise ValueError(f"target_sizes[{i}] must be a positive (height, width), got {target}.")
+            targets.append((int(target[0]), int(target[1])))
+        return sizes, targets
+
+    def post_process_semantic_segmentation(self, outputs, target_sizes: list[tuple[int, int]] | None = None):
+        """
+        Semantic segmentation maps: per pixel, the argmax over classes of
+        `sum_q softmax(class_logits)[q, c] * sigmoid(mask_logits)[q]` (void excluded), with the masks resized to the
+        output size first, as the original's `semantic_inference`.
+
+        Args:
+            outputs: model output with `class_queries_logits`, `masks_queries_logits` and `image_sizes`.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
+                Output (height, width) per image; defaults to each image's `image_sizes` entry.
+
+        Returns:
+            `list[torch.Tensor]`: one `(height, width)` int64 map of class indices per image.
+        """
+        class_logits = outputs.class_queries_logits
+        mask_logits = outputs.masks_queries_logits
+        image_sizes, targets = self._output_geometry(outputs, target_sizes)
+        results = []
+        for i in range(class_logits.shape[0]):
+            masks = _resize_mask_logits(mask_logits[i], image_sizes[i], targets[i]).to(class_logits.dtype)
+            class_probs = F.softmax(class_logits[i], dim=-1)[..., :-1]
+            semseg = torch.einsum("qc,qhw->chw", class_probs, masks.sigmoid())
+            results.append(semseg.argmax(0))
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.0,
+        target_sizes: list[tuple[int, int]] | None = None,
+        top_k: int = 100,
+        thing_ids: Iterable[int] | None = None,
+        return_binary_maps: bool = False,
+        return_coco_annotation: bool = False,
+    ):
+        """
+        Instance segmentation as the original's `instance_inference`: the `top_k` (query, class) pairs by class
+        probability (void excluded), optionally restricted to the classes in `thing_ids` (the original keeps thing
+        classes only when panoptic evaluation is on), each with the binary mask `mask_logit > 0` (after resizing to
+        the output size) and the score `class_prob * sum(sigmoid * mask) / (sum(mask) + 1e-6)`.
+
+        Args:
+            outputs: model output with `class_queries_logits`, `masks_queries_logits` and `image_sizes`.
+            threshold (`float`, *optional*, defaults to 0.0):
+                Instances with a score below this are dropped (the default keeps all of them, as the original).
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
+                Output (height, width) per image; defaults to each image's `image_sizes` entry.
+            top_k (`int`, *optional*, defaults to 100):
+                Number of (query, class) candidates (the original's `TEST.DETECTIONS_PER_IMAGE`).
+            thing_ids (`Iterable[int]`, *optional*):
+                If given, only candidates of these classes are kept (after the top-k selection, as the original).
+            return_binary_maps (`bool`, *optional*, defaults to `False`):
+                Return `segmentation` as a `(num_instances, height, width)` bool tensor of the instance masks.
+            return_coco_annotation (`bool`, *optional*, defaults to `False`):
+                Return `segmentation` as a list of COCO RLE dicts (`{"size", "counts"}`), one per instance.
+
+        Returns:
+            `list[dict]`, one per image, with
+            - **segmentation**: by default a `(height, width)` int32 map of instance ids, -1 where there is none; where
+              instances overlap the highest-scoring one is shown. Instances are kept even when their mask is empty
+              (their score is then 0), as in the original, so some ids may not appear in the map.
+            - **segments_info**: one dict per instance, by decreasing score: `id` (0, 1, ...), `label_id`, `score`
+              and `was_fused` (always False).
+        """
+        if return_binary_maps and return_coco_annotation:
+            raise ValueError("`return_binary_maps` and `return_coco_annotation` cannot both be True.")
+        class_logits = outputs.class_queries_logits
+        mask_logits = outputs.masks_queries_logits
+        image_sizes, targets = self._output_geometry(outputs, target_sizes)
+        keep_labels = None if thing_ids is None else _label_set(thing_ids)
+        num_classes = class_logits.shape[-1] - 1
+        results = []
+        for i in range(class_logits.shape[0]):
+            class_probs = F.softmax(class_logits[i], dim=-1)[:, :-1]
+            k = min(int(top_k), class_probs.numel())
+            cand_scores, flat_index = class_probs.flatten().topk(k, sorted=True)
+            cand_labels = flat_index % num_classes
+            cand_queries = torch.div(flat_index, num_classes, rounding_mode="floor")
+            if keep_labels is not None:
+                keep = torch.tensor([int(c) in keep_labels for c in cand_labels.tolist()], dtype=torch.bool)
+                keep = keep.to(cand_labels.device)
+                cand_scores, cand_labels, cand_queries = cand_scores[keep], cand_labels[keep], cand_queries[keep]
+            height, width = targets[i]
+            if cand_queries.numel() == 0:
+                binary = torch.zeros((0, height, width), dtype=torch.bool, device=mask_logits.device)
+                scores = cand_scores
+            else:
+                queries, inverse = torch.unique(cand_queries, return_inverse=True)
+                logits = _resize_mask_logits(mask_logits[i][queries], image_sizes[i], targets[i])
+                binary_f = (logits > 0).to(logits.dtype)
+                mask_scores = (logits.sigmoid().flatten(1) * binary_f.flatten(1)).sum(1) / (
+                    binary_f.flatten(1).sum(1) + 1e-6
+                )
+                scores = cand_scores * mask_scores[inverse].to(cand_scores.dtype)
+                binary = (binary_f > 0)[inverse]
+            keep = scores >= threshold
+            scores, labels, binary = scores[keep], cand_labels[keep], binary[keep]
+            order = torch.sort(scores, descending=True, stable=True).indices
+            scores, labels, binary = scores[order], labels[order], binary[order]
+            segments = [
+                {"id": j, "label_id": int(c), "was_fused": False, "score": float(s)}
+                for j, (c, s) in enumerate(zip(labels.tolist(), scores.tolist()))
+            ]
+            if return_binary_maps:
+                segmentation = binary
+            elif return_coco_annotation:
+                segmentation = [_binary_mask_to_coco_rle(m) for m in binary]
+            else:
+                segmentation = torch.full((height, width), -1, dtype=torch.int32, device=binary.device)
+                for j in range(binary.shape[0] - 1, -1, -1):
+                    segmentation[binary[j]] = j
+            results.append({"segmentation": segmentation, "segments_info": segments})
+        return results
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Iterable[int] | None = None,
+        target_sizes: list[tuple[int, int]] | None = None,
+    ):
+        """
+        Panoptic segmentation, segment for segment the original's `panoptic_inference` (after its mask resizing).
+
+        A query is a candidate when its most probable class (softmax over the class logits, void included) is not
+        void and that probability is above `threshold`. Each pixel goes to the candidate with the largest
+        `probability * sigmoid(mask)` (the first one on ties). A candidate makes a segment when the pixels it wins
+        and the pixels of its own mask (`sigmoid >= mask_threshold`) both exist and intersect, and when it wins at
+        least `overlap_mask_area_threshold` of its own mask's area; the segment is that intersection. Candidates of a
+        class in `label_ids_to_fuse` (pass the stuff classes: the original merges exactly the non-thing classes)
+        join the first segment of their class; the others (things) each make their own. Segment ids are 1, 2, ... in
+        query order; 0 marks pixels of no segment.
+
+        Only the candidate queries are resized to full resolution, in chunks with a running argmax, and the
+        per-segment tests are done for all candidates at once.
+
+        Args:
+            outputs: model output with `class_queries_logits`, `masks_queries_logits` and `image_sizes`.
+            threshold (`float`, *optional*, defaults to 0.0):
+                Class-probability threshold for candidates (the original's `OBJECT_MASK_THRESHOLD`).
+            mask_threshold (`float`, *optional*, defaults to 0.5):
+                Threshold on the mask probability for a query's own mask.
+            overlap_mask_area_threshold (`float`, *optional*, defaults to 0.8):
+                Minimum fraction of its own mask a query must win (the original's `OVERLAP_THRESHOLD`).
+            label_ids_to_fuse (`Iterable[int]`, *optional*):
+                Classes whose segments are merged into one per image (the stuff classes). None: nothing is merged.
+            target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
+                Output (height, width) per image; defaults to each image's `image_sizes` entry.
+
+        Returns:
+            `list[dict]`, one per image, with
+            - **segmentation**: `(height, width)` int32 tensor of segment ids, 0 where there is no segment;
+            - **segments_info**: one dict per segment: `id`, `label_id`, `was_fused` (True when `label_id` is in
+              `label_ids_to_fuse`) and `score`, the class probability of the query that opened the segment.
+        """
+        if label_ids_to_fuse is None:
+            logger.warning_once(
+                "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "
+                "original EOV-Seg does."
+            )
+        fuse = _label_set(label_ids_to_fuse)
+        class_logits = outputs.class_queries_logits
+        mask_logits = outputs.masks_queries_logits
+        image_sizes, targets = self._output_geometry(outputs, target_sizes)
+        num_classes = class_logits.shape[-1] - 1
+        results = []
+        for i in range(class_logits.shape[0]):
+            scores, labels = F.softmax(class_logits[i], dim=-1).max(-1)
+            keep = labels.ne(num_classes) & (scores > threshold)
+            height, width = targets[i]
+            device = mask_logits.device
+            segmentation = torch.zeros((height, width), dtype=torch.int32, device=device)
+            candidates = keep.nonzero().flatten()
+            n = candidates.numel()
+            if n == 0:
+                results.append({"segmentation": segmentation, "segments_info": []})
+                continue
+            cand_scores = scores[candidates]
+            cand_labels = labels[candidates].tolist()
+            low_res = mask_logits[i][candidates]
+
+            # Running argmax over chunks of candidates of score * sigmoid(mask); ties keep the earliest query,
+            # as a single argmax does. `winner_own` tells whether the winner's own mask covers the pixel.
+            chunk = max(1, _PANOPTIC_CHUNK_ELEMENTS // max(1, height * width))
+            own_area = torch.zeros(n, dtype=torch.int64, device=device)
+            best = winner = winner_own = None
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                probs = _resize_mask_logits(low_res[start:stop], image_sizes[i], targets[i]).sigmoid()
+                own = probs >= mask_threshold
+                own_area[start:stop] = own.flatten(1).sum(1)
+                weighted = cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype) * probs
+                index = weighted.argmax(0, keepdim=True)
+                value = weighted.gather(0, index)[0]
+                index_own = own.gather(0, index)[0]
+                index = index[0] + start
+                if best is None:
+                    best, winner, winner_own = value, index, index_own
+                else:
+                    better = value > best
+                    best = torch.where(better, value, best)
+                    winner = torch.where(better, index, winner)
+                    winner_own = torch.where(better, index_own, winner_own)
+                del probs, own, weighted
+
+            won_area = torch.bincount(winner.flatten(), minlength=n)
+            kept_area = torch.bincount(winner[winner_own], minlength=n)
+            ratio = won_area.to(torch.float64) / own_area.clamp(min=1).to(torch.float64)
+            valid = (won_area > 0) & (own_area > 0) & (kept_area > 0) & (ratio >= overlap_mask_area_threshold)
+
+            segment_of = [0] * n
+            segments_info = []
+            first_segment_of_class: dict[int, int] = {}
+            for k in valid.nonzero().flatten().tolist():
+                label = cand_labels[k]
+                if label in fuse and label in first_segment_of_class:
+                    segment_of[k] = first_segment_of_class[label]
+                    continue
+                segment_id = len(segments_info) + 1
+                segment_of[k] = segment_id
+                if label in fuse:
+                    first_segment_of_class[label] = segment_id
+                segments_info.append(
+                    {
+                        "id": segment_id,
+                        "label_id": int(label),
+                        "was_fused": label in fuse,
+                        "score": float(cand_scores[k]),
+                    }
+                )
+            if segments_info:
+                lookup = torch.tensor(segment_of, dtype=torch.int32, device=device)
+                segmentation = torch.where(winner_own, lookup[winner], segmentation)
+            results.append({"segmentation": segmentation, "segments_info": segments_info})
+        return results

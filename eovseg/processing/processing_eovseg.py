@@ -1,0 +1,225 @@
+"""Processor of EOV-Seg: the image processor plus the open_clip-exact tokenization of a class vocabulary."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import CLIPTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from ..vocabulary import build_prompts, seen_class_mask, synonym_counts, validate_vocabulary
+from .tokenization_eovseg import DEFAULT_CONTEXT_LENGTH, build_clip_tokenizer, check_clip_tokenizer, clip_token_ids
+
+
+# Keys of the vocabulary part of the processor output; they are arguments of the model's forward.
+TEXT_INPUT_NAMES = ["input_ids", "synonym_counts", "class_seen_mask"]
+
+
+def _image_processor_class():
+    # Imported lazily: the image processor module is independent of the text side.
+    from .image_processing_eovseg import EovSegImageProcessor
+
+    return EovSegImageProcessor
+
+
+class EovSegProcessor(ProcessorMixin):
+    r"""
+    Processor of [`EovSegForPanopticSegmentation`]: an [`EovSegImageProcessor`] for images (and segmentation maps)
+    and a [`CLIPTokenizer`] with open_clip's vocabulary for the class vocabulary.
+
+    A *vocabulary* is a list of class entries, each a string of comma-separated synonyms (for example
+    `["person, child, girl", "car", "sky"]`). Every synonym is put into the 14 prompt templates of
+    [`eovseg.vocabulary.PROMPT_TEMPLATES`] and tokenized exactly as `open_clip.get_tokenizer(...)` does.
+
+    Args:
+        image_processor ([`EovSegImageProcessor`], *optional*):
+            The image processor; a default one when not given.
+        tokenizer ([`CLIPTokenizer`], *optional*):
+            open_clip's CLIP tokenizer (see [`build_clip_tokenizer`]); built offline when not given. It is checked to
+            reproduce open_clip's ids.
+        train_vocabulary (`list[str]`, *optional*):
+            The vocabulary the model was trained on. A class of a test vocabulary is *seen* when one of its synonyms
+            is a synonym of a training class (`class_seen_mask`). Saved with the processor.
+        context_length (`int`, *optional*, defaults to 77):
+            Context length of the CLIP text tower: prompts longer than this are truncated (keeping the end token).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        train_vocabulary: Sequence[str] | None = None,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        **kwargs,
+    ):
+        if image_processor is None:
+            image_processor = _image_processor_class()()
+        if tokenizer is None:
+            tokenizer = build_clip_tokenizer(context_length=context_length)
+        check_clip_tokenizer(tokenizer)
+        if isinstance(train_vocabulary, str) or not isinstance(train_vocabulary, (Sequence, type(None))):
+            raise TypeError(
+                f"train_vocabulary must be a list of class-name strings, got {type(train_vocabulary).__name__}."
+            )
+        train_vocabulary = list(train_vocabulary or [])
+        bad = [(i, c) for i, c in enumerate(train_vocabulary) if not isinstance(c, str)]
+        if bad:
+            i, c = bad[0]
+            raise TypeError(f"train_vocabulary must contain only strings; entry {i} is {type(c).__name__} ({c!r}).")
+        if not isinstance(context_length, int) or context_length < 3:
+            raise ValueError(f"context_length must be an int of at least 3, got {context_length!r}.")
+        self.train_vocabulary = train_vocabulary
+        self.context_length = context_length
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, **image_processor_kwargs) -> "EovSegProcessor":
+        """Build the processor of a model configuration ([`EovSegConfig`]): an image processor with the
+        configuration's `pixel_mean`, `pixel_std` (0-255 units) and `size_divisibility`, the offline open_clip
+        tokenizer and the configuration's `train_vocabulary`. Keyword arguments are passed to the image processor
+        and override what the configuration gives."""
+        image_processor_class = _image_processor_class()
+        if hasattr(image_processor_class, "from_config"):
+            image_processor = image_processor_class.from_config(config, **image_processor_kwargs)
+        else:
+            image_processor = image_processor_class(
+                **_image_processor_kwargs_from_config(image_processor_class, config, image_processor_kwargs)
+            )
+        context_length = int(config.clip_model_config.get("text_cfg", {}).get("context_length", DEFAULT_CONTEXT_LENGTH))
+        return cls(
+            image_processor=image_processor,
+            tokenizer=build_clip_tokenizer(context_length=context_length),
+            train_vocabulary=list(getattr(config, "train_vocabulary", None) or []),
+            context_length=context_length,
+        )
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The sub-processors are loaded with their own classes, so nothing has to be registered with the Auto classes.
+        subfolder = kwargs.pop("subfolder", "")
+        image_processor = _image_processor_class().from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        image_names = list(getattr(self.image_processor, "model_input_names", ["pixel_values"]))
+        return image_names + [name for name in TEXT_INPUT_NAMES if name not in image_names]
+
+    def __call__(
+        self,
+        images=None,
+        text: Sequence[str] | None = None,
+        segmentation_maps=None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Prepare images and/or a vocabulary for the model.
+
+        Args:
+            images: images for the image processor (one image or a list).
+            text (`list[str]`, *optional*):
+                The vocabulary: one string of comma-separated synonyms per class.
+            segmentation_maps: optional segmentation maps, passed to the image processor with the images.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"` (the model's inputs), `"np"` or `None` (Python lists for the text part).
+            kwargs: passed to the image processor.
+
+        Returns:
+            [`BatchFeature`] with the image processor's outputs (when `images` is given) and, when `text` is given,
+            `input_ids` `(num_prompts, length)`, `synonym_counts` `(num_classes,)` and `class_seen_mask`
+            `(num_classes,)` (see [`encode_vocabulary`]).
+        """
+        if images is None and text is None:
+            raise ValueError("Give images, a vocabulary (text) or both to the EOV-Seg processor.")
+        if images is None and segmentation_maps is not None:
+            raise ValueError("segmentation_maps were given without images.")
+        encoded = BatchFeature()
+        if images is not None:
+            if segmentation_maps is not None:
+                kwargs["segmentation_maps"] = segmentation_maps
+            encoded.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
+        if text is not None:
+            encoded.update(self.encode_vocabulary(text, return_tensors=return_tensors))
+        return encoded
+
+    def encode_vocabulary(self, class_names: Sequence[str], return_tensors: str | None = "pt") -> BatchFeature:
+        """Tokenize the prompts of a vocabulary.
+
+        Args:
+            class_names (`list[str]`): one string of comma-separated synonyms per class.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"`, `"np"` or `None` (lists).
+
+        Returns:
+            [`BatchFeature`] with
+            - `input_ids` (`(P, L)` int64): the prompts of `build_prompts(class_names)` (for each class, each synonym,
+              each template; `P` = number of synonyms x 14) with open_clip's ids, `L` the longest prompt including
+              its start and end tokens (at most `context_length`), padded with 0. The end token (49407) is the
+              largest id of each row.
+            - `synonym_counts` (`(K,)` int64): the number of synonyms of each class.
+            - `class_seen_mask` (`(K,)` bool): whether each class is seen in `train_vocabulary`.
+        """
+        if isinstance(class_names, str):
+            raise ValueError(
+                f"The vocabulary must be a list of class names (one string of comma-separated synonyms per class); "
+                f"got the single string {class_names!r}. Built-in vocabularies selected by name are not supported "
+                "yet: pass the list of class names."
+            )
+        class_names = validate_vocabulary(class_names)
+        prompts = build_prompts(class_names)
+        ids = clip_token_ids(self.tokenizer, prompts)
+        max_content = self.context_length - 2
+        length = min(max(len(x) for x in ids), max_content) + 2
+        input_ids = np.zeros((len(prompts), length), dtype=np.int64)
+        sot, eot = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        for i, content in enumerate(ids):
+            row = [sot] + content[:max_content] + [eot]
+            input_ids[i, : len(row)] = row
+        counts = np.asarray(synonym_counts(class_names), dtype=np.int64)
+        seen = np.asarray(seen_class_mask(class_names, self.train_vocabulary), dtype=bool)
+        data = {"input_ids": input_ids, "synonym_counts": counts, "class_seen_mask": seen}
+        if return_tensors in ("pt", "torch"):
+            data = {k: torch.from_numpy(v) for k, v in data.items()}
+        elif return_tensors is None:
+            data = {k: v.tolist() for k, v in data.items()}
+        elif return_tensors != "np":
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        return BatchFeature(data)
+
+    def post_process_panoptic_segmentation(self, *args, **kwargs):
+        """Forwards all arguments to [`EovSegImageProcessor.post_process_panoptic_segmentation`]."""
+        return self.image_processor.post_process_panoptic_segmentation(*args, **kwargs)
+
+    def post_process_semantic_segmentation(self, *args, **kwargs):
+        """Forwards all arguments to [`EovSegImageProcessor.post_process_semantic_segmentation`]."""
+        return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
+
+    def post_process_instance_segmentation(self, *args, **kwargs):
+        """Forwards all arguments to [`EovSegImageProcessor.post_process_instance_segmentation`]."""
+        return self.image_processor.post_process_instance_segmentation(*args, **kwargs)
+
+
+def _image_processor_kwargs_from_config(image_processor_class, config, overrides: dict) -> dict:
+    """Constructor arguments of the image processor from a model configuration (used when the image processor has no
+    `from_config` of its own)."""
+    params = inspect.signature(image_processor_class.__init__).parameters
+    kwargs = {}
+    mean, std = list(config.pixel_mean), list(config.pixel_std)
+    if "pixel_mean" in params:
+        kwargs["pixel_mean"], kwargs["pixel_std"] = mean, std
+    elif "image_mean" in params:
+        # transformers convention: statistics of pixel values rescaled to 0-1
+        kwargs["image_mean"], kwargs["image_std"] = [m / 255.0 for m in mean], [s / 255.0 for s in std]
+    if "size_divisibility" in params:
+        kwargs["size_divisibility"] = config.size_divisibility
+    kwargs.update(overrides)
+    return kwargs
+
+
+__all__ = ["EovSegProcessor", "TEXT_INPUT_NAMES"]
