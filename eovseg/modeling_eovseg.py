@@ -581,8 +581,8 @@ class OutOfVocabularyClassifier(nn.Module):
     """The out-of-vocabulary branch: CLIP embeddings of each predicted mask from the frozen dense CLIP features.
 
     ConvNeXt: mask pooling, then the trunk head and the projection head of the CLIP vision tower. ResNet: CLIP's
-    attention pooling with each query's attention restricted to its mask (a mask with no positive pixel attends
-    everywhere; its CLIP probabilities are not used when `ensemble_on_valid_mask` is set).
+    attention pooling with each query's attention restricted to its mask (a mask with no positive pixel gets a
+    zero attention output; its CLIP probabilities are not used when `ensemble_on_valid_mask` is set).
     """
 
     def __init__(self):
@@ -611,9 +611,9 @@ class OutOfVocabularyClassifier(nn.Module):
         keys = tokens + interpolate_positional_embedding(pos, height, width)
         query = (tokens.mean(dim=1, keepdim=True) + pos[:1]).expand(-1, num_queries, -1)  # (B, Q, C)
 
-        inside = mask_logits.flatten(2) > 0  # (B, Q, HW)
-        inside = inside | ~inside.any(dim=-1, keepdim=True)
-        bias = torch.zeros(inside.shape, dtype=dense.dtype, device=dense.device).masked_fill(~inside, float("-inf"))
+        # A query attends only to the pixels of its mask. For an empty mask every key is masked: torch's attention
+        # then returns zeros (no NaN), as it does in the original; such queries are left out of the ensemble.
+        inside = (mask_logits.flatten(2) > 0).unsqueeze(1)  # (B, 1, Q, HW), broadcast over heads
 
         def split(x):
             return x.reshape(batch, x.shape[1], heads, -1).transpose(1, 2)
@@ -621,7 +621,7 @@ class OutOfVocabularyClassifier(nn.Module):
         q = split(attnpool.q_proj(query))
         k = split(attnpool.k_proj(keys))
         v = split(attnpool.v_proj(keys))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inside)
         out = out.transpose(1, 2).reshape(batch, num_queries, -1)
         return attnpool.c_proj(out)
 
@@ -734,6 +734,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
+        self._criterion = None
         self.post_init()
 
     # ------------------------------------------------------------------ vocabulary
@@ -940,8 +941,16 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def compute_loss(self, stage_class_logits, stage_mask_logits, mask_labels, class_labels):
-        """Set-criterion loss summed over stages; added by the training issue."""
-        raise NotImplementedError("Training losses are not implemented yet (see the training issue).")
+        """The original's set criterion (Hungarian matching; cross-entropy with a down-weighted void class,
+        point-sampled sigmoid BCE and dice) on every decoder stage, weighted and summed."""
+        if mask_labels is None or class_labels is None:
+            raise EovSegInputError("Training needs both mask_labels and class_labels.")
+        from .loss_eovseg import EovSegLoss
+
+        if self._criterion is None:
+            # kept out of the module tree: the criterion holds no weights and must not change the state dict
+            object.__setattr__(self, "_criterion", EovSegLoss(self.config))
+        return self._criterion(list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels)
 
 
 __all__ = [

@@ -303,7 +303,7 @@ def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) 
         raise ValueError(f"{where} holds values that do not fit in 32 bits.")
     pil = PIL.Image.fromarray(label_map.astype(np.int32), mode="I")
     resized = pil.resize((new_hw[1], new_hw[0]), PIL.Image.NEAREST)
-    return np.asarray(resized).astype(np.int64)
+    return np.array(resized).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,8 +542,10 @@ class EovSegImageProcessor(BaseImageProcessor):
         tensors = []
         for image, (new_h, new_w) in zip(decoded, new_sizes):
             if do_resize:
-                image = np.asarray(PIL.Image.fromarray(image).resize((new_w, new_h), resample))
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32)
+                image = np.array(PIL.Image.fromarray(image).resize((new_w, new_h), resample))
+            if not image.flags.writeable:
+                image = image.copy()
+            tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)
             if do_rescale:
                 tensor = tensor * rescale_factor
             if do_normalize:

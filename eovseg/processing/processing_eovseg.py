@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,9 +85,14 @@ class EovSegProcessor(ProcessorMixin):
         if hasattr(image_processor_class, "from_config"):
             image_processor = image_processor_class.from_config(config, **image_processor_kwargs)
         else:
-            image_processor = image_processor_class(
-                **_image_processor_kwargs_from_config(image_processor_class, config, image_processor_kwargs)
-            )
+            # EovSegImageProcessor takes its statistics in 0-255 units, like the configuration.
+            kwargs = {
+                "image_mean": list(config.pixel_mean),
+                "image_std": list(config.pixel_std),
+                "size_divisibility": config.size_divisibility,
+            }
+            kwargs.update(image_processor_kwargs)
+            image_processor = image_processor_class(**kwargs)
         context_length = int(config.clip_model_config.get("text_cfg", {}).get("context_length", DEFAULT_CONTEXT_LENGTH))
         return cls(
             image_processor=image_processor,
@@ -203,23 +207,6 @@ class EovSegProcessor(ProcessorMixin):
     def post_process_instance_segmentation(self, *args, **kwargs):
         """Forwards all arguments to [`EovSegImageProcessor.post_process_instance_segmentation`]."""
         return self.image_processor.post_process_instance_segmentation(*args, **kwargs)
-
-
-def _image_processor_kwargs_from_config(image_processor_class, config, overrides: dict) -> dict:
-    """Constructor arguments of the image processor from a model configuration (used when the image processor has no
-    `from_config` of its own)."""
-    params = inspect.signature(image_processor_class.__init__).parameters
-    kwargs = {}
-    mean, std = list(config.pixel_mean), list(config.pixel_std)
-    if "pixel_mean" in params:
-        kwargs["pixel_mean"], kwargs["pixel_std"] = mean, std
-    elif "image_mean" in params:
-        # transformers convention: statistics of pixel values rescaled to 0-1
-        kwargs["image_mean"], kwargs["image_std"] = [m / 255.0 for m in mean], [s / 255.0 for s in std]
-    if "size_divisibility" in params:
-        kwargs["size_divisibility"] = config.size_divisibility
-    kwargs.update(overrides)
-    return kwargs
 
 
 __all__ = ["EovSegProcessor", "TEXT_INPUT_NAMES"]

@@ -13,8 +13,10 @@ Two ways of tokenizing are offered:
   BPE of the tokenizer's backend, returning open_clip's `(N, context_length)` id tensor for any input.
 * Calling the tokenizer itself (`tokenizer(texts, padding="max_length", max_length=77, truncation=True)`) gives the same
   ids for text that is already clean (lower-case, no ftfy-repairable characters or HTML entities), padded with 0 and
-  with `<end_of_text>` kept last on truncation. It only differs where open_clip's ftfy / HTML cleaning changes the
-  text, or for the literal strings `<start_of_text>` / `<end_of_text>` inside a text.
+  with `<end_of_text>` kept last on truncation. It differs where open_clip's ftfy / HTML cleaning changes the text
+  (curly quotes, ligatures, full-width forms, `&amp;`, mojibake, ...) and for literal special-token strings inside a
+  text (`<start_of_text>`, `<end_of_text>`, `<|endoftext|>`, ...). Use [`clip_tokenize`] (as [`EovSegProcessor`]
+  does) for model inputs.
 
 Note on transformers 5: `CLIPTokenizer` is the `tokenizers`-backed class (`CLIPTokenizerFast` is an alias). It must be
 built from in-memory `vocab` / `merges` (or loaded with `from_pretrained`): `CLIPTokenizer(vocab_file=..., merges_file=...)`

@@ -1,0 +1,89 @@
+"""Registration of EOV-Seg with the Transformers Auto classes and pipelines, and the remote-code files of a saved
+folder (so `from_pretrained(..., trust_remote_code=True)` works where `eovseg` is not installed, as on the Hub)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).parent
+
+# Files copied flat into a saved folder for trust_remote_code, with package-relative imports made flat.
+REMOTE_CODE_FILES = [
+    "configuration_eovseg.py",
+    "modeling_eovseg.py",
+    "loss_eovseg.py",
+    "vocabulary.py",
+    "processing/image_processing_eovseg.py",
+    "processing/processing_eovseg.py",
+    "processing/tokenization_eovseg.py",
+]
+
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_eovseg.EovSegConfig",
+    "AutoModel": "modeling_eovseg.EovSegForPanopticSegmentation",
+    "AutoModelForImageSegmentation": "modeling_eovseg.EovSegForPanopticSegmentation",
+    "AutoModelForUniversalSegmentation": "modeling_eovseg.EovSegForPanopticSegmentation",
+}
+# Only AutoProcessor: an "AutoImageProcessor" entry makes transformers' AutoVideoProcessor (which pipelines try)
+# look for a remote video processor and prompt the user about remote code even when eovseg is installed.
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_eovseg.EovSegProcessor"}
+
+_registered = False
+
+
+def register() -> None:
+    """Register the config, model, image processor, processor and the open-vocabulary pipeline (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageSegmentation,
+        AutoModelForUniversalSegmentation,
+        AutoProcessor,
+    )
+    from transformers.models.auto import modeling_auto
+
+    from .configuration_eovseg import EovSegConfig
+    from .modeling_eovseg import EovSegForPanopticSegmentation
+    from .processing import EovSegImageProcessor, EovSegProcessor
+
+    AutoConfig.register("eovseg", EovSegConfig, exist_ok=True)
+    for auto_class in (AutoModel, AutoModelForImageSegmentation, AutoModelForUniversalSegmentation):
+        auto_class.register(EovSegConfig, EovSegForPanopticSegmentation, exist_ok=True)
+    AutoImageProcessor.register(EovSegConfig, slow_image_processor_class=EovSegImageProcessor, exist_ok=True)
+    AutoProcessor.register(EovSegConfig, EovSegProcessor, exist_ok=True)
+    # The image-segmentation pipeline checks the model class against these name tables.
+    modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES.setdefault("eovseg", "EovSegForPanopticSegmentation")
+
+    from .pipeline_eovseg import register_pipeline
+
+    register_pipeline()
+    _registered = True
+
+
+def _flatten_imports(source: str) -> str:
+    # `from ..vocabulary import x` (in processing/) and `from .processing import x` become flat `from .module import x`.
+    source = re.sub(r"^(\s*)from \.\.(\w+) import", r"\1from .\2 import", source, flags=re.MULTILINE)
+    return source
+
+
+def add_remote_code(folder: str | Path) -> None:
+    """Copy the code files into a saved model folder and add `auto_map` entries to its config and processor files."""
+    folder = Path(folder)
+    for relative in REMOTE_CODE_FILES:
+        source = (_PACKAGE_DIR / relative).read_text(encoding="utf-8")
+        (folder / Path(relative).name).write_text(_flatten_imports(source), encoding="utf-8")
+    _add_auto_map(folder / "config.json", MODEL_AUTO_MAP)
+    if (folder / "processor_config.json").is_file():
+        _add_auto_map(folder / "processor_config.json", PROCESSOR_AUTO_MAP)
+
+
+def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.setdefault("auto_map", {}).update(auto_map)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

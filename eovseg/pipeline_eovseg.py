@@ -1,0 +1,126 @@
+"""An open-vocabulary segmentation pipeline: `pipeline("open-vocabulary-segmentation", model=DIR)` takes the
+classes to find at call time (`candidate_labels`), as the zero-shot pipelines do.
+
+    segmenter = pipeline("open-vocabulary-segmentation", model="eovseg-r50")
+    segmenter("street.jpg", candidate_labels=["car", "road, street", "sky"], stuff_labels=["road, street", "sky"])
+
+Without `candidate_labels` the model's default vocabulary is used. Text embeddings are cached by the model, so calling
+again with the same labels costs no text pass. The defaults reproduce the original's panoptic inference (object
+threshold 0.0, overlap 0.8, stuff merged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+from .vocabulary import display_name, validate_vocabulary
+
+TASK = "open-vocabulary-segmentation"
+
+
+class OpenVocabularySegmentationPipeline(Pipeline):
+    """Panoptic, semantic or instance segmentation of an image with a class list given at call time.
+
+    Each result is a list of `{"score", "label", "mask"}` dicts like the image-segmentation pipeline's (`mask` a
+    binary `PIL.Image` at the input's size; `score` is None for semantic segmentation).
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .processing import EovSegProcessor
+
+        self.processor = EovSegProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            train_vocabulary=self.model.config.train_vocabulary,
+        )
+
+    def _sanitize_parameters(self, candidate_labels=None, stuff_labels=None, subtask=None, threshold=None,
+                             overlap_mask_area_threshold=None, mask_threshold=None, timeout=None, **kwargs):
+        preprocess = {"candidate_labels": candidate_labels, "stuff_labels": stuff_labels, "timeout": timeout}
+        postprocess = {"subtask": subtask or "panoptic"}
+        if postprocess["subtask"] not in ("panoptic", "semantic", "instance"):
+            raise ValueError(f"subtask must be 'panoptic', 'semantic' or 'instance', got {subtask!r}.")
+        for name, value in (("threshold", threshold), ("overlap_mask_area_threshold", overlap_mask_area_threshold),
+                            ("mask_threshold", mask_threshold)):
+            if value is not None:
+                postprocess[name] = value
+        return preprocess, {}, postprocess
+
+    def __call__(self, inputs, **kwargs) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None):
+        image = load_image(image, timeout=timeout)
+        config = self.model.config
+        if candidate_labels is None:
+            if not config.vocabulary:
+                raise ValueError("This model has no default vocabulary: pass candidate_labels=[...].")
+            labels, is_thing = list(config.vocabulary), list(config.is_thing)
+        else:
+            if isinstance(candidate_labels, str):
+                candidate_labels = [candidate_labels]
+            labels = validate_vocabulary(candidate_labels, "candidate_labels")
+            stuff = set(stuff_labels or [])
+            unknown = stuff - set(labels)
+            if unknown:
+                raise ValueError(f"stuff_labels {sorted(unknown)} are not among the candidate_labels.")
+            is_thing = [label not in stuff for label in labels]
+        inputs = self.processor(images=image, text=None if candidate_labels is None else labels, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return {"inputs": inputs, "target_size": (image.height, image.width), "labels": labels, "is_thing": is_thing}
+
+    def _forward(self, model_inputs):
+        outputs = self.model(**model_inputs.pop("inputs"))
+        return {"outputs": outputs, **model_inputs}
+
+    def postprocess(self, model_outputs, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
+                    mask_threshold=0.5):
+        outputs, labels, is_thing = model_outputs["outputs"], model_outputs["labels"], model_outputs["is_thing"]
+        target = [model_outputs["target_size"]]
+        names = [display_name(label) for label in labels]
+        annotation = []
+        if subtask == "semantic":
+            segmentation = self.processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0].cpu().numpy()
+            for label_id in np.unique(segmentation):
+                mask = Image.fromarray(((segmentation == label_id) * 255).astype(np.uint8), mode="L")
+                annotation.append({"score": None, "label": names[label_id], "mask": mask})
+            return annotation
+        if subtask == "panoptic":
+            result = self.processor.post_process_panoptic_segmentation(
+                outputs, threshold=threshold, mask_threshold=mask_threshold,
+                overlap_mask_area_threshold=overlap_mask_area_threshold,
+                label_ids_to_fuse={i for i, thing in enumerate(is_thing) if not thing}, target_sizes=target,
+            )[0]
+        else:
+            result = self.processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, target_sizes=target,
+                thing_ids=[i for i, thing in enumerate(is_thing) if thing],
+            )[0]
+        segmentation = result["segmentation"].cpu()
+        for segment in result["segments_info"]:
+            mask = Image.fromarray(((segmentation == segment["id"]).numpy() * 255).astype(np.uint8), mode="L")
+            annotation.append({"score": float(segment["score"]), "label": names[segment["label_id"]], "mask": mask})
+        return annotation
+
+
+def register_pipeline() -> None:
+    from transformers import AutoModelForUniversalSegmentation
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=OpenVocabularySegmentationPipeline, pt_model=AutoModelForUniversalSegmentation,
+            type="multimodal",
+        )

@@ -1,0 +1,229 @@
+"""Conversion of original-format checkpoints, Auto classes, pipelines and remote code (tiny preset)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, pipeline
+
+import eovseg
+from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
+from eovseg.conversion_scripts.convert_original_checkpoint import main as convert_main
+from eovseg.conversion_scripts.key_mapping import ours_to_original_key
+from eovseg.demo import BUNDLED_IMAGE
+from eovseg.vocabulary import display_name
+
+VOCABULARY = ["cup, mug", "saucer, plate", "table", "spoon", "wall", "floor"]
+IS_THING = [True, True, True, True, False, False]
+
+
+def original_checkpoint(model, extra_vit_keys=True):
+    """Our weights under the original's key names, plus what the original also stores and we drop."""
+    state = {ours_to_original_key(k): v.clone() for k, v in model.state_dict().items() if k != "default_text_embeddings"}
+    if extra_vit_keys:
+        width = model.spatial_extractor.width
+        state["vit_backbone.clip_model.visual.transformer.resblocks.1.ln_1.weight"] = torch.ones(width)
+        state["vit_backbone.clip_model.visual.ln_post.weight"] = torch.ones(width)
+        state["vit_backbone.clip_model.token_embedding.weight"] = torch.zeros(10, 4)
+        state["light_weight_decoder.criterion.empty_weight"] = torch.ones(9)
+    return {"model": state}
+
+
+@pytest.fixture(scope="module")
+def source_model():
+    torch.manual_seed(1)
+    model = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "logit_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_files(source_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    ckpt = folder / "model_final.pth"
+    torch.save(original_checkpoint(source_model), ckpt)
+    vocab = folder / "vocab.json"
+    vocab.write_text(json.dumps({"classes": VOCABULARY, "is_thing": IS_THING}))
+    train_vocab = folder / "train.txt"
+    train_vocab.write_text("1:cup,mug\n2:table\n3:person\n")
+    return ckpt, vocab, train_vocab
+
+
+@pytest.fixture(scope="module")
+def converted_dir(checkpoint_files, tmp_path_factory):
+    ckpt, vocab, train_vocab = checkpoint_files
+    out = tmp_path_factory.mktemp("converted") / "eovseg-tiny"
+    code = convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out),
+                         "--vocabulary", str(vocab), "--train_vocabulary", str(train_vocab)])
+    assert code == 0
+    return out
+
+
+def test_converted_folder_contents(converted_dir):
+    names = set(os.listdir(converted_dir))
+    for required in ["config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
+                     "tokenizer.json", "README.md", "modeling_eovseg.py", "configuration_eovseg.py", "vocabulary.py"]:
+        assert required in names, required
+    config = json.loads((converted_dir / "config.json").read_text())
+    assert config["model_type"] == "eovseg"
+    assert config["auto_map"]["AutoModel"] == "modeling_eovseg.EovSegForPanopticSegmentation"
+    assert config["vocabulary"] == VOCABULARY and config["is_thing"] == IS_THING
+    assert config["train_vocabulary"] == ["cup,mug", "table", "person"]
+    assert config["id2label"]["0"] == "cup"
+    dropped = (converted_dir / "dropped_keys.txt").read_text().split()
+    assert "vit_backbone.clip_model.visual.transformer.resblocks.1.ln_1.weight" in dropped
+    assert "light_weight_decoder.criterion.empty_weight" in dropped
+    card = (converted_dir / "README.md").read_text()
+    assert "tiny" in card and "6 classes" in card
+
+
+def test_converted_model_equals_source(converted_dir, source_model):
+    model = EovSegForPanopticSegmentation.from_pretrained(converted_dir).eval()
+    processor = EovSegProcessor.from_pretrained(converted_dir)
+    source_state = source_model.state_dict()
+    for key, value in model.state_dict().items():
+        if key != "default_text_embeddings":
+            assert torch.equal(value, source_state[key]), key
+    image = Image.open(BUNDLED_IMAGE).convert("RGB").resize((96, 64))
+    inputs = processor(images=image, text=VOCABULARY, return_tensors="pt")
+    assert inputs["class_seen_mask"].tolist() == [True, False, True, False, False, False]
+    with torch.no_grad():
+        ours = model(**inputs)
+        reference = source_model(**inputs)
+        default = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+    torch.testing.assert_close(ours.class_queries_logits, reference.class_queries_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.masks_queries_logits, reference.masks_queries_logits, atol=1e-5, rtol=0)
+    # the stored default-vocabulary embeddings are those of the vocabulary
+    torch.testing.assert_close(default.class_queries_logits, ours.class_queries_logits, atol=1e-5, rtol=0)
+
+
+def _run_convert(args, capsys):
+    code = convert_main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_corrupted_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage" * 100)
+    out = tmp_path / "out"
+    code, err = _run_convert(["--checkpoint_path", str(bad), "--variant", "tiny", "--output_dir", str(out)], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "cannot read" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_truncated_state_dict(source_model, tmp_path, capsys):
+    checkpoint = original_checkpoint(source_model)
+    del checkpoint["model"]["light_weight_decoder.mask_heads.2.fc_mask.weight"]
+    path = tmp_path / "truncated.pth"
+    torch.save(checkpoint, path)
+    out = tmp_path / "out"
+    code, err = _run_convert(["--checkpoint_path", str(path), "--variant", "tiny", "--output_dir", str(out)], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "missing" in err and "decoder.layers.2.mask_kernel_proj.weight" in err
+    assert not out.exists()
+
+
+def test_wrong_variant(checkpoint_files, tmp_path, capsys):
+    ckpt = checkpoint_files[0]
+    out = tmp_path / "out"
+    code, err = _run_convert(["--checkpoint_path", str(ckpt), "--variant", "tiny_convnext", "--output_dir", str(out)], capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "is the 'tiny' variant, not 'tiny_convnext'" in err
+    assert not out.exists()
+
+
+def test_wrong_shape(source_model, tmp_path, capsys):
+    checkpoint = original_checkpoint(source_model)
+    checkpoint["model"]["void_embedding.weight"] = torch.zeros(1, 7)
+    path = tmp_path / "shape.pth"
+    torch.save(checkpoint, path)
+    code, err = _run_convert(["--checkpoint_path", str(path), "--variant", "tiny", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 1 and "void_embedding.weight" in err and "(1, 7)" in err
+
+
+def test_unexpected_key(source_model, tmp_path, capsys):
+    checkpoint = original_checkpoint(source_model)
+    checkpoint["model"]["light_weight_decoder.extra_head.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.pth"
+    torch.save(checkpoint, path)
+    code, err = _run_convert(["--checkpoint_path", str(path), "--variant", "tiny", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 1 and "unexpected" in err and "extra_head" in err
+
+
+# --------------------------------------------------------------------------------------------- Auto classes, pipeline
+
+
+def test_auto_classes(converted_dir):
+    assert type(AutoConfig.from_pretrained(converted_dir)).__name__ == "EovSegConfig"
+    assert isinstance(AutoModel.from_pretrained(converted_dir), EovSegForPanopticSegmentation)
+    assert type(AutoImageProcessor.from_pretrained(converted_dir)).__name__ == "EovSegImageProcessor"
+    processor = AutoProcessor.from_pretrained(converted_dir)
+    assert isinstance(processor, EovSegProcessor)
+    assert processor.train_vocabulary == ["cup,mug", "table", "person"]
+
+
+@pytest.mark.parametrize("subtask", ["panoptic", "semantic", "instance"])
+def test_image_segmentation_pipeline(converted_dir, subtask):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir))
+    image = Image.open(BUNDLED_IMAGE).convert("RGB")
+    results = segmenter(image, subtask=subtask, threshold=0.0, overlap_mask_area_threshold=0.8)
+    names = {display_name(v) for v in VOCABULARY}
+    assert results, "no segment at all"
+    for segment in results:
+        assert segment["label"] in names
+        assert segment["mask"].size == image.size
+        assert np.asarray(segment["mask"]).max() == 255
+        if subtask == "semantic":
+            assert segment["score"] is None
+        else:
+            assert 0.0 <= segment["score"] <= 1.0
+
+
+def test_open_vocabulary_pipeline_caches_text(converted_dir):
+    segmenter = pipeline("open-vocabulary-segmentation", model=str(converted_dir))
+    image = Image.open(BUNDLED_IMAGE).convert("RGB").resize((300, 200))
+    labels = ["cat", "keyboard, computer keyboard", "sky"]
+    model = segmenter.model
+    calls = model.num_text_encoder_calls
+    first = segmenter(image, candidate_labels=labels, stuff_labels=["sky"], subtask="semantic")
+    assert model.num_text_encoder_calls == calls + 1
+    second = segmenter(image, candidate_labels=labels, stuff_labels=["sky"], subtask="semantic")
+    assert model.num_text_encoder_calls == calls + 1
+    assert [r["label"] for r in first] == [r["label"] for r in second]
+    assert {r["label"] for r in first} <= {"cat", "keyboard", "sky"}
+    panoptic = segmenter(image, candidate_labels=labels, stuff_labels=["sky"])
+    assert all(r["label"] in {"cat", "keyboard", "sky"} for r in panoptic)
+    with pytest.raises(ValueError, match="not among the candidate_labels"):
+        segmenter(image, candidate_labels=labels, stuff_labels=["grass"])
+
+
+def test_remote_code_without_the_package(converted_dir, tmp_path):
+    """AutoModel.from_pretrained(trust_remote_code=True) in a process where `import eovseg` is impossible."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["eovseg"] = None  # any import of the package fails
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(converted_dir)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(converted_dir)!r}, trust_remote_code=True)
+        assert "eovseg" not in type(model).__module__.split(".")[0], type(model).__module__
+        inputs = processor(images=torch.zeros(3, 64, 96, dtype=torch.uint8), return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs)
+        print(type(model).__module__, tuple(out.class_queries_logits.shape))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout and "(1, 10, 7)" in result.stdout

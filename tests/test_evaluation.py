@@ -1,0 +1,648 @@
+"""eovseg.evaluation: panoptic quality (COCO panoptic definition), semantic mIoU & co., instance mask AP, the
+`evaluate` modules and the evaluation runner. Scores are in percent."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eovseg.evaluation import (
+    METRIC_PATHS,
+    InstanceSegmentationMetric,
+    PanopticQuality,
+    SemanticSegmentationMetric,
+    mask_ap,
+    mean_iou,
+    panoptic_quality,
+)
+
+
+CATEGORIES = [
+    {"id": 1, "name": "person", "isthing": 1},
+    {"id": 2, "name": "car", "isthing": 1},
+    {"id": 7, "name": "sky", "isthing": 0},
+    {"id": 9, "name": "grass", "isthing": 0},
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def seg(segmentation, *segments):
+    """A panoptic example: segments given as (id, category_id[, iscrowd])."""
+    info = [{"id": s[0], "category_id": s[1], "iscrowd": s[2] if len(s) > 2 else 0} for s in segments]
+    return {"segmentation": np.asarray(segmentation), "segments_info": info}
+
+
+def pred(segmentation, *segments):
+    """A prediction as post_process_panoptic_segmentation gives it: (id, label_id)."""
+    info = [{"id": s[0], "label_id": s[1], "score": 0.9, "was_fused": False} for s in segments]
+    return {"segmentation": torch.as_tensor(np.asarray(segmentation), dtype=torch.int32), "segments_info": info}
+
+
+def id_to_rgb(ids):
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- panoptic quality
+
+
+def test_perfect_match_is_100_percent():
+    gt = seg([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 3, 3]], (1, 1), (2, 2), (3, 7))
+    result = panoptic_quality([pred(gt["segmentation"], (1, 1), (2, 2), (3, 7))], [gt], CATEGORIES)
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
+        assert result[key] == pytest.approx(100.0)
+    assert (result["N"], result["N_th"], result["N_st"]) == (3, 2, 1)
+    assert result["per_class"][1] == {
+        "name": "person", "isthing": True, "PQ": 100.0, "SQ": 100.0, "RQ": 100.0, "TP": 1, "FP": 0, "FN": 0,
+    }
+    # Classes that never occur are nan and left out of the means.
+    assert math.isnan(result["per_class"][9]["PQ"])
+    assert result["num_images"] == 1
+
+
+def test_iou_of_exactly_one_half_does_not_match():
+    gt = seg([[1, 1, 1, 1]], (1, 1))
+    half = panoptic_quality([pred([[5, 5, 0, 0]], (5, 1))], [gt], CATEGORIES)
+    assert half["per_class"][1]["TP"] == 0 and half["per_class"][1]["FP"] == 1 and half["per_class"][1]["FN"] == 1
+    assert half["PQ"] == 0.0 and half["SQ"] == 0.0 and half["RQ"] == 0.0
+    # Just above one half (3 / 5 > 0.5) matches.
+    gt = seg([[1, 1, 1, 1, 0]], (1, 1))
+    gt["segmentation"][0, 4] = 2
+    gt["segments_info"].append({"id": 2, "category_id": 2, "iscrowd": 0})
+    above = panoptic_quality([pred([[5, 5, 5, 0, 5]], (5, 1))], [gt], CATEGORIES)
+    person = above["per_class"][1]
+    assert (person["TP"], person["FP"], person["FN"]) == (1, 0, 0)
+    assert person["SQ"] == pytest.approx(100 * 3 / 5)
+    assert above["per_class"][2]["FN"] == 1
+
+
+def test_match_needs_the_same_category():
+    gt = seg([[1, 1], [1, 1]], (1, 1))
+    result = panoptic_quality([pred([[4, 4], [4, 4]], (4, 2))], [gt], CATEGORIES)
+    assert result["per_class"][1]["FN"] == 1 and result["per_class"][2]["FP"] == 1
+    assert result["PQ"] == 0.0 and result["N"] == 2
+
+
+def test_prediction_inside_crowd_of_its_class_is_not_a_false_positive():
+    # Crowd region (id 9, person) on the right; a person prediction inside it is ignored ...
+    gt = seg([[1, 1, 9, 9], [1, 1, 9, 9]], (1, 1), (9, 1, 1))
+    inside = panoptic_quality([pred([[3, 3, 4, 4], [3, 3, 4, 4]], (3, 1), (4, 1))], [gt], CATEGORIES)
+    person = inside["per_class"][1]
+    assert (person["TP"], person["FP"], person["FN"]) == (1, 0, 0)
+    assert inside["PQ"] == 100.0
+    # ... a crowd segment is never a false negative, even without any prediction on it ...
+    alone = panoptic_quality([pred([[3, 3, 0, 0], [3, 3, 0, 0]], (3, 1))], [gt], CATEGORIES)
+    assert alone["per_class"][1]["FN"] == 0
+    # ... but a car prediction there is a false positive (the crowd is of another class) ...
+    other = panoptic_quality([pred([[3, 3, 4, 4], [3, 3, 4, 4]], (3, 1), (4, 2))], [gt], CATEGORIES)
+    assert other["per_class"][2]["FP"] == 1
+    # ... and so is a person prediction with exactly half of its area in the crowd (> 0.5 is needed).
+    gt2 = seg([[1, 1, 9, 9], [1, 1, 9, 9], [2, 2, 2, 2]], (1, 1), (9, 1, 1), (2, 7))
+    halfway = panoptic_quality(
+        [pred([[3, 3, 0, 4], [3, 3, 0, 4], [5, 5, 4, 4]], (3, 1), (4, 1), (5, 7))], [gt2], CATEGORIES
+    )
+    assert halfway["per_class"][1]["FP"] == 1
+
+
+def test_void_pixels_are_removed_from_the_union():
+    # Ground truth: person on 4 pixels, void (0) on the other 4. The prediction covers all 8 pixels:
+    # IoU = 4 / (8 + 4 - 4 - 4) = 1.
+    gt = seg([[1, 1, 0, 0], [1, 1, 0, 0]], (1, 1))
+    result = panoptic_quality([pred([[6, 6, 6, 6], [6, 6, 6, 6]], (6, 1))], [gt], CATEGORIES)
+    assert result["per_class"][1]["TP"] == 1 and result["PQ"] == pytest.approx(100.0)
+    # Unmatched predictions lying mostly on void are not false positives; half on void is not enough.
+    gt = seg([[1, 1, 0, 0], [1, 1, 0, 0]], (1, 1))
+    mostly_void = panoptic_quality([pred([[0, 0, 6, 6], [0, 6, 6, 6]], (6, 2))], [gt], CATEGORIES)
+    assert mostly_void["per_class"][2]["FP"] == 0 and math.isnan(mostly_void["per_class"][2]["PQ"])
+    half_void = panoptic_quality([pred([[0, 6, 6, 0], [0, 6, 6, 0]], (6, 2))], [gt], CATEGORIES)
+    assert half_void["per_class"][2]["FP"] == 1
+
+
+def test_undescribed_and_ignored_ground_truth_is_void():
+    # Id 5 is not in segments_info and id 8 has an ignored category: both are void.
+    gt = seg([[1, 1, 5, 8], [1, 1, 5, 8]], (1, 1), (8, 2))
+    prediction = pred([[6, 6, 6, 6], [6, 6, 6, 6]], (6, 1))
+    ignored = panoptic_quality([prediction], [gt], CATEGORIES, ignore_category_ids=[2])
+    assert ignored["per_class"][1]["TP"] == 1 and ignored["PQ"] == pytest.approx(100.0)
+    assert ignored["N"] == 1
+    # Without ignoring category 2, the car is missed and the person prediction's IoU is 4 / 6.
+    counted = panoptic_quality([prediction], [gt], CATEGORIES)
+    assert counted["per_class"][2]["FN"] == 1
+    assert counted["per_class"][1]["SQ"] == pytest.approx(100 * 4 / 6)
+    # A category outside `categories` is void too.
+    unknown = panoptic_quality([prediction], [seg(gt["segmentation"], (1, 1), (8, 42))], CATEGORIES)
+    assert unknown["per_class"][1]["SQ"] == pytest.approx(100.0)
+
+
+def test_zero_area_segments_do_not_count():
+    gt = seg([[1, 1], [1, 1]], (1, 1), (2, 2))  # segment 2 (car) is listed but has no pixel
+    result = panoptic_quality([pred([[3, 3], [3, 3]], (3, 1), (4, 9))], [gt], CATEGORIES)
+    assert result["per_class"][2]["FN"] == 0 and result["per_class"][9]["FP"] == 0
+    assert result["PQ"] == 100.0 and result["N"] == 1
+
+
+def test_per_class_and_things_stuff_split():
+    # person: TP with IoU 0.8 (4 / 5) and one FP; car: nothing; sky: one FN; grass: TP with IoU 1.
+    gt = seg(
+        [[1, 1, 1, 1, 7], [9, 9, 9, 9, 7]],
+        (1, 1), (7, 7), (9, 9),
+    )
+    prediction = pred(
+        [[3, 3, 3, 3, 3], [4, 4, 4, 4, 0]],
+        (3, 1), (4, 9), (5, 1),
+    )
+    prediction["segmentation"][1, 4] = 5  # a one-pixel person on the sky: false positive
+    gt["segmentation"][0, 4] = 7
+    result = panoptic_quality([prediction], [gt], CATEGORIES)
+    person, sky, grass = (result["per_class"][i] for i in (1, 7, 9))
+    # person: IoU = 4 / (5 + 4 - 4) = 0.8
+    assert (person["TP"], person["FP"], person["FN"]) == (1, 1, 0)
+    assert person["SQ"] == pytest.approx(80.0)
+    assert person["RQ"] == pytest.approx(100 / 1.5)
+    assert person["PQ"] == pytest.approx(80 / 1.5)
+    assert (sky["TP"], sky["FP"], sky["FN"]) == (0, 0, 1) and sky["PQ"] == 0.0 and sky["SQ"] == 0.0
+    assert grass["PQ"] == pytest.approx(100.0)
+    assert math.isnan(result["per_class"][2]["PQ"])
+    assert (result["N"], result["N_th"], result["N_st"]) == (3, 1, 2)
+    assert result["PQ_th"] == pytest.approx(80 / 1.5)
+    assert result["PQ_st"] == pytest.approx(50.0)
+    assert result["SQ_st"] == pytest.approx(50.0)
+    assert result["PQ"] == pytest.approx((80 / 1.5 + 0 + 100) / 3)
+    assert result["SQ"] == pytest.approx((80 + 0 + 100) / 3)
+    assert result["RQ"] == pytest.approx((100 / 1.5 + 0 + 100) / 3)
+
+
+def test_group_without_classes_is_nan():
+    gt = seg([[1, 1]], (1, 1))
+    result = panoptic_quality([pred([[2, 2]], (2, 1))], [gt], CATEGORIES)
+    assert result["PQ_th"] == 100.0 and result["N_st"] == 0 and math.isnan(result["PQ_st"])
+
+
+def _random_panoptic_pair(rng, height=24, width=32):
+    """Random ground truth with void, crowd and stuff, and a noisy prediction of it."""
+    cats = [c["id"] for c in CATEGORIES]
+    blocks = rng.integers(0, 6, size=(height // 4, width // 4))
+    gt_ids = np.kron(blocks, np.ones((4, 4), dtype=np.int64)) * 10
+    segments = []
+    for b in np.unique(blocks):
+        if b == 0:
+            continue  # void
+        segments.append({"id": int(b) * 10, "category_id": int(rng.choice(cats)), "iscrowd": int(rng.random() < 0.2)})
+    noise = rng.random((height, width))
+    pred_ids = np.where(noise < 0.15, rng.integers(0, 6, size=(height, width)) * 10, gt_ids)
+    pred_ids = np.where(noise > 0.95, 0, pred_ids) + 3
+    by_id = {s["id"]: s["category_id"] for s in segments}
+    pred_segments = [
+        {"id": int(i), "label_id": by_id.get(int(i) - 3, int(rng.choice(cats))) if rng.random() < 0.85 else int(rng.choice(cats))}
+        for i in np.unique(pred_ids)
+    ]
+    return {"segmentation": pred_ids, "segments_info": pred_segments}, {"segmentation": gt_ids, "segments_info": segments}
+
+
+def _plain_pq_counts(prediction, reference, categories):
+    """The definition written out pair by pair (slow), for the random cross-check below."""
+    known = {c["id"] for c in categories}
+    gt, pr = reference["segmentation"], prediction["segmentation"]
+    gt_segments = {s["id"]: s for s in reference["segments_info"] if s["category_id"] in known and s["id"] != 0}
+    void = ~np.isin(gt, list(gt_segments))
+    pr_segments = {s["id"]: s["label_id"] for s in prediction["segments_info"] if (pr == s["id"]).any()}
+    counts = {c: [0.0, 0, 0, 0] for c in known}  # iou, tp, fp, fn
+    matched_gt, matched_pr = set(), set()
+    for g, s in gt_segments.items():
+        gmask = gt == g
+        if s["iscrowd"] or not gmask.any():
+            continue
+        for p, c in pr_segments.items():
+            if c != s["category_id"]:
+                continue
+            pmask = pr == p
+            inter = (gmask & pmask).sum()
+            union = (gmask | (pmask & ~void)).sum()
+            if inter / union > 0.5:
+                counts[c][0] += inter / union
+                counts[c][1] += 1
+                matched_gt.add(g)
+                matched_pr.add(p)
+    for g, s in gt_segments.items():
+        if g not in matched_gt and not s["iscrowd"] and (gt == g).any():
+            counts[s["category_id"]][3] += 1
+    for p, c in pr_segments.items():
+        if p in matched_pr:
+            continue
+        pmask = pr == p
+        crowd = np.isin(gt, [g for g, s in gt_segments.items() if s["iscrowd"] and s["category_id"] == c])
+        if (pmask & (void | crowd)).sum() / pmask.sum() > 0.5:
+            continue
+        counts[c][2] += 1
+    return counts
+
+
+def test_random_cases_agree_with_the_definition_written_out():
+    rng = np.random.default_rng(0)
+    metric = PanopticQuality(CATEGORIES)
+    totals = {c["id"]: [0.0, 0, 0, 0] for c in CATEGORIES}
+    for _ in range(30):
+        prediction, reference = _random_panoptic_pair(rng)
+        metric.add(prediction, reference)
+        for c, v in _plain_pq_counts(prediction, reference, CATEGORIES).items():
+            totals[c] = [a + b for a, b in zip(totals[c], v)]
+    for i, c in enumerate(CATEGORIES):
+        iou, tp, fp, fn = totals[c["id"]]
+        assert (metric.tp[i], metric.fp[i], metric.fn[i]) == (tp, fp, fn)
+        assert metric.iou_sum[i] == pytest.approx(iou, abs=1e-9)
+    assert metric.tp.sum() > 0 and metric.fp.sum() > 0 and metric.fn.sum() > 0
+
+
+def test_streaming_equals_batch_and_merge():
+    rng = np.random.default_rng(1)
+    pairs = [_random_panoptic_pair(rng) for _ in range(12)]
+    batch = panoptic_quality([p for p, _ in pairs], [r for _, r in pairs], CATEGORIES)
+    streaming = PanopticQuality(CATEGORIES)
+    for prediction, reference in pairs:
+        streaming.add(prediction, reference)
+    first, second = PanopticQuality(CATEGORIES), PanopticQuality(CATEGORIES)
+    first.add_batch([p for p, _ in pairs[:5]], [r for _, r in pairs[:5]])
+    second.add_batch([p for p, _ in pairs[5:]], [r for _, r in pairs[5:]])
+    first.merge(second.state_dict())
+    for result in (streaming.compute(), first.compute()):
+        for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "SQ_th", "RQ_st", "N", "N_th", "N_st", "num_images"):
+            assert result[key] == pytest.approx(batch[key], abs=1e-9)
+        for cid in batch["per_class"]:
+            assert result["per_class"][cid]["TP"] == batch["per_class"][cid]["TP"]
+    streaming.reset()
+    assert streaming.num_images == 0 and streaming.tp.sum() == 0
+
+
+def test_input_formats_rgb_png_pil_and_label_mapping(tmp_path):
+    ids = np.array([[1000, 1000, 70000], [1000, 0, 70000]])
+    path = tmp_path / "gt.png"
+    Image.fromarray(id_to_rgb(ids)).save(path)
+    segments = [{"id": 1000, "category_id": 1, "iscrowd": 0}, {"id": 70000, "category_id": 7, "iscrowd": 0}]
+    prediction = pred([[1, 1, 2], [1, 1, 2]], (1, 0), (2, 2))  # label ids 0 and 2 of the vocabulary
+    mapping = [1, 2, 7, 9]  # label id -> category id
+    for reference in (
+        {"segmentation": str(path), "segments_info": segments},
+        {"segmentation": Image.open(path), "segments_info": segments},
+        {"panoptic_seg": id_to_rgb(ids), "segments_info": {"id": [1000, 70000], "category_id": [1, 7], "iscrowd": [0, 0]}},
+        (torch.as_tensor(ids), segments),
+    ):
+        result = panoptic_quality([prediction], [reference], CATEGORIES, label_id_to_category_id=mapping)
+        assert result["PQ"] == pytest.approx(100.0) and result["N"] == 2
+
+
+def test_bad_inputs_are_reported():
+    gt = seg([[1, 1]], (1, 1))
+    with pytest.raises(ValueError, match="target_sizes"):
+        panoptic_quality([pred([[1, 1, 1]], (1, 1))], [gt], CATEGORIES)
+    with pytest.raises(ValueError, match="not one of the evaluated categories"):
+        panoptic_quality([pred([[1, 1]], (1, 5))], [gt], CATEGORIES)
+    with pytest.raises(ValueError, match="twice"):
+        panoptic_quality([pred([[1, 1]], (1, 1), (1, 2))], [gt], CATEGORIES)
+    with pytest.raises(KeyError, match="isthing"):
+        PanopticQuality([{"id": 1, "name": "x"}])
+
+
+def _block_outputs():
+    """Model outputs of 5 confident queries, each owning a block of a 32 x 32 image (the masks are at 1/4 of it):
+    labels 0 (person), 1 (car), 2 (sky, twice: fused) and 3 (grass)."""
+    masks = torch.full((1, 5, 8, 8), -10.0)
+    masks[0, 0, :4, :4] = 10.0
+    masks[0, 1, :4, 4:] = 10.0
+    masks[0, 2, 4:, :2] = 10.0
+    masks[0, 3, 4:, 2:4] = 10.0
+    masks[0, 4, 4:, 4:] = 10.0
+    classes = torch.full((1, 5, 5), -5.0)
+    for query, label in enumerate([0, 1, 2, 2, 3]):
+        classes[0, query, label] = 5.0
+    return SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks, image_sizes=torch.tensor([[32, 32]]))
+
+
+def test_accepts_post_processed_outputs_directly():
+    from eovseg.processing.image_processing_eovseg import EovSegImageProcessor
+
+    processor = EovSegImageProcessor()
+    results = processor.post_process_panoptic_segmentation(
+        _block_outputs(), label_ids_to_fuse=[2, 3], target_sizes=[(20, 24)]
+    )
+    assert len(results[0]["segments_info"]) == 4 and any(s["was_fused"] for s in results[0]["segments_info"])
+    # The same prediction as ground truth (label id i = category CATEGORIES[i]) gives PQ 100.
+    segmentation = results[0]["segmentation"]
+    reference = {
+        "segmentation": segmentation.numpy(),
+        "segments_info": [
+            {"id": s["id"], "category_id": CATEGORIES[s["label_id"]]["id"], "iscrowd": 0} for s in results[0]["segments_info"]
+        ],
+    }
+    result = panoptic_quality(results, [reference], CATEGORIES, label_id_to_category_id=[1, 2, 7, 9])
+    assert result["PQ"] == pytest.approx(100.0) and result["N"] == 4
+    # Against a ground truth where the car block is void, the car prediction is ignored, not a false positive.
+    car = [s["id"] for s in results[0]["segments_info"] if s["label_id"] == 1]
+    reference["segmentation"][np.isin(reference["segmentation"], car)] = 0
+    result = panoptic_quality(results, [reference], CATEGORIES, label_id_to_category_id=[1, 2, 7, 9])
+    assert result["per_class"][2]["FP"] == 0 and result["N"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- semantic
+
+
+def _plain_semantic(predictions, references, num_labels, ignore_index):
+    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+    missed = np.zeros(num_labels, dtype=np.int64)  # reference pixels predicted as no valid class
+    for p, r in zip(predictions, references):
+        for pv, rv in zip(np.asarray(p).ravel(), np.asarray(r).ravel()):
+            if rv == ignore_index:
+                continue
+            if 0 <= pv < num_labels:
+                confusion[rv, pv] += 1
+            else:
+                missed[rv] += 1
+    ious, accs, weights = [], [], []
+    for c in range(num_labels):
+        tp = confusion[c, c]
+        gt = confusion[c].sum() + missed[c]
+        pr = confusion[:, c].sum()
+        if gt + pr > 0:
+            ious.append(tp / (gt + pr - tp))
+            weights.append(gt)
+        if gt > 0:
+            accs.append(tp / gt)
+    total = confusion.sum() + missed.sum()
+    return {
+        "mIoU": 100 * np.mean(ious),
+        "fwIoU": 100 * np.sum(np.array(ious) * np.array(weights) / total),
+        "mACC": 100 * np.mean(accs),
+        "pACC": 100 * np.trace(confusion) / total,
+    }
+
+
+def test_miou_matches_a_plain_confusion_matrix():
+    rng = np.random.default_rng(0)
+    num_labels = 6
+    predictions, references = [], []
+    for _ in range(5):
+        h, w = rng.integers(5, 20, size=2)
+        reference = rng.integers(0, num_labels - 1, size=(h, w))  # the last class never in the reference
+        reference[rng.random((h, w)) < 0.2] = 255
+        prediction = np.where(rng.random((h, w)) < 0.6, reference, rng.integers(-1, num_labels + 1, size=(h, w)))
+        prediction[reference == 255] = rng.integers(0, num_labels)
+        predictions.append(torch.as_tensor(prediction))
+        references.append(reference)
+    expected = _plain_semantic(predictions, references, num_labels, 255)
+    result = mean_iou(predictions, references, num_labels=num_labels)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+    streaming = SemanticSegmentationMetric(num_labels)
+    for p, r in zip(predictions, references):
+        streaming.add(p, r)
+    assert streaming.compute()["mIoU"] == pytest.approx(result["mIoU"])
+    assert result["num_images"] == 5
+
+
+def test_miou_perfect_ignore_and_undefined_classes():
+    reference = np.array([[0, 0, 1], [255, 1, 1]])
+    result = mean_iou([np.array([[0, 0, 1], [2, 1, 1]])], [reference], num_labels=3)
+    assert result["mIoU"] == 100.0 and result["pACC"] == 100.0 and result["mACC"] == 100.0
+    assert math.isnan(result["per_class"][2]["IoU"]) and math.isnan(result["per_class"][2]["ACC"])
+    # reduce_labels: 0 becomes ignored, the other labels move down by one.
+    reduced = mean_iou([np.array([[5, 0, 1]])], [np.array([[0, 1, 2]])], num_labels=2, reduce_labels=True)
+    assert reduced["mIoU"] == 100.0
+    with pytest.raises(ValueError, match="outside"):
+        mean_iou([np.zeros((2, 2))], [np.full((2, 2), 7)], num_labels=3)
+
+
+# ---------------------------------------------------------------------------------------------- instance
+
+
+def _random_instances(rng, height=40, width=48, n_gt=5, n_dt=7):
+    gt_masks, gt_info = [], []
+    ids = np.zeros((height, width), dtype=np.int64)
+    for k in range(1, n_gt + 1):
+        y, x = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        ids[y : y + rng.integers(4, 16), x : x + rng.integers(4, 16)] = k
+    for k in np.unique(ids):
+        if k == 0:
+            continue
+        gt_info.append({"id": int(k), "category_id": int(rng.choice([1, 2, 7])), "iscrowd": int(rng.random() < 0.15)})
+    masks, dt_info = [], []
+    label_of = {1: 0, 2: 1, 7: 2}
+    for j in range(n_dt):
+        target = gt_info[rng.integers(0, len(gt_info))] if gt_info and rng.random() < 0.8 else None
+        if target is None:
+            mask = rng.random((height, width)) < 0.05
+            label = int(rng.integers(0, 3))
+        else:
+            shift = rng.integers(-2, 3, size=2)
+            mask = np.roll(ids == target["id"], tuple(shift), axis=(0, 1))
+            label = label_of[target["category_id"]] if rng.random() < 0.8 else int(rng.integers(0, 3))
+        masks.append(mask)
+        dt_info.append({"id": j, "label_id": label, "score": float(rng.random()), "was_fused": False})
+    return {"segmentation": np.stack(masks), "segments_info": dt_info}, {"segmentation": ids, "segments_info": gt_info}
+
+
+def test_mask_ap_matches_cocoeval_called_directly():
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    label_to_category = [1, 2, 7, 9]
+    pairs = [_random_instances(rng) for _ in range(6)]
+    result = mask_ap([p for p, _ in pairs], [r for _, r in pairs], CATEGORIES, label_id_to_category_id=label_to_category)
+
+    things = [c for c in CATEGORIES if c["isthing"]]
+    images, annotations, detections = [], [], []
+    for image_id, (prediction, reference) in enumerate(pairs, start=1):
+        ids = reference["segmentation"]
+        images.append({"id": image_id, "height": ids.shape[0], "width": ids.shape[1]})
+        for s in reference["segments_info"]:
+            if s["category_id"] not in (1, 2):
+                continue
+            rle = mask_utils.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": s["category_id"], "segmentation": rle,
+                "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": s["iscrowd"],
+            })
+        for mask, s in zip(prediction["segmentation"], prediction["segments_info"]):
+            category = label_to_category[s["label_id"]]
+            if category not in (1, 2):
+                continue
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            detections.append({"image_id": image_id, "category_id": category, "segmentation": rle, "score": s["score"]})
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": annotations, "categories": things}
+    coco_gt.createIndex()
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    for i, key in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+        expected = 100 * evaluator.stats[i]
+        if evaluator.stats[i] < 0:
+            assert math.isnan(result[key])
+        else:
+            assert result[key] == pytest.approx(expected, abs=1e-9), key
+    assert 0 < result["AP50"] < 100
+    assert set(result["per_class"]) == {1, 2}
+
+
+def test_mask_ap_input_forms_agree():
+    """Bool stacks, RLE lists and id maps of the same (non-overlapping) instances score the same."""
+    rng = np.random.default_rng(3)
+    _, reference = _random_instances(rng)
+    ids = reference["segmentation"]
+    info = [{"id": s["id"], "label_id": s["category_id"], "score": 0.5 + 0.01 * s["id"]} for s in reference["segments_info"]]
+    stack = np.stack([ids == s["id"] for s in info])
+    from pycocotools import mask as mask_utils
+
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in stack]
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    forms = [
+        {"segmentation": torch.as_tensor(stack), "segments_info": info},
+        {"segmentation": rles, "segments_info": info},
+        {"segmentation": ids, "segments_info": info},
+    ]
+    scores = [mask_ap([form], [reference], CATEGORIES)["AP"] for form in forms]
+    assert scores[0] == pytest.approx(100.0) or math.isnan(scores[0])
+    assert scores[0] == pytest.approx(scores[1]) and scores[1] == pytest.approx(scores[2])
+
+
+def test_mask_ap_streaming_and_no_detections():
+    rng = np.random.default_rng(4)
+    pairs = [_random_instances(rng) for _ in range(3)]
+    metric = InstanceSegmentationMetric(CATEGORIES, label_id_to_category_id=[1, 2, 7, 9])
+    for prediction, reference in pairs:
+        metric.add(prediction, reference)
+    assert metric.compute()["AP"] == pytest.approx(
+        mask_ap([p for p, _ in pairs], [r for _, r in pairs], CATEGORIES, label_id_to_category_id=[1, 2, 7, 9])["AP"]
+    )
+    empty = mask_ap([{"segmentation": [], "segments_info": []}], [pairs[0][1]], CATEGORIES)
+    assert empty["num_detections"] == 0 and (empty["AP"] == 0.0 or math.isnan(empty["AP"]))
+
+
+# ---------------------------------------------------------------------------------------------- evaluate modules
+
+
+def test_evaluate_load_from_local_paths():
+    evaluate = pytest.importorskip("evaluate")
+    rng = np.random.default_rng(5)
+    pairs = [_random_panoptic_pair(rng) for _ in range(4)]
+    expected = panoptic_quality([p for p, _ in pairs], [r for _, r in pairs], CATEGORIES)
+
+    module = evaluate.load(METRIC_PATHS["panoptic_quality"], categories=CATEGORIES)
+    for prediction, reference in pairs:
+        module.add(prediction=prediction, reference=reference)
+    streamed = module.compute()
+    assert streamed["PQ"] == pytest.approx(expected["PQ"]) and streamed["N"] == expected["N"]
+    # The script file works too, with the options given to compute().
+    by_file = evaluate.load(METRIC_PATHS["panoptic_quality"] + "/panoptic_quality.py")
+    once = by_file.compute(predictions=[p for p, _ in pairs], references=[r for _, r in pairs], categories=CATEGORIES)
+    assert once["PQ"] == pytest.approx(expected["PQ"])
+
+    miou = evaluate.load(METRIC_PATHS["mean_iou"], num_labels=3)
+    miou.add_batch(predictions=[np.array([[0, 1], [2, 2]])], references=[np.array([[0, 1], [1, 255]])])
+    assert miou.compute()["mIoU"] == pytest.approx(50.0)
+
+    ap = evaluate.load(METRIC_PATHS["mask_ap"], categories=CATEGORIES)
+    prediction, reference = _random_instances(rng)
+    assert ap.compute(predictions=[prediction], references=[reference])["AP"] == pytest.approx(
+        mask_ap([prediction], [reference], CATEGORIES)["AP"], nan_ok=True
+    )
+    with pytest.raises(ValueError, match="categories"):
+        evaluate.load(METRIC_PATHS["panoptic_quality"]).add(prediction=pairs[0][0], reference=pairs[0][1])
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+def _tiny_dataset(num_images=3):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "label": [], "segments_info": []}
+    for i in range(num_images):
+        h, w = 40 + 8 * i, 48
+        ids = np.zeros((h, w), np.int64)
+        ids[:, : w // 2] = 5
+        ids[: h // 2, w // 2 :] = 9
+        ids[h // 2 :, w // 2 :] = 300
+        rows["image"].append(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+        rows["label"].append(Image.fromarray(id_to_rgb(ids)))
+        rows["segments_info"].append(
+            [{"id": 5, "category_id": 4, "iscrowd": 0}, {"id": 9, "category_id": 0, "iscrowd": 0},
+             {"id": 300, "category_id": 1, "iscrowd": 1}]
+        )
+    segment = {"id": datasets.Value("int64"), "category_id": datasets.Value("int64"), "iscrowd": datasets.Value("int64")}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(), "segments_info": [segment]})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+    from eovseg.processing import EovSegProcessor
+
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny")
+    model = EovSegForPanopticSegmentation(config)
+    processor = EovSegProcessor.from_config(config, size={"shortest_edge": 32, "longest_edge": 64})
+    return model, processor
+
+
+def test_evaluate_model_runs_all_tasks(tiny_model):
+    from eovseg.evaluation import evaluate_model, format_results
+
+    model, processor = tiny_model
+    model.train()
+    results = evaluate_model(model, processor, _tiny_dataset(), "all", batch_size=2, progress=False)
+    assert model.training  # mode restored
+    assert set(results) == {"panoptic", "semantic", "instance"}
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "N", "per_class"):
+        assert key in results["panoptic"]
+    for key in ("mIoU", "fwIoU", "mACC", "pACC"):
+        assert 0.0 <= results["semantic"][key] <= 100.0
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert key in results["instance"]
+    assert all(r["num_images"] == 3 for r in results.values())
+    assert "Things" in format_results(results["panoptic"], "panoptic")
+    single = evaluate_model(model, processor, _tiny_dataset(2), "semantic", progress=False)
+    assert "mIoU" in single and single["num_images"] == 2
+
+
+def test_command_line_writes_json(tmp_path, capsys):
+    from eovseg.evaluation.evaluate import main
+
+    _tiny_dataset(2).save_to_disk(str(tmp_path / "data"))
+    output = tmp_path / "out" / "results.json"
+    main([
+        "--model", "random:tiny", "--dataset", str(tmp_path / "data"), "--task", "panoptic", "--batch_size", "2",
+        "--output", str(output), "--no_progress",
+    ])
+    printed = capsys.readouterr().out
+    assert "PQ" in printed and "Things" in printed
+    document = json.loads(output.read_text())
+    assert document["units"] == "percent"
+    assert {"PQ", "SQ", "RQ", "per_class"} <= set(document["results"]["panoptic"])
+
+
+def test_synthetic_dataset_evaluation(tiny_model):
+    training = pytest.importorskip("eovseg.training")
+    if not hasattr(training, "make_synthetic_panoptic_dataset"):
+        pytest.skip("eovseg.training.make_synthetic_panoptic_dataset is not available yet")
+    from eovseg.evaluation import evaluate_model
+    from eovseg.evaluation.evaluate import load_eval_dataset
+
+    model, processor = tiny_model
+    dataset = load_eval_dataset("synthetic", num_synthetic=3)
+    results = evaluate_model(model, processor, dataset, "panoptic", batch_size=2, max_samples=3, progress=False)
+    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(results) and results["num_images"] == 3
