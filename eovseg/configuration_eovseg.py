@@ -52,18 +52,9 @@ _TINY_RN_CLIP = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 _TINY_CONVNEXT_CLIP = {
-    "embed_dim": 64,
+    **_TINY_RN_CLIP,
     "quick_gelu": False,
-    "vision_cfg": {
-        "timm_model_name": "convnext_atto",
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "mlp",
-        "timm_drop": 0.0,
-        "timm_drop_path": 0.0,
-        "image_size": 64,
-    },
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    "vision_cfg": {**_CONVNEXT_L_CLIP["vision_cfg"], "timm_model_name": "convnext_atto", "timm_drop_path": 0.0, "image_size": 64},
 }
 _TINY_VIT_CLIP = {
     "embed_dim": 32,
@@ -134,23 +125,14 @@ VARIANTS = {
         "is_thing": TINY_IS_THING,
         "train_vocabulary": TINY_TRAIN_VOCABULARY,
     },
-    "tiny_convnext": {
-        "clip_model_name": "tiny-ConvNeXt",
-        "clip_pretrained": None,
-        "clip_model_config": _TINY_CONVNEXT_CLIP,
-        "vit_model_name": "tiny-ViT",
-        "vit_pretrained": None,
-        "vit_model_config": _TINY_VIT_CLIP,
-        "agg_dim": 32,
-        "hidden_dim": 64,
-        "num_proposals": 10,
-        "decoder_ffn_dim": 128,
-        "ensemble_on_valid_mask": False,
-        "train_num_points": 256,
-        "vocabulary": TINY_VOCABULARY,
-        "is_thing": TINY_IS_THING,
-        "train_vocabulary": TINY_TRAIN_VOCABULARY,
-    },
+}
+
+# The ConvNeXt test preset: the tiny one with a timm ConvNeXt CLIP and no valid-mask gating (as ConvNeXt-L).
+VARIANTS["tiny_convnext"] = {
+    **VARIANTS["tiny"],
+    "clip_model_name": "tiny-ConvNeXt",
+    "clip_model_config": _TINY_CONVNEXT_CLIP,
+    "ensemble_on_valid_mask": False,
 }
 
 PUBLISHED_VARIANTS = ("r50", "r50x4", "convnext_l")

@@ -323,13 +323,16 @@ class EovSegLightAggregator(nn.Module):
         for lateral_conv, deform_layer, level in zip(self.lateral_convs[1:], self.deform_layers, levels[1:]):
             x = lateral_conv(level) + deform_layer(x)
             merged.append(x)
-        fused = self.fuse_bias
+        # Sum the levels coarsest first, then the bias: the original's order (it matters for float32 round-off,
+        # which the hard masks of the decoder can amplify).
+        fused = None
         for i, (conv, level) in enumerate(zip(self.fuse_convs, merged)):
             y = conv(level)
             scale = 2 ** (len(merged) - 1 - i)
             if scale > 1:
                 y = F.interpolate(y, scale_factor=scale, mode="bilinear", align_corners=False)
-            fused = fused + y
+            fused = y if fused is None else fused + y
+        fused = fused + self.fuse_bias
         x = self.output_conv(fused)
         return self.coord_proj(torch.cat([x, self.coordinate_features(x)], dim=1))
 
@@ -383,9 +386,11 @@ class VAS(nn.Module):
 
     def forward(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = features.shape
-        guide = self.guide_fc(text_embeddings).reshape(-1, self.num_heads, self.head_channels)
+        # a per-image copy of the guide (same values) keeps the original's matmul shapes, hence its float32 round-off
+        guide = self.guide_fc(text_embeddings.unsqueeze(0).expand(batch, -1, -1))
+        guide = guide.reshape(batch, -1, self.num_heads, self.head_channels)
         embed = self.embed_conv(features).reshape(batch, self.num_heads, self.head_channels, height, width)
-        similarity = torch.einsum("bmchw,nmc->bmhwn", embed, guide) / math.sqrt(self.head_channels)
+        similarity = torch.einsum("bmchw,bnmc->bmhwn", embed, guide) / math.sqrt(self.head_channels)
         gate = similarity.softmax(dim=-1).amax(dim=-1) * self.scale + self.offset
         features = features.reshape(batch, self.num_heads, -1, height, width) * gate.unsqueeze(2)
         return features.reshape(batch, channels, height, width)

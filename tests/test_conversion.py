@@ -227,3 +227,32 @@ def test_remote_code_without_the_package(converted_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout and "(1, 10, 7)" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["r50", "r50x4", "convnext_l"])
+def test_full_variant_conversion(variant, tmp_path):
+    """Original-format checkpoint of a full variant with random weights -> converted folder -> same outputs."""
+    torch.manual_seed(0)
+    source = EovSegForPanopticSegmentation(EovSegConfig.from_variant(variant)).eval()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "logit_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.02)
+    ckpt = tmp_path / "model_final.pth"
+    torch.save(original_checkpoint(source, extra_vit_keys=False), ckpt)
+    out = tmp_path / "converted"
+    assert convert_main(["--checkpoint_path", str(ckpt), "--variant", variant, "--output_dir", str(out)]) == 0
+    ckpt.unlink()
+    converted = EovSegForPanopticSegmentation.from_pretrained(out).eval()
+    source_state = source.state_dict()
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, source_state[key]), key
+    counts = torch.tensor([1, 2, 1])
+    text = torch.nn.functional.normalize(torch.randn(4, source.config.embed_dim), dim=-1)
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a = source(pixel_values, text_embeddings=text, synonym_counts=counts)
+        b = converted(pixel_values, text_embeddings=text, synonym_counts=counts)
+    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=0)

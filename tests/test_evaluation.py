@@ -604,7 +604,7 @@ def test_evaluate_model_runs_all_tasks(tiny_model):
 
     model, processor = tiny_model
     model.train()
-    results = evaluate_model(model, processor, _tiny_dataset(), "all", batch_size=2, progress=False)
+    results = evaluate_model(model, processor, _tiny_dataset(2), "all", batch_size=2, progress=False)
     assert model.training  # mode restored
     assert set(results) == {"panoptic", "semantic", "instance"}
     for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "N", "per_class"):
@@ -613,10 +613,116 @@ def test_evaluate_model_runs_all_tasks(tiny_model):
         assert 0.0 <= results["semantic"][key] <= 100.0
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert key in results["instance"]
-    assert all(r["num_images"] == 3 for r in results.values())
+    assert all(r["num_images"] == 2 for r in results.values())
     assert "Things" in format_results(results["panoptic"], "panoptic")
-    single = evaluate_model(model, processor, _tiny_dataset(2), "semantic", progress=False)
-    assert "mIoU" in single and single["num_images"] == 2
+    # A plain list of rows works too (columns found from the first row), and ignored categories leave the
+    # vocabulary.
+    rows = list(_tiny_dataset(3))
+    single = evaluate_model(
+        model, processor, rows, "semantic", max_samples=1, ignore_category_ids=[7], progress=False
+    )
+    assert "mIoU" in single and single["num_images"] == 1 and len(single["per_class"]) == 7
+    # A semantic data set: class maps (category ids, 255 unlabeled) in the `label` column.
+    semantic_rows = [
+        {"image": np.zeros((24, 40, 3), np.uint8), "label": np.where(np.arange(40) < 20, 4, 255)[None].repeat(24, 0)}
+    ]
+    semantic = evaluate_model(
+        model, processor, semantic_rows, "semantic", columns={"semantic": "label"}, progress=False
+    )
+    assert semantic["num_images"] == 1 and not math.isnan(semantic["per_class"][4]["ACC"])
+
+
+# An "oracle" model that reads the segments off the image colours: with it the runner must score 100, which pins
+# its wiring (vocabulary order, label id -> category id, stuff fusion, output sizes, crowd and void handling).
+ORACLE_CATEGORIES = [
+    {"id": 11, "name": "person", "isthing": 1},
+    {"id": 22, "name": "car", "isthing": 1},
+    {"id": 33, "name": "sky", "isthing": 0},
+    {"id": 44, "name": "grass", "isthing": 0},
+]
+# colour -> label index (position in ORACLE_CATEGORIES); two sky colours make two queries fused into one segment.
+ORACLE_COLOURS = {(200, 0, 0): 0, (210, 0, 0): 0, (0, 200, 0): 1, (0, 0, 200): 2, (0, 0, 230): 2, (0, 120, 0): 3}
+
+
+class _OracleModel(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.mean = torch.tensor(config.pixel_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.pixel_std).view(1, 3, 1, 1)
+
+    def get_text_embeddings(self, input_ids):
+        return torch.zeros(input_ids.shape[0] // 14, 4)
+
+    def forward(self, pixel_values, pixel_mask=None, text_embeddings=None, synonym_counts=None, class_seen_mask=None):
+        assert len(synonym_counts) == len(ORACLE_CATEGORIES)
+        colours = (pixel_values * self.std + self.mean).round()[:, :, 2::4, 2::4]  # one pixel per 4 x 4 cell
+        batch, num_queries, num_classes = pixel_values.shape[0], len(ORACLE_COLOURS) + 2, len(ORACLE_CATEGORIES)
+        masks = torch.full((batch, num_queries, colours.shape[-2], colours.shape[-1]), -10.0)
+        classes = torch.full((batch, num_queries, num_classes + 1), -10.0)
+        classes[:, :, num_classes] = 10.0  # unused queries: void
+        for q, (colour, label) in enumerate(ORACLE_COLOURS.items()):
+            hit = (colours == torch.tensor(colour, dtype=colours.dtype).view(1, 3, 1, 1)).all(1)
+            masks[:, q][hit] = 10.0
+            classes[:, q, label], classes[:, q, num_classes] = 10.0, -10.0
+        rows = pixel_mask.any(2).sum(1)
+        cols = pixel_mask.any(1).sum(1)
+        return SimpleNamespace(
+            class_queries_logits=classes, masks_queries_logits=masks, image_sizes=torch.stack([rows, cols], 1)
+        )
+
+
+def _oracle_rows():
+    """Three 32 x 32 images of four 8-pixel horizontal stripes of colour (the masks' bilinear upsampling is then
+    exact: no corners); ground truth from the same stripes, with void and a crowd region."""
+    layouts = [
+        [(200, 0, 0), (0, 0, 200), None, (0, 0, 230)],  # person, sky, void, sky (fused with the first)
+        [(0, 200, 0), (210, 0, 0), (0, 120, 0), (200, 0, 0)],  # car, person, grass, person
+        [(0, 200, 0), (0, 120, 0), None, (0, 0, 200)],  # car (crowd), grass, void, sky
+    ]
+    rows = []
+    for index, layout in enumerate(layouts):
+        image = np.zeros((32, 32, 3), np.uint8)
+        ids = np.zeros((32, 32), np.int64)
+        segments, next_id, stuff_ids = [], 100, {}
+        for r, colour in enumerate(layout):
+            if colour is None:
+                continue  # void: black, id 0
+            image[8 * r : 8 * r + 8] = colour
+            category = ORACLE_CATEGORIES[ORACLE_COLOURS[colour]]
+            if not category["isthing"] and category["id"] in stuff_ids:
+                segment_id = stuff_ids[category["id"]]
+            else:
+                next_id += 7
+                segment_id = next_id
+                segments.append({"id": segment_id, "category_id": category["id"], "iscrowd": 0})
+                if not category["isthing"]:
+                    stuff_ids[category["id"]] = segment_id
+            ids[8 * r : 8 * r + 8] = segment_id
+        if index == 2:
+            segments[0]["iscrowd"] = 1  # the car: a crowd region, its prediction is then neither TP nor FP
+        rows.append({"image": Image.fromarray(image), "label": Image.fromarray(id_to_rgb(ids)), "segments_info": segments})
+    return rows
+
+
+def test_evaluate_model_scores_an_oracle_100():
+    from eovseg import EovSegConfig
+    from eovseg.evaluation import evaluate_model
+    from eovseg.processing import EovSegProcessor
+
+    config = EovSegConfig.from_variant("tiny")
+    processor = EovSegProcessor.from_config(config, do_resize=False)  # keeps the blocks on the 4 x 4 mask grid
+    results = evaluate_model(
+        _OracleModel(config), processor, _oracle_rows(), "all", categories=ORACLE_CATEGORIES, batch_size=2,
+        progress=False,
+    )
+    panoptic, semantic, instance = results["panoptic"], results["semantic"], results["instance"]
+    assert panoptic["PQ"] == pytest.approx(100.0) and (panoptic["N_th"], panoptic["N_st"]) == (2, 2)
+    assert [panoptic["per_class"][c]["TP"] for c in (11, 22, 33, 44)] == [3, 1, 2, 2]  # the sky queries fused
+    assert panoptic["per_class"][22]["FP"] == 0 and panoptic["per_class"][22]["FN"] == 0  # a car was a crowd
+    assert semantic["mIoU"] == pytest.approx(100.0) and semantic["pACC"] == pytest.approx(100.0)
+    assert instance["AP"] == pytest.approx(100.0) and set(instance["per_class"]) == {11, 22}
 
 
 def test_command_line_writes_json(tmp_path, capsys):
@@ -625,7 +731,7 @@ def test_command_line_writes_json(tmp_path, capsys):
     _tiny_dataset(2).save_to_disk(str(tmp_path / "data"))
     output = tmp_path / "out" / "results.json"
     main([
-        "--model", "random:tiny", "--dataset", str(tmp_path / "data"), "--task", "panoptic", "--batch_size", "2",
+        "--model", "random:tiny", "--dataset", str(tmp_path / "data"), "--task", "panoptic", "--batch_size", "2", "--shortest_edge", "32", "--longest_edge", "64",
         "--output", str(output), "--no_progress",
     ])
     printed = capsys.readouterr().out
@@ -636,13 +742,14 @@ def test_command_line_writes_json(tmp_path, capsys):
 
 
 def test_synthetic_dataset_evaluation(tiny_model):
-    training = pytest.importorskip("eovseg.training")
-    if not hasattr(training, "make_synthetic_panoptic_dataset"):
-        pytest.skip("eovseg.training.make_synthetic_panoptic_dataset is not available yet")
+    synthetic = pytest.importorskip("eovseg.training.synthetic")
     from eovseg.evaluation import evaluate_model
-    from eovseg.evaluation.evaluate import load_eval_dataset
+    from eovseg.evaluation.evaluate import dataset_categories, load_eval_dataset
 
     model, processor = tiny_model
     dataset = load_eval_dataset("synthetic", num_synthetic=3)
-    results = evaluate_model(model, processor, dataset, "panoptic", batch_size=2, max_samples=3, progress=False)
-    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(results) and results["num_images"] == 3
+    assert dataset_categories(dataset) == synthetic.synthetic_categories()
+    results = evaluate_model(model, processor, dataset, "panoptic", batch_size=2, progress=False)
+    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "per_class"} <= set(results) and results["num_images"] == 3
+    # The data set's own categories are the vocabulary (circle, ..., ground), not the model's default one.
+    assert [c["name"] for c in results["per_class"].values()] == synthetic.SYNTHETIC_CLASS_NAMES

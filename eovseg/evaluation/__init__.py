@@ -30,7 +30,7 @@ METRIC_PATHS = {
 
 def __getattr__(name):
     # The runner imports torch and transformers: load it only when asked for.
-    if name in ("evaluate_model", "DatasetColumns", "categories_from_config", "format_results"):
+    if name in ("evaluate_model", "DatasetColumns", "categories_from_config", "dataset_categories", "format_results"):
         from . import evaluate as _runner
 
         return getattr(_runner, name)
@@ -44,6 +44,7 @@ __all__ = [
     "SemanticSegmentationMetric",
     "DatasetColumns",
     "categories_from_config",
+    "dataset_categories",
     "evaluate_model",
     "format_results",
     "mask_ap",

@@ -14,7 +14,8 @@ panoptic annotation (its values are category ids; pixels of other values are ign
 The *categories* say which classes the model is asked for and how to score them: a list of
 `{"id": category id used in segments_info, "name": vocabulary entry (comma-separated synonyms), "isthing": 0/1}`.
 The model's vocabulary is `[c["name"] for c in categories]`, so its label id `i` is category `categories[i]["id"]`.
-By default they come from the model configuration (`vocabulary`, `is_thing`, ids `0 .. K-1`).
+By default they are those stored with the data set (`info.description`), else the model configuration's
+(`vocabulary`, `is_thing`, ids `0 .. K-1`).
 
 Every score is in percent (see `eovseg.evaluation`).
 """
@@ -28,36 +29,39 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._inputs import get_segments_info, id_map, label_map, nan_to_none, normalize_categories, normalize_segments
+from ._inputs import id_map, label_map, nan_to_none, normalize_categories, normalize_segments
 from .instance import InstanceSegmentationMetric
 from .panoptic import PanopticQuality
 from .semantic import SemanticSegmentationMetric
 
 
-__all__ = ["DatasetColumns", "categories_from_config", "evaluate_model", "format_results", "load_eval_dataset", "main"]
+__all__ = ["DatasetColumns", "categories_from_config", "dataset_categories", "evaluate_model", "format_results", "load_eval_dataset", "main"]
 
 TASKS = ("panoptic", "semantic", "instance")
 
 # Column names tried, in order, when the configured one is missing from the data set.
 _FALLBACKS = {
     "image": ("image", "pixel_values", "img"),
-    "panoptic": ("panoptic", "label", "annotation", "panoptic_seg", "pan_seg", "segmentation", "panoptic_map"),
+    "panoptic": ("label", "panoptic", "annotation", "panoptic_seg", "pan_seg", "segmentation", "panoptic_map"),
     "segments_info": ("segments_info", "segments", "segment_info"),
 }
 
 
 @dataclass
 class DatasetColumns:
-    """Names of the data set's columns. `None` for `panoptic` means: the first of the usual names present
-    (`panoptic`, `label`, `annotation`, `panoptic_seg`, ...)."""
+    """Names of the data set's columns, with the defaults of `eovseg.training`'s data sets (`image`, `label`,
+    `segments_info`). When a configured image / panoptic / segments_info column is missing, the usual names are
+    tried (`label`, `panoptic`, `annotation`, `panoptic_seg`, ... for the panoptic annotation). `semantic` names a
+    column of class maps (values: category ids) to use for semantic evaluation instead of the panoptic annotation;
+    with it and the semantic task alone, no panoptic column is needed."""
 
     image: str = "image"
-    panoptic: str | None = None
+    panoptic: str | None = "label"
     segments_info: str = "segments_info"
     semantic: str | None = None
 
@@ -83,8 +87,8 @@ class DatasetColumns:
             raise KeyError(f"The data set has no semantic column {self.semantic!r} (columns: {names}).")
         return DatasetColumns(
             image=pick("image", self.image, True),
-            panoptic=pick("panoptic", self.panoptic, need_panoptic),
-            segments_info=pick("segments_info", self.segments_info, need_panoptic),
+            panoptic=pick("panoptic", self.panoptic, True) if need_panoptic else None,
+            segments_info=pick("segments_info", self.segments_info, True) if need_panoptic else None,
             semantic=self.semantic,
         )
 
@@ -100,9 +104,25 @@ def categories_from_config(config) -> list[dict]:
     return [{"id": i, "name": name, "isthing": bool(t)} for i, (name, t) in enumerate(zip(vocabulary, is_thing))]
 
 
-def _resolve_categories(categories, model) -> list[dict]:
+def dataset_categories(dataset) -> list[dict] | None:
+    """Categories stored with a data set: a JSON object with a `"categories"` list in `dataset.info.description`
+    (as `eovseg.training`'s synthetic data set stores them), else None."""
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    if not description:
+        return None
+    try:
+        data = json.loads(description)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(data, Mapping) and isinstance(data.get("categories"), list):
+        return [dict(c) for c in data["categories"]]
+    return None
+
+
+def _resolve_categories(categories, model, dataset=None) -> list[dict]:
     if categories is None:
-        return categories_from_config(model.config)
+        stored = dataset_categories(dataset) if dataset is not None else None
+        return normalize_categories(stored) if stored else categories_from_config(model.config)
     if isinstance(categories, (str, os.PathLike)):
         categories = _read_categories_file(categories, model)
     elif isinstance(categories, Sequence) and categories and all(isinstance(c, str) for c in categories):
@@ -144,7 +164,7 @@ def load_eval_dataset(path: str, split: str | None = None, num_synthetic: int = 
     import datasets
 
     if path == "synthetic":
-        from ..training import make_synthetic_panoptic_dataset
+        from ..training.synthetic import make_synthetic_panoptic_dataset
 
         params = inspect.signature(make_synthetic_panoptic_dataset).parameters
         kwargs = {}
@@ -279,8 +299,9 @@ def evaluate_model(
         task: `"panoptic"`, `"semantic"`, `"instance"`, `"all"` or a list of them; all are computed from the same
             forward passes.
         categories: `[{"id", "name", "isthing"}]`, a path to a JSON file of them (a COCO panoptic JSON with
-            `categories` works), or a list of names from the model's vocabulary. Default: the model configuration's
-            vocabulary with ids `0 .. K-1`.
+            `categories` works), or a list of names from the model's vocabulary. Default: the categories stored
+            with the data set (`info.description` JSON with a `categories` list, as the synthetic data set has),
+            else the model configuration's vocabulary with ids `0 .. K-1`.
         columns: a [`DatasetColumns`] or a dict of its fields.
         batch_size: images per forward pass.
         max_samples: evaluate only the first `max_samples` rows.
@@ -306,12 +327,14 @@ def evaluate_model(
             raise ValueError(f"Unknown task {t!r}; choose among {TASKS} or 'all'.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    categories = _resolve_categories(categories, model)
+    categories = _resolve_categories(categories, model, dataset)
+    ignore = {int(c) for c in ignore_category_ids}
+    # Ignored categories leave the vocabulary: their ground truth is void and the model cannot predict them.
+    categories = [c for c in categories if c["id"] not in ignore]
+    if not categories:
+        raise ValueError("Every category is ignored: nothing to evaluate.")
     label_to_category = [c["id"] for c in categories]
     category_to_label = {c["id"]: i for i, c in enumerate(categories)}
-    ignore = {int(c) for c in ignore_category_ids}
-    for c in ignore:
-        category_to_label.pop(c, None)
     stuff_labels = [i for i, c in enumerate(categories) if not c["isthing"]]
     thing_labels = [i for i, c in enumerate(categories) if c["isthing"]]
     if columns is None:
@@ -319,7 +342,10 @@ def evaluate_model(
     elif isinstance(columns, Mapping):
         columns = DatasetColumns(**columns)
     need_panoptic = any(t != "semantic" for t in tasks) or columns.semantic is None
-    columns = columns.resolve(getattr(dataset, "column_names", None), need_panoptic)
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None:
+        columns = columns.resolve(column_names, need_panoptic)
+    unresolved = column_names is None  # resolved from the first row's keys instead
 
     metrics: dict[str, Any] = {}
     if "panoptic" in tasks:
@@ -358,6 +384,9 @@ def evaluate_model(
             total = _num_rows(dataset, max_samples)
             bar = tqdm(total=total, desc=f"Evaluating ({', '.join(tasks)})", unit="img", disable=not progress)
             for rows in _iterate_batches(dataset, batch_size, max_samples):
+                if unresolved:
+                    columns = columns.resolve(list(rows[0].keys()), need_panoptic)
+                    unresolved = False
                 images = [row[columns.image] for row in rows]
                 references = []
                 sizes = []
@@ -501,12 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--num_synthetic", type=int, default=8, help="images of the synthetic data set")
     parser.add_argument("--image_column", default="image")
-    parser.add_argument("--panoptic_column", default=None, help="default: panoptic/label/annotation/... if present")
+    parser.add_argument("--panoptic_column", default="label", help="panoptic annotation column (RGB-encoded PNG)")
     parser.add_argument("--segments_info_column", default="segments_info")
     parser.add_argument("--semantic_column", default=None, help="class maps for semantic evaluation (category ids)")
     parser.add_argument("--ignore_category_ids", type=int, nargs="*", default=[])
     parser.add_argument("--threshold", type=float, default=None, help="panoptic: class score threshold")
     parser.add_argument("--overlap_threshold", type=float, default=None, help="panoptic: overlap area threshold")
+    parser.add_argument("--shortest_edge", type=int, default=None, help="test resize: shorter side (processor's: 640)")
+    parser.add_argument("--longest_edge", type=int, default=None, help="test resize: longer side cap (2560)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default=None, help="write the results here as JSON")
     parser.add_argument("--per_class", action="store_true", help="also print per-class tables")
@@ -517,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     model, processor = _load_model(args.model, args.device)
+    if args.shortest_edge is not None or args.longest_edge is not None:
+        image_processor = getattr(processor, "image_processor", processor)
+        size = dict(image_processor.size)
+        if args.shortest_edge is not None:
+            size["shortest_edge"] = args.shortest_edge
+        if args.longest_edge is not None:
+            size["longest_edge"] = args.longest_edge
+        image_processor.size = size
     dataset = load_eval_dataset(args.dataset, args.split, num_synthetic=args.num_synthetic)
     columns = DatasetColumns(
         image=args.image_column,

@@ -17,8 +17,9 @@ Pre-processing reproduces the evaluation pipeline of the released EOV-Seg (detec
 
 Input formats (PIL images, NumPy arrays, torch tensors; a single image, a list of images or a 4-d
 batch array): arrays may be `(H, W)`, channels-last `(H, W, C)` or channels-first `(C, H, W)` with
-C in {1, 3, 4} (the layout is inferred, the first axis winning when both could be channels, unless
-`input_data_format` says otherwise). One channel is replicated to RGB; a fourth (alpha) channel is
+C in {1, 3, 4}. Unless `input_data_format` says otherwise the layout is inferred: the axis that can hold
+channels; if both can, the one of size 3; if still ambiguous (e.g. `(3, 5, 3)`), channels-first for torch
+tensors and channels-last for NumPy arrays. One channel is replicated to RGB; a fourth (alpha) channel is
 dropped. Values are brought to 8 bits by this rule:
 
 - `uint8`: as is; `bool`: False -> 0, True -> 255;
@@ -191,15 +192,21 @@ def _decode_image(image: Any, where: str, input_data_format: ChannelDimension | 
     if array.ndim == 2:
         array = array[:, :, None]
     elif array.ndim == 3:
+        first_ok, last_ok = array.shape[0] in _VALID_CHANNELS, array.shape[-1] in _VALID_CHANNELS
         if input_data_format is not None:
             layout = ChannelDimension(input_data_format)
-        elif array.shape[0] not in _VALID_CHANNELS and array.shape[-1] not in _VALID_CHANNELS:
+        elif not first_ok and not last_ok:
             raise ValueError(
                 f"{where} has shape {tuple(array.shape)}: neither its first nor its last axis holds 1 (grayscale), "
                 "3 (RGB) or 4 (RGBA) channels."
             )
-        else:
+        elif first_ok != last_ok:
             layout = infer_channel_dimension_format(array, num_channels=_VALID_CHANNELS)
+        elif (array.shape[0] == 3) != (array.shape[-1] == 3):
+            layout = ChannelDimension.FIRST if array.shape[0] == 3 else ChannelDimension.LAST
+        else:
+            # Still ambiguous (e.g. (3, 5, 3)): tensors are usually channels-first, arrays channels-last.
+            layout = ChannelDimension.FIRST if isinstance(image, torch.Tensor) else ChannelDimension.LAST
         if layout == ChannelDimension.FIRST:
             array = np.moveaxis(array, 0, -1)
         if array.shape[-1] not in _VALID_CHANNELS:
@@ -301,7 +308,7 @@ def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) 
         return label_map
     if label_map.size and (label_map.min() < np.iinfo(np.int32).min or label_map.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{where} holds values that do not fit in 32 bits.")
-    pil = PIL.Image.fromarray(label_map.astype(np.int32), mode="I")
+    pil = PIL.Image.fromarray(label_map.astype(np.int32))  # mode "I"
     resized = pil.resize((new_hw[1], new_hw[0]), PIL.Image.NEAREST)
     return np.array(resized).astype(np.int64)
 
@@ -311,28 +318,73 @@ def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) 
 # ---------------------------------------------------------------------------------------------
 
 
-def _resize_mask_logits(
-    masks: torch.Tensor, image_size: tuple[int, int], target_size: tuple[int, int], stride: int = _MASK_STRIDE
-) -> torch.Tensor:
-    """Low-resolution mask logits `(n, h, w)` to `(n, *target_size)`, exactly as the original: bilinear upsampling
-    (align_corners=False) to the padded size `(stride * h, stride * w)`, crop to `image_size`, bilinear resize to
-    `target_size`.
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of `(n, h, w)` maps. PyTorch's CPU kernel switches to a
+    channels-last kernel, whose rounding depends on the number of channels, when there are exactly 3 channels
+    and one thread; a fourth (copied) channel keeps it on the generic kernel, whose per-pixel arithmetic does
+    not depend on the number of channels."""
+    if x.shape[0] == 3 and x.device.type == "cpu" and torch.get_num_threads() == 1:
+        return F.interpolate(torch.cat([x, x[:1]])[None], size=size, mode="bilinear", align_corners=False)[0, :3]
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
-    Only the low-resolution rows and columns that the crop depends on are upsampled: with an integer upsampling
-    factor the interpolation weights of an output pixel do not depend on the input size, so the cropped result is
-    bit-for-bit the same as cropping the full upsampled map, at a fraction of the cost when there is padding.
+
+class _MaskResizer:
+    """Brings the low-resolution mask logits `(Q, h, w)` of one image to the output size exactly as the original
+    does: bilinear upsampling (align_corners=False) of all queries to the padded size `(stride * h, stride * w)`,
+    crop to the valid `image_size`, bilinear resize to `target_size` (skipped when it is the crop size: a
+    same-size bilinear resize returns its input).
+
+    `resizer(index)` gives the result for the queries in `index` only, computed without touching the others, and
+    the upsampling only reads the low-resolution rows and columns the crop depends on. Both shortcuts are
+    bit-for-bit exact on PyTorch's generic CPU interpolation kernel, whose per-pixel weights depend neither on the
+    number of channels nor on the input extent for an integer upsampling factor. PyTorch switches to a
+    channels-last kernel for small outputs (height + width <= 128) and, with one thread, for exactly 3 channels;
+    that kernel's rounding depends on the number of channels, so where the original's call would take it, all
+    queries are resized together as the original does and the requested ones are picked afterwards.
     """
-    n, low_h, low_w = masks.shape
-    height, width = image_size
-    # The last output row (height - 1) reads input rows floor((height - 0.5) / stride - 0.5) and the one below.
-    need_h = min(low_h, (2 * height - 1 - stride) // (2 * stride) + 2)
-    need_w = min(low_w, (2 * width - 1 - stride) // (2 * stride) + 2)
-    masks = masks[:, :need_h, :need_w]
-    up = F.interpolate(masks[None], size=(need_h * stride, need_w * stride), mode="bilinear", align_corners=False)
-    up = up[:, :, :height, :width]
-    if tuple(target_size) != (height, width):
-        up = F.interpolate(up, size=tuple(target_size), mode="bilinear", align_corners=False)
-    return up[0]
+
+    def __init__(self, masks: torch.Tensor, image_size: tuple[int, int], target_size: tuple[int, int],
+                 stride: int = _MASK_STRIDE):
+        self.masks = masks
+        self.num_queries, self.low_h, self.low_w = masks.shape
+        self.stride = stride
+        self.padded = (self.low_h * stride, self.low_w * stride)
+        self.image_size = tuple(image_size)
+        self.target_size = tuple(target_size)
+        self.same_size = self.target_size == self.image_size
+        on_cpu = masks.device.type == "cpu"
+        one_thread_rgb = on_cpu and torch.get_num_threads() == 1 and self.num_queries == 3
+        self.all_at_stage1 = on_cpu and (sum(self.padded) <= 128 or one_thread_rgb)
+        self.all_at_stage2 = on_cpu and not self.same_size and (sum(self.target_size) <= 128 or one_thread_rgb)
+        self._stage1_all = None
+        self._stage2_all = None
+
+    def _stage1(self, index: torch.Tensor | None) -> torch.Tensor:
+        height, width = self.image_size
+        if self.all_at_stage1:
+            if self._stage1_all is None:
+                self._stage1_all = _bilinear(self.masks, self.padded)[:, :height, :width]
+            return self._stage1_all if index is None else self._stage1_all[index]
+        masks = self.masks if index is None else self.masks[index]
+        # Output row `height - 1` reads input rows floor((height - 0.5) / stride - 0.5) and the next one.
+        s = self.stride
+        need_h = min(self.low_h, (2 * height - 1 - s) // (2 * s) + 2)
+        need_w = min(self.low_w, (2 * width - 1 - s) // (2 * s) + 2)
+        if s * (need_h + need_w) <= 128:  # keep the call on the generic kernel
+            need_h, need_w = self.low_h, self.low_w
+        up = _bilinear(masks[:, :need_h, :need_w], (need_h * s, need_w * s))
+        return up[:, :height, :width]
+
+    def __call__(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.all_at_stage2:
+            if self._stage2_all is None:
+                self._stage2_all = _bilinear(self._stage1(None), self.target_size)
+            return self._stage2_all if index is None else self._stage2_all[index]
+        cropped = self._stage1(index)
+        if self.same_size:
+            # Contiguous like the original's interpolation output, so that element-wise kernels run the same way.
+            return cropped.contiguous()
+        return _bilinear(cropped, self.target_size)
 
 
 def _label_set(label_ids: Iterable[int] | torch.Tensor | None) -> set[int]:
@@ -496,8 +548,11 @@ class EovSegImageProcessor(BaseImageProcessor):
                 Per image, the COCO `segments_info` list: dicts with `"id"`, `"category_id"` (a contiguous class
                 index) and optionally `"iscrowd"`. A single image may give the list of dicts directly. An entry
                 `None` makes that image's map a semantic label map.
+            input_data_format (`ChannelDimension` or `str`, *optional*):
+                `"channels_first"` or `"channels_last"` for 3-d array inputs; inferred when unset.
             return_tensors (`str`, *optional*, defaults to `"pt"`):
-                `"pt"` for torch tensors, `"np"` for NumPy arrays.
+                `"pt"` (or None) for torch tensors, `"np"` for NumPy arrays.
+            Other arguments override the processor's attributes of the same name for this call.
 
         Returns:
             [`BatchFeature`] with `pixel_values` `(B, 3, Hp, Wp)` float32, `pixel_mask` `(B, Hp, Wp)` int64 and, when
@@ -509,7 +564,7 @@ class EovSegImageProcessor(BaseImageProcessor):
             the original). Crowd segments and pixels whose id is not listed in `segments_info` (e.g. 0, unlabeled)
             are covered by no target mask. Semantic targets: one mask per class present, in increasing class order.
         """
-        unknown = set(kwargs) - {"data_format", "device", "image_processor_type"}
+        unknown = {k for k, v in kwargs.items() if v is not None} - {"data_format", "device", "image_processor_type"}
         if unknown:
             logger.warning_once(f"EovSegImageProcessor.preprocess ignores the unknown arguments {sorted(unknown)}.")
         do_resize = self.do_resize if do_resize is None else do_resize
@@ -714,7 +769,7 @@ class EovSegImageProcessor(BaseImageProcessor):
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
         results = []
         for i in range(class_logits.shape[0]):
-            masks = _resize_mask_logits(mask_logits[i], image_sizes[i], targets[i]).to(class_logits.dtype)
+            masks = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])().to(class_logits.dtype)
             class_probs = F.softmax(class_logits[i], dim=-1)[..., :-1]
             semseg = torch.einsum("qc,qhw->chw", class_probs, masks.sigmoid())
             results.append(semseg.argmax(0))
@@ -783,7 +838,7 @@ class EovSegImageProcessor(BaseImageProcessor):
                 scores = cand_scores
             else:
                 queries, inverse = torch.unique(cand_queries, return_inverse=True)
-                logits = _resize_mask_logits(mask_logits[i][queries], image_sizes[i], targets[i])
+                logits = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])(queries)
                 binary_f = (logits > 0).to(logits.dtype)
                 mask_scores = (logits.sigmoid().flatten(1) * binary_f.flatten(1)).sum(1) / (
                     binary_f.flatten(1).sum(1) + 1e-6
@@ -876,34 +931,37 @@ class EovSegImageProcessor(BaseImageProcessor):
                 continue
             cand_scores = scores[candidates]
             cand_labels = labels[candidates].tolist()
-            low_res = mask_logits[i][candidates]
+            resizer = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])
 
-            # Running argmax over chunks of candidates of score * sigmoid(mask); ties keep the earliest query,
-            # as a single argmax does. `winner_own` tells whether the winner's own mask covers the pixel.
+            # Running argmax over chunks of candidates of score * sigmoid(mask): within a chunk `max(0)` gives the
+            # first maximal query, across chunks a later chunk wins only where it is strictly larger, so ties go to
+            # the earliest query, as a single argmax over all candidates does. `winner_own` tells whether the
+            # winner's own mask (sigmoid >= mask_threshold) covers the pixel.
             chunk = max(1, _PANOPTIC_CHUNK_ELEMENTS // max(1, height * width))
             own_area = torch.zeros(n, dtype=torch.int64, device=device)
             best = winner = winner_own = None
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
-                probs = _resize_mask_logits(low_res[start:stop], image_sizes[i], targets[i]).sigmoid()
+                probs = resizer(candidates[start:stop]).sigmoid_()
                 own = probs >= mask_threshold
-                own_area[start:stop] = own.flatten(1).sum(1)
-                weighted = cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype) * probs
-                index = weighted.argmax(0, keepdim=True)
-                value = weighted.gather(0, index)[0]
-                index_own = own.gather(0, index)[0]
-                index = index[0] + start
+                # (whole-tensor count_nonzero per query is much faster on CPU than any reduction along a dim)
+                own_area[start:stop] = torch.stack([mask.count_nonzero() for mask in own])
+                probs.mul_(cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype))
+                value, index = probs.max(0)
+                index_own = own.gather(0, index[None])[0]
+                del probs, own
+                if start:
+                    index += start
                 if best is None:
                     best, winner, winner_own = value, index, index_own
                 else:
                     better = value > best
-                    best = torch.where(better, value, best)
+                    best = torch.maximum(best, value)
                     winner = torch.where(better, index, winner)
                     winner_own = torch.where(better, index_own, winner_own)
-                del probs, own, weighted
 
             won_area = torch.bincount(winner.flatten(), minlength=n)
-            kept_area = torch.bincount(winner[winner_own], minlength=n)
+            kept_area = torch.bincount(winner.masked_select(winner_own), minlength=n)
             ratio = won_area.to(torch.float64) / own_area.clamp(min=1).to(torch.float64)
             valid = (won_area > 0) & (own_area > 0) & (kept_area > 0) & (ratio >= overlap_mask_area_threshold)
 

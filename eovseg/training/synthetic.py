@@ -1,0 +1,318 @@
+"""A synthetic COCO-panoptic data set: coloured shapes (things) over a sky and a ground (stuff).
+
+Every image has a sky-like vertical gradient above a wavy horizon and a ground-like noisy texture below it (two stuff
+segments), then several circles, rectangles and triangles (thing instances, each class with its own base colour,
+jittered per instance) that may partly occlude each other. Now and then a small patch is left unlabeled (segment id
+0, void) and one instance is flagged `iscrowd`. Everything is drawn from `numpy.random.default_rng([seed, index])`,
+so a data set is a pure function of its arguments and image `i` does not depend on how many images are made.
+
+Columns (the COCO panoptic layout, as [`PanopticSegmentationDataset`] and `eovseg.evaluation` read it):
+
+- `image_id` (int), `file_name` (str), `height`, `width` (int);
+- `image`: the RGB image (a `datasets.Image`, decoded to PIL);
+- `label`: the panoptic annotation, an RGB PNG with `segment id = R + 256 G + 256^2 B` (0: unlabeled);
+- `segments_info`: a list of `{"id", "category_id", "iscrowd", "area", "bbox": [x, y, w, h]}`.
+
+The categories, `[{"id", "name", "isthing"}]` with ids `0 .. 4` (the vocabulary indices), are stored as JSON in the
+data set's `info.description` (see [`get_dataset_categories`]) and given by [`synthetic_categories`].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "SYNTHETIC_CLASS_NAMES",
+    "SYNTHETIC_IS_THING",
+    "get_dataset_categories",
+    "make_synthetic_panoptic_dataset",
+    "synthetic_categories",
+]
+
+# The kinds of segment drawn, in category-id order: three thing shapes, then two stuff regions.
+_KINDS = ("circle", "rectangle", "triangle", "sky", "ground")
+SYNTHETIC_CLASS_NAMES = ["circle", "rectangle", "triangle", "sky", "ground"]
+SYNTHETIC_IS_THING = [True, True, True, False, False]
+# Base colours of the thing classes (RGB), far from each other and from the sky blues and ground greens.
+_THING_COLOURS = {"circle": (225, 45, 45), "rectangle": (190, 60, 210), "triangle": (240, 205, 35)}
+_METADATA_KEY = "eovseg_synthetic_panoptic"
+
+
+def synthetic_categories(class_names: Sequence[str] | None = None) -> list[dict]:
+    """The categories of the synthetic data set: `[{"id": i, "name": ..., "isthing": ...}]` for i = 0 .. 4
+    (circle, rectangle, triangle, sky, ground), with `class_names` as names when given."""
+    names = _check_class_names(class_names)
+    return [{"id": i, "name": name, "isthing": int(t)} for i, (name, t) in enumerate(zip(names, SYNTHETIC_IS_THING))]
+
+
+def get_dataset_categories(dataset) -> list[dict] | None:
+    """Categories stored with a data set made by [`make_synthetic_panoptic_dataset`] (or any data set whose
+    `info.description` is a JSON object with a `"categories"` list); None when there are none."""
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    if not description:
+        return None
+    try:
+        data = json.loads(description)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("categories"), list):
+        return [dict(c) for c in data["categories"]]
+    return None
+
+
+def _check_class_names(class_names) -> list[str]:
+    if class_names is None:
+        return list(SYNTHETIC_CLASS_NAMES)
+    if isinstance(class_names, str) or len(class_names) != len(_KINDS):
+        raise ValueError(
+            f"class_names must name the {len(_KINDS)} synthetic classes in the order {list(_KINDS)} (synonyms "
+            f"comma-separated), got {class_names!r}."
+        )
+    return [str(c) for c in class_names]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a coarse random grid bilinearly upsampled."""
+    gh, gw = max(2, height // cell + 2), max(2, width // cell + 2)
+    grid = rng.uniform(-1, 1, size=(gh, gw))
+    ys = np.linspace(0, gh - 1.001, height)
+    xs = np.linspace(0, gw - 1.001, width)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _shape_mask(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size_range) -> np.ndarray:
+    height, width = yy.shape
+    side = min(height, width)
+    lo, hi = size_range
+    if kind == "circle":
+        radius = rng.uniform(lo, hi) * side / 2
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    if kind == "rectangle":
+        h, w = rng.uniform(lo, hi) * side, rng.uniform(lo, hi) * side
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        return (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
+    # triangle: three vertices at jittered angles around a centre
+    radius = rng.uniform(lo, hi) * side * 0.6
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.3, 0.3, 3)
+    vy, vx = cy + radius * np.sin(angles), cx + radius * np.cos(angles)
+    inside_all = []
+    for i in range(3):
+        j = (i + 1) % 3
+        cross = (vx[j] - vx[i]) * (yy - vy[i]) - (vy[j] - vy[i]) * (xx - vx[i])
+        inside_all.append(cross)
+    c = np.stack(inside_all)
+    return (c >= 0).all(0) | (c <= 0).all(0)
+
+
+def _draw_image(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    min_instances: int,
+    max_instances: int,
+    size_range: tuple[float, float],
+    max_overlap: float,
+    min_area: int,
+    crowd_probability: float,
+    void_probability: float,
+):
+    """One image: (H, W, 3) uint8 RGB, (H, W) int64 segment ids (0 unlabeled), and its segments."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    # --- stuff: sky above a wavy horizon, ground below
+    horizon = rng.uniform(0.3, 0.65) * height
+    wave = rng.uniform(0.02, 0.08) * height * np.sin(xx[0] / width * 2 * np.pi * rng.uniform(0.5, 2.0) + rng.uniform(0, 6.3))
+    is_sky = yy < (horizon + wave)[None, :]
+    t = np.clip(yy / max(horizon, 1.0), 0, 1)[..., None]
+    sky_top = np.array([50, 110, 205]) + rng.uniform(-15, 15, 3)
+    sky_bottom = np.array([165, 205, 245]) + rng.uniform(-15, 10, 3)
+    sky = sky_top * (1 - t) + sky_bottom * t + 6 * _smooth_noise(rng, height, width, 8)[..., None]
+    ground_base = np.array([85, 125, 55]) + rng.uniform(-20, 20, 3)
+    ground = (
+        ground_base
+        + 30 * _smooth_noise(rng, height, width, 6)[..., None] * np.array([0.8, 1.0, 0.5])
+        + rng.normal(0, 14, size=(height, width, 1))
+    )
+    image = np.where(is_sky[..., None], sky, ground)
+
+    category = np.where(is_sky, 3, 4).astype(np.int64)  # per-pixel category, -1 void
+    instance = np.full((height, width), -1, dtype=np.int64)  # per-pixel thing instance index
+    # --- an unlabeled patch now and then
+    if rng.random() < void_probability:
+        h, w = rng.uniform(0.08, 0.2) * height, rng.uniform(0.08, 0.2) * width
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        void = (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
+        image[void] = rng.uniform(20, 60) + rng.normal(0, 10, size=(int(void.sum()), 3))
+        category[void] = -1
+
+    # --- things, with bounded overlap
+    thing_kinds = [k for k in _KINDS if k in _THING_COLOURS]
+    things = []  # (kind index, area before occlusion)
+    target = int(rng.integers(min_instances, max_instances + 1))
+    for _ in range(target):
+        kind_index = int(rng.integers(len(thing_kinds)))
+        kind = thing_kinds[kind_index]
+        for _attempt in range(25):
+            mask = _shape_mask(kind, rng, yy, xx, size_range)
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            covered = instance[mask]
+            covered = covered[covered >= 0]
+            if covered.size > max_overlap * area:
+                continue
+            if covered.size:
+                lost = np.bincount(covered, minlength=len(things))
+                visible = np.bincount(instance[instance >= 0], minlength=len(things))
+                if np.any(visible - lost < np.maximum(min_area, (1 - max_overlap) * visible)):
+                    continue
+            colour = np.array(_THING_COLOURS[kind]) + rng.uniform(-25, 25, 3)
+            shading = rng.normal(0, 6, size=(area, 3))
+            image[mask] = colour + shading
+            instance[mask] = len(things)
+            category[mask] = kind_index
+            things.append(kind_index)
+            break
+
+    # --- segments: stuff first, then things; random distinct ids in [1, 2^24)
+    segment_masks, segment_categories = [], []
+    for stuff_category in (3, 4):
+        mask = (category == stuff_category) & (instance < 0)
+        if mask.any():
+            segment_masks.append(mask)
+            segment_categories.append(stuff_category)
+    for index, kind_index in enumerate(things):
+        mask = instance == index
+        if mask.any():
+            segment_masks.append(mask)
+            segment_categories.append(kind_index)
+    ids = rng.choice(2**24 - 1, size=len(segment_masks), replace=False) + 1
+    id_map = np.zeros((height, width), dtype=np.int64)
+    segments = []
+    thing_segments = [i for i, c in enumerate(segment_categories) if c < 3]
+    crowd = int(rng.choice(thing_segments)) if thing_segments and rng.random() < crowd_probability else -1
+    for i, (mask, cat) in enumerate(zip(segment_masks, segment_categories)):
+        id_map[mask] = ids[i]
+        rows, cols = np.nonzero(mask)
+        segments.append(
+            {
+                "id": int(ids[i]),
+                "category_id": int(cat),
+                "iscrowd": int(i == crowd),
+                "area": int(mask.sum()),
+                "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)],
+            }
+        )
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image, id_map, segments
+
+
+def id_map_to_rgb(id_map: np.ndarray) -> np.ndarray:
+    """COCO panoptic encoding of a segment-id map: (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
+    id_map = id_map.astype(np.int64)
+    return np.stack([id_map % 256, (id_map // 256) % 256, (id_map // 65536) % 256], axis=-1).astype(np.uint8)
+
+
+def make_synthetic_panoptic_dataset(
+    num_images: int = 8,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    *,
+    min_instances: int = 2,
+    max_instances: int = 5,
+    size_range: tuple[float, float] = (0.2, 0.45),
+    max_overlap: float = 0.25,
+    min_area: int | None = None,
+    crowd_probability: float = 0.15,
+    void_probability: float = 0.15,
+):
+    """Make a synthetic COCO-panoptic `datasets.Dataset` (see the module docstring for the content and columns).
+
+    Args:
+        num_images: number of rows.
+        height, width: image size in pixels (at least 16).
+        seed: the data set is a pure function of the seed; image `i` is drawn from `default_rng([seed, i])`.
+        class_names: names of the five classes (circle, rectangle, triangle, sky, ground) in that order, e.g. with
+            synonyms `"circle, disc"`; they are stored in the categories.
+        min_instances, max_instances: number of thing instances attempted per image (each placed only where it
+            overlaps already placed ones by at most `max_overlap` of either's area).
+        size_range: range of the shapes' size as a fraction of the shorter image side.
+        max_overlap: largest fraction of a shape's area, or of an earlier shape's visible area, that may overlap.
+        min_area: smallest area in pixels of a placed shape (default 1% of the image).
+        crowd_probability: probability that one thing segment of an image is flagged `iscrowd`.
+        void_probability: probability that an image has an unlabeled (id 0) patch.
+
+    Returns:
+        `datasets.Dataset` with columns `image_id`, `file_name`, `height`, `width`, `image`, `label`,
+        `segments_info`; its `info.description` holds the categories as JSON.
+    """
+    import datasets
+    import PIL.Image
+
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}.")
+    if height < 16 or width < 16:
+        raise ValueError(f"Synthetic images must be at least 16x16, got {height}x{width}.")
+    if not 0 <= min_instances <= max_instances:
+        raise ValueError(f"Need 0 <= min_instances <= max_instances, got {min_instances}, {max_instances}.")
+    categories = synthetic_categories(class_names)
+    if min_area is None:
+        min_area = max(4, int(0.01 * height * width))
+    rows = {k: [] for k in ("image_id", "file_name", "height", "width", "image", "label", "segments_info")}
+    for index in range(num_images):
+        rng = np.random.default_rng([seed, index])
+        image, id_map, segments = _draw_image(
+            rng, height, width, min_instances, max_instances, tuple(size_range), max_overlap, min_area,
+            crowd_probability, void_probability,
+        )
+        rows["image_id"].append(index)
+        rows["file_name"].append(f"synthetic_{seed}_{index:06d}.png")
+        rows["height"].append(height)
+        rows["width"].append(width)
+        rows["image"].append(PIL.Image.fromarray(image))
+        rows["label"].append(PIL.Image.fromarray(id_map_to_rgb(id_map)))
+        rows["segments_info"].append(segments)
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "file_name": datasets.Value("string"),
+            "height": datasets.Value("int64"),
+            "width": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            "segments_info": datasets.List(
+                {
+                    "id": datasets.Value("int64"),
+                    "category_id": datasets.Value("int64"),
+                    "iscrowd": datasets.Value("int64"),
+                    "area": datasets.Value("int64"),
+                    "bbox": datasets.List(datasets.Value("int64"), length=4),
+                }
+            ),
+        }
+    )
+    description = json.dumps(
+        {
+            "categories": categories,
+            _METADATA_KEY: {
+                "num_images": num_images, "height": height, "width": width, "seed": seed,
+                "min_instances": min_instances, "max_instances": max_instances,
+            },
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features, info=datasets.DatasetInfo(description=description, features=features))

@@ -1,0 +1,495 @@
+"""Train (or fine-tune) EOV-Seg with Accelerate, as the original trains it.
+
+    accelerate launch -m eovseg.training.train --model DIR_OR_VARIANT --dataset PATH_OR_synthetic --output_dir OUT
+    python -m eovseg.training.train ...          # one device
+    eovseg train ...                              # the same, through the package's command
+
+What it does (defaults are the original's, `configs/Base-COCO-PanopticSegmentation.yaml` / `train_net.py`):
+
+* the model: a directory written by `save_pretrained`, or a preset name (`tiny`, `r50`, ...) built with random
+  decoder weights (`--config_overrides '{"num_proposals": 20}'` changes fields); the CLIP towers are frozen;
+* the data: a local data set (`save_to_disk` folder, data files or a folder `datasets.load_dataset` reads; never
+  downloaded) or `synthetic` ([`make_synthetic_panoptic_dataset`]), COCO-panoptic rows by default or semantic ones
+  (`--dataset_type semantic`), augmented with large-scale jitter (crop 1024, scale 0.1-2.0, flip);
+* the classes: `--categories categories.json` (`[{"id", "name", "isthing"}]`, or a COCO panoptic JSON), else the
+  categories stored with the data set (the synthetic one has them), else the model's default vocabulary;
+* AdamW (lr 1e-4, weight decay 0.05; none for normalization layers and embeddings), the whole model's gradient norm
+  clipped at 0.01, multi-step decay x0.1 at the original's steps scaled to `--max_steps`, warmup factor 1.0 over 10
+  steps; mixed precision (`--mixed_precision bf16|fp16`) and gradient accumulation;
+* every `--save_steps`: `OUT/checkpoint-STEP` (Accelerate state: model, optimizer, scheduler, RNG, plus the data
+  position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped;
+* every `--eval_steps`: panoptic quality on `--eval_dataset` (`eovseg.evaluation.evaluate_model`);
+* a tqdm bar, `OUT/metrics.jsonl` (one JSON object per logging step / evaluation), and at the end
+  `save_pretrained` of the model and the processor in OUT (`--push_to_hub REPO_ID` to upload them).
+
+Every training step reseeds torch's generator from (seed, step, process): the random point sampling of the loss
+then depends only on them, which is what makes a resumed run reproduce the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["build_parser", "main", "train"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eovseg.training.train", description="Train EOV-Seg (Accelerate; the original's recipe)."
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="save_pretrained directory, or a preset: tiny, tiny_convnext, r50, ...")
+    g.add_argument("--config_overrides", default=None, help="JSON object of EovSegConfig fields to change")
+    g.add_argument("--dataset", required=True, help="local data set path, or 'synthetic'")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--dataset_type", choices=["panoptic", "semantic"], default="panoptic")
+    g.add_argument("--eval_dataset", default=None, help="local data set path or 'synthetic' (panoptic rows)")
+    g.add_argument("--eval_split", default=None, help="default: validation/val/test when a DatasetDict")
+    g.add_argument("--categories", default=None, help="JSON file: [{id, name, isthing}] or a COCO panoptic JSON")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--panoptic_column", default="label")
+    g.add_argument("--segments_info_column", default="segments_info")
+    g.add_argument("--label_column", default="label", help="semantic label maps (--dataset_type semantic)")
+    g.add_argument("--ignore_index", type=int, default=255, help="unlabeled value of semantic label maps")
+    g.add_argument("--synthetic_train_images", type=int, default=64)
+    g.add_argument("--synthetic_eval_images", type=int, default=16)
+    g.add_argument("--synthetic_image_size", type=int, default=64)
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--image_size", type=int, default=1024, help="large-scale-jitter crop size")
+    g.add_argument("--min_scale", type=float, default=0.1)
+    g.add_argument("--max_scale", type=float, default=2.0)
+    g.add_argument("--flip_probability", type=float, default=0.5)
+    g.add_argument("--no_augmentation", action="store_true", help="train on the images as they are")
+    g.add_argument(
+        "--test_shortest_edge", type=int, default=None, help="evaluation resize (default: the processor's, 640)"
+    )
+    g.add_argument("--test_longest_edge", type=int, default=None)
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max_steps", type=int, default=200_000)
+    g.add_argument("--per_device_batch_size", type=int, default=2, help="the original: 16 images over 8 GPUs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--weight_decay_norm", type=float, default=0.0)
+    g.add_argument("--weight_decay_embed", type=float, default=0.0)
+    g.add_argument("--backbone_multiplier", type=float, default=0.1)
+    g.add_argument("--max_grad_norm", type=float, default=0.01, help="0 disables clipping")
+    g.add_argument("--lr_steps", type=int, nargs="*", default=None, help="default: (163889, 187546) x max_steps/200000")
+    g.add_argument("--lr_gamma", type=float, default=0.1)
+    g.add_argument("--warmup_factor", type=float, default=1.0)
+    g.add_argument("--warmup_iters", type=int, default=10)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--max_train_seconds", type=float, default=None, help="stop after this wall time")
+
+    g = p.add_argument_group("logging, checkpoints, evaluation")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--logging_steps", type=int, default=20)
+    g.add_argument("--save_steps", type=int, default=5000, help="0: no intermediate checkpoints")
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest'")
+    g.add_argument("--eval_steps", type=int, default=0, help="0: evaluate only at the end (with --eval_dataset)")
+    g.add_argument("--eval_batch_size", type=int, default=1)
+    g.add_argument("--eval_max_samples", type=int, default=None)
+    g.add_argument("--no_progress", action="store_true")
+    g.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the final model and processor")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, data, categories
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_model_and_processor(spec: str, overrides: dict | None = None):
+    """A model and its processor from a `save_pretrained` directory, or a fresh model of a preset."""
+    from ..configuration_eovseg import VARIANTS, EovSegConfig
+    from ..modeling_eovseg import EovSegForPanopticSegmentation
+    from ..processing import EovSegProcessor
+
+    overrides = dict(overrides or {})
+    if os.path.isdir(spec):
+        config = EovSegConfig.from_pretrained(spec, **overrides)
+        model = EovSegForPanopticSegmentation.from_pretrained(spec, config=config)
+        try:
+            processor = EovSegProcessor.from_pretrained(spec)
+        except (OSError, ValueError, TypeError):
+            processor = EovSegProcessor.from_config(model.config)
+        fresh = False
+    elif spec in VARIANTS:
+        config = EovSegConfig.from_variant(spec, **overrides)
+        model = EovSegForPanopticSegmentation(config)
+        processor = EovSegProcessor.from_config(config)
+        fresh = True
+    else:
+        raise FileNotFoundError(
+            f"--model {spec!r} is neither a local directory nor a preset ({', '.join(VARIANTS)}); nothing is "
+            "downloaded."
+        )
+    for tower in (model.clip_backbone, model.spatial_extractor):
+        for param in tower.parameters():
+            param.requires_grad = False
+    return model, processor, fresh
+
+
+def load_local_dataset(path: str, split: str | None, default_splits: Sequence[str] = ()):
+    """A `datasets.Dataset` from a local path (never downloads): a `save_to_disk` folder, a data file, or a folder
+    `datasets.load_dataset` reads; a `DatasetDict` gives `split` (or the first of `default_splits` present)."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; give a local data set (nothing is downloaded) or 'synthetic'.")
+    if os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json", "dataset_info.json")
+    ) and not any(f.endswith((".parquet", ".jsonl", ".csv")) for f in os.listdir(path)):
+        data = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "arrow": "arrow", "csv": "csv"}.get(ext)
+        if builder is None:
+            raise ValueError(f"{path}: unsupported data file type {ext!r}.")
+        data = datasets.load_dataset(builder, data_files=path)
+    else:
+        data = datasets.load_dataset(path)
+    if isinstance(data, datasets.DatasetDict):
+        candidates = ([split] if split else []) + list(default_splits)
+        for name in candidates:
+            if name in data:
+                return data[name]
+        if len(data) == 1:
+            return next(iter(data.values()))
+        raise KeyError(f"{path}: no split among {candidates}; splits: {list(data)}.")
+    return data
+
+
+def resolve_categories(args, dataset, model) -> list[dict]:
+    """The training classes `[{"id", "name", "isthing"}]`: `--categories`, else the data set's stored ones, else
+    the model's default vocabulary (ids 0 .. K-1)."""
+    from .synthetic import get_dataset_categories
+
+    if args.categories:
+        with open(args.categories, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            data = data.get("categories")
+        if not isinstance(data, list) or not all(isinstance(c, dict) and "id" in c and "name" in c for c in data):
+            raise ValueError(f"{args.categories}: expected a list of {{'id', 'name', 'isthing'}} categories.")
+        categories = data
+    else:
+        categories = get_dataset_categories(dataset)
+        if categories is None:
+            config = model.config
+            if not config.vocabulary:
+                raise ValueError("No categories: pass --categories (the data set and the model give none).")
+            categories = [
+                {"id": i, "name": name, "isthing": int(thing)}
+                for i, (name, thing) in enumerate(zip(config.vocabulary, config.is_thing or [True] * len(config.vocabulary)))
+            ]
+    return [
+        {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(bool(c.get("isthing", c.get("is_thing", 1))))}
+        for c in categories
+    ]
+
+
+def build_datasets(args):
+    from .synthetic import make_synthetic_panoptic_dataset
+
+    if args.dataset == "synthetic":
+        size = args.synthetic_image_size
+        train_rows = make_synthetic_panoptic_dataset(args.synthetic_train_images, size, size, seed=args.seed)
+    else:
+        train_rows = load_local_dataset(args.dataset, args.dataset_split, ("train",))
+    eval_rows = None
+    if args.eval_dataset == "synthetic":
+        size = args.synthetic_image_size
+        eval_rows = make_synthetic_panoptic_dataset(args.synthetic_eval_images, size, size, seed=args.seed + 1_000_003)
+    elif args.eval_dataset:
+        eval_rows = load_local_dataset(args.eval_dataset, args.eval_split, ("validation", "val", "test"))
+    return train_rows, eval_rows
+
+
+def make_train_dataset(args, rows, categories):
+    from .data import LargeScaleJitter, PanopticSegmentationDataset, SemanticSegmentationDataset
+
+    transform = None
+    if not args.no_augmentation:
+        transform = LargeScaleJitter(args.image_size, args.min_scale, args.max_scale, args.flip_probability)
+    id_to_label = {c["id"]: i for i, c in enumerate(categories)}
+    if args.dataset_type == "semantic":
+        return SemanticSegmentationDataset(
+            rows, transform, image_column=args.image_column, label_column=args.label_column,
+            ignore_index=args.ignore_index, label_to_class=id_to_label, seed=args.seed, shuffle=True,
+        )
+    return PanopticSegmentationDataset(
+        rows, transform, image_column=args.image_column, panoptic_column=args.panoptic_column,
+        segments_info_column=args.segments_info_column, category_id_to_label=id_to_label, seed=args.seed, shuffle=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation call site
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(model, processor, rows, categories, args) -> dict:
+    """Panoptic quality (percent) of `model` on `rows`, by `eovseg.evaluation.evaluate_model`."""
+    from ..evaluation import DatasetColumns, evaluate_model
+
+    columns = DatasetColumns(
+        image=args.image_column, panoptic=args.panoptic_column, segments_info=args.segments_info_column
+    )
+    results = evaluate_model(
+        model, processor, rows, "panoptic", categories=categories, columns=columns,
+        batch_size=args.eval_batch_size, max_samples=args.eval_max_samples, progress=False,
+    )
+    keys = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "num_images")
+    return {k: results[k] for k in keys if k in results}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", name)
+            path = os.path.join(output_dir, name)
+            if m and os.path.exists(os.path.join(path, STATE_FILE)):
+                found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _resolve_resume(spec: str | None, output_dir: str) -> str | None:
+    if not spec:
+        return None
+    if spec == "latest":
+        found = _checkpoints(output_dir)
+        return found[-1][1] if found else None
+    if not os.path.exists(os.path.join(spec, STATE_FILE)):
+        raise FileNotFoundError(f"{spec} is not a checkpoint of this script (no {STATE_FILE}).")
+    return spec
+
+
+def _step_seed(seed: int, micro_step: int, process_index: int) -> int:
+    return ((seed * 1_000_003 + micro_step) * 4096 + process_index) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run the training described by `args` (see [`build_parser`]). Returns a summary (final step, last metrics)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from .data import EovSegDataCollator
+    from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
+    )
+    set_seed(args.seed)
+    is_main = accelerator.is_main_process
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    overrides = json.loads(args.config_overrides) if args.config_overrides else None
+    model, processor, fresh = load_model_and_processor(args.model, overrides)
+    train_rows, eval_rows = build_datasets(args)
+    categories = resolve_categories(args, train_rows, model)
+    class_names = [c["name"] for c in categories]
+    # The classes trained on are "seen" classes from now on (they select the ensemble weight alpha).
+    train_vocabulary = class_names if fresh else list(dict.fromkeys([*model.config.train_vocabulary, *class_names]))
+    model.config.train_vocabulary = train_vocabulary
+    processor.train_vocabulary = list(train_vocabulary)
+    if args.test_shortest_edge is not None:
+        size = {"shortest_edge": int(args.test_shortest_edge)}
+        longest = args.test_longest_edge or processor.image_processor.size.get("longest_edge")
+        if longest is not None:
+            size["longest_edge"] = int(longest)
+        processor.image_processor.size = size
+
+    train_dataset = make_train_dataset(args, train_rows, categories)
+    collator = EovSegDataCollator.from_processor(processor, class_names, config=model.config)
+    loader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.per_device_batch_size,
+        shuffle=False,  # the data set shuffles itself, by epoch (exact resume)
+        collate_fn=collator,
+        num_workers=args.num_workers,
+        drop_last=True,
+    )
+    if len(loader) == 0:
+        raise ValueError(f"The data set has {len(train_dataset)} rows, fewer than one batch ({args.per_device_batch_size}).")
+
+    param_groups = build_param_groups(
+        model, args.learning_rate, args.weight_decay, args.weight_decay_norm, args.weight_decay_embed,
+        args.backbone_multiplier,
+    )
+    for group in param_groups:
+        group.pop("names")
+    optimizer = torch.optim.AdamW(param_groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    milestones = args.lr_steps if args.lr_steps else scaled_lr_steps(args.max_steps)
+    scheduler = build_lr_scheduler(
+        optimizer, args.max_steps, milestones, args.lr_gamma, args.warmup_factor, args.warmup_iters
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Stepped by hand once per optimizer step (a prepared scheduler would step once per process), saved with the state.
+    accelerator.register_for_checkpointing(scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    global_step, micro_step = 0, 0
+    resume = _resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume:
+        accelerator.load_state(resume)
+        with open(os.path.join(resume, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        global_step, micro_step = int(state["global_step"]), int(state["micro_step"])
+        accelerator.print(f"Resumed from {resume} at step {global_step}.")
+
+    metrics_path = os.path.join(args.output_dir, METRICS_FILE)
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if is_main else None
+
+    def log(record: dict):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def evaluate_now() -> dict | None:
+        if eval_rows is None:
+            return None
+        result = None
+        if is_main:
+            result = run_evaluation(accelerator.unwrap_model(model), processor, eval_rows, categories, args)
+            log({"step": global_step, **{f"eval/{k}": v for k, v in result.items()}})
+        accelerator.wait_for_everyone()
+        return result
+
+    def save_checkpoint():
+        path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+        accelerator.save_state(path)
+        if is_main:
+            with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"global_step": global_step, "micro_step": micro_step, "args": vars(args)}, f, indent=2)
+            if args.save_total_limit:
+                for _, old in _checkpoints(args.output_dir)[: -args.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    accumulation = max(1, args.gradient_accumulation_steps)
+    batches_per_epoch = len(loader)
+    bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
+    start_time = time.time()
+    interval: dict[str, float] = {}
+    interval_steps, interval_start = 0, time.time()
+    last_eval = None
+    step_losses: dict[str, float] = {}
+    model.train()
+    stop = global_step >= args.max_steps
+    while not stop:
+        epoch, skip = divmod(micro_step, batches_per_epoch)
+        # Accelerate's loader passes its own epoch counter to the data set when iterated: keep both in step.
+        loader.set_epoch(epoch)
+        train_dataset.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            torch.manual_seed(_step_seed(args.seed, micro_step, accelerator.process_index))
+            micro_step += 1
+            sync = micro_step % accumulation == 0
+            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with context:
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss / accumulation)
+            for key, value in [("loss", outputs.loss), *outputs.loss_dict.items()]:
+                step_losses[key] = step_losses.get(key, 0.0) + float(value.detach()) / accumulation
+            if not sync:
+                continue
+
+            grad_norm = None
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm, norm_type=2.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_losses['loss']:.3f}", refresh=False)
+            for key, value in step_losses.items():
+                interval[key] = interval.get(key, 0.0) + value
+            if grad_norm is not None:
+                interval["grad_norm"] = interval.get("grad_norm", 0.0) + grad_norm
+            interval_steps += 1
+            step_losses = {}
+
+            if global_step % max(1, args.logging_steps) == 0 or global_step >= args.max_steps:
+                elapsed = time.time() - interval_start
+                record = {"step": global_step, "epoch": round(micro_step / batches_per_epoch, 4), "lr": lr}
+                record.update({k: v / interval_steps for k, v in interval.items()})
+                record["seconds_per_step"] = elapsed / interval_steps
+                log(record)
+                interval, interval_steps, interval_start = {}, 0, time.time()
+            if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps:
+                last_eval = evaluate_now() or last_eval
+            if args.save_steps and global_step % args.save_steps == 0:
+                save_checkpoint()
+            out_of_time = args.max_train_seconds is not None and time.time() - start_time > args.max_train_seconds
+            if global_step >= args.max_steps or out_of_time:
+                stop = True
+                break
+    bar.close()
+
+    last_eval = evaluate_now() or last_eval
+    unwrapped = accelerator.unwrap_model(model)
+    if is_main:
+        unwrapped.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.push_to_hub)
+            processor.push_to_hub(args.push_to_hub)
+    accelerator.wait_for_everyone()
+    if metrics_file is not None:
+        metrics_file.close()
+    accelerator.end_training()
+    return {"global_step": global_step, "micro_step": micro_step, "eval": last_eval, "output_dir": args.output_dir}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = train(args)
+    if summary["eval"]:
+        print(json.dumps({"step": summary["global_step"], **summary["eval"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

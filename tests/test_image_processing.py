@@ -1,0 +1,511 @@
+"""Tests of EovSegImageProcessor: pre-processing rules, training targets and post-processing."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from eovseg.processing.image_processing_eovseg import EovSegImageProcessor, get_resize_output_shape
+
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return EovSegImageProcessor()
+
+
+def random_image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def sig(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing, normalization, padding
+# ---------------------------------------------------------------------------------------------
+
+# (height, width) -> resized (height, width), worked out by hand from the detectron2 rule:
+# scale = 640 / short side; if the long side would exceed 2560, scale = 2560 / long side; int(x * scale + 0.5).
+RESIZE_CASES = [
+    ((480, 640), (640, 853)),  # 640 * 640 / 480 = 853.33
+    ((640, 480), (853, 640)),
+    ((333, 500), (640, 961)),  # 500 * 640 / 333 = 960.96
+    ((427, 640), (640, 959)),  # 640 * 640 / 427 = 959.25
+    ((1000, 1000), (640, 640)),
+    ((100, 1000), (256, 2560)),  # 1000 * 6.4 = 6400 > 2560 -> scale 0.4 overall
+    ((10, 4000), (6, 2560)),  # 10 * 640 / 10 * 2560 / 256000 = 6.4
+    ((7, 5), (896, 640)),
+]
+
+
+@pytest.mark.parametrize("size,expected", RESIZE_CASES)
+def test_resize_rule(size, expected):
+    assert get_resize_output_shape(*size, 640, 2560) == expected
+
+
+@pytest.mark.parametrize("size,expected", RESIZE_CASES[:5] + RESIZE_CASES[7:])
+def test_resized_shape_padding_and_mask(processor, size, expected):
+    out = processor(random_image(*size))
+    h, w = expected
+    hp, wp = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
+    assert tuple(out["pixel_values"].shape) == (1, 3, hp, wp)
+    assert out["pixel_values"].dtype == torch.float32
+    assert tuple(out["pixel_mask"].shape) == (1, hp, wp)
+    assert out["pixel_mask"].dtype == torch.int64
+    assert int(out["pixel_mask"].sum()) == h * w
+    assert out["pixel_mask"][0, :h, :w].all()
+    assert not out["pixel_mask"][0, h:, :].any() and not out["pixel_mask"][0, :, w:].any()
+    # zero padding after normalization
+    assert out["pixel_values"][0, :, h:, :].abs().sum() == 0
+    assert out["pixel_values"][0, :, :, w:].abs().sum() == 0
+
+
+def test_custom_size_and_no_resize():
+    processor = EovSegImageProcessor(size={"shortest_edge": 100, "longest_edge": 150})
+    assert tuple(processor(random_image(50, 100))["pixel_values"].shape) == (1, 3, 96, 160)  # 75x150
+    out = EovSegImageProcessor(do_resize=False)(random_image(50, 70))
+    assert tuple(out["pixel_values"].shape) == (1, 3, 64, 96)
+    assert int(out["pixel_mask"].sum()) == 50 * 70
+
+
+def test_normalization_values(processor):
+    color = (10, 200, 255)
+    image = np.empty((48, 64, 3), dtype=np.uint8)
+    image[:] = color
+    out = processor(image)["pixel_values"]
+    for c in range(3):
+        expected = (color[c] - MEAN[c]) / STD[c]
+        assert out[0, c, 5, 7].item() == pytest.approx(expected, abs=1e-6)
+        assert out[0, c, 639, 852].item() == pytest.approx(expected, abs=1e-6)
+    assert out[0, 0, 5, 7].item() == pytest.approx(-1.946656, abs=1e-6)
+
+
+def test_pixels_match_pil_bilinear_resize(processor):
+    image = random_image(30, 40, seed=3)
+    resized = np.asarray(PIL.Image.fromarray(image).resize((853, 640), PIL.Image.BILINEAR)).astype(np.float64)
+    out = processor(image)["pixel_values"][0].numpy()
+    for c in range(3):
+        np.testing.assert_allclose(out[c, :640, :853], (resized[:, :, c] - MEAN[c]) / STD[c], atol=1e-5)
+
+
+def test_rescale_option():
+    image = random_image(32, 32, seed=1)
+    out = EovSegImageProcessor(do_resize=False, do_rescale=True, image_mean=[0.5] * 3, image_std=[0.25] * 3)(image)
+    expected = (image[5, 6, 1] / 255.0 - 0.5) / 0.25
+    assert out["pixel_values"][0, 1, 5, 6].item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input formats
+# ---------------------------------------------------------------------------------------------
+
+
+def test_input_formats_give_identical_pixels(processor):
+    rgb = random_image(37, 53, seed=2)
+    reference = processor(rgb)["pixel_values"]
+    variants = {
+        "pil": PIL.Image.fromarray(rgb),
+        "np_chw": np.ascontiguousarray(rgb.transpose(2, 0, 1)),
+        "torch_chw": torch.from_numpy(rgb.transpose(2, 0, 1).copy()),
+        "torch_hwc": torch.from_numpy(rgb.copy()),
+        "float_01": rgb.astype(np.float32) / 255.0,
+        "float_0255": rgb.astype(np.float64),
+        "torch_float_01": torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0),
+        "uint16": rgb.astype(np.uint16) * 257,
+        "rgba": np.concatenate([rgb, np.full((37, 53, 1), 17, dtype=np.uint8)], axis=2),
+        "pil_rgba": PIL.Image.fromarray(np.concatenate([rgb, np.zeros((37, 53, 1), np.uint8)], axis=2)),
+        "list": [rgb],
+        "batch_4d": rgb[None],
+    }
+    for name, image in variants.items():
+        assert torch.equal(processor(image)["pixel_values"], reference), name
+
+
+def test_grayscale_formats(processor):
+    gray = random_image(33, 45, seed=4)[:, :, 0]
+    reference = processor(np.repeat(gray[:, :, None], 3, axis=2))["pixel_values"]
+    for name, image in {
+        "2d": gray,
+        "hw1": gray[:, :, None],
+        "1hw": gray[None],
+        "pil_L": PIL.Image.fromarray(gray),
+        "torch_2d": torch.from_numpy(gray.copy()),
+        "pil_I16": PIL.Image.fromarray(gray.astype(np.uint16) * 257),
+    }.items():
+        assert torch.equal(processor(image)["pixel_values"], reference), name
+
+
+def test_channel_layout_inference():
+    p = EovSegImageProcessor(do_resize=False, do_normalize=False, size_divisibility=0)
+    # only one axis can hold channels / both can but only one is 3 / still ambiguous: arrays HWC, tensors CHW
+    assert tuple(p(np.zeros((4, 6, 3), np.uint8))["pixel_values"].shape) == (1, 3, 4, 6)
+    assert tuple(p(np.zeros((3, 7, 6), np.uint8))["pixel_values"].shape) == (1, 3, 7, 6)
+    assert tuple(p(np.zeros((4, 5, 1), np.uint8))["pixel_values"].shape) == (1, 3, 4, 5)
+    assert tuple(p(np.zeros((3, 5, 3), np.uint8))["pixel_values"].shape) == (1, 3, 3, 5)
+    assert tuple(p(torch.zeros((3, 5, 3), dtype=torch.uint8))["pixel_values"].shape) == (1, 3, 5, 3)
+    chw = p(np.zeros((3, 5, 3), np.uint8), input_data_format="channels_first")["pixel_values"]
+    assert tuple(chw.shape) == (1, 3, 5, 3)
+
+
+def test_value_rules(processor):
+    p = EovSegImageProcessor(do_resize=False, do_normalize=False)
+    # uint16: round(v / 257); float in [0, 1]: times 255, rounded; bool: 0 / 255
+    image16 = np.full((4, 4), 1000, dtype=np.uint16)  # 1000 / 257 = 3.89 -> 4
+    assert p(image16)["pixel_values"][0, 0, 0, 0].item() == 4.0
+    halves = np.full((4, 4, 3), 0.5, dtype=np.float32)  # 127.5 -> 128 (round half to even)
+    assert p(halves)["pixel_values"][0, 0, 0, 0].item() == 128.0
+    wide = np.full((4, 4, 3), 2.4, dtype=np.float32)  # > 1: taken as 0-255
+    assert p(wide)["pixel_values"][0, 0, 0, 0].item() == 2.0
+    assert p(np.ones((4, 4), dtype=bool))["pixel_values"][0, 2, 1, 1].item() == 255.0
+    assert p(np.full((4, 4), 200, dtype=np.int32))["pixel_values"][0, 1, 0, 0].item() == 200.0
+
+
+def test_mixed_size_batch_matches_single_images(processor):
+    images = [random_image(40, 60, seed=5), random_image(70, 30, seed=6), random_image(64, 64, seed=7)]
+    batch = processor(images)
+    assert tuple(batch["pixel_values"].shape) == (3, 3, 1504, 960)  # 640x960, 1493x640, 640x640 padded
+    for i, image in enumerate(images):
+        alone = processor(image)
+        h, w = int(alone["pixel_mask"][0].sum(0).max()), int(alone["pixel_mask"][0].sum(1).max())
+        assert torch.equal(batch["pixel_values"][i, :, :h, :w], alone["pixel_values"][0, :, :h, :w])
+        assert batch["pixel_values"][i, :, h:, :].abs().sum() == 0
+        assert batch["pixel_values"][i, :, :, w:].abs().sum() == 0
+        assert int(batch["pixel_mask"][i].sum()) == h * w
+
+
+def test_return_numpy(processor):
+    out = processor(random_image(20, 20), return_tensors="np")
+    assert isinstance(out["pixel_values"], np.ndarray) and out["pixel_values"].shape == (1, 3, 640, 640)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (np.zeros((1, 10, 3), np.uint8), r"images\[0\] is 1x10 pixels"),
+        (np.zeros((10, 0), np.uint8), r"images\[0\] is 10x0 pixels"),
+        (PIL.Image.new("RGB", (1, 5)), r"images\[0\] is 5x1 pixels"),
+        (np.zeros((8, 8, 5), np.uint8), "neither its first nor its last axis"),
+        (np.zeros((6, 8, 8), np.uint8), "neither its first nor its last axis"),
+        (np.zeros((10,), np.uint8), "has 1 dimensions"),
+        (np.zeros((1, 1, 8, 8, 3), np.uint8), "has 5 dimensions"),
+        ([np.zeros((8, 8, 3), np.uint8), "cat.png"], r"images\[1\] is a str"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), np.uint8)], r"images\[1\] has 4 dimensions"),
+        ([], "empty list"),
+        (np.full((8, 8), 300, np.int32), "values in \\[300, 300\\]"),
+        (np.full((8, 8), -0.5, np.float32), "floating-point image with values"),
+    ],
+)
+def test_input_errors(processor, images, match):
+    with pytest.raises(ValueError, match=match):
+        processor(images)
+
+
+def make_outputs(class_probs, mask_logits, image_sizes=None):
+    """A stand-in for the model output: log class probabilities (void last), low-resolution mask logits."""
+    class_probs = torch.tensor(class_probs, dtype=torch.float32)
+    mask_logits = torch.as_tensor(mask_logits, dtype=torch.float32)
+    if image_sizes is None:
+        image_sizes = [[mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4]] * mask_logits.shape[0]
+    return SimpleNamespace(
+        class_queries_logits=torch.log(class_probs),
+        masks_queries_logits=mask_logits,
+        image_sizes=torch.tensor(image_sizes, dtype=torch.int64),
+    )
+
+
+def test_target_sizes_length_mismatch(processor):
+    outputs = make_outputs([[[0.5, 0.5]]], torch.zeros(1, 1, 8, 8))
+    for method in (
+        processor.post_process_panoptic_segmentation,
+        processor.post_process_semantic_segmentation,
+        processor.post_process_instance_segmentation,
+    ):
+        with pytest.raises(ValueError, match="target_sizes` has 2 entries but the batch has 1"):
+            method(outputs, target_sizes=[(10, 10), (20, 20)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training targets
+# ---------------------------------------------------------------------------------------------
+
+
+def panoptic_png():
+    """A 4x6 COCO-panoptic annotation: ids 1 (R=1), 256 (G=1, crowd), 65538 (B=1, R=2) and 9 (not listed)."""
+    ids = np.array(
+        [
+            [1, 1, 1, 256, 256, 9],
+            [1, 1, 1, 256, 256, 9],
+            [65538, 65538, 1, 1, 9, 9],
+            [65538, 65538, 65538, 1, 1, 1],
+        ]
+    )
+    rgb = np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
+    info = [
+        {"id": 1, "category_id": 5, "iscrowd": 0},
+        {"id": 256, "category_id": 7, "iscrowd": 1},
+        {"id": 65538, "category_id": 3},
+    ]
+    return ids, rgb, info
+
+
+def test_panoptic_targets_without_resize():
+    ids, rgb, info = panoptic_png()
+    processor = EovSegImageProcessor(do_resize=False)
+    out = processor(random_image(4, 6), segmentation_maps=PIL.Image.fromarray(rgb), segments_info=info)
+    masks, labels = out["mask_labels"][0], out["class_labels"][0]
+    assert labels.tolist() == [5, 3]  # crowd segment 256 is not a target
+    assert labels.dtype == torch.int64
+    assert tuple(masks.shape) == (2, 32, 32) and masks.dtype == torch.float32
+    assert torch.equal(masks[0, :4, :6], torch.from_numpy((ids == 1).astype(np.float32)))
+    assert torch.equal(masks[1, :4, :6], torch.from_numpy((ids == 65538).astype(np.float32)))
+    assert masks[:, 4:, :].sum() == 0 and masks[:, :, 6:].sum() == 0
+    # pixels of the crowd segment and of the unlisted id 9 belong to no target
+    covered = masks.sum(0)[:4, :6]
+    assert torch.equal(covered == 0, torch.from_numpy((ids == 256) | (ids == 9)))
+    assert int(masks.sum()) == 11 + 5
+
+
+def test_panoptic_targets_resized_nearest(processor):
+    ids, rgb, info = panoptic_png()
+    # 32x48 annotation (each cell 8x8) -> 640x960: an exact factor of 20, so nearest gives 160x160 blocks
+    big_rgb = np.kron(rgb, np.ones((8, 8, 1), dtype=np.uint8))
+    out = processor(random_image(32, 48), segmentation_maps=big_rgb, segments_info=[info])
+    masks = out["mask_labels"][0]
+    assert tuple(masks.shape) == (2, 640, 960)
+    expected = np.kron((ids == 1).astype(np.float32), np.ones((160, 160), dtype=np.float32))
+    assert torch.equal(masks[0], torch.from_numpy(expected))
+    # the decoded id map also works
+    out2 = processor(random_image(32, 48), segmentation_maps=np.kron(ids, np.ones((8, 8), int)), segments_info=[info])
+    assert torch.equal(out2["mask_labels"][0], masks)
+
+
+def test_semantic_targets():
+    label_map = np.array([[0, 0, 3, 3], [255, 255, 3, 3], [7, 0, 0, 255]], dtype=np.uint8)
+    out = EovSegImageProcessor(do_resize=False)(random_image(3, 4), segmentation_maps=label_map)
+    assert out["class_labels"][0].tolist() == [0, 3, 7]
+    masks = out["mask_labels"][0]
+    assert tuple(masks.shape) == (3, 32, 32)
+    for k, c in enumerate([0, 3, 7]):
+        assert torch.equal(masks[k, :3, :4], torch.from_numpy((label_map == c).astype(np.float32)))
+    assert masks.sum() == 9  # all but the three 255 pixels
+
+
+def test_target_errors(processor):
+    ids, rgb, info = panoptic_png()
+    images = [random_image(4, 6), random_image(4, 6)]
+    with pytest.raises(ValueError, match=r"segmentation_maps\[1\] is 4x5 but images\[1\] is 4x6"):
+        processor(images, segmentation_maps=[rgb, rgb[:, :5]], segments_info=[info, info])
+    missing = info + [{"id": 42, "category_id": 1}]
+    with pytest.raises(ValueError, match=r"segments_info\[1\]\[3\] has id 42, which does not occur .*image 1"):
+        processor(images, segmentation_maps=[rgb, rgb], segments_info=[info, missing])
+    with pytest.raises(ValueError, match="Got 1 `segments_info` entries for 2 images"):
+        processor(images, segmentation_maps=[rgb, rgb], segments_info=[info])
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing
+# ---------------------------------------------------------------------------------------------
+
+
+def stripes(columns_positive, low_h=8, low_w=8, value=20.0):
+    """Low-resolution logits +value on the given low-resolution columns, -value elsewhere. After 4x bilinear
+    upsampling the sign changes exactly at 4 * (column boundary)."""
+    logits = torch.full((low_h, low_w), -value)
+    logits[:, list(columns_positive)] = value
+    return logits
+
+
+def test_panoptic_stuff_split_in_two_queries_is_merged(processor):
+    # classes 0, 1: things; 2, 3: stuff; void last
+    probs = [
+        [0.05, 0.05, 0.80, 0.05, 0.05],  # query 0: stuff class 2, left half
+        [0.05, 0.05, 0.80, 0.05, 0.05],  # query 1: stuff class 2, right half
+        [0.90, 0.02, 0.02, 0.02, 0.04],  # query 2: thing class 0, the top 4 rows
+    ]
+    block = torch.full((8, 8), -20.0)
+    block[:1, :] = 20.0
+    masks = torch.stack([stripes(range(0, 4)), stripes(range(4, 8)), block])[None]
+    result = processor.post_process_panoptic_segmentation(make_outputs([probs], masks), label_ids_to_fuse={2, 3})[0]
+    seg = result["segmentation"]
+    assert seg.dtype == torch.int32 and tuple(seg.shape) == (32, 32)
+    # each stuff query wins 28 of its 32 rows (0.875 >= 0.8)
+    expected = torch.ones(32, 32, dtype=torch.int32)
+    expected[:4, :] = 2
+    assert torch.equal(seg, expected)
+    info = result["segments_info"]
+    assert [(s["id"], s["label_id"], s["was_fused"]) for s in info] == [(1, 2, True), (2, 0, False)]
+    assert info[0]["score"] == pytest.approx(0.80, abs=1e-6)
+    assert info[1]["score"] == pytest.approx(0.90, abs=1e-6)
+
+    # without fusing, the two stuff queries stay apart (ids in query order)
+    unfused = processor.post_process_panoptic_segmentation(make_outputs([probs], masks), label_ids_to_fuse=[])[0]
+    expected = torch.full((32, 32), 2, dtype=torch.int32)
+    expected[:, :16] = 1
+    expected[:4, :] = 3
+    assert torch.equal(unfused["segmentation"], expected)
+    assert [s["label_id"] for s in unfused["segments_info"]] == [2, 2, 0]
+
+    # an output size: 32x32 -> 16x16 halves every boundary
+    small = processor.post_process_panoptic_segmentation(
+        make_outputs([probs], masks), label_ids_to_fuse={2, 3}, target_sizes=[(16, 16)]
+    )[0]["segmentation"]
+    expected = torch.ones(16, 16, dtype=torch.int32)
+    expected[:2, :] = 2
+    assert torch.equal(small, expected)
+
+
+def test_panoptic_thing_mostly_covered_by_another_query_is_dropped(processor):
+    # 8x24 low-res masks (32x96 input). Query B (thing 1, score 0.6) owns low-res columns 0-19 (80 px wide);
+    # query A (thing 0, score 0.9) owns columns 0-16 and so wins 17/20 = 85% of B's mask: B keeps 15%.
+    probs = [[0.90, 0.05, 0.05], [0.30, 0.60, 0.10]]
+    masks = torch.stack([stripes(range(0, 17), 8, 24), stripes(range(0, 20), 8, 24)])[None]
+    outputs = make_outputs([probs], masks)
+    result = processor.post_process_panoptic_segmentation(outputs, overlap_mask_area_threshold=0.8, label_ids_to_fuse=[])
+    seg = result[0]["segmentation"]
+    expected = torch.zeros(32, 96, dtype=torch.int32)
+    expected[:, :68] = 1  # A's own mask; A also wins columns 80-95 but its own mask does not cover them
+    assert torch.equal(seg, expected)
+    assert [(s["id"], s["label_id"]) for s in result[0]["segments_info"]] == [(1, 0)]
+
+    # B wins 3 * 4 * 32 = 384 of its 20 * 4 * 32 = 2560 pixels: ratio 0.15, kept at a 0.1 threshold
+    kept = processor.post_process_panoptic_segmentation(outputs, overlap_mask_area_threshold=0.1, label_ids_to_fuse=[])
+    expected[:, 68:80] = 2
+    assert torch.equal(kept[0]["segmentation"], expected)
+    assert [(s["id"], s["label_id"]) for s in kept[0]["segments_info"]] == [(1, 0), (2, 1)]
+
+
+def test_panoptic_all_void_gives_empty_segmentation(processor):
+    probs = [[[0.01, 0.01, 0.98]] * 4, [[0.2, 0.1, 0.7]] * 4]
+    masks = torch.randn(2, 4, 8, 8) * 5
+    results = processor.post_process_panoptic_segmentation(
+        make_outputs(probs, masks, [[32, 32], [20, 28]]), label_ids_to_fuse=[1], target_sizes=[(10, 12), (20, 28)]
+    )
+    for result, size in zip(results, [(10, 12), (20, 28)]):
+        assert result["segments_info"] == []
+        assert tuple(result["segmentation"].shape) == size
+        assert result["segmentation"].dtype == torch.int32 and not result["segmentation"].any()
+
+
+def test_panoptic_threshold_and_padding(processor):
+    # one image 16x20 inside a 32x32 padded input: output defaults to the valid size
+    probs = [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]
+    masks = torch.stack([stripes(range(0, 2)), stripes(range(2, 8))])[None]
+    outputs = make_outputs([probs], masks, [[16, 20]])
+    result = processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[])[0]
+    expected = torch.full((16, 20), 2, dtype=torch.int32)
+    expected[:, :8] = 1
+    assert torch.equal(result["segmentation"], expected)
+    # query 0 (score 0.6) below the threshold: query 1 wins its pixels but its own mask does not cover them
+    result = processor.post_process_panoptic_segmentation(outputs, threshold=0.65, label_ids_to_fuse=[])[0]
+    expected = torch.full((16, 20), 1, dtype=torch.int32)
+    expected[:, :8] = 0
+    assert torch.equal(result["segmentation"], expected)
+    assert [(s["id"], s["label_id"]) for s in result["segments_info"]] == [(1, 1)]
+
+
+def test_batch_post_processing_equals_single_images(processor):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 10, 6, generator=gen) * 3, -1)
+    masks = torch.randn(2, 10, 16, 24, generator=gen) * 6
+    sizes = [[64, 96], [50, 70]]
+    batch = make_outputs(probs.tolist(), masks, sizes)
+    targets = [(40, 60), (100, 140)]
+    pan = processor.post_process_panoptic_segmentation(batch, label_ids_to_fuse=[3, 4], target_sizes=targets)
+    sem = processor.post_process_semantic_segmentation(batch, target_sizes=targets)
+    for i in range(2):
+        single = make_outputs(probs[i : i + 1].tolist(), masks[i : i + 1], sizes[i : i + 1])
+        alone = processor.post_process_panoptic_segmentation(single, label_ids_to_fuse=[3, 4], target_sizes=targets[i : i + 1])
+        assert torch.equal(pan[i]["segmentation"], alone[0]["segmentation"])
+        assert pan[i]["segments_info"] == alone[0]["segments_info"]
+        sem_alone = processor.post_process_semantic_segmentation(single, target_sizes=targets[i : i + 1])
+        assert torch.equal(sem[i], sem_alone[0])
+    assert tuple(sem[1].shape) == (100, 140) and sem[1].dtype == torch.int64
+
+
+def two_query_outputs():
+    # query 0: class 0 (0.7), left half; query 1: class 1 (0.6), right half; void last
+    probs = [[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]]
+    masks = torch.stack([stripes(range(0, 4)), stripes(range(4, 8))])[None]
+    return make_outputs(probs, masks)
+
+
+def test_semantic_segmentation_by_hand(processor):
+    # left: class 0 = 0.7 * 1 + 0.1 * 0, class 1 = 0.2 * 1 + 0.6 * 0 -> 0; right: 0.1 vs 0.6 -> 1
+    result = processor.post_process_semantic_segmentation(two_query_outputs())
+    expected = torch.zeros(32, 32, dtype=torch.int64)
+    expected[:, 16:] = 1
+    assert torch.equal(result[0], expected)
+    small = processor.post_process_semantic_segmentation(two_query_outputs(), target_sizes=torch.tensor([[16, 8]]))
+    expected = torch.zeros(16, 8, dtype=torch.int64)
+    expected[:, 4:] = 1
+    assert torch.equal(small[0], expected)
+
+
+def test_instance_segmentation_by_hand(processor):
+    # Upsampled left-half logits, per row: 14 columns at 20, then 15 and 5 next to the boundary.
+    mean_sigmoid = (14 * sig(20) + sig(15) + sig(5)) / (16 + 1e-6)
+    results = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3, return_binary_maps=True)
+    info = results[0]["segments_info"]
+    # candidates by class probability: (q0, c0) 0.7, (q1, c1) 0.6, (q0, c1) 0.2; scores times mean sigmoid
+    assert [s["label_id"] for s in info] == [0, 1, 1]
+    assert [s["id"] for s in info] == [0, 1, 2]
+    for s, p in zip(info, [0.7, 0.6, 0.2]):
+        assert s["score"] == pytest.approx(p * mean_sigmoid, abs=1e-6)
+        assert s["was_fused"] is False
+    left = torch.zeros(32, 32, dtype=torch.bool)
+    left[:, :16] = True
+    binary = results[0]["segmentation"]
+    assert binary.dtype == torch.bool and tuple(binary.shape) == (3, 32, 32)
+    assert torch.equal(binary[0], left) and torch.equal(binary[1], ~left) and torch.equal(binary[2], left)
+
+    # id map: where instances overlap (left half: ids 0 and 2) the higher score wins
+    id_map = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3)[0]["segmentation"]
+    assert id_map.dtype == torch.int32
+    assert (id_map[:, :16] == 0).all() and (id_map[:, 16:] == 1).all()
+
+    # thing_ids keeps only those classes (after the top-k); threshold drops low scores
+    things = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3, thing_ids=[1])[0]
+    assert [s["label_id"] for s in things["segments_info"]] == [1, 1]
+    high = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3, threshold=0.5)[0]
+    assert [s["label_id"] for s in high["segments_info"]] == [0, 1]
+
+    rle = processor.post_process_instance_segmentation(two_query_outputs(), top_k=1, return_coco_annotation=True)
+    assert rle[0]["segmentation"][0]["size"] == [32, 32]
+    from pycocotools import mask as mask_utils
+
+    decoded = mask_utils.decode({"size": [32, 32], "counts": rle[0]["segmentation"][0]["counts"].encode()})
+    assert np.array_equal(decoded.astype(bool), left.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = EovSegImageProcessor(size={"shortest_edge": 512, "longest_edge": 1024}, size_divisibility=64)
+    processor.save_pretrained(tmp_path)
+    loaded = EovSegImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.size == {"shortest_edge": 512, "longest_edge": 1024}
+    assert loaded.size_divisibility == 64 and loaded.image_mean == list(MEAN) and loaded.image_std == list(STD)
+    assert loaded.do_rescale is False and loaded.ignore_index == 255
+    image = random_image(30, 50, seed=9)
+    assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+    assert tuple(loaded(image)["pixel_values"].shape) == (1, 3, 512, 896)  # 512x853 padded to 64
+    default = EovSegImageProcessor()
+    default.save_pretrained(tmp_path / "default")
+    assert EovSegImageProcessor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()

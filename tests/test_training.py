@@ -1,0 +1,350 @@
+"""Training: synthetic data, data adapters and augmentation, collator, optimizer/schedule, the Accelerate script
+(loss goes down, exact resume) and transformers.Trainer. Tiny model, 64x64 images, CPU."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
+from eovseg.training import (
+    DatasetFormatError,
+    EovSegDataCollator,
+    LargeScaleJitter,
+    PanopticSegmentationDataset,
+    ResizeShortestEdge,
+    SemanticSegmentationDataset,
+    build_lr_scheduler,
+    build_optimizer,
+    build_param_groups,
+    get_dataset_categories,
+    make_synthetic_panoptic_dataset,
+    synthetic_categories,
+    training_arguments,
+)
+from eovseg.training.synthetic import id_map_to_rgb
+from eovseg.training.trainer_utils import multistep_lr_factor, scaled_lr_steps
+from eovseg.training.train import main as train_main
+
+SIZE = 64
+NAMES = [c["name"] for c in synthetic_categories()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: one thread is faster, and much faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_synthetic_panoptic_dataset(12, SIZE, SIZE, seed=0)
+
+
+def rgb_ids(label) -> np.ndarray:
+    rgb = np.asarray(label).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic data set
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_dataset_schema_and_content(rows):
+    assert set(rows.column_names) == {"image_id", "file_name", "height", "width", "image", "label", "segments_info"}
+    assert get_dataset_categories(rows) == synthetic_categories()
+    kinds_seen, crowd, void = set(), 0, 0
+    for row in rows:
+        image, label = np.asarray(row["image"]), rgb_ids(row["label"])
+        assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 and label.shape == (SIZE, SIZE)
+        ids = {s["id"] for s in row["segments_info"]}
+        assert ids == set(np.unique(label).tolist()) - {0}  # every listed id is drawn, every drawn id listed
+        for s in row["segments_info"]:
+            mask = label == s["id"]
+            assert s["area"] == mask.sum()
+            ys, xs = np.nonzero(mask)
+            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        things = [s for s in row["segments_info"] if s["category_id"] < 3]
+        stuff = [s["category_id"] for s in row["segments_info"] if s["category_id"] >= 3]
+        assert len(things) >= 2 and sorted(stuff) == [3, 4]  # several instances, sky and ground
+        kinds_seen |= {s["category_id"] for s in things}
+        crowd += any(s["iscrowd"] for s in row["segments_info"])
+        void += (label == 0).any()
+    assert kinds_seen == {0, 1, 2}
+    bigger = make_synthetic_panoptic_dataset(60, 32, 32, seed=1)
+    flags = [any(s["iscrowd"] for s in r) for r in bigger["segments_info"]]
+    assert 0 < sum(flags) < 60  # crowd flags sometimes
+
+
+def test_synthetic_dataset_is_deterministic(rows):
+    again = make_synthetic_panoptic_dataset(3, SIZE, SIZE, seed=0)
+    other = make_synthetic_panoptic_dataset(3, SIZE, SIZE, seed=1)
+    for i in range(3):
+        assert np.array_equal(np.asarray(again[i]["image"]), np.asarray(rows[i]["image"]))
+        assert again[i]["segments_info"] == rows[i]["segments_info"]
+    assert not np.array_equal(np.asarray(other[0]["image"]), np.asarray(rows[0]["image"]))
+    renamed = make_synthetic_panoptic_dataset(1, 32, 48, seed=0, class_names=["disc", "box", "wedge", "sky", "soil"])
+    assert [c["name"] for c in get_dataset_categories(renamed)] == ["disc", "box", "wedge", "sky", "soil"]
+    assert np.asarray(renamed[0]["image"]).shape == (32, 48, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adapters, augmentation, collator
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_panoptic_targets_follow_segments_info(rows):
+    dataset = PanopticSegmentationDataset(rows)  # no augmentation
+    for i in range(len(rows)):
+        example, row = dataset[i], rows[i]
+        label = rgb_ids(row["label"])
+        kept = [s for s in row["segments_info"] if not s["iscrowd"]]
+        assert example["class_labels"].tolist() == [s["category_id"] for s in kept]
+        expected = np.stack([label == s["id"] for s in kept])
+        assert np.array_equal(example["mask_labels"].numpy(), expected)
+        assert torch.equal(example["image"], torch.from_numpy(np.asarray(row["image"])).permute(2, 0, 1))
+    mapped = PanopticSegmentationDataset(rows, category_id_to_label={0: 4, 1: 3, 2: 2, 3: 1, 4: 0})
+    assert mapped[0]["class_labels"].tolist() == [4 - c for c in dataset[0]["class_labels"].tolist()]
+
+
+def test_large_scale_jitter(rows):
+    lsj = LargeScaleJitter(crop_size=48, min_scale=0.5, max_scale=2.0)
+    dataset = PanopticSegmentationDataset(rows, lsj, seed=3)
+    first = dataset[5]
+    assert first["image"].shape == (3, 48, 48) and first["mask_labels"].shape[1:] == (48, 48)
+    assert torch.equal(dataset[5]["image"], first["image"])  # same seed, epoch, row: same sample
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5]["image"], first["image"])
+    # Geometry: an image whose colour is its own segment id stays aligned with the masks through flip/resize/crop.
+    ids = np.zeros((40, 60), dtype=np.int64)
+    ids[:, 30:] = 2
+    ids[5:20, 5:25] = 1
+    image = np.stack([ids * 100, np.zeros_like(ids), np.zeros_like(ids)], -1).astype(np.uint8)
+    sizes, flips = set(), set()
+    for seed in range(12):
+        out, labels, valid = lsj(image, ids, np.random.default_rng(seed), -1)
+        h, w = valid
+        assert out.shape == (48, 48, 3) and labels.shape == (48, 48)
+        assert (out[h:, :] == 128).all() and (out[:, w:] == 128).all()  # grey padding before normalization
+        assert (labels[h:, :] == -1).all() and (labels[:, w:] == -1).all()
+        assert (labels[:h, :w] >= 0).all()
+        inner = labels[:h, :w]
+        for k in (0, 1, 2):  # away from edges (bilinear blends them), the colour is the segment's
+            core = (inner == k)
+            core = core[:-2, :-2] & core[1:-1, :-2] & core[2:, :-2] & core[:-2, 1:-1] & core[1:-1, 1:-1] & core[2:, 1:-1] \
+                & core[:-2, 2:] & core[1:-1, 2:] & core[2:, 2:]
+            assert np.abs(out[1 : h - 1, 1 : w - 1, 0][core] - 100 * k).max(initial=0) <= 2
+        sizes.add(valid)
+        flips.add(bool(labels[:h, 0].max() == 2))
+    assert len(sizes) > 3 and flips == {True, False}
+    # semantic maps padded with ignore_index
+    sem = SemanticSegmentationDataset([{"image": image, "label": ids}], LargeScaleJitter(96, 0.2, 0.3))
+    example = sem[0]
+    assert example["image"].shape == (3, 96, 96) and example["class_labels"].tolist() == [0, 1, 2]
+
+
+def test_resize_shortest_edge():
+    image = np.zeros((40, 100, 3), dtype=np.uint8)
+    labels = np.zeros((40, 100), dtype=np.int64)
+    out, out_labels, size = ResizeShortestEdge(64, 128)(image, labels)
+    assert out.shape == (51, 128, 3) and out_labels.shape == (51, 128) and size == (51, 128)
+    out, _, _ = ResizeShortestEdge(640, 2560)(image, labels)
+    assert out.shape == (640, 1600, 3)
+
+
+def test_collator_pads_normalizes_and_adds_vocabulary():
+    config = EovSegConfig.from_variant("tiny")
+    processor = EovSegProcessor.from_config(config)
+    collator = EovSegDataCollator.from_processor(processor, NAMES, config=config)
+    examples = [
+        {
+            "image": torch.full((3, 40, 50), 200, dtype=torch.uint8),
+            "image_size": torch.tensor([40, 50]),
+            "mask_labels": torch.ones((2, 40, 50), dtype=torch.bool),
+            "class_labels": torch.tensor([0, 3]),
+        },
+        {
+            "image": torch.zeros((3, 70, 20), dtype=torch.uint8),
+            "image_size": torch.tensor([60, 20]),
+            "mask_labels": torch.zeros((0, 70, 20), dtype=torch.bool),
+            "class_labels": torch.zeros(0, dtype=torch.long),
+        },
+    ]
+    batch = collator(examples)
+    assert batch["pixel_values"].shape == (2, 3, 96, 64)
+    mean, std = torch.tensor(config.pixel_mean).view(3, 1, 1), torch.tensor(config.pixel_std).view(3, 1, 1)
+    torch.testing.assert_close(batch["pixel_values"][0, :, :40, :50], ((200 - mean) / std).expand(3, 40, 50))
+    assert (batch["pixel_values"][0, :, 40:] == 0).all() and (batch["pixel_values"][0, :, :, 50:] == 0).all()
+    assert batch["pixel_mask"][0].sum() == 40 * 50 and batch["pixel_mask"][1].sum() == 60 * 20
+    assert [m.shape for m in batch["mask_labels"]] == [(2, 96, 64), (0, 96, 64)]
+    assert batch["mask_labels"][0].dtype == torch.float32 and batch["mask_labels"][0].sum() == 2 * 40 * 50
+    vocabulary = processor.encode_vocabulary(NAMES)
+    for key in ("input_ids", "synonym_counts", "class_seen_mask"):
+        assert torch.equal(batch[key], vocabulary[key])
+
+
+def test_collated_batch_trains_the_model(rows):
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny")
+    model = EovSegForPanopticSegmentation(config).train()
+    collator = EovSegDataCollator.from_processor(EovSegProcessor.from_config(config), NAMES, config=config)
+    dataset = PanopticSegmentationDataset(rows, LargeScaleJitter(SIZE, 0.5, 1.5))
+    outputs = model(**collator([dataset[0], dataset[1]]))
+    assert torch.isfinite(outputs.loss) and len(outputs.loss_dict) == 3 * config.num_stages
+    outputs.loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clear errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_column_is_reported_at_construction(rows):
+    with pytest.raises(DatasetFormatError, match=r"no column 'panoptic'.*'image', 'label', 'segments_info'"):
+        PanopticSegmentationDataset(rows, panoptic_column="panoptic")
+    with pytest.raises(DatasetFormatError, match=r"no column 'annotation'"):
+        SemanticSegmentationDataset(rows, label_column="annotation")
+
+
+def test_segment_id_not_in_annotation_names_the_row(rows):
+    bad = [dict(rows[0]), dict(rows[1])]
+    bad[1]["segments_info"] = bad[1]["segments_info"] + [{"id": 123, "category_id": 0, "iscrowd": 0}]
+    dataset = PanopticSegmentationDataset(bad)
+    dataset[0]
+    with pytest.raises(DatasetFormatError, match=r"row 1: segments_info lists segment id\(s\) \[123\]"):
+        dataset[1]
+
+
+def test_size_mismatch_names_the_row(rows):
+    bad = [dict(rows[0]), dict(rows[1]), dict(rows[2])]
+    bad[2]["label"] = PIL.Image.fromarray(id_map_to_rgb(rgb_ids(rows[2]["label"])[:, :40]))
+    with pytest.raises(DatasetFormatError, match=r"row 2: the image is 64x64 but its panoptic annotation .* 64x40"):
+        PanopticSegmentationDataset(bad)[2]
+    semantic = SemanticSegmentationDataset([{"image": np.zeros((8, 8, 3), np.uint8), "label": np.zeros((8, 9))}])
+    with pytest.raises(DatasetFormatError, match=r"row 0: the image is 8x8 but its label map"):
+        semantic[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_param_groups_and_schedule():
+    model = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny"))
+    groups = build_param_groups(model)
+    by_name = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["names"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(by_name) == trainable and not any(n.startswith(("clip_backbone", "spatial_extractor")) for n in by_name)
+    assert by_name["decoder.object_kernels.weight"] == (1e-4, 0.0)  # embedding
+    assert by_name["void_embedding.weight"] == (1e-4, 0.0)
+    assert by_name["decoder.layers.0.ffn_norm.weight"] == (1e-4, 0.0)  # LayerNorm
+    assert by_name["decoder.layers.0.ffn_norm.bias"] == (1e-4, 0.0)
+    assert by_name["decoder.layers.0.ffn.fc1.bias"] == (1e-4, 0.05)  # biases decay, as in the original
+    assert by_name["aggregator.deform_layers.0.deform_norm.weight"] == (1e-4, 0.0)  # BatchNorm
+    assert by_name["decoder.layers.0.mask_kernel_proj.weight"] == (1e-4, 0.05)
+
+    assert scaled_lr_steps(200_000) == (163_889, 187_546)
+    assert scaled_lr_steps(1000) == (819, 938)
+    optimizer = build_optimizer(model)
+    scheduler = build_lr_scheduler(optimizer, 1000)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == lrs[818] == pytest.approx(1e-4)
+    assert lrs[819] == lrs[937] == pytest.approx(1e-5) and lrs[938] == lrs[999] == pytest.approx(1e-6)
+    assert multistep_lr_factor(0, (100,), warmup_factor=0.001, warmup_iters=10) == pytest.approx(0.001)
+    assert multistep_lr_factor(5, (100,), warmup_factor=0.001, warmup_iters=10) == pytest.approx(0.5005)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training script
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+COMMON = [
+    "--model", "tiny", "--dataset", "synthetic", "--synthetic_image_size", str(SIZE), "--per_device_batch_size", "2",
+    "--logging_steps", "1", "--no_progress",
+]
+
+
+def test_loss_decreases(tmp_path):
+    out = tmp_path / "run"
+    train_main(COMMON + ["--synthetic_train_images", "4", "--no_augmentation", "--max_steps", "20",
+                         "--save_steps", "0", "--output_dir", str(out)])
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 20 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    model = EovSegForPanopticSegmentation.from_pretrained(out)  # final save_pretrained
+    processor = EovSegProcessor.from_pretrained(out)
+    assert model.config.train_vocabulary == NAMES and processor.train_vocabulary == NAMES
+
+
+def test_resume_reproduces_the_next_steps_exactly(tmp_path):
+    # 2 accumulation steps of batches of 2 over 6 images: checkpoint at step 2 is mid-epoch (batch 4 of 3 per epoch).
+    args = COMMON + ["--synthetic_train_images", "6", "--image_size", str(SIZE), "--min_scale", "0.5",
+                     "--max_scale", "1.5", "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_main(args + ["--output_dir", str(full)])
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    train_main(args + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    reference = {r["step"]: r for r in read_metrics(full) if "loss" in r}
+    again = {r["step"]: r for r in read_metrics(resumed) if "loss" in r}
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert again[step]["loss"] == reference[step]["loss"]  # bit for bit
+        assert again[step]["lr"] == reference[step]["lr"]
+    a = EovSegForPanopticSegmentation.from_pretrained(full).state_dict()
+    b = EovSegForPanopticSegmentation.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transformers_trainer_fine_tunes_and_saves(tmp_path, rows):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny")
+    model = EovSegForPanopticSegmentation(config)
+    processor = EovSegProcessor.from_config(config)
+    dataset = PanopticSegmentationDataset(rows, LargeScaleJitter(SIZE, 0.5, 1.5))
+    collator = EovSegDataCollator.from_processor(processor, NAMES, config=config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # The plain Trainer with plain arguments ...
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"), max_steps=3, per_device_train_batch_size=2, save_steps=3,
+        logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 3 and np.isfinite(result.training_loss)
+    assert os.path.exists(tmp_path / "plain" / "checkpoint-3" / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert any(k.startswith("decoder.") for k in changed)
+    assert not any(k.startswith(("clip_backbone", "spatial_extractor")) for k in changed)  # frozen towers
+    reloaded = EovSegForPanopticSegmentation.from_pretrained(tmp_path / "plain" / "checkpoint-3")
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    # ... and with the original's optimizer and schedule.
+    args = training_arguments(str(tmp_path / "orig"), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+                              save_strategy="no")
+    optimizer = build_optimizer(model)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      optimizers=(optimizer, build_lr_scheduler(optimizer, 2)))
+    assert trainer.train().global_step == 2
+    trainer.save_model(str(tmp_path / "final"))
+    assert EovSegForPanopticSegmentation.from_pretrained(tmp_path / "final") is not None
