@@ -77,6 +77,9 @@ class EovSegOutput(ModelOutput):
         text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
             The normalized, template-averaged text embedding of every synonym of the vocabulary that was used,
             returned with `output_hidden_states=True`.
+        stuff_class_ids (`torch.LongTensor` of shape `(num_stuff_classes,)`, *optional*):
+            When the model ran on its default vocabulary: the ids of its stuff classes (from `config.is_thing`), which
+            panoptic post-processing merges when not told otherwise.
     """
 
     loss: torch.FloatTensor | None = None
@@ -92,6 +95,7 @@ class EovSegOutput(ModelOutput):
     aggregator_hidden_state: torch.FloatTensor | None = None
     vas_hidden_state: torch.FloatTensor | None = None
     text_embeddings: torch.FloatTensor | None = None
+    stuff_class_ids: torch.LongTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -928,6 +932,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
 
         hidden = bool(output_hidden_states)
+        stuff_class_ids = None
+        if input_ids is None and text_embeddings is None and self.config.is_thing is not None:
+            stuff_class_ids = torch.tensor(
+                [i for i, thing in enumerate(self.config.is_thing) if not thing], dtype=torch.long, device=pixel_values.device
+            )
         output = EovSegOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -942,6 +951,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             aggregator_hidden_state=aggregated if hidden else None,
             vas_hidden_state=vas_features if hidden else None,
             text_embeddings=text if hidden else None,
+            stuff_class_ids=stuff_class_ids,
         )
         return output if return_dict else output.to_tuple()
 

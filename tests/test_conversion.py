@@ -248,11 +248,15 @@ def test_full_variant_conversion(variant, tmp_path):
     source_state = source.state_dict()
     for key, value in converted.state_dict().items():
         assert torch.equal(value, source_state[key]), key
+    # Loaded tensors sit at other memory alignments, which lets BLAS round differently and the decoder's hard masks
+    # amplify it; with the same weights in fresh memory the outputs must be identical.
+    for p in converted.parameters():
+        p.data = p.data.clone()
     counts = torch.tensor([1, 2, 1])
     text = torch.nn.functional.normalize(torch.randn(4, source.config.embed_dim), dim=-1)
     pixel_values = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         a = source(pixel_values, text_embeddings=text, synonym_counts=counts)
         b = converted(pixel_values, text_embeddings=text, synonym_counts=counts)
-    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=0)
+    assert torch.equal(a.class_queries_logits, b.class_queries_logits)
+    assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)

@@ -358,6 +358,13 @@ def test_panoptic_stuff_split_in_two_queries_is_merged(processor):
     assert torch.equal(unfused["segmentation"], expected)
     assert [s["label_id"] for s in unfused["segments_info"]] == [2, 2, 0]
 
+    # outputs of the default vocabulary carry its stuff ids: used when the caller passes none (pipeline case)
+    outputs = make_outputs([probs], masks)
+    outputs.stuff_class_ids = torch.tensor([2, 3])
+    from_outputs = processor.post_process_panoptic_segmentation(outputs)[0]
+    assert torch.equal(from_outputs["segmentation"], result["segmentation"])
+    assert from_outputs["segments_info"] == result["segments_info"]
+
     # an output size: 32x32 -> 16x16 halves every boundary
     small = processor.post_process_panoptic_segmentation(
         make_outputs([probs], masks), label_ids_to_fuse={2, 3}, target_sizes=[(16, 16)]
@@ -373,7 +380,9 @@ def test_panoptic_thing_mostly_covered_by_another_query_is_dropped(processor):
     probs = [[0.90, 0.05, 0.05], [0.30, 0.60, 0.10]]
     masks = torch.stack([stripes(range(0, 17), 8, 24), stripes(range(0, 20), 8, 24)])[None]
     outputs = make_outputs([probs], masks)
-    result = processor.post_process_panoptic_segmentation(outputs, overlap_mask_area_threshold=0.8, label_ids_to_fuse=[])
+    result = processor.post_process_panoptic_segmentation(
+        outputs, overlap_mask_area_threshold=0.8, label_ids_to_fuse=[]
+    )
     seg = result[0]["segmentation"]
     expected = torch.zeros(32, 96, dtype=torch.int32)
     expected[:, :68] = 1  # A's own mask; A also wins columns 80-95 but its own mask does not cover them
@@ -427,7 +436,9 @@ def test_batch_post_processing_equals_single_images(processor):
     sem = processor.post_process_semantic_segmentation(batch, target_sizes=targets)
     for i in range(2):
         single = make_outputs(probs[i : i + 1].tolist(), masks[i : i + 1], sizes[i : i + 1])
-        alone = processor.post_process_panoptic_segmentation(single, label_ids_to_fuse=[3, 4], target_sizes=targets[i : i + 1])
+        alone = processor.post_process_panoptic_segmentation(
+            single, label_ids_to_fuse=[3, 4], target_sizes=targets[i : i + 1]
+        )
         assert torch.equal(pan[i]["segmentation"], alone[0]["segmentation"])
         assert pan[i]["segments_info"] == alone[0]["segments_info"]
         sem_alone = processor.post_process_semantic_segmentation(single, target_sizes=targets[i : i + 1])
@@ -471,16 +482,30 @@ def test_instance_segmentation_by_hand(processor):
     assert binary.dtype == torch.bool and tuple(binary.shape) == (3, 32, 32)
     assert torch.equal(binary[0], left) and torch.equal(binary[1], ~left) and torch.equal(binary[2], left)
 
-    # id map: where instances overlap (left half: ids 0 and 2) the higher score wins
-    id_map = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3)[0]["segmentation"]
+    # id map: where instances overlap (left half: instances 0 and 2) the higher score shows; the hidden one is
+    # not listed
+    id_result = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3)[0]
+    id_map = id_result["segmentation"]
     assert id_map.dtype == torch.int32
     assert (id_map[:, :16] == 0).all() and (id_map[:, 16:] == 1).all()
+    assert [(s["id"], s["label_id"]) for s in id_result["segments_info"]] == [(0, 0), (1, 1)]
+    # an instance partly covered keeps its visible pixels; a lower-score one on a free area gets the next id
+    probs = [[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.05, 0.05, 0.9]]]
+    masks = torch.stack([stripes(range(0, 4)), stripes(range(2, 8)), stripes(range(0, 8))])[None]
+    partial = processor.post_process_instance_segmentation(make_outputs(probs, masks), top_k=2)[0]
+    assert (partial["segmentation"][:, :16] == 0).all() and (partial["segmentation"][:, 16:] == 1).all()
+    assert [s["label_id"] for s in partial["segments_info"]] == [0, 1]
 
     # thing_ids keeps only those classes (after the top-k); threshold drops low scores
     things = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3, thing_ids=[1])[0]
     assert [s["label_id"] for s in things["segments_info"]] == [1, 1]
     high = processor.post_process_instance_segmentation(two_query_outputs(), top_k=3, threshold=0.5)[0]
     assert [s["label_id"] for s in high["segments_info"]] == [0, 1]
+    # mask_threshold 0.995 drops the boundary column at logit 5 (sigmoid 0.9933) from each half
+    narrow = processor.post_process_instance_segmentation(
+        two_query_outputs(), mask_threshold=0.995, top_k=1, return_binary_maps=True
+    )[0]["segmentation"]
+    assert narrow[0, :, :15].all() and not narrow[0, :, 15:].any()
 
     rle = processor.post_process_instance_segmentation(two_query_outputs(), top_k=1, return_coco_annotation=True)
     assert rle[0]["segmentation"][0]["size"] == [32, 32]

@@ -130,6 +130,9 @@ def test_default_vocabulary_matches_explicit_vocabulary(tiny):
         default = tiny(pixel_values)
         explicit = tiny(pixel_values, **inputs)
     assert torch.equal(default.class_queries_logits, explicit.class_queries_logits)
+    # the default vocabulary's stuff classes travel with the outputs (for post-processing); not for given text
+    assert default.stuff_class_ids.tolist() == [4, 5, 6, 7]
+    assert explicit.stuff_class_ids is None
 
 
 def test_batch_members_are_independent(tiny):

@@ -270,7 +270,9 @@ def _decode_label_map(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
     elif isinstance(seg_map, np.ndarray):
         array = seg_map
     else:
-        raise ValueError(f"{where} is a {_describe(seg_map)}; expected a PIL.Image.Image, numpy.ndarray or torch.Tensor.")
+        raise ValueError(
+            f"{where} is a {_describe(seg_map)}; expected a PIL.Image.Image, numpy.ndarray or torch.Tensor."
+        )
 
     if array.ndim == 3:
         if array.shape[-1] in (3, 4):
@@ -587,7 +589,8 @@ class EovSegImageProcessor(BaseImageProcessor):
         original_sizes = [image.shape[:2] for image in decoded]
         if do_resize:
             new_sizes = [
-                get_resize_output_shape(h, w, size["shortest_edge"], size.get("longest_edge")) for h, w in original_sizes
+                get_resize_output_shape(h, w, size["shortest_edge"], size.get("longest_edge"))
+                for h, w in original_sizes
             ]
         else:
             new_sizes = list(original_sizes)
@@ -779,22 +782,29 @@ class EovSegImageProcessor(BaseImageProcessor):
         self,
         outputs,
         threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
         target_sizes: list[tuple[int, int]] | None = None,
+        return_coco_annotation: bool = False,
+        return_binary_maps: bool = False,
         top_k: int = 100,
         thing_ids: Iterable[int] | None = None,
-        return_binary_maps: bool = False,
-        return_coco_annotation: bool = False,
     ):
         """
         Instance segmentation as the original's `instance_inference`: the `top_k` (query, class) pairs by class
         probability (void excluded), optionally restricted to the classes in `thing_ids` (the original keeps thing
-        classes only when panoptic evaluation is on), each with the binary mask `mask_logit > 0` (after resizing to
-        the output size) and the score `class_prob * sum(sigmoid * mask) / (sum(mask) + 1e-6)`.
+        classes only when panoptic evaluation is on), each with the binary mask `sigmoid(mask_logit) > 0.5`, i.e.
+        `mask_logit > 0` (after resizing to the output size), and the score
+        `class_prob * sum(sigmoid * mask) / (sum(mask) + 1e-6)`. The parameter order follows Mask2Former's method.
 
         Args:
             outputs: model output with `class_queries_logits`, `masks_queries_logits` and `image_sizes`.
             threshold (`float`, *optional*, defaults to 0.0):
                 Instances with a score below this are dropped (the default keeps all of them, as the original).
+            mask_threshold (`float`, *optional*, defaults to 0.5):
+                A pixel is in an instance mask when its mask probability is above this (0.5: `mask_logit > 0`).
+            overlap_mask_area_threshold (`float`, *optional*):
+                Accepted for compatibility with the `image-segmentation` pipeline; unused (instances may overlap).
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
                 Output (height, width) per image; defaults to each image's `image_sizes` entry.
             top_k (`int`, *optional*, defaults to 100):
@@ -808,11 +818,13 @@ class EovSegImageProcessor(BaseImageProcessor):
 
         Returns:
             `list[dict]`, one per image, with
-            - **segmentation**: by default a `(height, width)` int32 map of instance ids, -1 where there is none; where
-              instances overlap the highest-scoring one is shown. Instances are kept even when their mask is empty
-              (their score is then 0), as in the original, so some ids may not appear in the map.
-            - **segments_info**: one dict per instance, by decreasing score: `id` (0, 1, ...), `label_id`, `score`
-              and `was_fused` (always False).
+            - **segmentation**: with `return_binary_maps`, the `(num_instances, height, width)` bool masks of all
+              the instances, overlapping ones and empty ones (score 0) included, as the original returns them; with
+              `return_coco_annotation`, their RLEs; by default a `(height, width)` int32 map of instance ids, -1
+              where there is none, showing the highest-scoring instance where masks overlap. The map cannot hold
+              hidden or empty instances, so by default only the instances visible in it are listed.
+            - **segments_info**: one dict per instance (in the same order as the binary masks), by decreasing
+              score: `id` (0, 1, ...), `label_id`, `score` and `was_fused` (always False).
         """
         if return_binary_maps and return_coco_annotation:
             raise ValueError("`return_binary_maps` and `return_coco_annotation` cannot both be True.")
@@ -839,7 +851,10 @@ class EovSegImageProcessor(BaseImageProcessor):
             else:
                 queries, inverse = torch.unique(cand_queries, return_inverse=True)
                 logits = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])(queries)
-                binary_f = (logits > 0).to(logits.dtype)
+                if mask_threshold == 0.5:
+                    binary_f = (logits > 0).to(logits.dtype)
+                else:
+                    binary_f = (logits.sigmoid() > mask_threshold).to(logits.dtype)
                 mask_scores = (logits.sigmoid().flatten(1) * binary_f.flatten(1)).sum(1) / (
                     binary_f.flatten(1).sum(1) + 1e-6
                 )
@@ -849,18 +864,27 @@ class EovSegImageProcessor(BaseImageProcessor):
             scores, labels, binary = scores[keep], cand_labels[keep], binary[keep]
             order = torch.sort(scores, descending=True, stable=True).indices
             scores, labels, binary = scores[order], labels[order], binary[order]
-            segments = [
-                {"id": j, "label_id": int(c), "was_fused": False, "score": float(s)}
-                for j, (c, s) in enumerate(zip(labels.tolist(), scores.tolist()))
-            ]
             if return_binary_maps:
                 segmentation = binary
             elif return_coco_annotation:
                 segmentation = [_binary_mask_to_coco_rle(m) for m in binary]
             else:
+                # Paint the lowest score first so that the highest-scoring instance shows where masks overlap, then
+                # keep (and number 0, 1, ... by decreasing score) only the instances left with pixels in the map.
                 segmentation = torch.full((height, width), -1, dtype=torch.int32, device=binary.device)
                 for j in range(binary.shape[0] - 1, -1, -1):
                     segmentation[binary[j]] = j
+                present = torch.zeros(binary.shape[0] + 1, dtype=torch.bool, device=binary.device)
+                present[segmentation.flatten().long() + 1] = True
+                visible = present[1:].nonzero().flatten()
+                lookup = torch.full((binary.shape[0] + 1,), -1, dtype=torch.int32, device=binary.device)
+                lookup[visible + 1] = torch.arange(visible.numel(), dtype=torch.int32, device=binary.device)
+                segmentation = lookup[segmentation.long() + 1]
+                scores, labels = scores[visible], labels[visible]
+            segments = [
+                {"id": j, "label_id": int(c), "was_fused": False, "score": float(s)}
+                for j, (c, s) in enumerate(zip(labels.tolist(), scores.tolist()))
+            ]
             results.append({"segmentation": segmentation, "segments_info": segments})
         return results
 
@@ -897,7 +921,9 @@ class EovSegImageProcessor(BaseImageProcessor):
             overlap_mask_area_threshold (`float`, *optional*, defaults to 0.8):
                 Minimum fraction of its own mask a query must win (the original's `OVERLAP_THRESHOLD`).
             label_ids_to_fuse (`Iterable[int]`, *optional*):
-                Classes whose segments are merged into one per image (the stuff classes). None: nothing is merged.
+                Classes whose segments are merged into one per image (the stuff classes). None: the stuff classes of
+                the model's default vocabulary when the outputs carry them (`outputs.stuff_class_ids`, set when the
+                model ran on its default vocabulary), else nothing is merged.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
                 Output (height, width) per image; defaults to each image's `image_sizes` entry.
 
@@ -907,6 +933,8 @@ class EovSegImageProcessor(BaseImageProcessor):
             - **segments_info**: one dict per segment: `id`, `label_id`, `was_fused` (True when `label_id` is in
               `label_ids_to_fuse`) and `score`, the class probability of the query that opened the segment.
         """
+        if label_ids_to_fuse is None and getattr(outputs, "stuff_class_ids", None) is not None:
+            label_ids_to_fuse = outputs.stuff_class_ids.tolist()
         if label_ids_to_fuse is None:
             logger.warning_once(
                 "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "

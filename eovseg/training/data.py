@@ -294,8 +294,9 @@ class _SegmentationDataset(torch.utils.data.Dataset):
 class PanopticSegmentationDataset(_SegmentationDataset):
     """A COCO-panoptic style `datasets.Dataset` (or any sequence of row dicts) as EOV-Seg training examples.
 
-    Each example has one target per segment of `segments_info` that is not a crowd region, in that order (the
-    original's dataset mapper); crowd segments and pixels of unlisted ids (0: unlabeled) belong to no target.
+    Each example has one target per segment of `segments_info` that is not a crowd region, in that order, even when
+    the crop leaves its mask empty (the original's dataset mapper); crowd segments and pixels of unlisted ids (0:
+    unlabeled) belong to no target.
 
     Args:
         dataset: the rows.
