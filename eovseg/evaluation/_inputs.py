@@ -224,3 +224,16 @@ def nan_to_none(value: Any) -> Any:
     if isinstance(value, np.generic):
         return nan_to_none(value.item())
     return value
+
+
+class StreamingMetric:
+    """Base of the streaming metrics: `add(prediction, reference)` per image; `add_batch` feeds pairs to it."""
+
+    def add(self, prediction: Any, reference: Any):  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def add_batch(self, predictions: Sequence, references: Sequence) -> None:
+        if len(predictions) != len(references):
+            raise ValueError(f"add_batch: {len(predictions)} predictions for {len(references)} references.")
+        for prediction, reference in zip(predictions, references):
+            self.add(prediction, reference)

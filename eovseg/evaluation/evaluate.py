@@ -105,18 +105,11 @@ def categories_from_config(config) -> list[dict]:
 
 
 def dataset_categories(dataset) -> list[dict] | None:
-    """Categories stored with a data set: a JSON object with a `"categories"` list in `dataset.info.description`
-    (as `eovseg.training`'s synthetic data set stores them), else None."""
-    description = getattr(getattr(dataset, "info", None), "description", None)
-    if not description:
-        return None
-    try:
-        data = json.loads(description)
-    except (TypeError, ValueError):
-        return None
-    if isinstance(data, Mapping) and isinstance(data.get("categories"), list):
-        return [dict(c) for c in data["categories"]]
-    return None
+    """Categories stored with a data set (a JSON `"categories"` list in `dataset.info.description`, as the synthetic
+    data set stores them), else None."""
+    from ..training.synthetic import get_dataset_categories
+
+    return get_dataset_categories(dataset)
 
 
 def _resolve_categories(categories, model, dataset=None) -> list[dict]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._inputs import (
+    StreamingMetric,
     LabelMapping,
     as_bool_flag,
     as_int,
@@ -83,7 +84,7 @@ def _masks_and_segments(example: Any, where: str) -> tuple[list, list[Mapping], 
     return masks, segments, tuple(ids.shape)
 
 
-class InstanceSegmentationMetric:
+class InstanceSegmentationMetric(StreamingMetric):
     """Streaming COCO mask AP: `add(prediction, reference)` per image (masks kept as RLE), `compute()` at the end.
 
     Args:
@@ -127,12 +128,6 @@ class InstanceSegmentationMetric:
     @property
     def num_images(self) -> int:
         return len(self._images)
-
-    def add_batch(self, predictions: Sequence, references: Sequence) -> None:
-        if len(predictions) != len(references):
-            raise ValueError(f"add_batch: {len(predictions)} predictions for {len(references)} references.")
-        for prediction, reference in zip(predictions, references):
-            self.add(prediction, reference)
 
     def add(self, prediction: Any, reference: Any) -> None:
         from pycocotools import mask as mask_utils

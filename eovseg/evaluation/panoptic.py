@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import LabelMapping, as_bool_flag, as_int, get_segments_info, id_map, normalize_categories
+from ._inputs import StreamingMetric, LabelMapping, as_bool_flag, as_int, get_segments_info, id_map, normalize_categories
 
 
 __all__ = ["PanopticQuality", "panoptic_quality"]
@@ -51,7 +51,7 @@ def _compact(ids: np.ndarray, valid_ids: np.ndarray) -> np.ndarray:
     return np.where(hit, position + 1, 0).astype(np.int64, copy=False)
 
 
-class PanopticQuality:
+class PanopticQuality(StreamingMetric):
     """Streaming panoptic quality: `add(prediction, reference)` image by image, `compute()` at the end.
 
     Only per-class sums (TP, FP, FN, sum of matched IoUs) are kept, so memory does not grow with the data set.
@@ -123,12 +123,6 @@ class PanopticQuality:
     __iadd__ = merge
 
     # ------------------------------------------------------------------ accumulation
-
-    def add_batch(self, predictions: Sequence, references: Sequence) -> None:
-        if len(predictions) != len(references):
-            raise ValueError(f"add_batch: {len(predictions)} predictions for {len(references)} references.")
-        for prediction, reference in zip(predictions, references):
-            self.add(prediction, reference)
 
     def add(self, prediction: Any, reference: Any) -> dict:
         """Accumulate one image. Returns the image's own per-class counts `{category_id: {"tp", "fp", "fn",

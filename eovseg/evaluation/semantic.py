@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import label_map
+from ._inputs import StreamingMetric, label_map
 
 
 __all__ = ["SemanticSegmentationMetric", "mean_iou"]
 
 
-class SemanticSegmentationMetric:
+class SemanticSegmentationMetric(StreamingMetric):
     """Streaming mIoU & co.: `add(prediction, reference)` per image, `compute()` at the end.
 
     Args:
@@ -74,12 +74,6 @@ class SemanticSegmentationMetric:
         return self
 
     __iadd__ = merge
-
-    def add_batch(self, predictions: Sequence, references: Sequence) -> None:
-        if len(predictions) != len(references):
-            raise ValueError(f"add_batch: {len(predictions)} predictions for {len(references)} references.")
-        for prediction, reference in zip(predictions, references):
-            self.add(prediction, reference)
 
     def add(self, prediction: Any, reference: Any) -> None:
         pred = label_map(prediction, "prediction")
