@@ -503,7 +503,9 @@ class LightweightDecoderLayer(nn.Module):
         self.feature_attention_norm = nn.LayerNorm(kernel_dim)
         self.kernel_attention = DynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
         self.kernel_attention_norm = nn.LayerNorm(kernel_dim)
-        self.self_attention = nn.MultiheadAttention(kernel_dim, config.decoder_num_heads, batch_first=True)
+        # sequence-first, as the original: the batch-first module takes torch's fused inference path, whose float32
+        # round-off differs (and the next stage's hard masks amplify round-off)
+        self.self_attention = nn.MultiheadAttention(kernel_dim, config.decoder_num_heads)
         self.self_attention_norm = nn.LayerNorm(kernel_dim)
         self.ffn = nn.Sequential(
             OrderedDict(fc1=nn.Linear(hidden, config.decoder_ffn_dim), act=nn.ReLU(), fc2=nn.Linear(config.decoder_ffn_dim, hidden))
@@ -526,7 +528,9 @@ class LightweightDecoderLayer(nn.Module):
         gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
         gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
         kernels = self.kernel_attention_norm(gathered + self.kernel_attention(kernels, gathered))
-        kernels = self.self_attention_norm(kernels + self.self_attention(kernels, kernels, kernels, need_weights=False)[0])
+        queries = kernels.transpose(0, 1)
+        attended = self.self_attention(queries, queries, queries, need_weights=False)[0].transpose(0, 1)
+        kernels = self.self_attention_norm(kernels + attended)
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
 
         mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
