@@ -28,6 +28,17 @@ _CITATION_PQ = """\
 """
 
 
+
+
+def _panoptic_reference_features() -> dict:
+    """The schema of a COCO-panoptic reference (id map + segments), shared by the panoptic and instance modules."""
+    return {
+        "segmentation": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+        "segments_info": datasets.Sequence(
+            {"id": datasets.Value("int64"), "category_id": datasets.Value("int64"), "iscrowd": datasets.Value("int64")}
+        ),
+    }
+
 class _StreamingModule(evaluate.Metric):
     """Shared plumbing: options at load time or compute time, examples added straight to the accumulator."""
 
@@ -137,16 +148,7 @@ class EovSegPanopticQuality(_StreamingModule):
                             {"id": datasets.Value("int64"), "label_id": datasets.Value("int64")}
                         ),
                     },
-                    "references": {
-                        "segmentation": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                        "segments_info": datasets.Sequence(
-                            {
-                                "id": datasets.Value("int64"),
-                                "category_id": datasets.Value("int64"),
-                                "iscrowd": datasets.Value("int64"),
-                            }
-                        ),
-                    },
+                    "references": _panoptic_reference_features(),
                 }
             ),
         )
@@ -234,16 +236,7 @@ class EovSegMaskAP(_StreamingModule):
                             }
                         ),
                     },
-                    "references": {
-                        "segmentation": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-                        "segments_info": datasets.Sequence(
-                            {
-                                "id": datasets.Value("int64"),
-                                "category_id": datasets.Value("int64"),
-                                "iscrowd": datasets.Value("int64"),
-                            }
-                        ),
-                    },
+                    "references": _panoptic_reference_features(),
                 }
             ),
         )
