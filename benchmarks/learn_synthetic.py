@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             step += 1
             window.append(float(loss.detach()))
             if step % args.log_every == 0:
-                print(f"step {step:5d}  {elapsed:6.0f}s  lr {args.learning_rate * factor:.0e}  loss {sum(window) / len(window):.3f}",
+                print(f"step {step:5d}  {elapsed:6.0f}s  lr {args.learning_rate * factor:.1e}  loss {sum(window) / len(window):.3f}",
                       flush=True)
                 window = []
         epoch += 1

@@ -208,7 +208,7 @@ def test_collated_batch_trains_the_model(rows):
 
 
 def test_missing_column_is_reported_at_construction(rows):
-    with pytest.raises(DatasetFormatError, match=r"no column 'panoptic'.*'image', 'label', 'segments_info'"):
+    with pytest.raises(DatasetFormatError, match=r"no column 'panoptic' \(panoptic_column\).*'image', 'label', 'segments_info'"):
         PanopticSegmentationDataset(rows, panoptic_column="panoptic")
     with pytest.raises(DatasetFormatError, match=r"no column 'annotation'"):
         SemanticSegmentationDataset(rows, label_column="annotation")

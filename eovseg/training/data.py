@@ -223,8 +223,6 @@ class ResizeShortestEdge:
 class _SegmentationDataset(torch.utils.data.Dataset):
     """Common part: column checks, epoch-wise shuffling and per-sample random generators."""
 
-    _required: tuple[str, ...] = ()
-
     def __init__(self, dataset, transform=None, seed: int = 0, shuffle: bool = False):
         self.dataset = dataset
         self.transform = transform
@@ -236,15 +234,16 @@ class _SegmentationDataset(torch.utils.data.Dataset):
             first = dataset[0]
             names = list(first) if isinstance(first, Mapping) else None
         if names is not None:
-            for role, column in self._columns().items():
+            for argument, column in self._columns().items():
                 if column not in names:
                     raise DatasetFormatError(
-                        f"The data set has no column {column!r} (the {role}); its columns are {list(names)}. Pass "
-                        f"{role.replace(' ', '_')}_column=... to name it."
+                        f"The data set has no column {column!r} ({argument}); its columns are {list(names)}. Pass "
+                        f"{argument}=... to name the right one."
                     )
         self._order = None
 
     def _columns(self) -> dict[str, str]:
+        """{constructor argument: column name} of the required columns."""
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -335,9 +334,9 @@ class PanopticSegmentationDataset(_SegmentationDataset):
 
     def _columns(self):
         return {
-            "image": self.image_column,
-            "panoptic annotation": self.panoptic_column,
-            "segments info": self.segments_info_column,
+            "image_column": self.image_column,
+            "panoptic_column": self.panoptic_column,
+            "segments_info_column": self.segments_info_column,
         }
 
     def encode(self, row: Mapping, index: int, rng: np.random.Generator | None = None) -> dict:
@@ -407,7 +406,7 @@ class SemanticSegmentationDataset(_SegmentationDataset):
         super().__init__(dataset, transform, seed, shuffle)
 
     def _columns(self):
-        return {"image": self.image_column, "label": self.label_column}
+        return {"image_column": self.image_column, "label_column": self.label_column}
 
     def encode(self, row: Mapping, index: int, rng: np.random.Generator | None = None) -> dict:
         where = f"row {index}"

@@ -295,15 +295,16 @@ def make_synthetic_panoptic_dataset(
             "width": datasets.Value("int64"),
             "image": datasets.Image(),
             "label": datasets.Image(),
-            "segments_info": datasets.List(
+            # a list of structs (the `[{...}]` form works with datasets 3 and 4)
+            "segments_info": [
                 {
                     "id": datasets.Value("int64"),
                     "category_id": datasets.Value("int64"),
                     "iscrowd": datasets.Value("int64"),
                     "area": datasets.Value("int64"),
-                    "bbox": datasets.List(datasets.Value("int64"), length=4),
+                    "bbox": datasets.Sequence(datasets.Value("int64"), length=4),
                 }
-            ),
+            ],
         }
     )
     description = json.dumps(

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_factor", type=float, default=1.0)
     g.add_argument("--warmup_iters", type=int, default=10)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU (several CPU processes under torchrun: gloo)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--max_train_seconds", type=float, default=None, help="stop after this wall time")
@@ -314,6 +315,7 @@ def train(args: argparse.Namespace) -> dict:
     from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
 
     accelerator = Accelerator(
+        cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
     )
@@ -369,6 +371,8 @@ def train(args: argparse.Namespace) -> dict:
 
     global_step, micro_step = 0, 0
     resume = _resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.resume_from_checkpoint == "latest" and resume is None:
+        accelerator.print(f"No checkpoint in {args.output_dir} to resume from: starting afresh.")
     if resume:
         accelerator.load_state(resume)
         with open(os.path.join(resume, STATE_FILE), encoding="utf-8") as f:
@@ -454,7 +458,11 @@ def train(args: argparse.Namespace) -> dict:
             if global_step % max(1, args.logging_steps) == 0 or global_step >= args.max_steps:
                 elapsed = time.time() - interval_start
                 record = {"step": global_step, "epoch": round(micro_step / batches_per_epoch, 4), "lr": lr}
-                record.update({k: v / interval_steps for k, v in interval.items()})
+                keys = list(interval)  # the same keys, in the same order, on every process
+                values = torch.tensor([interval[k] / interval_steps for k in keys], dtype=torch.float64)
+                if accelerator.num_processes > 1:  # averaged over processes
+                    values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+                record.update({k: float(v) for k, v in zip(keys, values)})
                 record["seconds_per_step"] = elapsed / interval_steps
                 log(record)
                 interval, interval_steps, interval_start = {}, 0, time.time()
