@@ -534,3 +534,120 @@ def test_save_and_load_round_trip(tmp_path):
     default = EovSegImageProcessor()
     default.save_pretrained(tmp_path / "default")
     assert EovSegImageProcessor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+
+
+# --- exactness of the shortcuts against the plain algorithm ---------------------------------------------------
+
+
+def resize_all_queries(mask_logits, image_size, target_size):
+    """What the original does: every query upsampled 4x to the padded size, cropped, resized to the target."""
+    padded = (mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4)
+    up = torch.nn.functional.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)
+    up = up[:, :, : image_size[0], : image_size[1]]
+    if tuple(target_size) != tuple(image_size):
+        up = torch.nn.functional.interpolate(up, size=target_size, mode="bilinear", align_corners=False)
+    return up[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "num_queries, low_hw, image_size, target_size",
+    [
+        (9, (160, 240), (640, 960), (400, 600)),  # the benchmark's geometry, sub-batches of 2 with a single last one
+        (7, (40, 60), (150, 230), (150, 230)),  # padded crop, no second resize
+        (3, (40, 60), (160, 240), (97, 131)),  # 3 queries: the one-thread channels-last kernel in the original call
+        (5, (8, 12), (30, 45), (50, 60)),  # small outputs (height + width <= 128): channels-last kernel
+        (6, (30, 20), (117, 80), (60, 40)),
+    ],
+)
+def test_mask_resizer_is_bit_identical_to_resizing_all_queries(threads, num_queries, low_hw, image_size, target_size):
+    from eovseg.processing.image_processing_eovseg import _MaskResizer
+
+    gen = torch.Generator().manual_seed(num_queries)
+    masks = torch.randn(num_queries, *low_hw, generator=gen) * 8
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = resize_all_queries(masks, image_size, target_size)
+        resizer = _MaskResizer(masks, image_size, target_size)
+        assert torch.equal(resizer(), expected)
+        for index in ([num_queries - 1], list(range(0, num_queries, 2)), [1, 2, 0]):
+            assert torch.equal(resizer(torch.tensor(index)), expected[index])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def plain_panoptic(class_logits, mask_logits, image_size, target_size, stuff_ids, overlap=0.8):
+    """The original's panoptic rules written out query by query on full-resolution maps."""
+    masks = resize_all_queries(mask_logits, image_size, target_size).sigmoid()
+    scores, labels = class_logits.softmax(-1).max(-1)
+    keep = labels.ne(class_logits.shape[-1] - 1) & (scores > 0)
+    masks, scores, labels = masks[keep], scores[keep], labels[keep]
+    segmentation = torch.zeros(target_size, dtype=torch.int32)
+    segments, stuff_segment = [], {}
+    if len(masks) == 0:
+        return segmentation, segments
+    winner = (scores.view(-1, 1, 1) * masks).argmax(0)
+    for k in range(len(masks)):
+        label = int(labels[k])
+        own = masks[k] >= 0.5
+        won = winner == k
+        segment = won & own
+        if won.sum() == 0 or own.sum() == 0 or segment.sum() == 0 or won.sum() / own.sum() < overlap:
+            continue
+        if label in stuff_ids and label in stuff_segment:
+            segmentation[segment] = stuff_segment[label]
+            continue
+        segments.append((len(segments) + 1, label, label in stuff_ids))
+        if label in stuff_ids:
+            stuff_segment[label] = len(segments)
+        segmentation[segment] = len(segments)
+    return segmentation, segments
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_panoptic_equals_plain_rules_on_random_overlapping_masks(processor, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_queries, num_classes, low_hw = 40, 12, (60, 80)
+    image_size, target_size = (230, 310), (150, 200)
+    # a partition of the image into 12 regions, each claimed by several queries with different edges and
+    # strengths, and every third query a round blob on top, plus noise: queries compete for pixels
+    yy, xx = torch.meshgrid(torch.arange(low_hw[0]) / low_hw[0], torch.arange(low_hw[1]) / low_hw[1], indexing="ij")
+    centres = torch.rand(12, 2, generator=gen)
+    dist = ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).sqrt()
+    region = dist.argmin(0)
+    masks = torch.empty(num_queries, *low_hw)
+    for q in range(num_queries):
+        if q % 3 == 2:
+            cy, cx, r = torch.rand(3, generator=gen).tolist()
+            inside = r * 0.3 + 0.05 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        else:
+            inside = (region == q % 12).float() - 0.5 + 0.2 * torch.rand(1, generator=gen)
+        masks[q] = 30 * inside + torch.randn(*low_hw, generator=gen)
+    logits = torch.randn(num_queries, num_classes + 1, generator=gen) * 3
+    logits[:, :4] += 2  # classes 0-3 frequent, so that stuff classes appear in several queries
+    outputs = make_outputs(logits.softmax(-1)[None].tolist(), masks[None], [image_size])
+    stuff_ids = {0, 1, 5, 7}
+    expected, expected_segments = plain_panoptic(
+        outputs.class_queries_logits[0], masks, image_size, target_size, stuff_ids
+    )
+    result = processor.post_process_panoptic_segmentation(
+        outputs, label_ids_to_fuse=sorted(stuff_ids), target_sizes=[target_size]
+    )[0]
+    assert len(expected_segments) >= 5
+    assert torch.equal(result["segmentation"], expected)
+    assert [(s["id"], s["label_id"], s["was_fused"]) for s in result["segments_info"]] == expected_segments
+
+
+def test_max_with_first_index_equals_max_with_ties_and_nan():
+    from eovseg.processing.image_processing_eovseg import _max_with_first_index
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.rand(7, 30, 40, generator=gen).mul(4).round()  # few distinct values: many ties
+    for maps in (values, values[:1], torch.rand(300, 3, 4, generator=gen)):
+        best, index = _max_with_first_index(maps)
+        expected_best, expected_index = maps.max(0)
+        assert torch.equal(best, expected_best) and torch.equal(index, expected_index)
+    values[3, 0, 0] = float("nan")
+    best, index = _max_with_first_index(values)
+    assert torch.isnan(best[0, 0]) and index[0, 0] == 3

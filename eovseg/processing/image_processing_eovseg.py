@@ -70,7 +70,7 @@ _VALID_CHANNELS = (1, 3, 4)
 _MASK_STRIDE = 4
 # Upper bound on the number of full-resolution floats one chunk of masks may hold during panoptic
 # post-processing (the queries are processed in chunks with a running argmax).
-_PANOPTIC_CHUNK_ELEMENTS = 6_000_000
+_PANOPTIC_CHUNK_ELEMENTS = 2_000_000
 
 
 class EovSegImageProcessorKwargs(ImagesKwargs, total=False):
@@ -321,12 +321,7 @@ def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) 
 
 
 def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of `(n, h, w)` maps. PyTorch's CPU kernel switches to a
-    channels-last kernel, whose rounding depends on the number of channels, when there are exactly 3 channels
-    and one thread; a fourth (copied) channel keeps it on the generic kernel, whose per-pixel arithmetic does
-    not depend on the number of channels."""
-    if x.shape[0] == 3 and x.device.type == "cpu" and torch.get_num_threads() == 1:
-        return F.interpolate(torch.cat([x, x[:1]])[None], size=size, mode="bilinear", align_corners=False)[0, :3]
+    """Bilinear resize (align_corners=False) of `(n, h, w)` maps, as one call like the original's."""
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
@@ -336,14 +331,19 @@ class _MaskResizer:
     crop to the valid `image_size`, bilinear resize to `target_size` (skipped when it is the crop size: a
     same-size bilinear resize returns its input).
 
-    `resizer(index)` gives the result for the queries in `index` only, computed without touching the others, and
-    the upsampling only reads the low-resolution rows and columns the crop depends on. Both shortcuts are
-    bit-for-bit exact on PyTorch's generic CPU interpolation kernel, whose per-pixel weights depend neither on the
-    number of channels nor on the input extent for an integer upsampling factor. PyTorch switches to a
-    channels-last kernel for small outputs (height + width <= 128) and, with one thread, for exactly 3 channels;
-    that kernel's rounding depends on the number of channels, so where the original's call would take it, all
-    queries are resized together as the original does and the requested ones are picked afterwards.
+    `resizer(index)` gives the result for the queries in `index` only, computed without touching the others. The
+    upsampling only reads the low-resolution rows and columns the crop depends on, and runs on a few queries at a
+    time into a reused buffer, so that each query's full-resolution intermediate is still in cache when the second
+    resize reads it. These shortcuts are bit-for-bit exact on PyTorch's generic CPU interpolation kernel, whose
+    per-pixel weights depend neither on the number of channels nor on the input extent for an integer upsampling
+    factor. PyTorch switches to a channels-last kernel for small outputs (height + width <= 128) and, with one
+    thread, for exactly 3 channels; that kernel's rounding depends on the number of channels, so where the
+    original's call would take it, all queries are resized together as the original does and the requested ones
+    are picked afterwards.
     """
+
+    # Queries upsampled together: two 640x960 float intermediates (4.9 MB) stay in the CPU's cache.
+    queries_per_resize = 2
 
     def __init__(self, masks: torch.Tensor, image_size: tuple[int, int], target_size: tuple[int, int],
                  stride: int = _MASK_STRIDE):
@@ -360,33 +360,69 @@ class _MaskResizer:
         self.all_at_stage2 = on_cpu and not self.same_size and (sum(self.target_size) <= 128 or one_thread_rgb)
         self._stage1_all = None
         self._stage2_all = None
-
-    def _stage1(self, index: torch.Tensor | None) -> torch.Tensor:
-        height, width = self.image_size
-        if self.all_at_stage1:
-            if self._stage1_all is None:
-                self._stage1_all = _bilinear(self.masks, self.padded)[:, :height, :width]
-            return self._stage1_all if index is None else self._stage1_all[index]
-        masks = self.masks if index is None else self.masks[index]
         # Output row `height - 1` reads input rows floor((height - 0.5) / stride - 0.5) and the next one.
-        s = self.stride
-        need_h = min(self.low_h, (2 * height - 1 - s) // (2 * s) + 2)
-        need_w = min(self.low_w, (2 * width - 1 - s) // (2 * s) + 2)
-        if s * (need_h + need_w) <= 128:  # keep the call on the generic kernel
+        height, width = self.image_size
+        need_h = min(self.low_h, (2 * height - 1 - stride) // (2 * stride) + 2)
+        need_w = min(self.low_w, (2 * width - 1 - stride) // (2 * stride) + 2)
+        if stride * (need_h + need_w) <= 128:  # keep the call on the generic kernel
             need_h, need_w = self.low_h, self.low_w
-        up = _bilinear(masks[:, :need_h, :need_w], (need_h * s, need_w * s))
-        return up[:, :height, :width]
+        self.need = (need_h, need_w)
+
+    def _stage1_of_all(self) -> torch.Tensor:
+        if self._stage1_all is None:
+            height, width = self.image_size
+            self._stage1_all = _bilinear(self.masks, self.padded)[:, :height, :width]
+        return self._stage1_all
 
     def __call__(self, index: torch.Tensor | None = None) -> torch.Tensor:
         if self.all_at_stage2:
             if self._stage2_all is None:
-                self._stage2_all = _bilinear(self._stage1(None), self.target_size)
+                self._stage2_all = _bilinear(self._stage1_of_all(), self.target_size)
             return self._stage2_all if index is None else self._stage2_all[index]
-        cropped = self._stage1(index)
-        if self.same_size:
-            # Contiguous like the original's interpolation output, so that element-wise kernels run the same way.
-            return cropped.contiguous()
-        return _bilinear(cropped, self.target_size)
+        if self.all_at_stage1:
+            cropped = self._stage1_of_all()
+            return self._few_at_a_time(cropped if index is None else cropped[index], upsample=False)
+        need_h, need_w = self.need
+        masks = self.masks if index is None else self.masks[index]
+        return self._few_at_a_time(masks[:, :need_h, :need_w], upsample=True)
+
+    def _few_at_a_time(self, masks: torch.Tensor, upsample: bool) -> torch.Tensor:
+        """Resizes `queries_per_resize` queries per call (never 3: see the class docstring): low-resolution logits
+        through both stages when `upsample`, else already upsampled and cropped ones through the second stage."""
+        count = masks.shape[0]
+        height, width = self.image_size
+        # Contiguous like the original's interpolation output, so that element-wise kernels run the same way.
+        result = masks.new_empty((count, *self.target_size))
+        step = self.queries_per_resize
+        if upsample:
+            up_size = (masks.shape[-2] * self.stride, masks.shape[-1] * self.stride)
+            buffer = masks.new_empty((1, min(step, count), *up_size))
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            part = masks[None, start:stop]
+            if upsample:
+                up = buffer[:, : stop - start]
+                torch._C._nn.upsample_bilinear2d(part, up_size, False, out=up)
+                part = up[:, :, :height, :width]
+            if self.same_size:
+                result[start:stop] = part[0]
+            else:
+                torch._C._nn.upsample_bilinear2d(part, self.target_size, False, out=result[None, start:stop])
+        return result
+
+
+def _max_with_first_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.max(0)`: the maximum along the first dimension and the first index where it is reached, computed
+    as `amax` plus a search for the first equal entry, which is about twice as fast on CPU as the indexed
+    reduction over a non-contiguous dimension. Falls back to `max(0)` for more than 255 maps and for NaN."""
+    best = values.amax(0)
+    count = values.shape[0]
+    if count > 255 or bool(best.isnan().any()):
+        return values.max(0)
+    # the first maximal map has the largest rank among the maps equal to the maximum
+    rank = torch.arange(count, 0, -1, dtype=torch.uint8, device=values.device).view(-1, *[1] * (values.dim() - 1))
+    first = (values == best).view(torch.uint8).mul_(rank).amax(0)
+    return best, count - first.long()
 
 
 def _label_set(label_ids: Iterable[int] | torch.Tensor | None) -> set[int]:
@@ -975,7 +1011,7 @@ class EovSegImageProcessor(BaseImageProcessor):
                 # (whole-tensor count_nonzero per query is much faster on CPU than any reduction along a dim)
                 own_area[start:stop] = torch.stack([mask.count_nonzero() for mask in own])
                 probs.mul_(cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype))
-                value, index = probs.max(0)
+                value, index = _max_with_first_index(probs)
                 index_own = own.gather(0, index[None])[0]
                 del probs, own
                 if start:
