@@ -265,7 +265,16 @@ class ModulatedDeformConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset_y_x_mask = self.offset_conv(x)
         offsets, modulation = offset_y_x_mask.split([offset_y_x_mask.shape[1] * 2 // 3, offset_y_x_mask.shape[1] // 3], 1)
-        return deform_conv2d(x, offsets, self.weight, padding=self.padding, mask=modulation.sigmoid())
+        if x.dtype == offsets.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            return deform_conv2d(x, offsets, self.weight, padding=self.padding, mask=modulation.sigmoid())
+        # torchvision's kernels have no bfloat16 (and on CPU no float16) version and it casts to float32 itself
+        # only under CUDA autocast: under CPU autocast or in a model cast to half precision, compute in float32
+        # and return the dtype the offset convolution gave (autocast's or the model's).
+        with torch.autocast(x.device.type, enabled=False):
+            out = deform_conv2d(
+                x.float(), offsets.float(), self.weight.float(), padding=self.padding, mask=modulation.float().sigmoid()
+            )
+        return out.to(offsets.dtype)
 
 
 class EovSegDeformUpsampleLayer(nn.Module):
@@ -682,6 +691,10 @@ class EovSegPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = False
+    # The loss is normalised by the number of target masks, not by a token count: the Trainer must not pass
+    # `num_items_in_batch` and must divide the loss by the gradient-accumulation steps itself (`forward` takes
+    # `**kwargs`, from which the Trainer would otherwise infer the opposite).
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

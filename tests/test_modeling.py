@@ -1,11 +1,13 @@
 """Behaviour of EovSegForPanopticSegmentation on the tiny presets (random weights, CPU)."""
 
+import copy
 import math
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation
 from eovseg.conversion_scripts.key_mapping import convert_original_state_dict, ours_to_original_key
@@ -348,3 +350,34 @@ def test_key_mapping_round_trip(tiny_convnext):
         assert sorted(dropped) == sorted(k for k in original if k.startswith("vit_backbone.clip_model.") and
                                          ("resblocks.5" in k or "token_embedding" in k))
         assert converted.keys() == ours.keys()
+
+
+def test_modulated_deform_conv_in_half_precision_computes_in_float32():
+    from eovseg.modeling_eovseg import ModulatedDeformConv
+
+    torch.manual_seed(0)
+    conv = ModulatedDeformConv(4, 6)
+    with torch.no_grad():
+        conv.offset_conv.weight.normal_(std=0.3)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # torchvision has no bfloat16 CPU kernel
+        under_autocast = conv(x)
+    half = copy.deepcopy(conv).to(torch.bfloat16)
+    with torch.no_grad():
+        cast = half(x.to(torch.bfloat16))
+        # the same bfloat16 inputs and weights, computed in float32 and rounded once at the end
+        offsets = half.offset_conv(x.to(torch.bfloat16)).float()
+        expected = torchvision.ops.deform_conv2d(
+            x.to(torch.bfloat16).float(), offsets[:, :18], half.weight.float(), padding=1, mask=offsets[:, 18:].sigmoid()
+        ).to(torch.bfloat16)
+    assert under_autocast.dtype == torch.bfloat16 and cast.dtype == torch.bfloat16
+    assert torch.equal(cast, expected)
+    assert torch.allclose(under_autocast.float(), conv(x).detach(), atol=0.05, rtol=0.02)
+
+
+def test_model_cast_to_bfloat16_runs(tiny):
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16), **vocab_inputs(tiny.config))
+    assert out.masks_queries_logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.class_queries_logits.float()).all() and torch.isfinite(out.masks_queries_logits.float()).all()
