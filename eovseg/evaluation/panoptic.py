@@ -124,6 +124,17 @@ class PanopticQuality(StreamingMetric):
 
     # ------------------------------------------------------------------ accumulation
 
+    def _listed_segments(self, segments: list, side: str):
+        """(id, category id, entry, where) of each entry of a `segments_info` list, refusing an id listed twice."""
+        seen = set()
+        for j, segment in enumerate(segments):
+            where = f"{side} segments_info[{j}]"
+            seg_id = as_int(segment.get("id"), f"{where} id")
+            if seg_id in seen:
+                raise ValueError(f"{where}: the segment id {seg_id} appears twice.")
+            seen.add(seg_id)
+            yield seg_id, self._mapping.category_of(segment, where), segment, where
+
     def add(self, prediction: Any, reference: Any) -> dict:
         """Accumulate one image. Returns the image's own per-class counts `{category_id: {"tp", "fp", "fn",
         "iou_sum"}}` (classes with anything to count only)."""
@@ -139,29 +150,13 @@ class PanopticQuality(StreamingMetric):
             )
 
         # Ground-truth segments: (id, category index, iscrowd); everything else is void.
-        gt_list = []
-        seen = set()
-        for j, segment in enumerate(gt_segments):
-            where = f"reference segments_info[{j}]"
-            seg_id = as_int(segment.get("id"), f"{where} id")
-            if seg_id in seen:
-                raise ValueError(f"{where}: the segment id {seg_id} appears twice.")
-            seen.add(seg_id)
-            category = self._mapping.category_of(segment, where)
-            if seg_id == 0 or category in self.ignore_category_ids or category not in self._index:
-                continue
-            gt_list.append((seg_id, self._index[category], as_bool_flag(segment.get("iscrowd", 0))))
-        gt_list.sort()
-
+        gt_list = sorted(
+            (seg_id, self._index[category], as_bool_flag(segment.get("iscrowd", 0)))
+            for seg_id, category, segment, _ in self._listed_segments(gt_segments, "reference")
+            if seg_id != 0 and category not in self.ignore_category_ids and category in self._index
+        )
         pred_list = []
-        seen = set()
-        for j, segment in enumerate(pred_segments):
-            where = f"prediction segments_info[{j}]"
-            seg_id = as_int(segment.get("id"), f"{where} id")
-            if seg_id in seen:
-                raise ValueError(f"{where}: the segment id {seg_id} appears twice.")
-            seen.add(seg_id)
-            category = self._mapping.category_of(segment, where)
+        for seg_id, category, _, where in self._listed_segments(pred_segments, "prediction"):
             if category not in self._index:
                 raise ValueError(
                     f"{where}: category {category} is not one of the evaluated categories; give a "

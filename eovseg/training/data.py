@@ -246,6 +246,17 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         """{constructor argument: column name} of the required columns."""
         raise NotImplementedError
 
+    def _image_and_annotation(self, row: Mapping, where: str, column: str, decode, what: str):
+        """The row's RGB image and its decoded annotation (`decode(value, where)`), which must have the same size."""
+        image = decode_rgb_image(row[self.image_column], f"{where} ({self.image_column!r})")
+        annotation = decode(row[column], f"{where} ({column!r})")
+        if annotation.shape != image.shape[:2]:
+            raise DatasetFormatError(
+                f"{where}: the image is {image.shape[0]}x{image.shape[1]} but its {what} ({column!r}) is "
+                f"{annotation.shape[0]}x{annotation.shape[1]}; they must have the same size."
+            )
+        return image, annotation
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: the shuffled order (when `shuffle`) and the augmentations depend on it."""
         self.epoch = int(epoch)
@@ -341,13 +352,8 @@ class PanopticSegmentationDataset(_SegmentationDataset):
 
     def encode(self, row: Mapping, index: int, rng: np.random.Generator | None = None) -> dict:
         where = f"row {index}"
-        image = decode_rgb_image(row[self.image_column], f"{where} ({self.image_column!r})")
-        ids = decode_panoptic_ids(row[self.panoptic_column], f"{where} ({self.panoptic_column!r})")
-        if ids.shape != image.shape[:2]:
-            raise DatasetFormatError(
-                f"{where}: the image is {image.shape[0]}x{image.shape[1]} but its panoptic annotation "
-                f"({self.panoptic_column!r}) is {ids.shape[0]}x{ids.shape[1]}; they must have the same size."
-            )
+        image, ids = self._image_and_annotation(row, where, self.panoptic_column, decode_panoptic_ids,
+                                                "panoptic annotation")
         segments = normalize_segments_info(row[self.segments_info_column], where)
         listed = np.array([int(s["id"]) for s in segments], dtype=np.int64)
         missing = listed[~np.isin(listed, np.unique(ids))]
@@ -410,13 +416,7 @@ class SemanticSegmentationDataset(_SegmentationDataset):
 
     def encode(self, row: Mapping, index: int, rng: np.random.Generator | None = None) -> dict:
         where = f"row {index}"
-        image = decode_rgb_image(row[self.image_column], f"{where} ({self.image_column!r})")
-        labels = decode_label_map(row[self.label_column], f"{where} ({self.label_column!r})")
-        if labels.shape != image.shape[:2]:
-            raise DatasetFormatError(
-                f"{where}: the image is {image.shape[0]}x{image.shape[1]} but its label map ({self.label_column!r}) "
-                f"is {labels.shape[0]}x{labels.shape[1]}; they must have the same size."
-            )
+        image, labels = self._image_and_annotation(row, where, self.label_column, decode_label_map, "label map")
         if self.label_to_class is not None:
             mapped = np.full(labels.shape, self.ignore_index, dtype=np.int64)
             for label, cls in self.label_to_class.items():
