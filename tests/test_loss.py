@@ -177,8 +177,8 @@ def test_loss_equals_reference_restatement(seed, counts, queries):
     ref_grads = torch.autograd.grad(ref_loss, cls + msk)
     assert set(terms) == set(ref_terms)
     for key in terms:
-        assert terms[key].item() == pytest.approx(float(ref_terms[key]), rel=1e-5, abs=1e-6), key
-    assert loss.item() == pytest.approx(float(ref_loss), rel=1e-5)
+        assert terms[key].detach().item() == pytest.approx(float(ref_terms[key].detach()), rel=1e-5, abs=1e-6), key
+    assert loss.detach().item() == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 

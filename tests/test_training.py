@@ -112,7 +112,7 @@ def test_panoptic_targets_follow_segments_info(rows):
         assert example["class_labels"].tolist() == [s["category_id"] for s in kept]
         expected = np.stack([label == s["id"] for s in kept])
         assert np.array_equal(example["mask_labels"].numpy(), expected)
-        assert torch.equal(example["image"], torch.from_numpy(np.asarray(row["image"])).permute(2, 0, 1))
+        assert torch.equal(example["image"], torch.from_numpy(np.array(row["image"])).permute(2, 0, 1))
     mapped = PanopticSegmentationDataset(rows, category_id_to_label={0: 4, 1: 3, 2: 2, 3: 1, 4: 0})
     assert mapped[0]["class_labels"].tolist() == [4 - c for c in dataset[0]["class_labels"].tolist()]
 
