@@ -402,6 +402,7 @@ class _MaskResizer:
             part = masks[None, start:stop]
             if upsample:
                 up = buffer[:, : stop - start]
+                # F.interpolate's own bilinear kernel (align_corners=False, no scale factors), with out=
                 torch._C._nn.upsample_bilinear2d(part, up_size, False, out=up)
                 part = up[:, :, :height, :width]
             if self.same_size:
