@@ -364,3 +364,19 @@ def test_transformers_trainer_fine_tunes_and_saves(tmp_path, rows):
     assert trainer.train().global_step == 2
     trainer.save_model(str(tmp_path / "final"))
     assert EovSegForPanopticSegmentation.from_pretrained(tmp_path / "final") is not None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"id": [1, 2], "category_id": [3]}, "different lengths"),
+        ("1,2", r"segments_info\[0\] must be a dict"),
+        ([{"id": 1}], "'id' and 'category_id'"),
+    ],
+)
+def test_malformed_segments_info_names_the_row(value, message):
+    from eovseg.training.data import normalize_segments_info
+
+    with pytest.raises(DatasetFormatError, match=f"row 3: .*{message}"):
+        normalize_segments_info(value, "row 3")
+    assert normalize_segments_info({"id": [1], "category_id": [2]}, "row 3") == [{"id": 1, "category_id": 2}]

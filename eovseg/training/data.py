@@ -26,6 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..evaluation._inputs import normalize_segments
 from ..processing.image_processing_eovseg import get_resize_output_shape, rgb_to_id
 
 __all__ = [
@@ -108,24 +109,16 @@ def decode_label_map(value: Any, where: str) -> np.ndarray:
 
 
 def normalize_segments_info(value: Any, where: str) -> list[dict]:
-    """`segments_info` as a list of dicts, from a list of dicts or a dict of lists (a `datasets.Sequence` of a
-    struct); each with `id` and `category_id`."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        keys = list(value)
-        lengths = {len(value[k]) for k in keys}
-        if len(lengths) > 1:
-            raise DatasetFormatError(f"{where}: segments_info columns have different lengths.")
-        value = [{k: value[k][i] for k in keys} for i in range(lengths.pop() if lengths else 0)]
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise DatasetFormatError(f"{where}: segments_info must be a list of segment dicts, got {type(value).__name__}.")
-    segments = []
-    for j, segment in enumerate(value):
-        if not isinstance(segment, Mapping) or "id" not in segment or "category_id" not in segment:
+    """`segments_info` as a list of dicts (the evaluation's reader: a list of dicts or a dict of lists, as a
+    `datasets.Sequence` of a struct), each with `id` and `category_id`; errors as `DatasetFormatError`."""
+    try:
+        segments = normalize_segments(value, where)
+    except (TypeError, ValueError) as error:
+        raise DatasetFormatError(str(error)) from None
+    for j, segment in enumerate(segments):
+        if "id" not in segment or "category_id" not in segment:
             raise DatasetFormatError(f"{where}: segments_info[{j}] must be a dict with 'id' and 'category_id'.")
-        segments.append(dict(segment))
-    return segments
+    return [dict(segment) for segment in segments]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
