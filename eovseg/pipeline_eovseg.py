@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image

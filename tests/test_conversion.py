@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, pipeline
 
-import eovseg
+import eovseg  # noqa: F401  (registers the Auto classes and pipelines)
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
 from eovseg.conversion_scripts.convert_original_checkpoint import main as convert_main
 from eovseg.conversion_scripts.key_mapping import ours_to_original_key

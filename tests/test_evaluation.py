@@ -29,13 +29,6 @@ CATEGORIES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 def seg(segmentation, *segments):
     """A panoptic example: segments given as (id, category_id[, iscrowd])."""
     info = [{"id": s[0], "category_id": s[1], "iscrowd": s[2] if len(s) > 2 else 0} for s in segments]
@@ -424,7 +417,7 @@ def test_miou_perfect_ignore_and_undefined_classes():
 
 
 def _random_instances(rng, height=40, width=48, n_gt=5, n_dt=7):
-    gt_masks, gt_info = [], []
+    gt_info = []
     ids = np.zeros((height, width), dtype=np.int64)
     for k in range(1, n_gt + 1):
         y, x = rng.integers(0, height - 8), rng.integers(0, width - 8)

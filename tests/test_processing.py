@@ -19,12 +19,6 @@ VOCABULARY = ["person, child, girl", "car, automobile", "tree", "lawn,grass", "s
 TRAIN_VOCABULARY = ["person", "road, street", "grass", "building", "carpet"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def processor():
     image_processor = EovSegImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})

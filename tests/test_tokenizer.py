@@ -23,12 +23,6 @@ from eovseg.vocabulary import PROMPT_TEMPLATES, build_prompts, synonym_counts
 open_clip = pytest.importorskip("open_clip")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_clip_tokenizer()
