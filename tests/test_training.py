@@ -380,3 +380,27 @@ def test_malformed_segments_info_names_the_row(value, message):
     with pytest.raises(DatasetFormatError, match=f"row 3: .*{message}"):
         normalize_segments_info(value, "row 3")
     assert normalize_segments_info({"id": [1], "category_id": [2]}, "row 3") == [{"id": 1, "category_id": 2}]
+
+
+def test_two_cpu_processes_share_the_data_and_resume_exactly(tmp_path):
+    # torchrun on a machine without GPU: one distributed run over gloo (not two runs side by side), whose data is
+    # split between the processes, with one log record per step, and which resumes bit for bit.
+    args = COMMON + ["--synthetic_train_images", "8", "--no_augmentation", "--max_steps", "4", "--save_steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+    def torchrun(output_dir, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "eovseg.training.train", *args, "--output_dir", str(output_dir), *extra]
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return [r for r in read_metrics(output_dir) if "loss" in r]
+
+    full = torchrun(tmp_path / "full")
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in full] == [0.5, 1.0, 1.5, 2.0]  # 8 images, 2 per process and step: 2 steps an epoch
+    assert all(np.isfinite(r["loss"]) for r in full)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = torchrun(resumed_dir, "--resume_from_checkpoint", "latest")
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full[2:]]
