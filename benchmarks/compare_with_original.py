@@ -26,7 +26,8 @@ import tempfile
 import torch
 
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation
-from eovseg.conversion_scripts.convert_original_checkpoint import convert, detect_variant, save_model_folder
+from eovseg.auto_registration import save_model_folder
+from eovseg.conversion_scripts.convert_original_checkpoint import convert, detect_variant
 from eovseg.conversion_scripts.key_mapping import convert_original_state_dict
 from eovseg.processing import EovSegProcessor
 

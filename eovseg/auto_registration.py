@@ -87,3 +87,22 @@ def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("auto_map", {}).update(auto_map)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_model_folder(model, processor, folder: str | Path) -> None:
+    """`save_pretrained` of model and processor into `folder`, plus the stand-alone image processor file (which
+    AutoImageProcessor and older readers look for) and what `trust_remote_code=True` needs."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    add_remote_code(folder)
+
+
+def push_model_folder(folder: str | Path, repo_id: str, commit_message: str = "Upload EOV-Seg model") -> str:
+    """Upload a folder written by [`save_model_folder`] (weights, processor, remote code, model card if any) to the
+    Hub repository `repo_id`, creating it if needed. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message))

@@ -260,3 +260,28 @@ def test_full_variant_conversion(variant, tmp_path):
         b = converted(pixel_values, text_embeddings=text, synonym_counts=counts)
     assert torch.equal(a.class_queries_logits, b.class_queries_logits)
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
+
+
+def test_push_to_hub_uploads_the_converted_folder(checkpoint_files, tmp_path, monkeypatch):
+    # The Hub is never reached: HfApi is replaced by a recorder of what would be uploaded.
+    import huggingface_hub
+
+    uploads = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            assert exist_ok
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploads.append((repo_id, sorted(os.listdir(folder_path))))
+            return "https://hub.example/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    ckpt, vocab, _ = checkpoint_files
+    out = tmp_path / "eovseg-tiny"
+    assert convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out),
+                         "--vocabulary", str(vocab), "--push_to_hub", "someone/eovseg-tiny"]) == 0
+    [(repo, files)] = uploads
+    assert repo == "someone/eovseg-tiny"
+    assert files == sorted(os.listdir(out))  # the whole folder: weights, processor, model card, remote code
+    assert {"README.md", "model.safetensors", "modeling_eovseg.py", "processor_config.json"} <= set(files)

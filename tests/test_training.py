@@ -404,3 +404,31 @@ def test_two_cpu_processes_share_the_data_and_resume_exactly(tmp_path):
     shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
     resumed = torchrun(resumed_dir, "--resume_from_checkpoint", "latest")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full[2:]]
+
+
+def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeypatch):
+    # The Hub is never reached: HfApi is replaced by a recorder that snapshots the folder it is asked to upload.
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+            return f"https://hub.example/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    out = tmp_path / "run"
+    train_main(COMMON + ["--synthetic_train_images", "2", "--no_augmentation", "--max_steps", "1", "--save_steps", "0",
+                         "--output_dir", str(out), "--push_to_hub", "someone/eovseg-synthetic"])
+    assert calls[0] == ("create_repo", "someone/eovseg-synthetic", True)
+    kind, repo, files = calls[1]
+    assert (kind, repo) == ("upload_folder", "someone/eovseg-synthetic")
+    for name in ("config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
+                 "tokenizer.json", "modeling_eovseg.py", "configuration_eovseg.py", "processing_eovseg.py"):
+        assert name in files, name
+    with open(out / "config.json") as f:
+        assert json.load(f)["auto_map"]["AutoModel"] == "modeling_eovseg.EovSegForPanopticSegmentation"

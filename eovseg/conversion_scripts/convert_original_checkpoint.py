@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..auto_registration import push_model_folder, save_model_folder
 from ..configuration_eovseg import PUBLISHED_VARIANTS, VARIANTS, EovSegConfig
 from ..vocabulary import VocabularyError, display_name, validate_vocabulary
 from .key_mapping import convert_original_state_dict
@@ -234,20 +235,8 @@ def run_conversion(args) -> Path:
         raise
     print(f"wrote {output_dir}")
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        processor.push_to_hub(args.push_to_hub)
+        print(f"uploaded: {push_model_folder(output_dir, args.push_to_hub, 'Upload converted EOV-Seg checkpoint')}")
     return output_dir
-
-
-def save_model_folder(model, processor, folder: Path) -> None:
-    """save_pretrained of model and processor, plus what `trust_remote_code` needs."""
-    from ..auto_registration import add_remote_code
-
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    # also the stand-alone image processor file, which AutoImageProcessor and older readers look for
-    processor.image_processor.save_pretrained(folder)
-    add_remote_code(folder)
 
 
 @torch.no_grad()

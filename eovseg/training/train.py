@@ -318,6 +318,7 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    from ..auto_registration import push_model_folder, save_model_folder
     from .data import EovSegDataCollator
     from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
 
@@ -486,11 +487,9 @@ def train(args: argparse.Namespace) -> dict:
     last_eval = evaluate_now() or last_eval
     unwrapped = accelerator.unwrap_model(model)
     if is_main:
-        unwrapped.save_pretrained(args.output_dir)
-        processor.save_pretrained(args.output_dir)
+        save_model_folder(unwrapped, processor, args.output_dir)
         if args.push_to_hub:
-            unwrapped.push_to_hub(args.push_to_hub)
-            processor.push_to_hub(args.push_to_hub)
+            print(f"uploaded: {push_model_folder(args.output_dir, args.push_to_hub, 'Upload fine-tuned EOV-Seg model')}")
     accelerator.wait_for_everyone()
     if metrics_file is not None:
         metrics_file.close()
