@@ -98,11 +98,21 @@ def save_model_folder(model, processor, folder: str | Path) -> None:
     add_remote_code(folder)
 
 
-def push_model_folder(folder: str | Path, repo_id: str, commit_message: str = "Upload EOV-Seg model") -> str:
+def push_model_folder(
+    folder: str | Path,
+    repo_id: str,
+    commit_message: str = "Upload EOV-Seg model",
+    ignore_patterns: list[str] | None = None,
+) -> str:
     """Upload a folder written by [`save_model_folder`] (weights, processor, remote code, model card if any) to the
-    Hub repository `repo_id`, creating it if needed. Returns the commit URL."""
+    Hub repository `repo_id`, creating it if needed, leaving out the paths matching `ignore_patterns` (e.g. training
+    checkpoints). Returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
-    return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message))
+    return str(
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
+        )
+    )

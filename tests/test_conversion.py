@@ -272,7 +272,8 @@ def test_push_to_hub_uploads_the_converted_folder(checkpoint_files, tmp_path, mo
         def create_repo(self, repo_id, exist_ok=False):
             assert exist_ok
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns=None):
+            assert ignore_patterns is None
             uploads.append((repo_id, sorted(os.listdir(folder_path))))
             return "https://hub.example/commit/0"
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -416,19 +417,24 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
         def create_repo(self, repo_id, exist_ok=False):
             calls.append(("create_repo", repo_id, exist_ok))
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns=None):
+            # the files the real upload would send
+            paths = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            files = sorted(huggingface_hub.utils.filter_repo_objects(paths, ignore_patterns=ignore_patterns))
+            calls.append(("upload_folder", repo_id, files))
             return f"https://hub.example/{repo_id}/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     out = tmp_path / "run"
-    train_main(COMMON + ["--synthetic_train_images", "2", "--no_augmentation", "--max_steps", "1", "--save_steps", "0",
+    train_main(COMMON + ["--synthetic_train_images", "2", "--no_augmentation", "--max_steps", "2", "--save_steps", "1",
                          "--output_dir", str(out), "--push_to_hub", "someone/eovseg-synthetic"])
+    assert (out / "checkpoint-1").is_dir()
     assert calls[0] == ("create_repo", "someone/eovseg-synthetic", True)
     kind, repo, files = calls[1]
     assert (kind, repo) == ("upload_folder", "someone/eovseg-synthetic")
     for name in ("config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
                  "tokenizer.json", "modeling_eovseg.py", "configuration_eovseg.py", "processing_eovseg.py"):
         assert name in files, name
+    assert not any(name.startswith("checkpoint-") for name in files)  # resume states stay local
     with open(out / "config.json") as f:
         assert json.load(f)["auto_map"]["AutoModel"] == "modeling_eovseg.EovSegForPanopticSegmentation"

@@ -489,7 +489,9 @@ def train(args: argparse.Namespace) -> dict:
     if is_main:
         save_model_folder(unwrapped, processor, args.output_dir)
         if args.push_to_hub:
-            print(f"uploaded: {push_model_folder(args.output_dir, args.push_to_hub, 'Upload fine-tuned EOV-Seg model')}")
+            url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
+                                    ignore_patterns=[f"{CHECKPOINT_PREFIX}*"])  # the model, not the resume states
+            print(f"uploaded: {url}")
     accelerator.wait_for_everyone()
     if metrics_file is not None:
         metrics_file.close()
