@@ -10,6 +10,8 @@ COMMANDS = {
     "convert": "eovseg.conversion_scripts.convert_original_checkpoint",
     "train": "eovseg.training.train",
     "evaluate": "eovseg.evaluation.evaluate",
+    "predict": "eovseg.predict",
+    "app": "eovseg.app",
 }
 
 

@@ -1,0 +1,505 @@
+"""Segment many images, folders and videos with one command; write files other tools read.
+
+    eovseg predict photos/ street.jpg clip.mp4 --output_dir out [--model DIR] [--classes "car" "road, street" --stuff "road, street"]
+    torchrun --standalone --nproc_per_node 2 -m eovseg.predict photos/ --output_dir out     # split over processes
+    accelerate launch -m eovseg.predict photos/ --output_dir out                            # or over GPUs
+
+Folders are searched recursively, in sorted order, for images (`.jpg`, `.png`, ...) and videos (`.mp4`, `.avi`, ...).
+The output folder gets:
+
+- `panoptic.json`: every image and video frame of the run in the COCO panoptic format (`images`, `annotations` with
+  `segments_info`, `categories` = the vocabulary, category id = class index), read by panopticapi and by
+  `eovseg.evaluation.PanopticQuality`; the PNGs it names are in `panoptic/` (`id = R + 256 G + 256^2 B`);
+- `overlay/`: each image with its segments tinted, outlined and labelled; for a video, the overlaid video (`.mp4`);
+- `videos/NAME.json` per video: the frames' segments and times;
+- with `--instances`, `instances.json`: instance masks as COCO RLE in the COCO results format (pycocotools' loadRes).
+
+An input that cannot be read is skipped with one line and listed at the end (exit status 1); the run goes on. Running
+again into the same folder resumes: inputs already written are skipped. The command refuses an output folder that
+holds anything but one of its own runs (with the same model and vocabulary), and it never replaces a file it did not
+write. Under torchrun / `accelerate launch`, the processes share the inputs and one merged output is written; the
+files are the same as one process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+STATE_DIR = ".eovseg-predict"
+RUN_FILE = "run.json"
+OUTPUT_NAMES = {STATE_DIR, "overlay", "panoptic", "videos", "panoptic.json", "instances.json"}
+SUBTASKS = ("panoptic", "semantic", "instance")
+
+
+class PredictError(Exception):
+    """A problem that stops the run before it starts (printed as one line)."""
+
+
+class BadInput(Exception):
+    """An input that is skipped (printed as one line, listed at the end)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model and vocabulary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> str:
+    """The model used without `--model`: the bundled demo model."""
+    from . import demo
+
+    if not hasattr(demo, "default_model_path"):
+        raise PredictError("no bundled demo model in this installation: give --model DIR (a converted model folder).")
+    return str(demo.default_model_path())
+
+
+def load_model(model_path: str | None, device: torch.device | str = "cpu"):
+    """`(model, processor)` from a saved model folder (the bundled demo model when None), in eval mode on `device`."""
+    from . import EovSegForPanopticSegmentation
+    from .processing import EovSegProcessor
+
+    path = Path(model_path if model_path is not None else default_model_path())
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise PredictError(f"--model {str(path)!r} is not a folder with a config.json (a saved or converted model).")
+    model = EovSegForPanopticSegmentation.from_pretrained(path).to(device).eval()
+    processor = EovSegProcessor.from_pretrained(path)
+    return model, processor
+
+
+def resolve_vocabulary(config, classes: Sequence[str] | None, stuff: Sequence[str] | None):
+    """`(class_names, is_thing, given)`: the class entries asked for (things unless named in `stuff`, by entry or
+    by display name) or, when none are, the model's default vocabulary (`given` False)."""
+    from .vocabulary import VocabularyError, display_name, validate_vocabulary
+
+    if not classes:
+        if not config.vocabulary:
+            raise PredictError("this model has no default vocabulary: give the classes to find (--classes ...).")
+        return list(config.vocabulary), [bool(t) for t in config.is_thing], False
+    try:
+        names = validate_vocabulary(list(classes), "class list")
+    except VocabularyError as err:
+        raise PredictError(str(err)) from None
+    stuff_set = {s.strip() for s in stuff or []}
+    unknown = stuff_set - {n.strip() for n in names} - {display_name(n) for n in names}
+    if unknown:
+        raise PredictError(f"--stuff names {sorted(unknown)}, which are not among the classes.")
+    return names, [n.strip() not in stuff_set and display_name(n) not in stuff_set for n in names], True
+
+
+class Predictor:
+    """Runs the model on batches of images with one vocabulary, whose text pass is done once, and gives results as
+    segment maps (`segmentation`: ids, 0 = none; `segments_info`: `id`, `label_id`, `score`) for any subtask."""
+
+    def __init__(self, model, processor, class_names, is_thing, vocabulary_given: bool = True, subtask="panoptic",
+                 threshold=0.0, overlap_mask_area_threshold=0.8, mask_threshold=0.5):
+        if subtask not in SUBTASKS:
+            raise PredictError(f"subtask must be one of {SUBTASKS}, got {subtask!r}.")
+        self.model, self.processor = model, processor
+        self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
+        self.subtask, self.threshold = subtask, float(threshold)
+        self.overlap, self.mask_threshold = float(overlap_mask_area_threshold), float(mask_threshold)
+        self.text = self._encode_vocabulary() if vocabulary_given else {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.void_embedding.weight.device
+
+    def _encode_vocabulary(self) -> dict:
+        text = self.processor.encode_vocabulary(self.class_names)
+        return {
+            "text_embeddings": self.model.get_text_embeddings(text["input_ids"].to(self.device)),
+            "synonym_counts": text["synonym_counts"].to(self.device),
+            "class_seen_mask": text["class_seen_mask"].to(self.device),
+        }
+
+    def _forward(self, images: Sequence[Image.Image]):
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            return self.model(**inputs, **self.text)
+
+    def __call__(self, images: Sequence[Image.Image], instances: bool = False) -> list[dict]:
+        """One result per image; with `instances`, each also has `instances` (an instance result with COCO RLEs)."""
+        outputs = self._forward(images)
+        sizes = [(image.height, image.width) for image in images]
+        if self.subtask == "panoptic":
+            results = self.processor.post_process_panoptic_segmentation(
+                outputs, threshold=self.threshold, mask_threshold=self.mask_threshold,
+                overlap_mask_area_threshold=self.overlap, target_sizes=sizes,
+                label_ids_to_fuse={i for i, thing in enumerate(self.is_thing) if not thing})
+        elif self.subtask == "semantic":
+            results = [_semantic_segments(m) for m in self.processor.post_process_semantic_segmentation(outputs, sizes)]
+        else:
+            results = [_shift_instance_ids(r) for r in self._instances(outputs, sizes, rle=False)]
+        results = [{"segmentation": _as_id_map(r["segmentation"]), "segments_info": r["segments_info"]} for r in results]
+        if instances:
+            for result, found in zip(results, self._instances(outputs, sizes, rle=True)):
+                result["instances"] = found
+        return results
+
+    def _instances(self, outputs, sizes, rle: bool):
+        things = [i for i, thing in enumerate(self.is_thing) if thing]
+        return self.processor.post_process_instance_segmentation(
+            outputs, threshold=self.threshold, mask_threshold=self.mask_threshold, target_sizes=sizes,
+            thing_ids=things or None, return_coco_annotation=rle)
+
+
+def _as_id_map(segmentation) -> np.ndarray:
+    ids = segmentation.cpu().numpy().astype(np.int64) if hasattr(segmentation, "cpu") else np.asarray(segmentation)
+    return np.where(ids > 0, ids, 0)
+
+
+def _semantic_segments(class_map) -> dict:
+    """A semantic map as segments: one per class present, id = class index + 1 (no score: 1.0)."""
+    class_map = class_map.cpu().numpy().astype(np.int64)
+    infos = [{"id": int(c) + 1, "label_id": int(c), "score": 1.0} for c in np.unique(class_map)]
+    return {"segmentation": class_map + 1, "segments_info": infos}
+
+
+def _shift_instance_ids(result: dict) -> dict:
+    """Instance ids 0, 1, ... (-1 = none) as segment ids 1, 2, ... (0 = none)."""
+    infos = [dict(s, id=int(s["id"]) + 1) for s in result["segments_info"]]
+    return {"segmentation": result["segmentation"].to(torch.int64) + 1, "segments_info": infos}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: a file, its kind (`image` / `video`) and its output name (path without suffix)."""
+
+    source: str
+    kind: str
+    key: str
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+
+
+def collect_inputs(paths: Sequence[str]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """The inputs in order (a folder's files recursively, sorted) with unique output names, and the arguments that
+    are no input (`(path, reason)`)."""
+    found, bad = [], []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) and STATE_DIR not in p.parts)
+            if not files:
+                bad.append((arg, "a folder with no image or video files"))
+            found += [(p, Path(path.resolve().name or "input") / p.relative_to(path).with_suffix("")) for p in files]
+        elif path.is_file():
+            if _kind(path) is None:
+                bad.append((arg, f"not an image or video file name ({path.suffix or 'no suffix'})"))
+            else:
+                found.append((path, Path(path.stem)))
+        else:
+            bad.append((arg, "no such file or folder"))
+    items, used = [], set()
+    for path, name in found:
+        key, n = name.as_posix(), 1
+        while key in used:  # same name from two inputs: number the later ones
+            n += 1
+            key = f"{name.as_posix()}-{n}"
+        used.add(key)
+        items.append(Item(str(path), _kind(path), key))
+    return items, bad
+
+
+def read_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as err:  # PIL raises several types for files that are no image
+        raise BadInput(f"cannot read it as an image ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: Path, settings: dict) -> bool:
+    """Whether the run resumes an earlier one; raises PredictError for a folder this command may not write to."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PredictError(f"--output_dir {str(output_dir)!r} is a file.")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return False
+    run_file = output_dir / STATE_DIR / RUN_FILE
+    if not run_file.is_file():
+        raise PredictError(f"--output_dir {str(output_dir)!r} holds other files; give an empty or new folder "
+                           "(or one of an earlier `eovseg predict` run to resume it).")
+    earlier = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
+    if changed:
+        raise PredictError(f"--output_dir {str(output_dir)!r} holds a run with other settings ({', '.join(changed)}); "
+                           "give a new folder to run with these.")
+    return True
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(temporary_path)`, then rename: a file is either complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def write_json(path: Path, data) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1), encoding="utf-8"))
+
+
+def _record_path(output_dir: Path, key: str) -> Path:
+    return output_dir / STATE_DIR / "records" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
+
+
+def read_record(output_dir: Path, item: Item) -> dict | None:
+    path = _record_path(output_dir, item.key)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if record.get("source") == item.source else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing one image / one video
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Writer:
+    """Writes the files of each input and its record (what the merge step reads)."""
+
+    def __init__(self, output_dir: Path, predictor: Predictor, instances: bool):
+        self.output_dir, self.predictor, self.instances = output_dir, predictor, instances
+
+    def frame_entry(self, image: Image.Image, result: dict, png_name: str, overlay_path: Path | None) -> dict:
+        """Write the panoptic PNG (and the overlay PNG); the frame's entry for `panoptic.json`."""
+        from .export import panoptic_to_coco
+        from .visualization import draw_segments
+
+        png, segments = panoptic_to_coco(result, self.predictor.is_thing)
+        write_atomic(self.output_dir / "panoptic" / png_name, lambda p: png.save(p, format="PNG"))
+        if overlay_path is not None:
+            picture = draw_segments(image, result["segmentation"], result["segments_info"], self.predictor.class_names)
+            write_atomic(overlay_path, lambda p: picture.save(p, format="PNG"))
+        entry = {"file_name": png_name, "height": image.height, "width": image.width, "segments_info": segments}
+        if self.instances:
+            from .export import instances_to_coco
+
+            entry["instances"] = instances_to_coco(result["instances"], image_id=None)
+        return entry
+
+    def save_record(self, item: Item, frames: list[dict] | None = None, error: str | None = None, **extra) -> None:
+        record = {"source": item.source, "kind": item.kind, "key": item.key, "frames": frames or [], "error": error}
+        write_json(_record_path(self.output_dir, item.key), {**record, **extra})
+
+    def images(self, items: Sequence[Item]) -> None:
+        """A batch of images: unreadable ones are recorded as errors, the others segmented together."""
+        loaded = []
+        for item in items:
+            try:
+                loaded.append((item, read_image(item.source)))
+            except BadInput as err:
+                self.save_record(item, error=str(err))
+        if not loaded:
+            return
+        results = self.predictor([image for _, image in loaded], instances=self.instances)
+        for (item, image), result in zip(loaded, results):
+            entry = self.frame_entry(image, result, f"{item.key}.png", self.output_dir / "overlay" / f"{item.key}.png")
+            self.save_record(item, frames=[entry])
+
+    def video(self, item: Item, batch_size: int) -> None:
+        from .video import VideoOverlayWriter, read_video_frames
+        from .visualization import draw_segments
+
+        frames, fps = [], None
+        overlay_path = self.output_dir / "overlay" / f"{item.key}.mp4"
+        with VideoOverlayWriter(overlay_path) as video_out:
+            for fps, batch in read_video_frames(item.source, batch_size):
+                for image, result in zip(batch, self.predictor(batch, instances=self.instances)):
+                    entry = self.frame_entry(image, result, f"{item.key}/{len(frames):06d}.png", None)
+                    video_out.add(draw_segments(image, result["segmentation"], result["segments_info"],
+                                                self.predictor.class_names), fps)
+                    frames.append(entry)
+        if not frames:
+            raise BadInput("a video with no frames")
+        self._video_json(item, frames, fps)
+        self.save_record(item, frames=frames, fps=fps)
+
+    def _video_json(self, item: Item, frames: list[dict], fps: float) -> None:
+        names = self.predictor.class_names
+        write_json(self.output_dir / "videos" / f"{item.key}.json", {
+            "video": item.source, "fps": fps, "overlay": f"overlay/{item.key}.mp4",
+            "categories": [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(names, self.predictor.is_thing))],
+            "frames": [{"frame": i, "time": round(i / fps, 6), "file_name": f["file_name"],
+                        "segments_info": f["segments_info"]} for i, f in enumerate(frames)],
+        })
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def work_units(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
+    """Batches of consecutive images, and each video alone. Processes take every n-th unit, so a batch holds the
+    same images however many processes there are (batch padding can change the results)."""
+    units, batch = [], []
+    for item in items:
+        if item.kind == "video":
+            units += [batch, [item]] if batch else [[item]]
+            batch = []
+            continue
+        batch.append(item)
+        if len(batch) == batch_size:
+            units.append(batch)
+            batch = []
+    return units + [batch] if batch else units
+
+
+def _is_done(record: dict | None) -> bool:
+    return record is not None and not record["error"] and bool(record["frames"])
+
+
+def run_unit(writer: Writer, unit: list[Item], batch_size: int) -> None:
+    """One unit; whatever goes wrong with it is recorded as its inputs' error and the run goes on."""
+    try:
+        if unit[0].kind == "video":
+            writer.video(unit[0], batch_size)
+        else:
+            writer.images(unit)
+    except Exception as err:  # an input the libraries cannot handle must not end the run
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        for item in unit:
+            writer.save_record(item, error=message if isinstance(err, BadInput) else f"{type(err).__name__}: {message}")
+
+
+def merge(output_dir: Path, items: Sequence[Item], categories: list[dict], instances: bool) -> list[tuple[str, str]]:
+    """Write `panoptic.json` (and `instances.json`) from the records of `items`, in input order; the skipped inputs."""
+    images, annotations, detections, skipped = [], [], [], []
+    for item in items:
+        record = read_record(output_dir, item)
+        if record is None or record["error"]:
+            skipped.append((item.source, record["error"] if record else "not processed"))
+            continue
+        for index, frame in enumerate(record["frames"]):
+            image_id = len(images) + 1
+            name = item.source if item.kind == "image" else f"{item.key}/{index:06d}"
+            images.append({"id": image_id, "file_name": name, "height": frame["height"], "width": frame["width"]})
+            annotations.append({"image_id": image_id, "file_name": frame["file_name"],
+                                "segments_info": frame["segments_info"]})
+            for detection in frame.get("instances", []):
+                detections.append({**detection, "image_id": image_id})
+    write_json(output_dir / "panoptic.json", {
+        "info": {"description": "eovseg predict", "panoptic_folder": "panoptic"},
+        "images": images, "annotations": annotations, "categories": categories,
+    })
+    if instances:
+        write_json(output_dir / "instances.json", detections)
+    return skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eovseg predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="images, folders (searched recursively) and videos")
+    parser.add_argument("--output_dir", required=True, type=Path, help="where the files go (new, empty, or a run to resume)")
+    parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
+    parser.add_argument("--classes", nargs="+", default=None,
+                        help='the classes to find, synonyms by commas: "car, automobile" "road" (default: the model\'s)')
+    parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
+    parser.add_argument("--batch_size", type=int, default=1, help="images (or video frames) per forward pass")
+    parser.add_argument("--threshold", type=float, default=0.0, help="least class probability of a segment")
+    parser.add_argument("--overlap_mask_area_threshold", type=float, default=0.8)
+    parser.add_argument("--mask_threshold", type=float, default=0.5)
+    parser.add_argument("--instances", action="store_true", help="also write instance masks (COCO RLE) to instances.json")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where an accelerator is present")
+    return parser
+
+
+def _settings(args, model_path: str, class_names, is_thing) -> dict:
+    return {
+        "model": os.path.abspath(model_path), "classes": list(class_names), "is_thing": list(is_thing),
+        "threshold": args.threshold, "overlap_mask_area_threshold": args.overlap_mask_area_threshold,
+        "mask_threshold": args.mask_threshold, "instances": bool(args.instances),
+    }
+
+
+def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Run the command described by `args`; returns the skipped inputs `(path, reason)`."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from . import EovSegConfig
+    from .training.train import _launched_on_cpu_only
+
+    if args.batch_size < 1:
+        raise PredictError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    items, bad_args = collect_inputs(args.inputs)
+    model_path = args.model if args.model is not None else default_model_path()
+    if not Path(model_path, "config.json").is_file():
+        raise PredictError(f"--model {model_path!r} is not a folder with a config.json (a saved or converted model).")
+    class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff)
+    settings = _settings(args, model_path, class_names, is_thing)
+    accelerator = Accelerator(cpu=args.cpu or _launched_on_cpu_only())
+    resuming = check_output_dir(args.output_dir, settings)
+    accelerator.wait_for_everyone()  # every process has checked the folder before anything is written to it
+    if accelerator.is_main_process and not resuming:
+        write_json(args.output_dir / STATE_DIR / RUN_FILE, settings)
+    pending = [item for item in items if not _is_done(read_record(args.output_dir, item))]
+    if resuming:
+        accelerator.print(f"resuming {args.output_dir}: {len(items) - len(pending)} of {len(items)} inputs already done")
+    accelerator.print(f"{len(pending)} inputs to segment in {accelerator.num_processes} process(es)")
+    model, processor = load_model(model_path, accelerator.device)
+    predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
+                          args.overlap_mask_area_threshold, args.mask_threshold)
+    writer = Writer(args.output_dir, predictor, args.instances)
+    units = work_units(pending, args.batch_size)[accelerator.process_index :: accelerator.num_processes]
+    for unit in tqdm(units, desc="eovseg predict", unit="batch", disable=not accelerator.is_local_main_process):
+        run_unit(writer, unit, args.batch_size)
+    accelerator.wait_for_everyone()
+    skipped = list(bad_args)
+    if accelerator.is_main_process:
+        categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(class_names, is_thing))]
+        skipped += merge(args.output_dir, items, categories, args.instances)
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return skipped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        skipped = predict(args)
+    except PredictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    done = "wrote" if not skipped else f"{len(skipped)} input(s) skipped (listed above); wrote"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{done} {args.output_dir / 'panoptic.json'} and the PNGs in {args.output_dir}")
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""`eovseg predict`: folders, videos, the run's COCO panoptic output, resume, bad inputs, torchrun splitting."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eovseg.evaluation import PanopticQuality
+from eovseg.predict import main as predict_main
+from eovseg.training.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_IS_THING, make_synthetic_panoptic_dataset
+
+CLASSES = SYNTHETIC_CLASS_NAMES
+STUFF = [n for n, thing in zip(CLASSES, SYNTHETIC_IS_THING) if not thing]
+NUM_IMAGES, HEIGHT, WIDTH, BATCH = 20, 48, 64, 4
+VIDEO_FRAMES = 5
+
+
+def make_tiny_model_folder(path: Path) -> Path:
+    from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+    from eovseg.processing import EovSegProcessor
+
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny")
+    EovSegForPanopticSegmentation(config).save_pretrained(path)
+    EovSegProcessor.from_config(config, size={"shortest_edge": 48, "longest_edge": 64}).save_pretrained(path)
+    return path
+
+
+def write_video(path: Path, frames) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model = make_tiny_model_folder(root / "model")
+    rows = list(make_synthetic_panoptic_dataset(NUM_IMAGES, HEIGHT, WIDTH, seed=3))
+    folder = root / "shapes"
+    (folder / "more").mkdir(parents=True)
+    paths = []
+    for i, row in enumerate(rows):  # the last five in a subfolder (sorted after the others)
+        path = folder / ("more" if i >= 15 else "") / f"img_{i:03d}.png"
+        row["image"].save(path)
+        paths.append(path)
+    video = root / "clip.mp4"
+    write_video(video, [r["image"] for r in make_synthetic_panoptic_dataset(VIDEO_FRAMES, HEIGHT, WIDTH, seed=4)])
+    return {"root": root, "model": model, "rows": rows, "folder": folder, "paths": paths, "video": video}
+
+
+def run_args(data, output_dir, *inputs):
+    inputs = inputs or (str(data["folder"]), str(data["video"]))
+    return [*inputs, "--output_dir", str(output_dir), "--model", str(data["model"]), "--classes", *CLASSES,
+            "--stuff", *STUFF, "--batch_size", str(BATCH), "--instances"]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def single_run(data):
+    output_dir = data["root"] / "out1"
+    assert predict_main(run_args(data, output_dir)) == 0
+    return output_dir
+
+
+def reference(row) -> dict:
+    return {"segmentation": np.asarray(row["label"]), "segments_info": row["segments_info"]}
+
+
+def categories():
+    return [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(CLASSES, SYNTHETIC_IS_THING))]
+
+
+def test_writes_coco_panoptic_pngs_overlays_video_and_instances(data, single_run):
+    from pycocotools import mask as mask_utils
+
+    coco = json.loads((single_run / "panoptic.json").read_text())
+    assert coco["categories"] == categories()
+    assert [im["file_name"] for im in coco["images"][:NUM_IMAGES]] == [str(p) for p in data["paths"]]
+    assert len(coco["images"]) == len(coco["annotations"]) == NUM_IMAGES + VIDEO_FRAMES
+    assert [a["image_id"] for a in coco["annotations"]] == list(range(1, NUM_IMAGES + VIDEO_FRAMES + 1))
+    for annotation in coco["annotations"]:
+        png = np.asarray(Image.open(single_run / "panoptic" / annotation["file_name"]), dtype=np.int64)
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+        for segment in annotation["segments_info"]:
+            rows, cols = np.nonzero(ids == segment["id"])
+            assert segment["area"] == rows.size > 0
+            assert segment["bbox"] == [cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+            assert segment["isthing"] == SYNTHETIC_IS_THING[segment["category_id"]]
+        assert set(np.unique(ids)) <= {0} | {s["id"] for s in annotation["segments_info"]}
+    for path in data["paths"]:
+        key = path.relative_to(data["folder"].parent).with_suffix(".png")
+        overlay = Image.open(single_run / "overlay" / key)
+        assert overlay.size == (WIDTH, HEIGHT) and np.any(np.asarray(overlay) != np.asarray(Image.open(path)))
+    video = json.loads((single_run / "videos" / "clip.json").read_text())
+    assert [f["frame"] for f in video["frames"]] == list(range(VIDEO_FRAMES)) and video["fps"] == 5.0
+    assert [f["file_name"] for f in video["frames"]] == [a["file_name"] for a in coco["annotations"][NUM_IMAGES:]]
+    import av
+
+    with av.open(str(single_run / "overlay" / "clip.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == VIDEO_FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
+    instances = json.loads((single_run / "instances.json").read_text())
+    assert instances and {d["image_id"] for d in instances} <= {im["id"] for im in coco["images"]}
+    for detection in instances[:20]:
+        assert SYNTHETIC_IS_THING[detection["category_id"]]
+        assert mask_utils.decode({**detection["segmentation"], "counts": detection["segmentation"]["counts"].encode()}).sum() == detection["area"]
+
+
+def test_files_evaluate_to_the_pq_of_the_in_memory_path(data, single_run):
+    from eovseg.predict import load_model
+
+    coco = json.loads((single_run / "panoptic.json").read_text())
+    from_files = PanopticQuality(categories())
+    for annotation, row in zip(coco["annotations"][:NUM_IMAGES], data["rows"]):
+        prediction = {"segmentation": str(single_run / "panoptic" / annotation["file_name"]),
+                      "segments_info": annotation["segments_info"]}
+        from_files.add(prediction, reference(row))
+
+    model, processor = load_model(str(data["model"]))
+    in_memory = PanopticQuality(categories())
+    stuff_ids = {i for i, thing in enumerate(SYNTHETIC_IS_THING) if not thing}
+    for start in range(0, NUM_IMAGES, BATCH):
+        rows = data["rows"][start : start + BATCH]
+        images = [Image.open(p).convert("RGB") for p in data["paths"][start : start + BATCH]]
+        with torch.no_grad():
+            outputs = model(**processor(images=images, text=CLASSES, return_tensors="pt"))
+        results = processor.post_process_panoptic_segmentation(
+            outputs, label_ids_to_fuse=stuff_ids, target_sizes=[(HEIGHT, WIDTH)] * len(images))
+        for result, row in zip(results, rows):
+            in_memory.add(result, reference(row))
+    assert from_files.state_dict() == in_memory.state_dict()
+    assert sum(in_memory.state_dict()["tp"]) + sum(in_memory.state_dict()["fp"]) > 0
+    assert json.dumps(from_files.compute(), sort_keys=True) == json.dumps(in_memory.compute(), sort_keys=True)
+
+
+def test_two_processes_write_exactly_the_files_of_one(data, single_run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "eovseg.predict", *run_args(data, tmp_path / "out2")]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{NUM_IMAGES + 1} inputs to segment in 2 process(es)" in run.stdout
+    one, two = tree(single_run), tree(tmp_path / "out2")
+    assert sorted(one) == sorted(two)
+    assert [name for name in one if one[name] != two[name]] == []
+
+
+def test_resume_skips_inputs_already_written(data, single_run, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    assert predict_main(run_args(data, output_dir, *map(str, data["paths"][:6]))) == 0
+    first = {p: p.stat().st_mtime_ns for p in (output_dir / "panoptic").rglob("*.png")}
+    capsys.readouterr()
+    assert predict_main(run_args(data, output_dir, *map(str, data["paths"][:10]))) == 0
+    assert "6 of 10 inputs already done" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in first} == first
+    coco = json.loads((output_dir / "panoptic.json").read_text())
+    assert [im["file_name"] for im in coco["images"]] == [str(p) for p in data["paths"][:10]]
+    assert len(list((output_dir / "panoptic").rglob("*.png"))) == 10
+
+
+def test_bad_inputs_are_skipped_and_listed(data, tmp_path, capsys):
+    broken_image, broken_video = tmp_path / "broken.jpg", tmp_path / "broken.mp4"
+    broken_image.write_bytes(b"not an image")
+    broken_video.write_bytes(b"\x00" * 100)
+    missing = tmp_path / "missing.png"
+    args = run_args(data, tmp_path / "out", str(data["paths"][0]), str(broken_image), str(broken_video), str(missing))
+    assert predict_main(args) == 1
+    err = capsys.readouterr().err
+    for path in (broken_image, broken_video, missing):
+        assert len([line for line in err.splitlines() if line.startswith(f"skipped {path}: ")]) == 1
+    assert "Traceback" not in err
+    coco = json.loads((tmp_path / "out" / "panoptic.json").read_text())
+    assert [im["file_name"] for im in coco["images"]] == [str(data["paths"][0])]
+    assert not list((tmp_path / "out").rglob("*.partial"))
+
+
+def test_refuses_a_folder_it_did_not_make_or_other_settings(data, tmp_path, capsys):
+    foreign = tmp_path / "busy"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert predict_main(run_args(data, foreign, str(data["paths"][0]))) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
+
+    output_dir = tmp_path / "run"
+    assert predict_main(run_args(data, output_dir, str(data["paths"][0]))) == 0
+    before = tree(output_dir)
+    assert predict_main(run_args(data, output_dir, str(data["paths"][0]))[:-1] + ["--threshold", "0.5"]) == 2
+    assert "other settings (instances, threshold)" in capsys.readouterr().err
+    assert tree(output_dir) == before
+
+
+def test_clear_errors_for_a_bad_model_or_vocabulary(data, tmp_path, capsys):
+    image = str(data["paths"][0])
+    assert predict_main([image, "--output_dir", str(tmp_path / "a"), "--model", str(tmp_path)]) == 2
+    assert "is not a folder with a config.json" in capsys.readouterr().err
+    assert predict_main([image, "--output_dir", str(tmp_path / "b"), "--model", str(data["model"]),
+                         "--classes", "car", "--stuff", "road"]) == 2
+    assert "not among the classes" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
