@@ -26,7 +26,14 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pycocotools>=2.0.7",
+        "av>=12",  # video in and out for `eovseg predict`; its wheels carry FFmpeg
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8", "supervision>=0.26"],
+        "app": ["gradio>=6,<7"],
+        "supervision": ["supervision>=0.26"],
+        # the web demo's browser test (Chromium itself comes from Debian: apt-get install chromium)
+        "browser": ["gradio>=6,<7", "playwright>=1.40"],
+    },
     entry_points={"console_scripts": ["eovseg=eovseg.cli:main"]},
 )

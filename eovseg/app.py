@@ -1,0 +1,209 @@
+"""A web demo in the browser: `eovseg app` (needs `pip install -e ".[app]"`), then open http://127.0.0.1:7860.
+
+    eovseg app [--model DIR] [--port 7860] [--host 127.0.0.1]
+
+Upload an image (or pick the example), write the classes to find, one per line (synonyms by commas; end a line with
+`(stuff)` for a class whose regions are merged rather than split into instances), or pick a built-in vocabulary;
+choose the subtask and thresholds. The page shows the image with the segments labelled, a legend of the classes
+found, and offers the segments (COCO panoptic JSON) and the panoptic PNG for download. A class list's text
+embeddings are computed once and reused while it stays the same. It runs on the CPU; nothing is sent anywhere (the
+server listens on 127.0.0.1 unless told otherwise, with Gradio's analytics off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+# Read by Gradio at import time: no usage reports, no update check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+STUFF_MARK = "(stuff)"
+CUSTOM = "(the class list)"
+
+
+def parse_class_list(text: str) -> tuple[list[str], list[bool]]:
+    """Class entries and thing flags from the text box: one class per line, `(stuff)` at the end marks stuff."""
+    names, is_thing = [], []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        stuff = line.lower().endswith(STUFF_MARK)
+        if stuff:
+            line = line[: -len(STUFF_MARK)].strip()
+        if line:
+            names.append(line)
+            is_thing.append(not stuff)
+    return names, is_thing
+
+
+def format_class_list(names: Sequence[str], is_thing: Sequence[bool]) -> str:
+    return "\n".join(name if thing else f"{name} {STUFF_MARK}" for name, thing in zip(names, is_thing))
+
+
+def builtin_vocabularies() -> dict[str, tuple[list[str], list[bool]]]:
+    """The built-in vocabularies (name -> class entries, thing flags), where this installation has them."""
+    try:
+        from .vocabularies import get_vocabulary, list_vocabularies
+    except ImportError:
+        return {}
+    return {name: (list(v.class_names), list(v.is_thing)) for name in list_vocabularies()
+            for v in [get_vocabulary(name)]}
+
+
+def example_image() -> str:
+    from . import demo
+
+    return str(demo.default_image_path() if hasattr(demo, "default_image_path") else demo.BUNDLED_IMAGE)
+
+
+def legend_html(entries) -> str:
+    """The classes found as colour swatches with names and segment counts."""
+    if not entries:
+        return '<div class="eovseg-legend"><em>No segments found.</em></div>'
+    items = "".join(
+        f'<span class="eovseg-legend-item" style="display:inline-block;margin:2px 10px 2px 0">'
+        f'<span style="display:inline-block;width:14px;height:14px;vertical-align:middle;'
+        f'background:rgb{tuple(color)}"></span> {html.escape(name)} &times;{count}</span>'
+        for name, color, count in entries
+    )
+    return f'<div class="eovseg-legend">{items}</div>'
+
+
+class SegmentationApp:
+    """The work behind the page, without Gradio (what the unit tests call)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+        self.output_root = Path(tempfile.mkdtemp(prefix="eovseg-app-"))
+        self.calls = 0
+
+    def vocabulary(self, class_text: str):
+        from .predict import PredictError, resolve_vocabulary
+
+        names, is_thing = parse_class_list(class_text)
+        if not names:
+            return resolve_vocabulary(self.model.config, None, None)
+        stuff = [n for n, thing in zip(names, is_thing) if not thing]
+        try:
+            return resolve_vocabulary(self.model.config, names, stuff)
+        except PredictError as err:
+            raise ValueError(str(err)) from None
+
+    def segment(self, image, class_text: str, subtask: str = "panoptic", threshold: float = 0.0,
+                overlap: float = 0.8, mask_threshold: float = 0.5):
+        """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image."""
+        from .export import panoptic_to_coco
+        from .predict import Predictor
+        from .visualization import draw_segments, legend_entries
+
+        if image is None:
+            raise ValueError("Upload an image or pick the example first.")
+        image = image.convert("RGB")
+        names, is_thing, given = self.vocabulary(class_text)
+        predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
+                              mask_threshold)
+        result = predictor([image])[0]
+        overlay = draw_segments(image, result["segmentation"], result["segments_info"], names)
+        self.calls += 1
+        folder = self.output_root / f"{self.calls:06d}"
+        folder.mkdir()
+        png, segments = panoptic_to_coco(result, is_thing)
+        png.save(folder / "panoptic.png")
+        categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(names, is_thing))]
+        (folder / "segments.json").write_text(json.dumps({
+            "subtask": subtask, "height": image.height, "width": image.width, "file_name": "panoptic.png",
+            "segments_info": segments, "categories": categories}, indent=1))
+        legend = legend_html(legend_entries(result["segments_info"], names))
+        return overlay, legend, str(folder / "segments.json"), str(folder / "panoptic.png")
+
+
+def build_demo(app: SegmentationApp):
+    """The Gradio page around `app`."""
+    import gradio as gr
+
+    vocabularies = builtin_vocabularies()
+    config = app.model.config
+    default_text = format_class_list(config.vocabulary, config.is_thing) if config.vocabulary else ""
+
+    def run(image, class_text, subtask, threshold, overlap, mask_threshold):
+        try:
+            return app.segment(image, class_text, subtask, threshold, overlap, mask_threshold)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
+    def pick(name):
+        if name in vocabularies:
+            return format_class_list(*vocabularies[name])
+        return gr.update()
+
+    with gr.Blocks(title="EOV-Seg open-vocabulary segmentation", analytics_enabled=False) as demo:
+        gr.Markdown("## EOV-Seg: segment an image with your own class list")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", elem_id="input-image")
+                gr.Examples([[example_image()]], inputs=[image])
+                vocabulary = gr.Dropdown([CUSTOM, *vocabularies], value=CUSTOM, label="Built-in vocabulary",
+                                         elem_id="vocabulary")
+                classes = gr.Textbox(default_text, lines=8, elem_id="classes",
+                                     label=f"Classes: one per line, synonyms by commas, '{STUFF_MARK}' at the end for stuff")
+                subtask = gr.Radio(["panoptic", "semantic", "instance"], value="panoptic", label="Subtask")
+                threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Least class probability of a segment")
+                overlap = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="Overlap mask-area threshold (panoptic)")
+                mask_threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
+                button = gr.Button("Segment", variant="primary", elem_id="run")
+            with gr.Column():
+                result = gr.Image(type="pil", label="Result", elem_id="result", interactive=False)
+                legend = gr.HTML(elem_id="legend")
+                segments_file = gr.File(label="Segments (COCO panoptic JSON)", elem_id="segments-json")
+                png_file = gr.File(label="Panoptic PNG (id = R + 256 G + 256^2 B)", elem_id="panoptic-png")
+        vocabulary.change(pick, inputs=[vocabulary], outputs=[classes])
+        button.click(run, inputs=[image, classes, subtask, threshold, overlap, mask_threshold],
+                     outputs=[result, legend, segments_file, png_file], concurrency_limit=1)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eovseg app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    return parser
+
+
+def launch(demo, host: str, port: int, block: bool = True):
+    """Serve the page locally, with fonts from the system (no font download)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return demo.launch(server_name=host, server_port=port, share=False, theme=theme, quiet=True, ssr_mode=False,
+                       prevent_thread_lock=not block, footer_links=[])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .predict import PredictError, load_model
+
+    args = build_parser().parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print('error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
+        return 2
+    try:
+        model, processor = load_model(args.model)
+    except PredictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"EOV-Seg demo on http://{args.host}:{args.port}")
+    launch(build_demo(SegmentationApp(model, processor)), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
