@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["eovseg", "eovseg.*"]),
-    package_data={"eovseg": ["assets/*", "evaluation/*.py"]},
+    package_data={"eovseg": ["assets/*", "assets/*/*", "evaluation/*.py", "vocabularies/*.json", "vocabularies/*.md"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

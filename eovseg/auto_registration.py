@@ -29,6 +29,10 @@ MODEL_AUTO_MAP = {
 # Only AutoProcessor: an "AutoImageProcessor" entry makes transformers' AutoVideoProcessor (which pipelines try)
 # look for a remote video processor and prompt the user about remote code even when eovseg is installed.
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_eovseg.EovSegProcessor"}
+# AutoImageProcessor (which pipeline("image-segmentation") calls) reads the image processor entry nested in
+# processor_config.json before preprocessor_config.json: the entry there lets it find the remote class where eovseg is
+# not installed, without making the video-processor lookup ask about remote code.
+IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_eovseg.EovSegImageProcessor"}
 
 _registered = False
 
@@ -80,12 +84,14 @@ def add_remote_code(folder: str | Path) -> None:
         (folder / Path(relative).name).write_text(_flatten_imports(source), encoding="utf-8")
     _add_auto_map(folder / "config.json", MODEL_AUTO_MAP)
     if (folder / "processor_config.json").is_file():
-        _add_auto_map(folder / "processor_config.json", PROCESSOR_AUTO_MAP)
+        _add_auto_map(folder / "processor_config.json", PROCESSOR_AUTO_MAP, IMAGE_PROCESSOR_AUTO_MAP)
 
 
-def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
+def _add_auto_map(path: Path, auto_map: dict[str, str], image_processor_auto_map: dict[str, str] | None = None) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("auto_map", {}).update(auto_map)
+    if image_processor_auto_map and isinstance(data.get("image_processor"), dict):
+        data["image_processor"].setdefault("auto_map", {}).update(image_processor_auto_map)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_eovseg import EovSegConfig
-from .vocabulary import PROMPT_TEMPLATES, seen_class_mask, synonym_counts
+from .vocabulary import PROMPT_TEMPLATES, display_name, seen_class_mask, synonym_counts, validate_vocabulary
 
 
 class EovSegInputError(ValueError):
@@ -820,6 +820,29 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"{self.default_text_embeddings.shape[0]}."
             )
         self.default_text_embeddings.copy_(embeddings)
+
+    @torch.no_grad()
+    def set_default_vocabulary(
+        self, class_names: list[str], is_thing: list[bool], input_ids: torch.LongTensor
+    ) -> None:
+        """Make `class_names` (with its thing flags) the default vocabulary: `config.vocabulary`, `config.is_thing`,
+        `id2label` / `label2id` are updated and the text embeddings computed from the prompts' token ids
+        (`EovSegProcessor.encode_vocabulary(class_names)["input_ids"]`) are stored with the weights, so that a saved
+        model runs on it with no text pass (as `pipeline("image-segmentation")` does)."""
+        class_names = validate_vocabulary(class_names, "default vocabulary")
+        if len(is_thing) != len(class_names):
+            raise EovSegInputError(f"is_thing has {len(is_thing)} flags for {len(class_names)} classes.")
+        self.config.vocabulary = list(class_names)
+        self.config.is_thing = [bool(t) for t in is_thing]
+        self.config.id2label = {i: display_name(name) for i, name in enumerate(class_names)}
+        self.config.label2id = {display_name(name): i for i, name in enumerate(class_names)}
+        reference = self.void_embedding.weight
+        num_synonyms = sum(synonym_counts(class_names))
+        self.register_buffer(
+            "default_text_embeddings",
+            torch.zeros(num_synonyms, self.config.embed_dim, device=reference.device, dtype=reference.dtype),
+        )
+        self.set_default_vocabulary_embeddings(input_ids)
 
     def _resolve_vocabulary(self, input_ids, synonym_counts_, class_seen_mask, text_embeddings):
         device = self.void_embedding.weight.device

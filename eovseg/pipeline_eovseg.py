@@ -4,8 +4,9 @@ classes to find at call time (`candidate_labels`), as the zero-shot pipelines do
     segmenter = pipeline("open-vocabulary-segmentation", model="eovseg-r50")
     segmenter("street.jpg", candidate_labels=["car", "road, street", "sky"], stuff_labels=["road, street", "sky"])
 
-Without `candidate_labels` the model's default vocabulary is used. Text embeddings are cached by the model, so calling
-again with the same labels costs no text pass. The defaults reproduce the original's panoptic inference (object
+`candidate_labels` (or `vocabulary=`) may also name a built-in vocabulary (`candidate_labels="ade20k_150"`, see
+`eovseg.vocabularies`). Without `candidate_labels` the model's default vocabulary is used. Text embeddings are cached
+by the model, so calling again with the same labels costs no text pass. The defaults reproduce the original's panoptic inference (object
 threshold 0.0, overlap 0.8, stuff merged).
 """
 
@@ -46,7 +47,12 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         )
 
     def _sanitize_parameters(self, candidate_labels=None, stuff_labels=None, subtask=None, threshold=None,
-                             overlap_mask_area_threshold=None, mask_threshold=None, timeout=None, **kwargs):
+                             overlap_mask_area_threshold=None, mask_threshold=None, timeout=None, vocabulary=None,
+                             **kwargs):
+        if vocabulary is not None:
+            if candidate_labels is not None:
+                raise ValueError("Give either candidate_labels or vocabulary (the same thing), not both.")
+            candidate_labels = vocabulary
         preprocess = {"candidate_labels": candidate_labels, "stuff_labels": stuff_labels, "timeout": timeout}
         postprocess = {"subtask": subtask or "panoptic"}
         if postprocess["subtask"] not in ("panoptic", "semantic", "instance"):
@@ -68,14 +74,7 @@ class OpenVocabularySegmentationPipeline(Pipeline):
                 raise ValueError("This model has no default vocabulary: pass candidate_labels=[...].")
             labels, is_thing = list(config.vocabulary), list(config.is_thing)
         else:
-            if isinstance(candidate_labels, str):
-                candidate_labels = [candidate_labels]
-            labels = validate_vocabulary(candidate_labels, "candidate_labels")
-            stuff = set(stuff_labels or [])
-            unknown = stuff - set(labels)
-            if unknown:
-                raise ValueError(f"stuff_labels {sorted(unknown)} are not among the candidate_labels.")
-            is_thing = [label not in stuff for label in labels]
+            labels, is_thing = _resolve_labels(candidate_labels, stuff_labels)
         inputs = self.processor(images=image, text=None if candidate_labels is None else labels, return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return {"inputs": inputs, "target_size": (image.height, image.width), "labels": labels, "is_thing": is_thing}
@@ -112,6 +111,22 @@ class OpenVocabularySegmentationPipeline(Pipeline):
             mask = Image.fromarray(((segmentation == segment["id"]).numpy() * 255).astype(np.uint8), mode="L")
             annotation.append({"score": float(segment["score"]), "label": names[segment["label_id"]], "mask": mask})
         return annotation
+
+
+def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[bool]]:
+    """Class entries and thing flags from a built-in vocabulary name (its own thing flags unless `stuff_labels` is
+    given) or a list of labels (things unless in `stuff_labels`)."""
+    from .vocabularies import load_vocabulary
+
+    vocabulary = load_vocabulary(candidate_labels)
+    labels = validate_vocabulary(vocabulary.class_names, "candidate_labels")
+    if stuff_labels is None:
+        return labels, list(vocabulary.is_thing)
+    stuff = {stuff_labels} if isinstance(stuff_labels, str) else set(stuff_labels)
+    unknown = stuff - set(labels)
+    if unknown:
+        raise ValueError(f"stuff_labels {sorted(unknown)} are not among the candidate_labels.")
+    return labels, [label not in stuff for label in labels]
 
 
 def register_pipeline() -> None:

@@ -286,3 +286,75 @@ def test_push_to_hub_uploads_the_converted_folder(checkpoint_files, tmp_path, mo
     assert repo == "someone/eovseg-tiny"
     assert files == sorted(os.listdir(out))  # the whole folder: weights, processor, model card, remote code
     assert {"README.md", "model.safetensors", "modeling_eovseg.py", "processor_config.json"} <= set(files)
+
+
+# --------------------------------------------------------------------------------------------- defaults
+
+ORIGINAL_LISTS = os.path.join(os.path.dirname(__file__), "data", "original_vocabularies")
+
+
+@pytest.fixture(scope="module")
+def converted_with_defaults(checkpoint_files, tmp_path_factory):
+    """Converted with no vocabulary flag at all."""
+    out = tmp_path_factory.mktemp("defaults") / "eovseg-tiny"
+    assert convert_main(["--checkpoint_path", str(checkpoint_files[0]), "--variant", "tiny", "--output_dir", str(out)]) == 0
+    return out
+
+
+def test_defaults_are_the_released_checkpoints_vocabularies(converted_with_defaults):
+    from eovseg.vocabularies import get_vocabulary, read_vocabulary_file
+    from eovseg.vocabulary import seen_class_mask
+
+    coco = get_vocabulary("coco_panoptic")
+    config = AutoConfig.from_pretrained(converted_with_defaults)
+    assert config.train_vocabulary == coco.class_names
+    assert config.vocabulary == coco.class_names and config.is_thing == coco.is_thing
+    card = (converted_with_defaults / "README.md").read_text()
+    assert "Default vocabulary: `coco_panoptic` (133 classes)" in card and "--vocabulary NAME|FILE" in card
+    processor = AutoProcessor.from_pretrained(converted_with_defaults)
+    seen = processor(text="ade20k_150")["class_seen_mask"]
+    # The original's class lists (its text files, unchanged) give the seen mask; 64 of the 150 classes are seen, as in
+    # the outputs of the original code (shared fixture original-r50).
+    ade = read_vocabulary_file(os.path.join(ORIGINAL_LISTS, "ade20k_150_with_prompt_eng.txt")).class_names
+    train = read_vocabulary_file(os.path.join(ORIGINAL_LISTS, "coco_panoptic_with_prompt_eng.txt")).class_names
+    assert seen.tolist() == seen_class_mask(ade, train)
+    assert int(seen.sum()) == 64
+
+
+def test_pipeline_on_a_folder_converted_with_defaults(converted_with_defaults):
+    from eovseg.vocabularies import get_vocabulary
+
+    image = Image.open(BUNDLED_IMAGE).convert("RGB").resize((96, 64))
+    model = AutoModel.from_pretrained(converted_with_defaults)
+    segmenter = pipeline("image-segmentation", model=model, image_processor=AutoImageProcessor.from_pretrained(converted_with_defaults))
+    calls = model.num_text_encoder_calls
+    results = segmenter(image, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8)
+    assert results and model.num_text_encoder_calls == calls  # stored embeddings: no text pass
+    names = set(get_vocabulary("coco_panoptic").display_names)
+    assert all(r["label"] in names for r in results)
+    ov = pipeline("open-vocabulary-segmentation", model=str(converted_with_defaults))
+    labels = {r["label"] for r in ov(image, candidate_labels="cityscapes")}
+    assert labels and labels <= set(get_vocabulary("cityscapes").display_names)
+
+
+def test_image_segmentation_pipeline_with_remote_code_only(converted_with_defaults, tmp_path):
+    """pipeline("image-segmentation", trust_remote_code=True) where `import eovseg` is impossible, offline."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["eovseg"] = None  # any import of the package fails
+        from PIL import Image
+        from transformers import pipeline
+        segmenter = pipeline("image-segmentation", model={str(converted_with_defaults)!r}, trust_remote_code=True)
+        image = Image.open({str(BUNDLED_IMAGE)!r}).convert("RGB").resize((96, 64))
+        segments = segmenter(image, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8)
+        print(type(segmenter.model).__module__, type(segmenter.image_processor).__module__, len(segments))
+        print("labels:", sorted({{s["label"] for s in segments}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_module, processor_module, count = result.stdout.splitlines()[0].split()
+    assert model_module.startswith("transformers_modules") and processor_module.startswith("transformers_modules")
+    assert int(count) > 0

@@ -123,8 +123,8 @@ def test_return_tensors_variants(processor):
         (["dog", 3], VocabularyError, "only strings"),
         (["dog", None], VocabularyError, "only strings"),
         (["dog", " , "], VocabularyError, "no class name"),
-        ("ade20k_150", ValueError, "not supported yet"),
-        ("dog, cat", ValueError, "not supported yet"),
+        ("ade20k_15", VocabularyError, "Unknown vocabulary 'ade20k_15': the built-in vocabularies are ade20k_150,"),
+        ("dog, cat", VocabularyError, "give a list of class names"),
         ({"dog": 1}, VocabularyError, "list of class-name strings"),
     ],
 )

@@ -2,12 +2,12 @@
 
     python -m eovseg.conversion_scripts.convert_original_checkpoint \\
         --checkpoint_path model_final.pth --variant r50 --output_dir eovseg-r50 \\
-        --vocabulary ade20k_150_with_prompt_eng.txt --stuff_ids 0 1 2 ... \\
-        --train_vocabulary coco_panoptic_with_prompt_eng.txt [--push_to_hub user/eovseg-r50]
+        [--vocabulary NAME|FILE] [--train_vocabulary NAME|FILE] [--push_to_hub user/eovseg-r50]
 
-The folder gets `config.json`, `model.safetensors` (with the default vocabulary's text embeddings, so inference needs
-no text pass), the processor and tokenizer files, a model card, and the code files for `trust_remote_code`.
-Nothing is written to `--output_dir` unless the whole conversion succeeds.
+The training vocabulary defaults to the built-in `coco_panoptic` (that of every released checkpoint, so the seen /
+unseen ensemble weights are the original's), and so does the default vocabulary. The folder gets `config.json`,
+`model.safetensors` (with the default vocabulary's text embeddings, so inference needs no class list and no text
+pass), the processor and tokenizer files, a model card, and the code files for `trust_remote_code`. is written to `--output_dir` unless the whole conversion succeeds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 
 from ..auto_registration import push_model_folder, save_model_folder
 from ..configuration_eovseg import PUBLISHED_VARIANTS, VARIANTS, EovSegConfig
-from ..vocabulary import VocabularyError, display_name, validate_vocabulary
+from ..vocabularies import Vocabulary, load_vocabulary
+from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
 
 
@@ -33,38 +34,21 @@ class ConversionError(Exception):
     """A conversion problem, reported as one line."""
 
 
-# --------------------------------------------------------------------------------------------------- vocabulary files
+# --------------------------------------------------------------------------------------------------- vocabularies
+
+# Every released checkpoint was trained on COCO panoptic: the training vocabulary decides which test classes are
+# "seen" (ensemble weight alpha rather than beta), so it must be this one for the original's outputs.
+DEFAULT_TRAIN_VOCABULARY = "coco_panoptic"
+# The vocabulary stored (with its embeddings) as the converted model's default.
+DEFAULT_VOCABULARY = "coco_panoptic"
 
 
-def read_vocabulary_file(path: str | Path) -> tuple[list[str], list[bool] | None]:
-    """Read a vocabulary: a JSON file (`{"classes": [...], "is_thing": [...]}` or a plain list), or a text file with
-    one class entry per line, optionally prefixed by `id:` as in the original's `*_with_prompt_eng.txt` files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"vocabulary file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"vocabulary file {str(path)!r} is not valid JSON ({err})") from None
-        classes = data["classes"] if isinstance(data, dict) else data
-        is_thing = data.get("is_thing") if isinstance(data, dict) else None
-    else:
-        classes, is_thing = [], None
-        for line in text.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            head, sep, rest = line.partition(":")
-            classes.append(rest if sep and head.strip().isdigit() else line)
+def read_vocabulary(spec: str, what: str) -> Vocabulary:
+    """A built-in vocabulary name or a vocabulary file (see `eovseg.vocabularies.read_vocabulary_file`)."""
     try:
-        classes = validate_vocabulary(classes, f"vocabulary in {path.name}")
+        return load_vocabulary(spec)
     except VocabularyError as err:
-        raise ConversionError(str(err)) from None
-    if is_thing is not None and len(is_thing) != len(classes):
-        raise ConversionError(f"{path.name}: is_thing has {len(is_thing)} flags for {len(classes)} classes")
-    return classes, is_thing
+        raise ConversionError(f"{what}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -133,7 +117,9 @@ def convert(original: dict[str, torch.Tensor], config: EovSegConfig):
 # --------------------------------------------------------------------------------------------------- model card
 
 
-def model_card(config: EovSegConfig, num_params: int, checkpoint_name: str, vocabulary_source: str) -> str:
+def model_card(
+    config: EovSegConfig, num_params: int, checkpoint_name: str, vocabulary_source: str, train_source: str
+) -> str:
     # The authors' model-zoo table (ADE20K open-vocabulary panoptic, trained on COCO panoptic; RTX 3090 FPS).
     reported = {
         "r50": "PQ 15.1, SQ 57.0, RQ 18.9, AP 7.2, mIoU 21.9, 23.8 FPS, 71M parameters (EOV-Seg (S))",
@@ -156,9 +142,15 @@ Transformers model with the `eovseg` package.
   extractor: first block of `{config.vit_model_name}` ({config.vit_pretrained}).
 - Parameters in this folder: {num_params / 1e6:.1f}M (all tensors, including the frozen CLIP text tower used to encode
   new vocabularies).
-- Default vocabulary: {num_classes} classes from `{vocabulary_source}`; their text embeddings are stored with the
-  weights, so inference with the default vocabulary needs no text pass. Any other class list can be given at call
-  time.
+- Default vocabulary: `{vocabulary_source}` ({num_classes} classes); its text embeddings are stored with the weights,
+  so `pipeline("image-segmentation", model=<this folder>)` needs no class list and no text pass. To use other classes,
+  give them at call time (`pipeline("open-vocabulary-segmentation", ...)(image, candidate_labels=[...])` or a built-in
+  name such as `candidate_labels="ade20k_150"`; `processor(images=..., text=...)`), store another default with
+  `eovseg.vocabularies.set_default_vocabulary(model, processor, "ade20k_150")` and `save_pretrained`, or convert
+  again with `--vocabulary NAME|FILE`.
+- Training vocabulary: `{train_source}` ({len(config.train_vocabulary)} classes): a test class sharing a synonym with it
+  is *seen* and gets the ensemble weight alpha ({config.geometric_ensemble_alpha}), other classes beta
+  ({config.geometric_ensemble_beta}), as in the original.
 - Converted from the authors' checkpoint `{checkpoint_name}` with
   `python -m eovseg.conversion_scripts.convert_original_checkpoint`; every original key was mapped or listed as
   dropped (ViT blocks after the first and the ViT model's text tower and head are not used by EOV-Seg).
@@ -167,11 +159,14 @@ Transformers model with the `eovseg` package.
 ## Use
 
 ```python
-import eovseg  # registers the Auto classes
+import eovseg  # registers the Auto classes (or pass trust_remote_code=True where eovseg is not installed)
 from transformers import pipeline
 
-segmenter = pipeline("image-segmentation", model="<this folder>")
-segments = segmenter("street.jpg", subtask="panoptic")
+segmenter = pipeline("image-segmentation", model="<this folder>")   # default vocabulary
+segments = segmenter("street.jpg", subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8)
+
+ov = pipeline("open-vocabulary-segmentation", model="<this folder>")
+segments = ov("street.jpg", candidate_labels="ade20k_150")          # a built-in vocabulary, or a list of classes
 ```
 """
 
@@ -180,20 +175,18 @@ segments = segmenter("street.jpg", subtask="panoptic")
 
 
 def build_config(args) -> EovSegConfig:
-    overrides = {}
-    if args.vocabulary:
-        classes, is_thing = read_vocabulary_file(args.vocabulary)
-        if args.stuff_ids is not None:
-            bad = [i for i in args.stuff_ids if not 0 <= i < len(classes)]
-            if bad:
-                raise ConversionError(f"--stuff_ids {bad[0]} is out of range for {len(classes)} classes")
-            is_thing = [i not in set(args.stuff_ids) for i in range(len(classes))]
-        overrides["vocabulary"] = classes
-        overrides["is_thing"] = is_thing
-    if args.train_vocabulary:
-        overrides["train_vocabulary"] = read_vocabulary_file(args.train_vocabulary)[0]
+    vocabulary = read_vocabulary(args.vocabulary, "--vocabulary")
+    is_thing = list(vocabulary.is_thing)
+    if args.stuff_ids is not None:
+        bad = [i for i in args.stuff_ids if not 0 <= i < len(vocabulary)]
+        if bad:
+            raise ConversionError(f"--stuff_ids {bad[0]} is out of range for {len(vocabulary)} classes")
+        is_thing = [i not in set(args.stuff_ids) for i in range(len(vocabulary))]
+    train_vocabulary = read_vocabulary(args.train_vocabulary, "--train_vocabulary").class_names
     try:
-        return EovSegConfig.from_variant(args.variant, **overrides)
+        return EovSegConfig.from_variant(
+            args.variant, vocabulary=vocabulary.class_names, is_thing=is_thing, train_vocabulary=train_vocabulary
+        )
     except ValueError as err:
         raise ConversionError(str(err)) from None
 
@@ -208,23 +201,22 @@ def run_conversion(args) -> Path:
     original = load_original_state_dict(args.checkpoint_path)
     model, dropped = convert(original, config)
     processor = EovSegProcessor.from_config(config)
-    if config.vocabulary:
-        text = processor.encode_vocabulary(config.vocabulary, return_tensors="pt")
-        model.set_default_vocabulary_embeddings(text["input_ids"])
+    text = processor.encode_vocabulary(config.vocabulary, return_tensors="pt")
+    model.set_default_vocabulary(config.vocabulary, config.is_thing, text["input_ids"])
     num_params = sum(p.numel() for p in model.parameters())
     print(f"converted {len(original) - len(dropped)} tensors; dropped {len(dropped)} the model does not use"
           + (f" (e.g. {dropped[0]})" if dropped else ""))
     print(f"parameters: {num_params / 1e6:.1f}M")
 
-    if config.vocabulary:
-        sanity_run(model, processor)
+    sanity_run(model, processor)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         save_model_folder(model, processor, staging)
         (staging / "README.md").write_text(
-            model_card(config, num_params, Path(args.checkpoint_path).name, str(args.vocabulary or "none"))
+            model_card(config, num_params, Path(args.checkpoint_path).name, str(args.vocabulary),
+                       str(args.train_vocabulary))
         )
         (staging / "dropped_keys.txt").write_text("\n".join(dropped) + "\n")
         if output_dir.exists():
@@ -263,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint_path", required=True, help="the original model_final.pth")
     parser.add_argument("--variant", required=True, choices=list(PUBLISHED_VARIANTS) + ["tiny", "tiny_convnext"])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--vocabulary", default=None,
-                        help="default vocabulary: a .json ({classes, is_thing}) or .txt (one 'id:name,synonym' per line)")
+    parser.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, metavar="NAME|FILE",
+                        help="default vocabulary stored with its text embeddings: a built-in name (ade20k_150, ...) or "
+                             "a .json ({classes, is_thing}) / .txt (one 'id:name,synonym' per line) file "
+                             f"(default: {DEFAULT_VOCABULARY})")
     parser.add_argument("--stuff_ids", type=int, nargs="*", default=None, help="indices of stuff classes of --vocabulary")
-    parser.add_argument("--train_vocabulary", default=None,
-                        help="training vocabulary file (e.g. the original's coco_panoptic_with_prompt_eng.txt) for the "
-                             "seen/unseen ensemble weights")
+    parser.add_argument("--train_vocabulary", default=DEFAULT_TRAIN_VOCABULARY, metavar="NAME|FILE",
+                        help="the vocabulary the checkpoint was trained on, for the seen/unseen ensemble weights "
+                             f"(default: {DEFAULT_TRAIN_VOCABULARY}, that of every released checkpoint)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     return parser

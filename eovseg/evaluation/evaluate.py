@@ -116,7 +116,11 @@ def _resolve_categories(categories, model, dataset=None) -> list[dict]:
     if categories is None:
         stored = dataset_categories(dataset) if dataset is not None else None
         return normalize_categories(stored) if stored else categories_from_config(model.config)
-    if isinstance(categories, (str, os.PathLike)):
+    if isinstance(categories, str) and not os.path.exists(categories):
+        from ..vocabularies import get_vocabulary
+
+        categories = get_vocabulary(categories).categories()  # a built-in name; else an error listing them
+    elif isinstance(categories, (str, os.PathLike)):
         categories = _read_categories_file(categories, model)
     elif isinstance(categories, Sequence) and categories and all(isinstance(c, str) for c in categories):
         categories = _categories_from_names(list(categories), model)
@@ -292,7 +296,8 @@ def evaluate_model(
         task: `"panoptic"`, `"semantic"`, `"instance"`, `"all"` or a list of them; all are computed from the same
             forward passes.
         categories: `[{"id", "name", "isthing"}]`, a path to a JSON file of them (a COCO panoptic JSON with
-            `categories` works), or a list of names from the model's vocabulary. Default: the categories stored
+            `categories` works), a built-in vocabulary name (`"ade20k_150"`, with its dataset ids), or a list of
+            names from the model's vocabulary. Default: the categories stored
             with the data set (`info.description` JSON with a `categories` list, as the synthetic data set has),
             else the model configuration's vocabulary with ids `0 .. K-1`.
         columns: a [`DatasetColumns`] or a dict of its fields.
@@ -516,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vocabulary",
         default=None,
-        help="JSON file of categories [{id, name, isthing}] (or a COCO panoptic JSON); default: the model's vocabulary",
+        help="built-in vocabulary name (ade20k_150, ...) or JSON file of categories [{id, name, isthing}] (or a COCO "
+        "panoptic JSON); default: the model's vocabulary",
     )
     parser.add_argument("--task", default="panoptic", choices=[*TASKS, "all"])
     parser.add_argument("--batch_size", type=int, default=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,8 +129,9 @@ class EovSegProcessor(ProcessorMixin):
 
         Args:
             images: images for the image processor (one image or a list).
-            text (`list[str]`, *optional*):
-                The vocabulary: one string of comma-separated synonyms per class.
+            text (`list[str]` or `str`, *optional*):
+                The vocabulary: one string of comma-separated synonyms per class, or the name of a built-in
+                vocabulary (`"ade20k_150"`, see `eovseg.vocabularies.list_vocabularies()`).
             segmentation_maps: optional segmentation maps, passed to the image processor with the images.
             return_tensors (`str`, *optional*, defaults to `"pt"`):
                 `"pt"` (the model's inputs), `"np"` or `None` (Python lists for the text part).
@@ -157,7 +159,8 @@ class EovSegProcessor(ProcessorMixin):
         """Tokenize the prompts of a vocabulary.
 
         Args:
-            class_names (`list[str]`): one string of comma-separated synonyms per class.
+            class_names (`list[str]` or `str`): one string of comma-separated synonyms per class, or the name of a
+                built-in vocabulary.
             return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"`, `"np"` or `None` (lists).
 
         Returns:
@@ -170,11 +173,7 @@ class EovSegProcessor(ProcessorMixin):
             - `class_seen_mask` (`(K,)` bool): whether each class is seen in `train_vocabulary`.
         """
         if isinstance(class_names, str):
-            raise ValueError(
-                f"The vocabulary must be a list of class names (one string of comma-separated synonyms per class); "
-                f"got the single string {class_names!r}. Built-in vocabularies selected by name are not supported "
-                "yet: pass the list of class names."
-            )
+            class_names = _builtin_class_names(class_names)
         class_names = validate_vocabulary(class_names)
         prompts = build_prompts(class_names)
         ids = clip_token_ids(self.tokenizer, prompts)
@@ -207,6 +206,19 @@ class EovSegProcessor(ProcessorMixin):
     def post_process_instance_segmentation(self, *args, **kwargs):
         """Forwards all arguments to [`EovSegImageProcessor.post_process_instance_segmentation`]."""
         return self.image_processor.post_process_instance_segmentation(*args, **kwargs)
+
+
+def _builtin_class_names(name: str) -> list[str]:
+    # Imported by absolute name: the built-in vocabularies are package data of `eovseg`, absent from a remote-code folder
+    # (whose loader would also try to copy any module named in a relative import).
+    try:
+        get_vocabulary = importlib.import_module("eovseg.vocabularies").get_vocabulary
+    except ImportError:
+        raise ValueError(
+            f"The vocabulary must be a list of class names; the built-in vocabulary name {name!r} needs the eovseg "
+            "package installed (pip install eovseg)."
+        ) from None
+    return get_vocabulary(name).class_names
 
 
 __all__ = ["EovSegProcessor", "TEXT_INPUT_NAMES"]

@@ -20,7 +20,8 @@ What it does (defaults are the original's, `configs/Base-COCO-PanopticSegmentati
   position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped;
 * every `--eval_steps`: panoptic quality on `--eval_dataset` (`eovseg.evaluation.evaluate_model`);
 * a tqdm bar, `OUT/metrics.jsonl` (one JSON object per logging step / evaluation), and at the end
-  `save_pretrained` of the model and the processor in OUT (`--push_to_hub REPO_ID` to upload them).
+  `save_pretrained` of the model and the processor in OUT (`--push_to_hub REPO_ID` to upload them), with the training
+  classes as the model's default vocabulary (text embeddings stored) and among its training vocabulary.
 
 Every training step reseeds torch's generator from (seed, step, process): the random point sampling of the loss
 then depends only on them, which is what makes a resumed run reproduce the uninterrupted one exactly.
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_type", choices=["panoptic", "semantic"], default="panoptic")
     g.add_argument("--eval_dataset", default=None, help="local data set path or 'synthetic' (panoptic rows)")
     g.add_argument("--eval_split", default=None, help="default: validation/val/test when a DatasetDict")
-    g.add_argument("--categories", default=None, help="JSON file: [{id, name, isthing}] or a COCO panoptic JSON")
+    g.add_argument("--categories", default=None, metavar="NAME|FILE",
+                   help="built-in vocabulary name (coco_panoptic, ...) or JSON file: [{id, name, isthing}] or a COCO "
+                        "panoptic JSON")
     g.add_argument("--image_column", default="image")
     g.add_argument("--panoptic_column", default="label")
     g.add_argument("--segments_info_column", default="segments_info")
@@ -191,13 +194,9 @@ def resolve_categories(args, dataset, model) -> list[dict]:
     from .synthetic import get_dataset_categories
 
     if args.categories:
-        with open(args.categories, encoding="utf-8") as f:
-            data = json.load(f)
-        if isinstance(data, dict):
-            data = data.get("categories")
-        if not isinstance(data, list) or not all(isinstance(c, dict) and "id" in c and "name" in c for c in data):
-            raise ValueError(f"{args.categories}: expected a list of {{'id', 'name', 'isthing'}} categories.")
-        categories = data
+        from ..vocabularies import load_vocabulary
+
+        categories = load_vocabulary(args.categories).categories()
     else:
         categories = get_dataset_categories(dataset)
         if categories is None:
@@ -212,6 +211,15 @@ def resolve_categories(args, dataset, model) -> list[dict]:
         {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(bool(c.get("isthing", c.get("is_thing", 1))))}
         for c in categories
     ]
+
+
+def store_training_vocabulary(model, processor, categories: list[dict]) -> None:
+    """Make the training classes the model's default vocabulary, with their text embeddings, so that the saved
+    folder runs with no class list (`pipeline("image-segmentation", model=OUT)`)."""
+    from ..vocabularies import build_vocabulary, set_default_vocabulary
+
+    vocabulary = build_vocabulary([c["name"] for c in categories], is_thing=[bool(c["isthing"]) for c in categories])
+    set_default_vocabulary(model, processor, vocabulary)
 
 
 def build_datasets(args):
@@ -487,6 +495,7 @@ def train(args: argparse.Namespace) -> dict:
     last_eval = evaluate_now() or last_eval
     unwrapped = accelerator.unwrap_model(model)
     if is_main:
+        store_training_vocabulary(unwrapped, processor, categories)
         save_model_folder(unwrapped, processor, args.output_dir)
         if args.push_to_hub:
             url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
