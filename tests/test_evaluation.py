@@ -121,27 +121,107 @@ def test_void_pixels_are_removed_from_the_union():
     assert half_void["per_class"][2]["FP"] == 1
 
 
-def test_undescribed_and_ignored_ground_truth_is_void():
-    # Id 5 is not in segments_info and id 8 has an ignored category: both are void.
-    gt = seg([[1, 1, 5, 8], [1, 1, 5, 8]], (1, 1), (8, 2))
-    prediction = pred([[6, 6, 6, 6], [6, 6, 6, 6]], (6, 1))
+def test_ignored_category_is_void():
+    # Category 2 is ignored: segment 8's pixels are void, so the person prediction over [1, 1, 8] has
+    # IoU = 4 / (6 + 4 - 4 - 2) = 1 and the car is no false negative.
+    gt = seg([[1, 1, 8], [1, 1, 8]], (1, 1), (8, 2))
+    prediction = pred([[6, 6, 6], [6, 6, 6]], (6, 1))
     ignored = panoptic_quality([prediction], [gt], CATEGORIES, ignore_category_ids=[2])
-    assert ignored["per_class"][1]["TP"] == 1 and ignored["PQ"] == pytest.approx(100.0)
-    assert ignored["N"] == 1
-    # Without ignoring category 2, the car is missed and the person prediction's IoU is 4 / 6.
+    assert ignored["per_class"][1]["TP"] == 1 and ignored["PQ"] == pytest.approx(100.0) and ignored["N"] == 1
+    # Not ignored: the car is missed and the person's IoU is 4 / 6.
     counted = panoptic_quality([prediction], [gt], CATEGORIES)
     assert counted["per_class"][2]["FN"] == 1
     assert counted["per_class"][1]["SQ"] == pytest.approx(100 * 4 / 6)
-    # A category outside `categories` is void too.
-    unknown = panoptic_quality([prediction], [seg(gt["segmentation"], (1, 1), (8, 42))], CATEGORIES)
-    assert unknown["per_class"][1]["SQ"] == pytest.approx(100.0)
 
 
-def test_zero_area_segments_do_not_count():
+def test_quirk_unlisted_ground_truth_ids_are_not_void():
+    # Id 5 is on the map but not in segments_info. pq_compute: its pixels stay in the prediction's area, so the
+    # person's IoU is 3 / (5 + 3 - 3 - 0) = 0.6; clean: they are void, IoU = 3 / (5 + 3 - 3 - 2) = 1.
+    gt = seg([[1, 1, 1, 5, 5]], (1, 1))
+    prediction = pred([[6, 6, 6, 6, 6]], (6, 1))
+    api = panoptic_quality([prediction], [gt], CATEGORIES)
+    clean = panoptic_quality([prediction], [gt], CATEGORIES, conventions="clean")
+    assert api["per_class"][1]["TP"] == 1 and api["per_class"][1]["SQ"] == pytest.approx(60.0)
+    assert clean["per_class"][1]["TP"] == 1 and clean["per_class"][1]["SQ"] == pytest.approx(100.0)
+    # A prediction lying on an unlisted id is a false positive for pq_compute, ignored in clean.
+    stray = pred([[6, 6, 6, 7, 7]], (6, 1), (7, 2))
+    assert panoptic_quality([stray], [gt], CATEGORIES)["per_class"][2]["FP"] == 1
+    assert panoptic_quality([stray], [gt], CATEGORIES, conventions="clean")["per_class"][2]["FP"] == 0
+
+
+def test_quirk_ground_truth_of_unknown_category_is_not_void():
+    # Segment 5 has category 42, not evaluated: same numbers as an unlisted id, and category 42 is reported nowhere.
+    gt = seg([[1, 1, 1, 5, 5]], (1, 1), (5, 42))
+    prediction = pred([[6, 6, 6, 6, 6]], (6, 1))
+    api = panoptic_quality([prediction], [gt], CATEGORIES)
+    clean = panoptic_quality([prediction], [gt], CATEGORIES, conventions="clean")
+    assert api["per_class"][1]["SQ"] == pytest.approx(60.0) and api["N"] == 1 and 42 not in api["per_class"]
+    assert clean["per_class"][1]["SQ"] == pytest.approx(100.0) and clean["N"] == 1
+
+
+def test_quirk_listed_ground_truth_without_pixels_is_a_false_negative():
     gt = seg([[1, 1], [1, 1]], (1, 1), (2, 2))  # segment 2 (car) is listed but has no pixel
-    result = panoptic_quality([pred([[3, 3], [3, 3]], (3, 1), (4, 9))], [gt], CATEGORIES)
-    assert result["per_class"][2]["FN"] == 0 and result["per_class"][9]["FP"] == 0
-    assert result["PQ"] == 100.0 and result["N"] == 1
+    prediction = pred([[3, 3], [3, 3]], (3, 1), (4, 9))  # prediction 4 is listed without pixels: nothing
+    api = panoptic_quality([prediction], [gt], CATEGORIES)
+    assert (api["per_class"][2]["TP"], api["per_class"][2]["FN"]) == (0, 1) and api["per_class"][9]["FP"] == 0
+    assert api["N"] == 2 and api["PQ"] == pytest.approx((100 + 0) / 2)
+    clean = panoptic_quality([prediction], [gt], CATEGORIES, conventions="clean")
+    assert clean["per_class"][2]["FN"] == 0 and clean["PQ"] == 100.0 and clean["N"] == 1
+
+
+def test_quirk_only_the_last_listed_crowd_region_of_a_category_excuses():
+    # Crowd regions 10 and 20 of person; the person prediction 5 has 4 of its 5 pixels on crowd 10 and matches
+    # nothing; the car (segment 1) is missed.
+    ids = [[10, 10, 10, 10, 20, 20, 1, 1]]
+    prediction = pred([[5, 5, 5, 5, 0, 0, 0, 5]], (5, 1))
+    crowd_10 = (10, 1, 1)
+    crowd_20 = (20, 1, 1)
+    car = (1, 2)
+    empty_crowd = (30, 1, 1)  # listed crowd of person without pixels
+    cases = {
+        # segments_info order: (FP of person with pq_compute, FP of person in clean)
+        (crowd_10, crowd_20, car): (1, 0),  # 20 is kept: 0 / 5 of the prediction on it
+        (crowd_20, crowd_10, car): (0, 0),  # 10 is kept: 4 / 5 > 0.5
+        (crowd_20, crowd_10, empty_crowd, car): (1, 0),  # the empty one is kept
+    }
+    for order, (api_fp, clean_fp) in cases.items():
+        gt = seg(ids, *order)
+        api = panoptic_quality([prediction], [gt], CATEGORIES)["per_class"]
+        clean = panoptic_quality([prediction], [gt], CATEGORIES, conventions="clean")["per_class"]
+        assert (api[1]["FP"], clean[1]["FP"]) == (api_fp, clean_fp), order
+        assert api[1]["FN"] == clean[1]["FN"] == 0 and api[2]["FN"] == clean[2]["FN"] == 1
+
+
+def test_quirk_ground_truth_area_field_is_used_in_the_union():
+    # The person has 4 pixels but the JSON says area 6; the prediction covers 3 of them.
+    # pq_compute: IoU = 3 / (3 + 6 - 3) = 0.5, no match; pixels: IoU = 3 / (3 + 4 - 3) = 0.75.
+    gt = seg([[1, 1, 1, 1]], (1, 1))
+    gt["segments_info"][0]["area"] = 6
+    prediction = pred([[5, 5, 5, 0]], (5, 1))
+    api = panoptic_quality([prediction], [gt], CATEGORIES)["per_class"][1]
+    assert (api["TP"], api["FP"], api["FN"]) == (0, 1, 1)
+    clean = panoptic_quality([prediction], [gt], CATEGORIES, conventions="clean")["per_class"][1]
+    assert (clean["TP"], clean["SQ"]) == (1, pytest.approx(75.0))
+    del gt["segments_info"][0]["area"]
+    no_field = panoptic_quality([prediction], [gt], CATEGORIES)["per_class"][1]
+    assert (no_field["TP"], no_field["SQ"]) == (1, pytest.approx(75.0))
+    # An area too small for the union to be positive is refused (pq_compute divides by zero).
+    gt["segments_info"][0]["area"] = 0
+    with pytest.raises(ValueError, match="reference segment 1: its 'area' is too small"):
+        panoptic_quality([pred([[5, 5, 5, 5]], (5, 1))], [gt], CATEGORIES)
+
+
+def test_quirk_crowd_means_iscrowd_equal_to_one_and_id_zero():
+    gt = seg([[1, 1, 2, 2]], (1, 1), (2, 2, 2))  # iscrowd = 2: an ordinary segment
+    result = panoptic_quality([pred([[3, 3, 0, 0]], (3, 1))], [gt], CATEGORIES)
+    assert result["per_class"][2]["FN"] == 1
+    # A prediction may list id 0 (a segment like any other); the ground truth may not.
+    zero = panoptic_quality([pred([[0, 0, 3, 3]], (0, 1), (3, 2))], [gt], CATEGORIES)
+    assert zero["per_class"][1]["TP"] == 1 and zero["per_class"][2]["TP"] == 1
+    with pytest.raises(ValueError, match="id 0 is void"):
+        panoptic_quality([pred([[3, 3, 3, 3]], (3, 1))], [seg([[0, 0, 1, 1]], (0, 1))], CATEGORIES)
+    with pytest.raises(ValueError, match="conventions"):
+        PanopticQuality(CATEGORIES, conventions="detectron2")
 
 
 def test_per_class_and_things_stuff_split():
@@ -242,7 +322,7 @@ def _plain_pq_counts(prediction, reference, categories):
 
 def test_random_cases_agree_with_the_definition_written_out():
     rng = np.random.default_rng(0)
-    metric = PanopticQuality(CATEGORIES)
+    metric = PanopticQuality(CATEGORIES, conventions="clean")  # the plain definition, without pq_compute's quirks
     totals = {c["id"]: [0.0, 0, 0, 0] for c in CATEGORIES}
     for _ in range(30):
         prediction, reference = _random_panoptic_pair(rng)
@@ -341,6 +421,7 @@ def test_accepts_post_processed_outputs_directly():
     # Against a ground truth where the car block is void, the car prediction is ignored, not a false positive.
     car = [s["id"] for s in results[0]["segments_info"] if s["label_id"] == 1]
     reference["segmentation"][np.isin(reference["segmentation"], car)] = 0
+    reference["segments_info"] = [s for s in reference["segments_info"] if s["id"] not in car]
     result = panoptic_quality(results, [reference], CATEGORIES, label_id_to_category_id=[1, 2, 7, 9])
     assert result["per_class"][2]["FP"] == 0 and result["N"] == 3
 

@@ -125,6 +125,7 @@ Args:
     categories: `[{"id", "name", "isthing"}]` (at load time or here).
     label_id_to_category_id: optional dict/list mapping prediction label ids to category ids.
     ignore_category_ids: optional ground-truth categories treated as void.
+    conventions: "panopticapi" (default, the COCO panoptic API's numbers) or "clean" (see `PanopticQuality`).
 Returns:
     PQ, SQ, RQ, N (all classes), PQ_th, SQ_th, RQ_th, N_th (things), PQ_st, SQ_st, RQ_st, N_st (stuff), in percent;
     per_class; num_images.
@@ -132,7 +133,7 @@ Returns:
 
 
 class EovSegPanopticQuality(_StreamingModule):
-    _option_names = ("categories", "label_id_to_category_id", "ignore_category_ids")
+    _option_names = ("categories", "label_id_to_category_id", "ignore_category_ids", "conventions")
 
     def _info(self):
         return evaluate.MetricInfo(
@@ -160,6 +161,7 @@ class EovSegPanopticQuality(_StreamingModule):
             options["categories"],
             label_id_to_category_id=options.get("label_id_to_category_id"),
             ignore_category_ids=options.get("ignore_category_ids") or (),
+            conventions=options.get("conventions") or "panopticapi",
         )
 
 
