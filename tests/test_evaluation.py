@@ -429,7 +429,7 @@ def test_accepts_post_processed_outputs_directly():
 # ---------------------------------------------------------------------------------------------- semantic
 
 
-def _plain_semantic(predictions, references, num_labels, ignore_index):
+def _plain_semantic(predictions, references, num_labels, ignore_index, convention):
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
     missed = np.zeros(num_labels, dtype=np.int64)  # reference pixels predicted as no valid class
     for p, r in zip(predictions, references):
@@ -445,7 +445,7 @@ def _plain_semantic(predictions, references, num_labels, ignore_index):
         tp = confusion[c, c]
         gt = confusion[c].sum() + missed[c]
         pr = confusion[:, c].sum()
-        if gt + pr > 0:
+        if gt > 0 or (convention == "mmseg" and pr > 0):
             ious.append(tp / (gt + pr - tp))
             weights.append(gt)
         if gt > 0:
@@ -471,11 +471,13 @@ def test_miou_matches_a_plain_confusion_matrix():
         prediction[reference == 255] = rng.integers(0, num_labels)
         predictions.append(torch.as_tensor(prediction))
         references.append(reference)
-    expected = _plain_semantic(predictions, references, num_labels, 255)
-    result = mean_iou(predictions, references, num_labels=num_labels)
-    for key, value in expected.items():
-        assert result[key] == pytest.approx(value, abs=1e-9), key
-    streaming = SemanticSegmentationMetric(num_labels)
+    for convention in ("detectron2", "mmseg"):
+        expected = _plain_semantic(predictions, references, num_labels, 255, convention)
+        result = mean_iou(predictions, references, num_labels=num_labels, convention=convention)
+        for key, value in expected.items():
+            assert result[key] == pytest.approx(value, abs=1e-9), (convention, key)
+    assert result["mIoU"] < mean_iou(predictions, references, num_labels=num_labels)["mIoU"]  # the last class
+    streaming = SemanticSegmentationMetric(num_labels, convention="mmseg")
     for p, r in zip(predictions, references):
         streaming.add(p, r)
     assert streaming.compute()["mIoU"] == pytest.approx(result["mIoU"])
@@ -492,6 +494,22 @@ def test_miou_perfect_ignore_and_undefined_classes():
     assert reduced["mIoU"] == 100.0
     with pytest.raises(ValueError, match="outside"):
         mean_iou([np.zeros((2, 2))], [np.full((2, 2), 7)], num_labels=3)
+
+
+def test_miou_conventions_differ_only_on_predicted_only_classes():
+    # Class 0: 2 reference pixels, 1 predicted right: IoU 1 / 2. Class 1 is predicted once, never in the reference.
+    # Class 2 is nowhere. The 255 pixel is skipped, whatever is predicted there.
+    reference, prediction = np.array([[0, 0, 255]]), np.array([[0, 1, 2]])
+    detectron2 = mean_iou([prediction], [reference], num_labels=3)
+    mmseg = mean_iou([prediction], [reference], num_labels=3, convention="mmseg")
+    assert detectron2["mIoU"] == pytest.approx(50.0) and math.isnan(detectron2["per_class"][1]["IoU"])
+    assert mmseg["mIoU"] == pytest.approx(25.0) and mmseg["per_class"][1]["IoU"] == 0.0
+    for result in (detectron2, mmseg):
+        assert math.isnan(result["per_class"][2]["IoU"])
+        assert result["pACC"] == pytest.approx(50.0) and result["fwIoU"] == pytest.approx(50.0)
+    # reduce_labels (mmseg's reduce_zero_label): 0 -> ignored, 255 stays ignored, 1 -> 0.
+    reduced = mean_iou([np.array([[1, 0, 1]])], [np.array([[0, 1, 255]])], num_labels=2, reduce_labels=True)
+    assert reduced["mIoU"] == pytest.approx(100.0) and reduced["pACC"] == pytest.approx(100.0)
 
 
 # ---------------------------------------------------------------------------------------------- instance
@@ -625,7 +643,10 @@ def test_evaluate_load_from_local_paths():
 
     miou = evaluate.load(METRIC_PATHS["mean_iou"], num_labels=3)
     miou.add_batch(predictions=[np.array([[0, 1], [2, 2]])], references=[np.array([[0, 1], [1, 255]])])
-    assert miou.compute()["mIoU"] == pytest.approx(50.0)
+    assert miou.compute()["mIoU"] == pytest.approx(75.0)  # (1 + 1/2) / 2: class 2 is only predicted
+    miou = evaluate.load(METRIC_PATHS["mean_iou"], num_labels=3, convention="mmseg")
+    miou.add_batch(predictions=[np.array([[0, 1], [2, 2]])], references=[np.array([[0, 1], [1, 255]])])
+    assert miou.compute()["mIoU"] == pytest.approx(50.0)  # (1 + 1/2 + 0) / 3
 
     ap = evaluate.load(METRIC_PATHS["mask_ap"], categories=CATEGORIES)
     prediction, reference = _random_instances(rng)
@@ -827,3 +848,88 @@ def test_synthetic_dataset_evaluation(tiny_model):
     assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", "per_class"} <= set(results) and results["num_images"] == 3
     # The data set's own categories are the vocabulary (circle, ..., ground), not the model's default one.
     assert [c["name"] for c in results["per_class"].values()] == synthetic.SYNTHETIC_CLASS_NAMES
+
+
+def _write_coco_panoptic(root, rows, categories):
+    """A COCO-panoptic folder as distributed: `val/` images, `panoptic_val/` PNGs, `panoptic_val.json`."""
+    (root / "val").mkdir(parents=True)
+    (root / "panoptic_val").mkdir()
+    images, annotations = [], []
+    for i, row in enumerate(rows):
+        row["image"].save(root / "val" / f"{i:06d}.png")  # lossless, so that the oracle reads its colours
+        row["label"].save(root / "panoptic_val" / f"{i:06d}.png")
+        images.append({"id": 40 + i, "file_name": f"{i:06d}.png", "height": 32, "width": 32})
+        annotations.append({"image_id": 40 + i, "file_name": f"{i:06d}.png", "segments_info": row["segments_info"]})
+    document = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "panoptic_val.json").write_text(json.dumps(document))
+    return root / "panoptic_val.json"
+
+
+def test_coco_panoptic_and_label_map_folders_on_disk(tmp_path):
+    from eovseg import EovSegConfig
+    from eovseg.evaluation import evaluate_model
+    from eovseg.evaluation.evaluate import load_eval_dataset
+    from eovseg.evaluation.folders import CocoPanopticFolder, SemanticLabelFolder
+    from eovseg.processing import EovSegProcessor
+
+    config = EovSegConfig.from_variant("tiny")
+    processor = EovSegProcessor.from_config(config, do_resize=False)
+    rows = _oracle_rows()
+    json_file = _write_coco_panoptic(tmp_path / "coco", rows, ORACLE_CATEGORIES)
+    folder = load_eval_dataset(str(json_file))  # PNG folder and image folder found from the JSON
+    assert isinstance(folder, CocoPanopticFolder) and len(folder) == 3
+    on_disk = evaluate_model(_OracleModel(config), processor, folder, "all", batch_size=2, progress=False)
+    in_memory = evaluate_model(
+        _OracleModel(config), processor, rows, "all", categories=ORACLE_CATEGORIES, batch_size=2, progress=False
+    )
+    assert on_disk["panoptic"]["PQ"] == pytest.approx(100.0)  # the categories come from the JSON
+    assert json.dumps(on_disk, sort_keys=True) == json.dumps(in_memory, sort_keys=True)
+
+    # Semantic label maps holding vocabulary indices (as detectron2's preparation scripts write them), 255 void.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i, row in enumerate(rows):
+        ids = np.asarray(row["label"]).astype(np.int64) @ np.array([1, 256, 65536])
+        by_id = {s["id"]: s["category_id"] for s in row["segments_info"]}
+        index = {c["id"]: i for i, c in enumerate(ORACLE_CATEGORIES)}
+        labels = np.vectorize(lambda v: index[by_id[v]] if v in by_id else 255)(ids).astype(np.uint8)
+        row["image"].save(tmp_path / "images" / f"img{i}.png")
+        Image.fromarray(labels).save(tmp_path / "labels" / f"img{i}.png")
+    semantic_folder = load_eval_dataset(str(tmp_path / "images"), label_root=str(tmp_path / "labels"))
+    assert isinstance(semantic_folder, SemanticLabelFolder) and len(semantic_folder) == 3
+    semantic = evaluate_model(
+        _OracleModel(config), processor, semantic_folder, "semantic", categories=ORACLE_CATEGORIES,
+        semantic_labels="index", progress=False,
+    )
+    assert semantic["mIoU"] == pytest.approx(100.0) and semantic["num_images"] == 3
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    # torchrun on CPU: one gloo group (as training), each process a contiguous half of the data set; the merged
+    # results equal one process's exactly, printed and written once.
+    import os
+    import subprocess
+    import sys
+
+    from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+    from eovseg.evaluation.evaluate import run
+    from eovseg.processing import EovSegProcessor
+
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny")
+    EovSegForPanopticSegmentation(config).save_pretrained(tmp_path / "model")
+    EovSegProcessor.from_config(config, size={"shortest_edge": 32, "longest_edge": 64}).save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--dataset", "synthetic", "--num_synthetic", "5", "--task", "all",
+            "--threshold", "0.0", "--no_progress"]
+    one = run([*args, "--output", str(tmp_path / "one.json")])
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "eovseg.evaluation.evaluate", *args, "--output", str(tmp_path / "two.json")]
+    launched = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("[panoptic] 5 images") == 1 and launched.stdout.count("Results written") == 1
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert two == json.loads((tmp_path / "one.json").read_text())["results"]
+    assert sum(r["TP"] + r["FP"] for r in one["panoptic"]["per_class"].values()) > 0
+    assert one["instance"]["num_detections"] > 0

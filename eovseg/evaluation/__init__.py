@@ -9,11 +9,13 @@ detectron2 reports them; a score that is undefined (no class to average, no grou
 - `evaluate` modules, for `evaluate.load(path)` with no network: the folders of `METRIC_PATHS`
   (`eovseg/evaluation/metrics/{panoptic_quality,mean_iou,mask_ap}`);
 - [`evaluate_model`] runs a model over a data set and returns these scores; `python -m eovseg.evaluation.evaluate`
-  is its command line.
+  is its command line (several processes under torchrun / accelerate launch);
+- [`CocoPanopticFolder`], [`SemanticLabelFolder`]: data sets read from their usual on-disk layouts.
 """
 
 import os as _os
 
+from .folders import CocoPanopticFolder, SemanticLabelFolder
 from .instance import InstanceSegmentationMetric, mask_ap
 from .panoptic import PanopticQuality, panoptic_quality
 from .semantic import SemanticSegmentationMetric, mean_iou
@@ -38,9 +40,11 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CocoPanopticFolder",
     "InstanceSegmentationMetric",
     "METRIC_PATHS",
     "PanopticQuality",
+    "SemanticLabelFolder",
     "SemanticSegmentationMetric",
     "DatasetColumns",
     "categories_from_config",

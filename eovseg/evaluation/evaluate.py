@@ -3,9 +3,16 @@
 `evaluate_model(model, processor, dataset, task, ...)` is what the training loop calls; the command line is
 
     python -m eovseg.evaluation.evaluate --model DIR --dataset PATH_OR_synthetic [--split validation]
-        [--vocabulary categories.json] [--task panoptic|semantic|instance|all] [--batch_size N] [--output results.json]
+        [--vocabulary NAME|categories.json] [--task panoptic|semantic|instance|all] [--batch_size N]
+        [--output results.json [--overwrite]]
+    torchrun --nproc_per_node N -m eovseg.evaluation.evaluate ...   # or: accelerate launch -m ...
 
-The data set is a Hugging Face `datasets.Dataset` (or `IterableDataset`) in the COCO-panoptic layout: an image
+(several processes share the data set and report exactly the numbers of one; only the main process prints and
+writes). The data set may be on disk in its usual layout: a COCO-panoptic JSON with its PNG folder and images
+(COCO, ADE20K-150 panoptic, Cityscapes panoptic), or a folder of images with `--label_root` a folder of label maps
+(ADE20K, Pascal Context, VOC); see `eovseg.evaluation.folders`.
+
+Otherwise it is a Hugging Face `datasets.Dataset` (or `IterableDataset`) in the COCO-panoptic layout: an image
 column, a panoptic annotation column (an RGB-encoded PNG, `id = R + 256 G + 256^2 B`, or a 2-d id map) and a
 `segments_info` column (`id`, `category_id`, `iscrowd` per segment). Column names are configurable
 ([`DatasetColumns`]). For semantic segmentation an optional column of class maps may be used instead of the
@@ -25,24 +32,38 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._inputs import id_map, label_map, nan_to_none, normalize_categories, normalize_segments
+from .folders import CocoPanopticFolder, SemanticLabelFolder, is_coco_panoptic_json
 from .instance import InstanceSegmentationMetric
 from .panoptic import PanopticQuality
 from .semantic import SemanticSegmentationMetric
 
 
-__all__ = ["DatasetColumns", "categories_from_config", "dataset_categories", "evaluate_model", "format_results", "load_eval_dataset", "main"]
+__all__ = [
+    "DatasetColumns",
+    "categories_from_config",
+    "dataset_categories",
+    "evaluate_model",
+    "format_results",
+    "load_eval_dataset",
+    "main",
+    "run",
+]
 
 TASKS = ("panoptic", "semantic", "instance")
+
+logger = logging.getLogger(__name__)
 
 # Column names tried, in order, when the configured one is missing from the data set.
 _FALLBACKS = {
@@ -109,6 +130,8 @@ def dataset_categories(dataset) -> list[dict] | None:
     data set stores them), else None."""
     from ..training.synthetic import get_dataset_categories
 
+    if isinstance(dataset, (CocoPanopticFolder, SemanticLabelFolder)):
+        return dataset.categories
     return get_dataset_categories(dataset)
 
 
@@ -154,11 +177,33 @@ def _read_categories_file(path, model) -> list:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_eval_dataset(path: str, split: str | None = None, num_synthetic: int = 8, seed: int = 0):
+def load_eval_dataset(
+    path: str,
+    split: str | None = None,
+    num_synthetic: int = 8,
+    seed: int = 0,
+    *,
+    panoptic_root: str | None = None,
+    image_root: str | None = None,
+    label_root: str | None = None,
+    split_file: str | None = None,
+):
     """A data set from a local path, or the synthetic one (`"synthetic"`). Never downloads anything:
-    a directory made by `save_to_disk` is loaded with `load_from_disk`, other local files/folders with
-    `datasets.load_dataset` (parquet, json, arrow, imagefolder, ...)."""
+
+    - a COCO-panoptic JSON file (`panoptic_val2017.json`, `ade20k_panoptic_val.json`, ...): a
+      [`CocoPanopticFolder`] (PNGs in `panoptic_root`, default the JSON's path without `.json`; images in
+      `image_root`, default found next to the JSON);
+    - a folder of images with `label_root` given: a [`SemanticLabelFolder`] (label maps paired by file stem,
+      optionally listed in `split_file`);
+    - a directory made by `save_to_disk`: `load_from_disk`; other local files/folders: `datasets.load_dataset`
+      (parquet, json, arrow, imagefolder, ...).
+    """
     import datasets
+
+    if label_root is not None:
+        return SemanticLabelFolder(path, label_root, split_file)
+    if is_coco_panoptic_json(path):
+        return CocoPanopticFolder(path, panoptic_root, image_root)
 
     if path == "synthetic":
         from ..training.synthetic import make_synthetic_panoptic_dataset
@@ -208,38 +253,63 @@ def _pick_split(dataset, split):
     return dataset
 
 
-def _iterate_batches(dataset, batch_size: int, max_samples: int | None):
-    """Lists of rows (dicts), `batch_size` at a time."""
+class _Shard:
+    """This process's share of the data set: rows `start .. stop` of the first `total` (sized data sets, split in
+    contiguous blocks as `np.array_split` does), or every `size`-th row from `rank` (iterables)."""
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        self.rank, self.size = int(rank), int(size)
+
+    @classmethod
+    def of(cls, accelerator) -> "_Shard":
+        if accelerator is None:
+            return cls()
+        return cls(accelerator.process_index, accelerator.num_processes)
+
+    def bounds(self, total: int) -> tuple[int, int]:
+        base, extra = divmod(total, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+
+def _iterate_batches(dataset, batch_size: int, max_samples: int | None, shard: _Shard = _Shard()):
+    """(row indices in the data set, rows as dicts), `batch_size` rows at a time, over this process's shard."""
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and not isinstance(dataset, Mapping):
         total = len(dataset)
         if max_samples is not None:
             total = min(total, max_samples)
-        for start in range(0, total, batch_size):
-            stop = min(total, start + batch_size)
+        first, last = shard.bounds(total)
+        for start in range(first, last, batch_size):
+            stop = min(last, start + batch_size)
             if hasattr(dataset, "column_names"):  # datasets.Dataset: slice, columns of lists
                 columns = dataset[start:stop]
-                yield [{k: v[i] for k, v in columns.items()} for i in range(stop - start)]
+                yield range(start, stop), [{k: v[i] for k, v in columns.items()} for i in range(stop - start)]
             else:
-                yield [dataset[i] for i in range(start, stop)]
+                yield range(start, stop), [dataset[i] for i in range(start, stop)]
         return
-    batch = []
+    indices, batch = [], []
     for i, row in enumerate(dataset):
         if max_samples is not None and i >= max_samples:
             break
+        if i % shard.size != shard.rank:
+            continue
+        indices.append(i)
         batch.append(row)
         if len(batch) == batch_size:
-            yield batch
-            batch = []
+            yield indices, batch
+            indices, batch = [], []
     if batch:
-        yield batch
+        yield indices, batch
 
 
-def _num_rows(dataset, max_samples):
+def _num_rows(dataset, max_samples, shard: _Shard = _Shard()):
     try:
         n = len(dataset)
     except TypeError:
         return max_samples
-    return n if max_samples is None else min(n, max_samples)
+    n = n if max_samples is None else min(n, max_samples)
+    start, stop = shard.bounds(n)
+    return stop - start
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -252,9 +322,21 @@ def _tasks(task) -> list[str]:
     return tasks
 
 
-def _semantic_reference(row, columns: DatasetColumns, category_to_label: dict[int, int], ignore_index: int):
+def _semantic_reference(
+    row,
+    columns: DatasetColumns,
+    category_to_label: dict[int, int],
+    ignore_index: int,
+    semantic_labels: str = "category_id",
+    reduce_labels: bool = False,
+):
     if columns.semantic is not None:
         labels = label_map(row[columns.semantic], "semantic reference")
+        if reduce_labels:  # label 0 is "other": ignored; the classes are 1 .. K
+            labels = np.where(labels == 0, ignore_index, labels - 1)
+            labels[labels == ignore_index - 1] = ignore_index
+        if semantic_labels == "index":
+            return np.where((labels >= 0) & (labels < len(category_to_label)), labels, ignore_index)
         out = np.full(labels.shape, ignore_index, dtype=np.int64)
         for category, label in category_to_label.items():
             out[labels == category] = label
@@ -270,6 +352,133 @@ def _semantic_reference(row, columns: DatasetColumns, category_to_label: dict[in
     return out
 
 
+def _image_size(image) -> tuple[int, int] | None:
+    """(height, width) of a PIL image, an (H, W, C) array or a (C, H, W) tensor; None when unknown."""
+    if hasattr(image, "getbands") and hasattr(image, "size"):
+        return int(image.size[1]), int(image.size[0])
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) != 3:
+        return None
+    if hasattr(image, "detach"):
+        return int(shape[1]), int(shape[2])
+    return int(shape[0]), int(shape[1])
+
+
+def _read_references(rows, indices, columns: DatasetColumns, images) -> tuple[list, list]:
+    """The panoptic references (None for semantic-only data) and the size of each annotation, refusing an
+    annotation whose size is not its image's (a label map at half resolution would be scored silently)."""
+    references, sizes = [], []
+    for index, row, image in zip(indices, rows, images):
+        reference = None
+        if columns.panoptic is not None:
+            reference = {
+                "segmentation": id_map(row[columns.panoptic], f"row {index}: panoptic reference"),
+                "segments_info": normalize_segments(row[columns.segments_info], f"row {index}: segments_info"),
+            }
+            size = reference["segmentation"].shape
+        else:
+            size = label_map(row[columns.semantic], f"row {index}: semantic reference").shape
+        image_size = _image_size(image)
+        if image_size is not None and tuple(image_size) != tuple(size):
+            raise ValueError(
+                f"row {index}: the annotation is {size[0]}x{size[1]} but the image is {image_size[0]}x"
+                f"{image_size[1]}; annotations must have their image's size (refusing to score a resized one)."
+            )
+        references.append(reference)
+        sizes.append(tuple(int(s) for s in size))
+    return references, sizes
+
+
+def _check_vocabulary_meets_ground_truth(dataset, columns: DatasetColumns, categories, max_samples) -> None:
+    """Refuse, before any forward pass, a vocabulary none of whose ids is a category of the ground truth's
+    `segments_info` (where they can be read without the images: COCO-panoptic folders, Arrow data sets, lists)."""
+    if columns.segments_info is None:
+        return
+    if isinstance(dataset, CocoPanopticFolder):
+        lists = [a["segments_info"] for a in dataset.annotations[:max_samples]]
+    elif hasattr(dataset, "column_names") and hasattr(dataset, "__len__"):
+        n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+        lists = dataset.select(range(n))[columns.segments_info] if n < len(dataset) else dataset[columns.segments_info]
+    elif isinstance(dataset, Sequence) and all(isinstance(r, Mapping) for r in dataset[:max_samples]):
+        lists = [r.get(columns.segments_info) for r in dataset[:max_samples]]
+    else:
+        return
+    seen = set()
+    for segments in lists:
+        seen.update(int(s["category_id"]) for s in normalize_segments(segments, "segments_info"))
+    ids = {c["id"] for c in categories}
+    if seen and not seen & ids:
+        raise ValueError(
+            f"None of the {len(ids)} vocabulary ids ({sorted(ids)[:5]} ...) is a ground-truth category of the data "
+            f"set ({sorted(seen)[:5]} ...): nothing would be evaluated. Give the data set's vocabulary "
+            "(--vocabulary NAME|FILE)."
+        )
+
+
+def _check_something_evaluated(scores: dict) -> None:
+    """A run whose ground truth held no class of the vocabulary is an error, not a table of nan."""
+    empty = []
+    if "panoptic" in scores and not any(r["TP"] + r["FN"] for r in scores["panoptic"]["per_class"].values()):
+        empty.append("no ground-truth segment of the vocabulary's categories (PQ)")
+    if "semantic" in scores and all(math.isnan(r["ACC"]) for r in scores["semantic"]["per_class"].values()):
+        empty.append("no ground-truth pixel of the vocabulary's classes (mIoU)")
+    if empty and any(s["num_images"] for s in scores.values()):
+        raise ValueError(
+            f"Nothing was evaluated: {'; '.join(empty)}. Check that the vocabulary's ids are the data set's "
+            "category ids (--vocabulary NAME|FILE)."
+        )
+
+
+def _build_metrics(tasks, categories, ignore, ignore_index, metric_kwargs) -> dict:
+    label_to_category = [c["id"] for c in categories]
+    options = {t: dict((metric_kwargs or {}).get(t, {})) for t in TASKS}
+    metrics: dict[str, Any] = {}
+    if "panoptic" in tasks:
+        metrics["panoptic"] = PanopticQuality(categories, label_to_category, ignore, **options["panoptic"])
+    if "semantic" in tasks:
+        metrics["semantic"] = SemanticSegmentationMetric(
+            len(categories), ignore_index=ignore_index, label_names=[c["name"] for c in categories],
+            **options["semantic"],
+        )
+    if "instance" in tasks:
+        if not any(c["isthing"] for c in categories):
+            raise ValueError("Instance evaluation needs at least one thing category.")
+        metrics["instance"] = InstanceSegmentationMetric(categories, label_to_category, **options["instance"])
+    return metrics
+
+
+def _post_process_kwargs(config, categories, post_process_kwargs) -> dict:
+    kwargs = {t: dict((post_process_kwargs or {}).get(t, {})) for t in TASKS}
+    kwargs["panoptic"].setdefault("threshold", float(getattr(config, "object_mask_threshold", 0.0)))
+    kwargs["panoptic"].setdefault("overlap_mask_area_threshold", float(getattr(config, "overlap_threshold", 0.8)))
+    kwargs["panoptic"].setdefault("label_ids_to_fuse", [i for i, c in enumerate(categories) if not c["isthing"]])
+    kwargs["instance"].setdefault("thing_ids", [i for i, c in enumerate(categories) if c["isthing"]])
+    kwargs["instance"].setdefault("return_coco_annotation", True)
+    return kwargs
+
+
+def _merge_processes(metrics: dict, records: dict, accelerator) -> None:
+    """Merge the processes' results into `metrics` as one process would have accumulated them: the per-image
+    panoptic counts and instance records replayed in data-set order (so that even float sums are bit-identical),
+    the semantic confusion matrices (integers) added."""
+    from accelerate.utils import gather_object
+
+    for task, metric in metrics.items():
+        if task == "semantic":
+            states = gather_object([metric.state_dict()])
+            metric.reset()
+            for state in states:
+                metric.merge(state)
+            continue
+        gathered = sorted(gather_object(records[task]), key=lambda item: item[0])
+        metric.reset()
+        for _, record in gathered:
+            if task == "panoptic":
+                metric.add_counts(record)
+            else:
+                metric.add_record(record)
+
+
 def evaluate_model(
     model,
     processor,
@@ -282,9 +491,13 @@ def evaluate_model(
     max_samples: int | None = None,
     ignore_category_ids: Iterable[int] = (),
     ignore_index: int = 255,
+    semantic_labels: str = "category_id",
+    reduce_labels: bool = False,
     post_process_kwargs: Mapping[str, Mapping] | None = None,
+    metric_kwargs: Mapping[str, Mapping] | None = None,
     progress: bool = True,
     device=None,
+    accelerator=None,
 ) -> dict:
     """Run `model` over `dataset` and score its predictions.
 
@@ -292,147 +505,155 @@ def evaluate_model(
         model: an `EovSegForPanopticSegmentation` (put in eval mode for the run, its mode restored after).
         processor: an `EovSegProcessor` (its image processor prepares the images and post-processes the outputs,
             its tokenizer encodes the vocabulary once).
-        dataset: a `datasets.Dataset` / `IterableDataset` (or any sequence or iterable of row dicts).
+        dataset: a `datasets.Dataset` / `IterableDataset`, a [`CocoPanopticFolder`] / [`SemanticLabelFolder`] (see
+            `load_eval_dataset`), or any sequence or iterable of row dicts.
         task: `"panoptic"`, `"semantic"`, `"instance"`, `"all"` or a list of them; all are computed from the same
             forward passes.
         categories: `[{"id", "name", "isthing"}]`, a path to a JSON file of them (a COCO panoptic JSON with
             `categories` works), a built-in vocabulary name (`"ade20k_150"`, with its dataset ids), or a list of
-            names from the model's vocabulary. Default: the categories stored
-            with the data set (`info.description` JSON with a `categories` list, as the synthetic data set has),
-            else the model configuration's vocabulary with ids `0 .. K-1`.
+            names from the model's vocabulary. Default: the categories stored with the data set (`info.description`
+            JSON with a `categories` list, as the synthetic data set has; a COCO-panoptic folder's JSON), else the
+            model configuration's vocabulary with ids `0 .. K-1` (a warning says so). A vocabulary none of whose ids
+            is a ground-truth category is an error.
         columns: a [`DatasetColumns`] or a dict of its fields.
         batch_size: images per forward pass.
         max_samples: evaluate only the first `max_samples` rows.
         ignore_category_ids: ground-truth categories treated as void / ignored.
-        ignore_index: label of ignored pixels in semantic references.
+        ignore_index: label of ignored pixels in semantic references (255; 65535 in 16-bit label maps).
+        semantic_labels: what the values of a semantic label-map column are: `"category_id"` (default) or
+            `"index"` (the position in `categories`, as in the label maps detectron2's preparation scripts write).
+        reduce_labels: semantic label maps whose 0 is "other" (ADE20K's original annotations): 0 is ignored and
+            every other value lowered by one, before the above.
         post_process_kwargs: extra arguments per task for the post-processing, e.g.
             `{"panoptic": {"threshold": 0.8}}`. Panoptic defaults: `threshold=config.object_mask_threshold`,
             `overlap_mask_area_threshold=config.overlap_threshold`, `label_ids_to_fuse` = the stuff classes.
             Instance defaults: `thing_ids` = the thing classes (when evaluating things only).
-        progress: show a tqdm progress bar.
+        metric_kwargs: extra arguments per task for the metric, e.g. `{"panoptic": {"conventions": "clean"},
+            "semantic": {"convention": "mmseg"}}`.
+        progress: show a tqdm progress bar (on the main process only).
         device: where to run (default: the model's device).
+        accelerator: an `accelerate.Accelerator` of several processes: each evaluates its contiguous share of the
+            data set and the results are merged so that every process returns exactly the numbers one process
+            would give (with `batch_size=1`, or shares that are multiples of it: padding depends on the batch).
 
     Returns:
         For one task, its metrics (see `PanopticQuality.compute`, `SemanticSegmentationMetric.compute`,
         `InstanceSegmentationMetric.compute`); for several, `{task: metrics}`. Scores in percent.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     tasks = _tasks(task)
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"Unknown task {t!r}; choose among {TASKS} or 'all'.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if semantic_labels not in ("category_id", "index"):
+        raise ValueError(f"semantic_labels must be 'category_id' or 'index', got {semantic_labels!r}.")
+    if categories is None and not (dataset_categories(dataset) if dataset is not None else None):
+        logger.warning(
+            "The data set stores no categories: evaluating with the model's own vocabulary (config.vocabulary, "
+            "ids 0 .. K-1); give the data set's with --vocabulary NAME|FILE."
+        )
     categories = _resolve_categories(categories, model, dataset)
     ignore = {int(c) for c in ignore_category_ids}
     # Ignored categories leave the vocabulary: their ground truth is void and the model cannot predict them.
     categories = [c for c in categories if c["id"] not in ignore]
     if not categories:
         raise ValueError("Every category is ignored: nothing to evaluate.")
-    label_to_category = [c["id"] for c in categories]
-    category_to_label = {c["id"]: i for i, c in enumerate(categories)}
-    stuff_labels = [i for i, c in enumerate(categories) if not c["isthing"]]
-    thing_labels = [i for i, c in enumerate(categories) if c["isthing"]]
     if columns is None:
-        columns = DatasetColumns()
+        columns = DatasetColumns(semantic="semantic" if isinstance(dataset, SemanticLabelFolder) else None)
     elif isinstance(columns, Mapping):
         columns = DatasetColumns(**columns)
     need_panoptic = any(t != "semantic" for t in tasks) or columns.semantic is None
     column_names = getattr(dataset, "column_names", None)
     if column_names is not None:
         columns = columns.resolve(column_names, need_panoptic)
-    unresolved = column_names is None  # resolved from the first row's keys instead
-
-    metrics: dict[str, Any] = {}
-    if "panoptic" in tasks:
-        metrics["panoptic"] = PanopticQuality(categories, label_to_category, ignore)
-    if "semantic" in tasks:
-        metrics["semantic"] = SemanticSegmentationMetric(
-            len(categories), ignore_index=ignore_index, label_names=[c["name"] for c in categories]
-        )
-    if "instance" in tasks:
-        if not thing_labels:
-            raise ValueError("Instance evaluation needs at least one thing category.")
-        metrics["instance"] = InstanceSegmentationMetric(categories, label_to_category)
-
-    config = model.config
-    kwargs = {t: dict((post_process_kwargs or {}).get(t, {})) for t in TASKS}
-    kwargs["panoptic"].setdefault("threshold", float(getattr(config, "object_mask_threshold", 0.0)))
-    kwargs["panoptic"].setdefault("overlap_mask_area_threshold", float(getattr(config, "overlap_threshold", 0.8)))
-    kwargs["panoptic"].setdefault("label_ids_to_fuse", stuff_labels)
-    kwargs["instance"].setdefault("thing_ids", thing_labels)
-    kwargs["instance"].setdefault("return_coco_annotation", True)
-
-    image_processor = getattr(processor, "image_processor", processor)
-    was_training = model.training
-    model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    try:
-        with torch.no_grad():
-            vocabulary = processor.encode_vocabulary([c["name"] for c in categories], return_tensors="pt")
-            text_inputs = {
-                "text_embeddings": model.get_text_embeddings(vocabulary["input_ids"].to(device)),
-                "synonym_counts": vocabulary["synonym_counts"].to(device),
-                "class_seen_mask": vocabulary["class_seen_mask"].to(device),
-            }
-            total = _num_rows(dataset, max_samples)
-            bar = tqdm(total=total, desc=f"Evaluating ({', '.join(tasks)})", unit="img", disable=not progress)
-            for rows in _iterate_batches(dataset, batch_size, max_samples):
-                if unresolved:
-                    columns = columns.resolve(list(rows[0].keys()), need_panoptic)
-                    unresolved = False
-                images = [row[columns.image] for row in rows]
-                references = []
-                sizes = []
-                for row in rows:
-                    reference = None
-                    if columns.panoptic is not None:
-                        reference = {
-                            "segmentation": id_map(row[columns.panoptic], "panoptic reference"),
-                            "segments_info": normalize_segments(row[columns.segments_info], "segments_info"),
-                        }
-                        size = reference["segmentation"].shape
-                    else:
-                        size = label_map(row[columns.semantic], "semantic reference").shape
-                    references.append(reference)
-                    sizes.append(tuple(int(s) for s in size))
-                inputs = image_processor(images, return_tensors="pt")
-                outputs = model(
-                    pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype),
-                    pixel_mask=inputs["pixel_mask"].to(device) if "pixel_mask" in inputs else None,
-                    **text_inputs,
-                )
-                if "panoptic" in metrics:
-                    results = image_processor.post_process_panoptic_segmentation(
-                        outputs, target_sizes=sizes, **kwargs["panoptic"]
-                    )
-                    for result, reference in zip(results, references):
-                        metrics["panoptic"].add(result, reference)
-                if "semantic" in metrics:
-                    results = image_processor.post_process_semantic_segmentation(
-                        outputs, target_sizes=sizes, **kwargs["semantic"]
-                    )
-                    for result, row in zip(results, rows):
-                        metrics["semantic"].add(
-                            result, _semantic_reference(row, columns, category_to_label, ignore_index)
-                        )
-                if "instance" in metrics:
-                    results = image_processor.post_process_instance_segmentation(
-                        outputs, target_sizes=sizes, **kwargs["instance"]
-                    )
-                    for result, reference in zip(results, references):
-                        metrics["instance"].add(result, reference)
-                bar.update(len(rows))
-            bar.close()
-    finally:
-        model.train(was_training)
-
+    if "panoptic" in tasks or "instance" in tasks:
+        _check_vocabulary_meets_ground_truth(dataset, columns, categories, max_samples)
+    metrics = _build_metrics(tasks, categories, ignore, ignore_index, metric_kwargs)
+    run = _Run(model, processor, categories, columns, need_panoptic, metrics, device)
+    run.unresolved = column_names is None  # resolved from the first row's keys instead
+    run.semantic_options = (ignore_index, semantic_labels, reduce_labels)
+    run.post_process = _post_process_kwargs(model.config, categories, post_process_kwargs)
+    shard = _Shard.of(accelerator)
+    records = run(dataset, batch_size, max_samples, shard, progress and shard.rank == 0)
+    if shard.size > 1:
+        _merge_processes(metrics, records, accelerator)
     scores = {t: metrics[t].compute() for t in tasks}
+    _check_something_evaluated(scores)
     return scores[tasks[0]] if len(tasks) == 1 else scores
+
+
+class _Run:
+    """One pass of the model over (a share of) a data set, feeding the metrics; keeps the per-image panoptic
+    counts and instance records, by row index, for merging several processes."""
+
+    def __init__(self, model, processor, categories, columns, need_panoptic, metrics, device):
+        self.model, self.processor, self.categories = model, processor, categories
+        self.columns, self.need_panoptic, self.metrics = columns, need_panoptic, metrics
+        self.category_to_label = {c["id"]: i for i, c in enumerate(categories)}
+        self.image_processor = getattr(processor, "image_processor", processor)
+        self.device = device if device is not None else next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def __call__(self, dataset, batch_size, max_samples, shard: _Shard, progress: bool) -> dict:
+        import torch
+        from tqdm.auto import tqdm
+
+        records = {t: [] for t in self.metrics if t != "semantic"}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                text_inputs = self._text_inputs()
+                bar = tqdm(
+                    total=_num_rows(dataset, max_samples, shard), desc=f"Evaluating ({', '.join(self.metrics)})",
+                    unit="img", disable=not progress,
+                )
+                for indices, rows in _iterate_batches(dataset, batch_size, max_samples, shard):
+                    self._batch(indices, rows, text_inputs, records)
+                    bar.update(len(rows))
+                bar.close()
+        finally:
+            self.model.train(was_training)
+        return records
+
+    def _text_inputs(self) -> dict:
+        vocabulary = self.processor.encode_vocabulary([c["name"] for c in self.categories], return_tensors="pt")
+        return {
+            "text_embeddings": self.model.get_text_embeddings(vocabulary["input_ids"].to(self.device)),
+            "synonym_counts": vocabulary["synonym_counts"].to(self.device),
+            "class_seen_mask": vocabulary["class_seen_mask"].to(self.device),
+        }
+
+    def _batch(self, indices, rows, text_inputs, records) -> None:
+        if self.unresolved:
+            self.columns = self.columns.resolve(list(rows[0].keys()), self.need_panoptic)
+            self.unresolved = False
+        images = [row[self.columns.image] for row in rows]
+        references, sizes = _read_references(rows, indices, self.columns, images)
+        inputs = self.image_processor(images, return_tensors="pt")
+        outputs = self.model(
+            pixel_values=inputs["pixel_values"].to(device=self.device, dtype=self.dtype),
+            pixel_mask=inputs["pixel_mask"].to(self.device) if "pixel_mask" in inputs else None,
+            **text_inputs,
+        )
+        post = self.image_processor
+        if "panoptic" in self.metrics:
+            results = post.post_process_panoptic_segmentation(outputs, target_sizes=sizes, **self.post_process["panoptic"])
+            for index, result, reference in zip(indices, results, references):
+                records["panoptic"].append((index, self.metrics["panoptic"].add(result, reference)))
+        if "semantic" in self.metrics:
+            results = post.post_process_semantic_segmentation(outputs, target_sizes=sizes, **self.post_process["semantic"])
+            ignore_index, semantic_labels, reduce_labels = self.semantic_options
+            for result, row in zip(results, rows):
+                reference = _semantic_reference(
+                    row, self.columns, self.category_to_label, ignore_index, semantic_labels, reduce_labels
+                )
+                self.metrics["semantic"].add(result, reference)
+        if "instance" in self.metrics:
+            results = post.post_process_instance_segmentation(outputs, target_sizes=sizes, **self.post_process["instance"])
+            for index, result, reference in zip(indices, results, references):
+                records["instance"].append((index, self.metrics["instance"].add(result, reference)))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -513,16 +734,30 @@ def _load_model(spec: str, device: str | None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eovseg.evaluation.evaluate",
-        description="Evaluate an EOV-Seg model (panoptic PQ, semantic mIoU, instance mask AP; scores in percent).",
+        description="Evaluate an EOV-Seg model (panoptic PQ, semantic mIoU, instance mask AP; scores in percent). "
+        "Under torchrun / accelerate launch the data set is split between the processes and the results merged.",
     )
     parser.add_argument("--model", required=True, help="model directory (save_pretrained), or random:<variant>")
-    parser.add_argument("--dataset", required=True, help="local data set (save_to_disk folder, data files) or 'synthetic'")
-    parser.add_argument("--split", default=None, help="split of a DatasetDict (default: validation/val/test)")
     parser.add_argument(
-        "--vocabulary",
-        default=None,
+        "--dataset", required=True,
+        help="a COCO-panoptic JSON (its PNG folder beside it), an image folder with --label_root, a save_to_disk "
+        "folder or data files, or 'synthetic'",
+    )
+    parser.add_argument("--split", default=None, help="split of a DatasetDict (default: validation/val/test)")
+    parser.add_argument("--panoptic_root", default=None, help="COCO-panoptic PNG folder (default: the JSON's path without .json)")
+    parser.add_argument("--image_root", default=None, help="COCO-panoptic image folder (default: found next to the JSON)")
+    parser.add_argument("--label_root", default=None, help="semantic label-map folder paired with the --dataset image folder")
+    parser.add_argument("--split_file", default=None, help="semantic: list of file stems to evaluate (VOC's val.txt)")
+    parser.add_argument(
+        "--label_values", choices=["index", "category_id"], default=None,
+        help="semantic label maps hold vocabulary indices (default for --label_root) or category ids",
+    )
+    parser.add_argument("--reduce_labels", action="store_true", help="semantic: label 0 is ignored, others lowered by one")
+    parser.add_argument("--ignore_index", type=int, default=255, help="semantic: ignored label (65535 in 16-bit maps)")
+    parser.add_argument(
+        "--vocabulary", "--categories", dest="vocabulary", default=None,
         help="built-in vocabulary name (ade20k_150, ...) or JSON file of categories [{id, name, isthing}] (or a COCO "
-        "panoptic JSON); default: the model's vocabulary",
+        "panoptic JSON); default: the data set's stored categories, else the model's vocabulary",
     )
     parser.add_argument("--task", default="panoptic", choices=[*TASKS, "all"])
     parser.add_argument("--batch_size", type=int, default=1)
@@ -533,20 +768,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--segments_info_column", default="segments_info")
     parser.add_argument("--semantic_column", default=None, help="class maps for semantic evaluation (category ids)")
     parser.add_argument("--ignore_category_ids", type=int, nargs="*", default=[])
+    parser.add_argument("--pq_conventions", choices=["panopticapi", "clean"], default="panopticapi")
+    parser.add_argument("--miou_convention", choices=["detectron2", "mmseg"], default="detectron2")
     parser.add_argument("--threshold", type=float, default=None, help="panoptic: class score threshold")
     parser.add_argument("--overlap_threshold", type=float, default=None, help="panoptic: overlap area threshold")
     parser.add_argument("--shortest_edge", type=int, default=None, help="test resize: shorter side (processor's: 640)")
     parser.add_argument("--longest_edge", type=int, default=None, help="test resize: longer side cap (2560)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--output", default=None, help="write the results here as JSON")
+    parser.add_argument("--output", default=None, help="write the results here as JSON (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
     parser.add_argument("--per_class", action="store_true", help="also print per-class tables")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _check_output(path: str | None, overwrite: bool) -> None:
+    """Refuse, before any work, an --output that would replace a file without --overwrite."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a folder; give a file name.")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"--output {path} exists; give a new file name or --overwrite to replace it.")
+
+
+def _launched_accelerator():
+    """An Accelerator when this process is one of several (torchrun / accelerate launch), else None. The CPU-only
+    case runs one gloo group, as training does."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    from ..training.train import _launched_on_cpu_only
+
+    return Accelerator(cpu=_launched_on_cpu_only())
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """The command line's work: evaluate, print the tables and write --output (on the main process only)."""
     args = build_parser().parse_args(argv)
-    model, processor = _load_model(args.model, args.device)
+    _check_output(args.output, args.overwrite)
+    accelerator = _launched_accelerator()
+    model, processor = _load_model(args.model, str(accelerator.device) if accelerator else args.device)
     if args.shortest_edge is not None or args.longest_edge is not None:
         image_processor = getattr(processor, "image_processor", processor)
         size = dict(image_processor.size)
@@ -555,12 +818,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.longest_edge is not None:
             size["longest_edge"] = args.longest_edge
         image_processor.size = size
-    dataset = load_eval_dataset(args.dataset, args.split, num_synthetic=args.num_synthetic)
+    dataset = load_eval_dataset(
+        args.dataset, args.split, num_synthetic=args.num_synthetic, panoptic_root=args.panoptic_root,
+        image_root=args.image_root, label_root=args.label_root, split_file=args.split_file,
+    )
+    folder = isinstance(dataset, SemanticLabelFolder)
     columns = DatasetColumns(
         image=args.image_column,
         panoptic=args.panoptic_column,
         segments_info=args.segments_info_column,
-        semantic=args.semantic_column,
+        semantic="semantic" if folder else args.semantic_column,
     )
     post = {"panoptic": {}}
     if args.threshold is not None:
@@ -577,16 +844,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batch_size=args.batch_size,
         max_samples=args.max_samples,
         ignore_category_ids=args.ignore_category_ids,
+        ignore_index=args.ignore_index,
+        semantic_labels=args.label_values or ("index" if folder else "category_id"),
+        reduce_labels=args.reduce_labels,
         post_process_kwargs=post,
+        metric_kwargs={"panoptic": {"conventions": args.pq_conventions}, "semantic": {"convention": args.miou_convention}},
         progress=not args.no_progress,
+        accelerator=accelerator,
     )
+    if accelerator is None or accelerator.is_main_process:
+        _report(args, results)
+    return results
+
+
+def _report(args, results) -> None:
     by_task = results if args.task == "all" else {args.task: results}
     for task, task_results in by_task.items():
         print(f"\n[{task}] {task_results['num_images']} images")
         print(format_results(task_results, task, per_class=args.per_class))
     if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(directory, exist_ok=True)
+        from ..predict import write_atomic
+
         document = {
             "model": args.model,
             "dataset": args.dataset,
@@ -595,10 +873,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "units": "percent",
             "results": nan_to_none(_stringify_keys(by_task)),
         }
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2, allow_nan=False)
+        text = json.dumps(document, indent=2, allow_nan=False)
+        write_atomic(Path(os.path.abspath(args.output)), lambda p: p.write_text(text, encoding="utf-8"))
         print(f"\nResults written to {args.output}")
-    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m eovseg.evaluation.evaluate` / `eovseg evaluate`: 0 on success; bad input (missing files, a
+    vocabulary that matches nothing, an existing --output, ...) ends with a one-line error and status 2."""
+    try:
+        run(argv)
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"eovseg evaluate: error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _stringify_keys(value):
@@ -610,5 +899,4 @@ def _stringify_keys(value):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -173,13 +173,14 @@ Args:
     ignore_index: reference label to skip (255).
     reduce_labels: make label 0 ignored and shift the others down by one.
     label_names: optional class names.
+    convention: "detectron2" (default: predicted-only classes left out of mIoU) or "mmseg" (they count as IoU 0).
 Returns:
     mIoU, fwIoU, mACC, pACC (percent), per_class {label: {name, IoU, ACC}}, num_images.
 """
 
 
 class EovSegMeanIoU(_StreamingModule):
-    _option_names = ("num_labels", "ignore_index", "reduce_labels", "label_names")
+    _option_names = ("num_labels", "ignore_index", "reduce_labels", "label_names", "convention")
 
     def _info(self):
         return evaluate.MetricInfo(
@@ -203,6 +204,7 @@ class EovSegMeanIoU(_StreamingModule):
             ignore_index=options.get("ignore_index", 255) if options.get("ignore_index") is not None else 255,
             reduce_labels=bool(options.get("reduce_labels", False)),
             label_names=options.get("label_names"),
+            convention=options.get("convention") or "detectron2",
         )
 
 

@@ -129,10 +129,11 @@ class InstanceSegmentationMetric(StreamingMetric):
     def num_images(self) -> int:
         return len(self._images)
 
-    def add(self, prediction: Any, reference: Any) -> None:
+    def add(self, prediction: Any, reference: Any) -> dict:
+        """Accumulate one image. Returns its record (image size, ground-truth annotations, detections) for
+        `add_record`."""
         from pycocotools import mask as mask_utils
 
-        image_id = len(self._images) + 1
         gt_masks, gt_segments, gt_size = _masks_and_segments(reference, "reference")
         dt_masks, dt_segments, dt_size = _masks_and_segments(prediction, "prediction")
         if gt_size is None:
@@ -142,8 +143,7 @@ class InstanceSegmentationMetric(StreamingMetric):
                 f"The prediction is {dt_size[0]}x{dt_size[1]} but the reference is {gt_size[0]}x{gt_size[1]}: "
                 "post-process the prediction at the reference's size (target_sizes)."
             )
-        self._images.append({"id": image_id, "height": int(gt_size[0]), "width": int(gt_size[1])})
-
+        annotations = []
         for i, (mask, segment) in enumerate(zip(gt_masks, gt_segments)):
             where = f"reference segments_info[{i}]"
             category = self._mapping.category_of(segment, where)
@@ -153,10 +153,8 @@ class InstanceSegmentationMetric(StreamingMetric):
             area = float(mask_utils.area(rle))
             if area == 0:
                 continue
-            self._gt.append(
+            annotations.append(
                 {
-                    "id": len(self._gt) + 1,
-                    "image_id": image_id,
                     "category_id": category,
                     "segmentation": rle,
                     "area": area,
@@ -178,11 +176,12 @@ class InstanceSegmentationMetric(StreamingMetric):
             rle = mask if isinstance(mask, Mapping) else _encode(mask)
             detections.append((score, category, rle))
         detections.sort(key=lambda d: -d[0])
-        for score, category, rle in detections[: self.max_detections]:
-            self._dt.append(
+        record = {
+            "height": int(gt_size[0]),
+            "width": int(gt_size[1]),
+            "annotations": annotations,
+            "detections": [
                 {
-                    "id": len(self._dt) + 1,
-                    "image_id": image_id,
                     "category_id": category,
                     "segmentation": rle,
                     "area": float(mask_utils.area(rle)),
@@ -190,7 +189,20 @@ class InstanceSegmentationMetric(StreamingMetric):
                     "iscrowd": 0,
                     "score": score,
                 }
-            )
+                for score, category, rle in detections[: self.max_detections]
+            ],
+        }
+        self.add_record(record)
+        return record
+
+    def add_record(self, record: Mapping) -> None:
+        """Accumulate one image's record as `add` returned it (to replay, in order, images evaluated elsewhere)."""
+        image_id = len(self._images) + 1
+        self._images.append({"id": image_id, "height": record["height"], "width": record["width"]})
+        for annotation in record["annotations"]:
+            self._gt.append({**annotation, "id": len(self._gt) + 1, "image_id": image_id})
+        for detection in record["detections"]:
+            self._dt.append({**detection, "id": len(self._dt) + 1, "image_id": image_id})
 
     def compute(self) -> dict:
         """`AP`, `AP50`, `AP75`, `APs`, `APm`, `APl` (percent), `per_class` `{category_id: {"name", "AP"}}`,

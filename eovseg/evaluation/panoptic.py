@@ -259,6 +259,17 @@ class PanopticQuality(StreamingMetric):
             for i in np.flatnonzero(tp + fp + fn)
         }
 
+    def add_counts(self, counts: Mapping) -> None:
+        """Accumulate one image's counts as `add` returned them (to replay, in order, images evaluated elsewhere:
+        the sums are then bit-identical to adding the images here)."""
+        for category_id, count in counts.items():
+            i = self._index[int(category_id)]
+            self.tp[i] += count["tp"]
+            self.fp[i] += count["fp"]
+            self.fn[i] += count["fn"]
+            self.iou_sum[i] += count["iou_sum"]
+        self.num_images += 1
+
     def _count(self, pairs: "_PixelPairs", gt: dict, pred: dict):
         """(TP, FP, FN, IoU sum) per category index of one image, with the bucket `K` of unknown categories."""
         gi, pi, inter = pairs.gi, pairs.pi, pairs.counts

@@ -6,9 +6,22 @@ For `K` classes, the `K x (K + 1)` confusion matrix counts, over every pixel who
 (they are wrong for every class and belong to none). With `TP_c` the diagonal, `GT_c` the row sums and `PRED_c`
 the column sums of the first `K` columns:
 
-- `IoU_c = TP_c / (GT_c + PRED_c - TP_c)`, defined when `GT_c + PRED_c > 0`; `mIoU` is the mean over defined
-  classes; `fwIoU = sum_c GT_c / sum GT * IoU_c` over defined classes;
+- `IoU_c = TP_c / (GT_c + PRED_c - TP_c)`; `mIoU` is its mean over the classes it is defined for, which depends
+  on the convention (below); `fwIoU = sum_c GT_c / sum GT * IoU_c` over the same classes;
 - `ACC_c = TP_c / GT_c`, defined when `GT_c > 0`; `mACC` is their mean; `pACC = sum TP / sum GT`.
+
+Conventions (`convention=`), which differ only for classes **predicted but absent from the ground truth**:
+
+- `"detectron2"` (default; detectron2's `SemSegEvaluator`, with which the paper's mIoU was computed): IoU is
+  defined only for classes with ground-truth pixels (`GT_c > 0`); a class the ground truth never shows is nan and
+  left out of mIoU, however often it is predicted;
+- `"mmseg"` (mmsegmentation's `IoUMetric` and `evaluate`'s `mean_iou`): IoU is defined when `GT_c + PRED_c > 0`;
+  a predicted-only class has IoU 0 and lowers mIoU.
+
+In both, classes absent from both the ground truth and the predictions are nan and left out; reference pixels
+equal to `ignore_index` (255) are skipped, predictions on them count for nothing; with `reduce_labels`
+(mmseg's `reduce_zero_label`, for ADE20K's original annotations) label 0 becomes `ignore_index` and the others
+are lowered by one, so 255 stays ignored.
 
 Scores are **in percent**; an undefined score is nan.
 """
@@ -35,6 +48,8 @@ class SemanticSegmentationMetric(StreamingMetric):
         reduce_labels: subtract 1 from every reference label and make label 0 `ignore_index` first (for data sets
             whose label 0 is "background/unlabeled", as `evaluate`'s `mean_iou` does).
         label_names: optional class names for `per_class`.
+        convention: `"detectron2"` (default) or `"mmseg"`: whether a class predicted but absent from the ground
+            truth is left out of mIoU or counts with IoU 0 (see the module's docstring).
 
     Inputs: `prediction` and `reference` are `(H, W)` maps of class labels (NumPy arrays, torch tensors such as
     the output of `post_process_semantic_segmentation`, PIL images, file paths).
@@ -46,7 +61,11 @@ class SemanticSegmentationMetric(StreamingMetric):
         ignore_index: int = 255,
         reduce_labels: bool = False,
         label_names: Sequence[str] | None = None,
+        convention: str = "detectron2",
     ):
+        if convention not in ("detectron2", "mmseg"):
+            raise ValueError(f"convention must be 'detectron2' or 'mmseg', got {convention!r}.")
+        self.convention = convention
         if int(num_labels) < 1:
             raise ValueError(f"num_labels must be positive, got {num_labels}.")
         self.num_labels = int(num_labels)
@@ -108,8 +127,8 @@ class SemanticSegmentationMetric(StreamingMetric):
         pos_gt = self.confusion.sum(1).astype(np.float64)
         pos_pred = self.confusion[:, :k].sum(0).astype(np.float64)
         union = pos_gt + pos_pred - tp
-        iou_valid = (pos_gt + pos_pred) > 0
         acc_valid = pos_gt > 0
+        iou_valid = acc_valid if self.convention == "detectron2" else (pos_gt + pos_pred) > 0
         iou = np.full(k, np.nan)
         acc = np.full(k, np.nan)
         iou[iou_valid] = tp[iou_valid] / union[iou_valid]
@@ -136,8 +155,9 @@ def mean_iou(
     ignore_index: int = 255,
     reduce_labels: bool = False,
     label_names: Sequence[str] | None = None,
+    convention: str = "detectron2",
 ) -> dict:
     """mIoU & co. of lists of label maps (see `SemanticSegmentationMetric`)."""
-    metric = SemanticSegmentationMetric(num_labels, ignore_index, reduce_labels, label_names)
+    metric = SemanticSegmentationMetric(num_labels, ignore_index, reduce_labels, label_names, convention)
     metric.add_batch(predictions, references)
     return metric.compute()
