@@ -109,16 +109,20 @@ def push_model_folder(
     repo_id: str,
     commit_message: str = "Upload EOV-Seg model",
     ignore_patterns: list[str] | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> str:
     """Upload a folder written by [`save_model_folder`] (weights, processor, remote code, model card if any) to the
     Hub repository `repo_id`, creating it if needed, leaving out the paths matching `ignore_patterns` (e.g. training
-    checkpoints). Returns the commit URL."""
+    checkpoints), and with `allow_patterns` only the paths matching them (a folder shared with the user's own files).
+    Returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
+    only = {"allow_patterns": allow_patterns} if allow_patterns is not None else {}
     return str(
         api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns,
+            **only,
         )
     )

@@ -6,7 +6,7 @@ import copy
 
 from transformers import PretrainedConfig
 
-from .vocabulary import display_name, validate_vocabulary
+from .vocabulary import display_name, parse_flags, validate_vocabulary
 
 # open_clip model configurations (the content of open_clip's model_configs/*.json, with the
 # activation the released weights were trained with). Holding them here means building a model
@@ -350,7 +350,7 @@ class EovSegConfig(PretrainedConfig):
             kwargs["id2label"] = {i: display_name(name) for i, name in enumerate(vocabulary)}
             kwargs.setdefault("label2id", {display_name(name): i for i, name in enumerate(vocabulary)})
         self.vocabulary = vocabulary
-        self.is_thing = [bool(x) for x in is_thing] if is_thing is not None else None
+        self.is_thing = parse_flags(is_thing, "is_thing") if is_thing is not None else None
         super().__init__(**kwargs)
 
     @property

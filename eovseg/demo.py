@@ -53,7 +53,7 @@ def load_model_and_processor(model_path: str | None, seed: int = 0):
         return model.eval(), processor, True
     path = Path(model_path)
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise SystemExit(f"error: --model {model_path!r} is not a folder with a config.json (a converted model).")
+        raise FileNotFoundError(f"--model {model_path!r} is not a folder with a config.json (a converted model).")
     model = EovSegForPanopticSegmentation.from_pretrained(path)
     processor = EovSegProcessor.from_pretrained(path)
     return model.eval(), processor, False
@@ -64,12 +64,12 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
     from .vocabulary import display_name, validate_vocabulary
 
     if not image_path.is_file():
-        raise SystemExit(f"error: image {str(image_path)!r} does not exist.")
+        raise FileNotFoundError(f"image {str(image_path)!r} does not exist.")
     try:
         image = Image.open(image_path)
         image.load()
     except Exception as err:  # PIL raises several types for unreadable files
-        raise SystemExit(f"error: cannot read {str(image_path)!r} as an image ({err}).")
+        raise ValueError(f"cannot read {str(image_path)!r} as an image ({err}).") from None
     image = image.convert("RGB")
     model, processor, is_random = load_model_and_processor(model_path, seed)
     config = model.config
@@ -79,7 +79,7 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
         is_thing = [name not in stuff_names and display_name(name) not in stuff_names for name in vocabulary]
     else:
         if not config.vocabulary:
-            raise SystemExit("error: this model has no default vocabulary; give --classes.")
+            raise ValueError("this model has no default vocabulary; give --classes.")
         vocabulary, is_thing = list(config.vocabulary), list(config.is_thing)
 
     inputs = processor(images=image, text=vocabulary, return_tensors="pt")
@@ -146,4 +146,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_main
+
+    sys.exit(run_main(main, prog="python -m eovseg.demo"))

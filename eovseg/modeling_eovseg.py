@@ -773,6 +773,22 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._text_cache = OrderedDict()
         return super()._apply(fn, *args, **kwargs)
 
+    def _check_input_ids(self, input_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise EovSegInputError(f"input_ids must be a 2-D (num_prompts, length) tensor, got {shape}.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise EovSegInputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+        vocab_size = self.clip_backbone.clip_model.token_embedding.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+            raise EovSegInputError(
+                f"input_ids holds token ids from {int(input_ids.min())} to {int(input_ids.max())}; this model's text "
+                f"tower knows ids 0 to {vocab_size - 1} (tokenize with this model's EovSegProcessor)."
+            )
+        context = self.clip_backbone.clip_model.positional_embedding.shape[0]
+        if input_ids.shape[1] > context:
+            raise EovSegInputError(f"input_ids are {input_ids.shape[1]} tokens long; the text tower takes {context}.")
+
     @torch.no_grad()
     def get_text_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Embeddings (S, D) of every synonym from its prompts' token ids (S * num_templates, L) ordered by synonym then
@@ -781,8 +797,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         Results are cached by the token ids, so a repeated vocabulary costs no text pass. Prompts are encoded
         `config.text_chunk_size` at a time, each chunk only as long as its longest prompt.
         """
-        if input_ids.dim() != 2:
-            raise EovSegInputError(f"input_ids must be a 2-D (num_prompts, length) tensor, got shape {tuple(input_ids.shape)}.")
+        self._check_input_ids(input_ids)
         num_templates = len(PROMPT_TEMPLATES)
         if input_ids.shape[0] == 0 or input_ids.shape[0] % num_templates:
             raise EovSegInputError(
@@ -863,7 +878,10 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         counts = torch.as_tensor(synonym_counts_, device=device).to(torch.long).flatten()
         if counts.numel() == 0 or bool((counts <= 0).any()):
             raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
-        embeddings = self.get_text_embeddings(input_ids) if input_ids is not None else text_embeddings.to(device)
+        if input_ids is not None:
+            embeddings = self.get_text_embeddings(input_ids)
+        else:
+            embeddings = self._check_text_embeddings(text_embeddings)
         if embeddings.shape[0] != int(counts.sum()):
             raise EovSegInputError(
                 f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {int(counts.sum())}."
@@ -880,12 +898,22 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor):
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Refuse what the kernels cannot take (a non-finite pixel crashes torchvision's deformable convolution), and
+        cast floating inputs of another precision to the model's. Returns the pixel values to use."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise EovSegInputError(
                 f"pixel_values must be a (batch, 3, height, width) RGB tensor, got {shape}; use EovSegImageProcessor."
             )
+        if not pixel_values.is_floating_point():
+            raise EovSegInputError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalized floating-point images "
+                "(EovSegImageProcessor rescales and normalizes raw pixels)."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):
+            bad = int((~torch.isfinite(pixel_values)).sum())
+            raise EovSegInputError(f"pixel_values holds {bad} NaN or infinite value(s); every pixel must be finite.")
         height, width = pixel_values.shape[-2:]
         div = self.config.size_divisibility
         if height < div or width < div:
@@ -895,6 +923,23 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"The input is {height}x{width}; height and width must be multiples of {div} (pad it, as "
                 "EovSegImageProcessor does)."
             )
+        dtype = self.void_embedding.weight.dtype
+        if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            pixel_values = pixel_values.to(dtype)
+        return pixel_values
+
+    def _check_text_embeddings(self, text_embeddings) -> torch.Tensor:
+        if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.dim() != 2:
+            shape = tuple(text_embeddings.shape) if isinstance(text_embeddings, torch.Tensor) else type(text_embeddings).__name__
+            raise EovSegInputError(f"text_embeddings must be a (num_synonyms, embed_dim) tensor, got {shape}.")
+        if text_embeddings.shape[1] != self.config.embed_dim:
+            raise EovSegInputError(
+                f"text_embeddings are {text_embeddings.shape[1]} wide; this model's text embeddings are "
+                f"{self.config.embed_dim} wide (make them with this model's get_text_embeddings)."
+            )
+        if not text_embeddings.is_floating_point() or not bool(torch.isfinite(text_embeddings).all()):
+            raise EovSegInputError("text_embeddings must be finite floating-point values.")
+        return text_embeddings.to(self.void_embedding.weight.device)
 
     def forward(
         self,
@@ -935,7 +980,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 Return an [`EovSegOutput`] (default) or a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._check_pixel_values(pixel_values)
         text, counts, seen = self._resolve_vocabulary(input_ids, synonym_counts, class_seen_mask, text_embeddings)
         text = text.to(pixel_values.dtype)
         index = synonym_index(counts)

@@ -64,6 +64,28 @@ def validate_vocabulary(class_names, what: str = "vocabulary") -> list[str]:
     return class_names
 
 
+_FLAG_VALUES = {"true": True, "false": False, "1": True, "0": False}
+
+
+def parse_flag(value, what: str) -> bool:
+    """A yes/no flag from a JSON file or a command line: a JSON boolean, 0/1, or "true"/"false"/"0"/"1" (any case).
+    Anything else (`"yes"`, `"no"`, `2`) is refused: `bool("no")` is True, so guessing would flip the user's flag."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_VALUES:
+        return _FLAG_VALUES[value.strip().lower()]
+    raise VocabularyError(f"{what} is {value!r}; a flag must be true/false or 1/0.")
+
+
+def parse_flags(values, what: str) -> list[bool]:
+    """`parse_flag` on every entry of a list (the error names the entry)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise VocabularyError(f"{what} must be a list of true/false flags, got {type(values).__name__} ({values!r}).")
+    return [parse_flag(v, f"{what} entry {i}") for i, v in enumerate(values)]
+
+
 def split_synonyms(class_name: str) -> list[str]:
     """Split a class entry into its synonyms, as the original does (``", "`` and ``","`` separate)."""
     return [s for s in class_name.replace(", ", ",").split(",") if s != ""]

@@ -118,7 +118,7 @@ def test_corrupted_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run_convert(["--checkpoint_path", str(bad), "--variant", "tiny", "--output_dir", str(out)], capsys)
     assert code == 1 and len(err.splitlines()) == 1 and "cannot read" in err
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_truncated_state_dict(source_model, tmp_path, capsys):

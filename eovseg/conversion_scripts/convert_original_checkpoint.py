@@ -30,7 +30,7 @@ from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A conversion problem, reported as one line."""
 
 
@@ -60,9 +60,14 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
+    except pickle.UnpicklingError:
+        # torch's message advises `weights_only=False`, i.e. running arbitrary code from the file: never pass it on.
+        raise ConversionError(f"cannot read {str(path)!r}: it is not a PyTorch checkpoint (or holds more than "
+                              "tensors, which is refused)") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, IndexError) as err:
+        # a text or random file makes torch's legacy reader fail anywhere (KeyError, IndexError, ...)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConversionError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {first_line}") from None
+        raise ConversionError(f"cannot read {str(path)!r}: it is not a PyTorch checkpoint ({first_line})") from None
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -191,12 +196,39 @@ def build_config(args) -> EovSegConfig:
         raise ConversionError(str(err)) from None
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output path the conversion must not write into."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"--output_dir {str(output_dir)!r} is a file, not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {str(output_dir)!r} exists and is not empty (--overwrite replaces the "
+                              "conversion's own files in it and leaves every other file alone)")
+
+
+def move_into(staging: Path, output_dir: Path, checkpoint_path: Path) -> list[str]:
+    """Move the staged files into `output_dir`, replacing only files of the same names; returns the names moved.
+    Nothing is moved when one of them would replace the source checkpoint or a folder."""
+    names = sorted(p.name for p in staging.iterdir())
+    if any((staging / name).is_dir() for name in names):
+        raise ConversionError("internal: the staged model folder holds a sub-folder")
+    for name in names:
+        target = output_dir / name
+        if target.exists() and target.resolve() == checkpoint_path.resolve():
+            raise ConversionError(f"the conversion writes {name!r}, which would replace the checkpoint "
+                                  f"{str(checkpoint_path)!r}: choose another --output_dir")
+        if target.is_dir() or target.is_symlink():
+            raise ConversionError(f"{str(target)!r} is a folder or a link; the conversion would replace it with its "
+                                  "own file: choose another --output_dir")
+    for name in names:
+        (staging / name).replace(output_dir / name)
+    return names
+
+
 def run_conversion(args) -> Path:
     from ..processing import EovSegProcessor
 
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise ConversionError(f"output folder {str(output_dir)!r} exists and is not empty (use --overwrite)")
+    check_output_dir(output_dir, args.overwrite)
     config = build_config(args)
     original = load_original_state_dict(args.checkpoint_path)
     model, dropped = convert(original, config)
@@ -210,8 +242,11 @@ def run_conversion(args) -> Path:
 
     sanity_run(model, processor)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    # Staged in a hidden folder inside the output folder (same file system: the final moves are renames; and a
+    # folder the user may write to), then only the staged files are moved in: nothing else there is touched.
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".eovseg-conversion-", dir=output_dir))
     try:
         save_model_folder(model, processor, staging)
         (staging / "README.md").write_text(
@@ -219,15 +254,19 @@ def run_conversion(args) -> Path:
                        str(args.train_vocabulary))
         )
         (staging / "dropped_keys.txt").write_text("\n".join(dropped) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+        names = move_into(staging, output_dir, Path(args.checkpoint_path))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
         raise
-    print(f"wrote {output_dir}")
+    shutil.rmtree(staging, ignore_errors=True)
+    others = len([p for p in output_dir.iterdir() if p.name not in set(names)])
+    print(f"wrote {len(names)} files to {output_dir}" + (f" (left its {others} other entries alone)" if others else ""))
     if args.push_to_hub:
-        print(f"uploaded: {push_model_folder(output_dir, args.push_to_hub, 'Upload converted EOV-Seg checkpoint')}")
+        url = push_model_folder(output_dir, args.push_to_hub, "Upload converted EOV-Seg checkpoint",
+                                allow_patterns=names if others else None)  # never the user's own files
+        print(f"uploaded: {url}")
     return output_dir
 
 
@@ -263,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_vocabulary", default=DEFAULT_TRAIN_VOCABULARY, metavar="NAME|FILE",
                         help="the vocabulary the checkpoint was trained on, for the seen/unseen ensemble weights "
                              f"(default: {DEFAULT_TRAIN_VOCABULARY}, that of every released checkpoint)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output_dir: replace the files the conversion writes (config.json, "
+                             "model.safetensors, ...) and leave every other file there alone")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     return parser
 

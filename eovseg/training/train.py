@@ -41,9 +41,17 @@ from collections.abc import Sequence
 
 import torch
 
+from ..vocabulary import parse_flag
+
 __all__ = ["build_parser", "main", "train"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingArgumentError(ValueError):
+    """A command-line argument or file the training cannot use, reported as one line by the `eovseg` command."""
+
+
 STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -109,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_seconds", type=float, default=None, help="stop after this wall time")
 
     g = p.add_argument_group("logging, checkpoints, evaluation")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=True,
+                   help="where the model, processor, metrics.jsonl and checkpoint-STEP folders go; must be empty or "
+                        "new unless --overwrite_output_dir or --resume_from_checkpoint")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train into a non-empty --output_dir: replace the run's own files there (the model, processor "
+                        "and a fresh metrics.jsonl) and leave every other file alone")
     g.add_argument("--logging_steps", type=int, default=20)
     g.add_argument("--save_steps", type=int, default=5000, help="0: no intermediate checkpoints")
     g.add_argument("--save_total_limit", type=int, default=None)
@@ -207,9 +220,11 @@ def resolve_categories(args, dataset, model) -> list[dict]:
                 {"id": i, "name": name, "isthing": int(thing)}
                 for i, (name, thing) in enumerate(zip(config.vocabulary, config.is_thing or [True] * len(config.vocabulary)))
             ]
+    source = args.categories or "the categories"
     return [
-        {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(bool(c.get("isthing", c.get("is_thing", 1))))}
-        for c in categories
+        {"id": int(c["id"]), "name": str(c["name"]),
+         "isthing": int(parse_flag(c.get("isthing", c.get("is_thing", 1)), f"{source}: isthing of entry {i}"))}
+        for i, c in enumerate(categories)
     ]
 
 
@@ -220,6 +235,42 @@ def store_training_vocabulary(model, processor, categories: list[dict]) -> None:
 
     vocabulary = build_vocabulary([c["name"] for c in categories], is_thing=[bool(c["isthing"]) for c in categories])
     set_default_vocabulary(model, processor, vocabulary)
+
+
+def parse_config_overrides(text: str | None) -> dict | None:
+    """`--config_overrides`: a JSON object of EovSegConfig fields; unknown fields are refused (a typo would
+    otherwise be stored in the config and change nothing)."""
+    import difflib
+
+    from ..configuration_eovseg import EovSegConfig
+
+    if not text:
+        return None
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TrainingArgumentError(f"--config_overrides is not valid JSON ({err}): {text!r}") from None
+    if not isinstance(overrides, dict):
+        raise TrainingArgumentError(f"--config_overrides must be a JSON object of config fields, got {text!r}")
+    known = set(EovSegConfig.from_variant("tiny").to_dict())
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TrainingArgumentError(f"--config_overrides: {key!r} is not an EovSegConfig field{hint}")
+    return overrides
+
+
+def check_output_dir(args) -> None:
+    """A non-empty --output_dir holds someone's files: train into it only when told how (overwrite or resume)."""
+    path = args.output_dir
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainingArgumentError(f"--output_dir {path} is a file, not a folder.")
+    if os.path.isdir(path) and os.listdir(path) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise TrainingArgumentError(
+            f"--output_dir {path} is not empty: pass --overwrite_output_dir to replace this run's files in it (other "
+            "files stay) or --resume_from_checkpoint to continue a run."
+        )
 
 
 def build_datasets(args):
@@ -300,7 +351,7 @@ def _resolve_resume(spec: str | None, output_dir: str) -> str | None:
         found = _checkpoints(output_dir)
         return found[-1][1] if found else None
     if not os.path.exists(os.path.join(spec, STATE_FILE)):
-        raise FileNotFoundError(f"{spec} is not a checkpoint of this script (no {STATE_FILE}).")
+        raise TrainingArgumentError(f"--resume_from_checkpoint {spec} is not a checkpoint of this script (no {STATE_FILE}).")
     return spec
 
 
@@ -330,6 +381,9 @@ def train(args: argparse.Namespace) -> dict:
     from .data import EovSegDataCollator
     from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
 
+    check_output_dir(args)
+    overrides = parse_config_overrides(args.config_overrides)
+
     accelerator = Accelerator(
         cpu=args.cpu or _launched_on_cpu_only(),
         mixed_precision=args.mixed_precision,
@@ -340,7 +394,6 @@ def train(args: argparse.Namespace) -> dict:
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    overrides = json.loads(args.config_overrides) if args.config_overrides else None
     model, processor, fresh = load_model_and_processor(args.model, overrides)
     train_rows, eval_rows = build_datasets(args)
     categories = resolve_categories(args, train_rows, model)
@@ -397,7 +450,8 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"Resumed from {resume} at step {global_step}.")
 
     metrics_path = os.path.join(args.output_dir, METRICS_FILE)
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if is_main else None
+    # A resumed run appends to its log; a new run starts a fresh one (with --overwrite_output_dir too).
+    metrics_file = open(metrics_path, "a" if resume else "w", encoding="utf-8") if is_main else None
 
     def log(record: dict):
         if metrics_file is not None:
@@ -517,4 +571,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..cli import run_main
+
+    sys.exit(run_main(main, prog="python -m eovseg.training.train"))

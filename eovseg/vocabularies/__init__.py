@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..vocabulary import VocabularyError, display_name, validate_vocabulary
+from ..vocabulary import VocabularyError, display_name, parse_flag, parse_flags, validate_vocabulary
 
 __all__ = [
     "Vocabulary",
@@ -192,6 +192,9 @@ def _vocabulary_from_json(text: str, path: Path) -> Vocabulary:
     except json.JSONDecodeError as err:
         raise VocabularyError(f"Vocabulary file {str(path)!r} is not valid JSON ({err}).") from None
     is_thing = None
+    if isinstance(data, dict) and not isinstance(data.get("classes", data.get("categories")), list):
+        raise VocabularyError(f"{path.name}: no \"classes\" (or \"categories\") list (keys: {', '.join(map(str, data))}); "
+                              'expected {"classes": [...], "is_thing": [...]}, {"categories": [...]} or a plain list.')
     if isinstance(data, dict):
         is_thing = data.get("is_thing")
         data = data.get("classes", data.get("categories"))
@@ -201,11 +204,14 @@ def _vocabulary_from_json(text: str, path: Path) -> Vocabulary:
         if not all("name" in c for c in data):
             raise VocabularyError(f"{path.name}: every class object needs a 'name'.")
         names = validate_vocabulary([c["name"] for c in data], f"vocabulary in {path.name}")
-        flags = [bool(c.get("isthing", c.get("is_thing", 1))) for c in data]
+        flags = [parse_flag(c.get("isthing", c.get("is_thing", 1)), f"{path.name}: class {c['name']!r} isthing")
+                 for c in data]
         ids = [int(c.get("id", i)) for i, c in enumerate(data)]
         colors = [tuple(c["color"]) for c in data] if all("color" in c for c in data) else None
         return Vocabulary(str(path), names, flags, ids, colors)
     names = validate_vocabulary(data, f"vocabulary in {path.name}")
+    if is_thing is not None:
+        is_thing = parse_flags(is_thing, f"{path.name}: is_thing")
     if is_thing is not None and len(is_thing) != len(names):
         raise VocabularyError(f"{path.name}: is_thing has {len(is_thing)} flags for {len(names)} classes.")
     return build_vocabulary(names, is_thing=is_thing, name=str(path))

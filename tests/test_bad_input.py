@@ -1,0 +1,295 @@
+"""Users' files and bad input (issue 10): no command deletes or replaces a file it did not write, nothing crashes, and
+every error is one line naming the problem. Tiny presets with random weights, files made by the tests."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+from eovseg.cli import main as cli_main
+from eovseg.conversion_scripts.convert_original_checkpoint import main as convert_main
+from eovseg.conversion_scripts.key_mapping import ours_to_original_key
+from eovseg.modeling_eovseg import EovSegInputError
+from eovseg.processing import EovSegProcessor
+
+VOCABULARY = ["cup, mug", "table", "wall"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return EovSegProcessor.from_config(tiny.config)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """An original-format checkpoint of the tiny model, in a folder also holding the user's notes."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    state = {ours_to_original_key(k): v for k, v in tiny.state_dict().items() if k != "default_text_embeddings"}
+    torch.save({"model": state}, folder / "model_final.pth")
+    return folder / "model_final.pth"
+
+
+def convert(args, capsys):
+    code = convert_main([str(a) for a in args])
+    # progress bars (saving shards) may precede the error on stderr: keep the lines that are not bars
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if "|" not in line)
+    return code, err
+
+
+def user_folder(path, files=("notes.txt", "config.json")):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (path / name).write_text(f"the user's own {name}\n")
+    return {name: (path / name).read_text() for name in files}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversion: never deletes or replaces a file it did not write
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_conversion_overwrite_replaces_only_its_own_files(checkpoint, tmp_path, capsys, monkeypatch):
+    # The checkpoint's own folder, holding the user's notes, converted into with --overwrite (before the fix this
+    # emptied the folder, checkpoint included), then again as "." from inside it (before: emptied, then OSError).
+    folder = tmp_path / "dir"
+    user_folder(folder, ("notes.txt", "results.csv"))
+    ckpt = folder / "model_final.pth"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    code, err = convert(["--checkpoint_path", ckpt, "--variant", "tiny", "--output_dir", folder, "--overwrite"], capsys)
+    assert code == 0, err
+    assert ckpt.read_bytes() == checkpoint.read_bytes()
+    assert (folder / "notes.txt").read_text() == "the user's own notes.txt\n"
+    assert (folder / "results.csv").read_text() == "the user's own results.csv\n"
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    monkeypatch.chdir(folder)
+    code, err = convert(["--checkpoint_path", "model_final.pth", "--variant", "tiny", "--output_dir", ".",
+                         "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(written)
+    assert ckpt.read_bytes() == checkpoint.read_bytes() and (folder / "notes.txt").is_file()
+    untouched = {"model_final.pth", "notes.txt", "results.csv"}
+    assert all((folder / n).stat().st_mtime_ns == written[n] for n in untouched)
+
+
+def test_conversion_refuses_to_replace_its_checkpoint(checkpoint, tmp_path, capsys):
+    # a checkpoint file that bears a name the conversion writes
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    ckpt = folder / "dropped_keys.txt"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    code, err = convert(["--checkpoint_path", ckpt, "--variant", "tiny", "--output_dir", folder, "--overwrite"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "would replace the checkpoint" in err
+    assert ckpt.read_bytes() == checkpoint.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["dropped_keys.txt"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not_empty", "not empty"),
+        ("is_a_file", "is a file"),
+        ("text_checkpoint", "not a PyTorch checkpoint"),
+        ("one_line_checkpoint", "not a PyTorch checkpoint"),
+        ("names_vocabulary", 'no "classes"'),
+        ("broken_json_vocabulary", "vocab.json"),
+        ("yes_no_flags", "is_thing entry 0 is 'yes'"),
+    ],
+)
+def test_conversion_user_errors_are_one_line(case, message, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--checkpoint_path", checkpoint, "--variant", "tiny", "--output_dir", out]
+    vocab = tmp_path / "vocab.json"
+    if case == "not_empty":
+        user_folder(out)
+    elif case == "is_a_file":
+        out.write_text("a file\n")
+    elif case in ("text_checkpoint", "one_line_checkpoint"):
+        text = tmp_path / "model_final.pth"
+        text.write_text("hello\nthis is text\n" if case == "text_checkpoint" else "one line\n")
+        args[1] = text
+    elif case == "names_vocabulary":
+        vocab.write_text(json.dumps({"names": VOCABULARY}))
+    elif case == "broken_json_vocabulary":
+        vocab.write_text('{"classes": ["a", "b"')
+    elif case == "yes_no_flags":
+        vocab.write_text(json.dumps({"classes": ["a", "b"], "is_thing": ["yes", "no"]}))
+    if vocab.exists():
+        args += ["--vocabulary", vocab]
+    before = sorted(os.listdir(tmp_path))
+    code, err = convert(args, capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and message in err, err
+    assert "weights_only" not in err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    if case == "not_empty":
+        assert sorted(os.listdir(out)) == ["config.json", "notes.txt"]
+        assert (out / "config.json").read_text() == "the user's own config.json\n"
+
+
+def test_overwrite_has_help_text(capsys):
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    help_text = capsys.readouterr().out
+    overwrite = help_text[help_text.index("--overwrite"):]
+    assert "leave every other file" in " ".join(overwrite.split())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The eovseg command: exit status and one-line errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def eovseg_command(*args, cwd=None):
+    exe = os.path.join(os.path.dirname(sys.executable), "eovseg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([exe, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
+    # Before the fix the console script passed evaluate's result dict to sys.exit: exit 1, the dict on stderr.
+    result = eovseg_command("evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--num_synthetic", "2",
+                            "--no_progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "{" not in result.stderr
+    result = eovseg_command("convert", "--checkpoint_path", "missing.pth", "--variant", "tiny", "--output_dir", "o",
+                            cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: checkpoint 'missing.pth' does not exist"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides", "{bad"],
+         "--config_overrides is not valid JSON"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
+          '{"num_proposalz": 3}'], "'num_proposalz' is not an EovSegConfig field (did you mean 'num_proposals'?)"),
+        (["demo", "--image", "missing.jpg"], "image 'missing.jpg' does not exist"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "cats.json"],
+         "--categories cats.json: not valid JSON"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "flags.json",
+          "--max_steps", "0"], "flags.json: isthing of entry 1 is 'no'"),
+    ],
+)
+def test_command_user_errors_exit_1_with_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cats.json").write_text('[{"id": 0, "name": "circle", "isthing": 1},')
+    (tmp_path / "flags.json").write_text(json.dumps([{"id": 0, "name": "circle", "isthing": "true"},
+                                                     {"id": 1, "name": "sky", "isthing": "no"}]))
+    assert cli_main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_cli_returns_int_status_for_any_main_result():
+    from eovseg.cli import run_main
+
+    assert run_main(lambda argv: {"PQ": 1.0}) == 0
+    assert run_main(lambda argv: None) == 0
+    assert run_main(lambda argv: 3) == 3
+
+    def fails(argv):
+        raise ValueError("the file x.json is broken\nsecond line")
+
+    assert run_main(fails) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model inputs: EovSegInputError before any op
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_pixel_does_not_crash_the_process(tmp_path):
+    # Before the check, one NaN reached torchvision's deform_conv2d and killed the process (exit 139).
+    script = textwrap.dedent(
+        """
+        import torch
+        from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+        from eovseg.modeling_eovseg import EovSegInputError
+        torch.manual_seed(0)
+        model = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny")).eval()
+        pixel_values = torch.randn(1, 3, 64, 64)
+        pixel_values[0, 1, 5, 7] = float("nan")
+        try:
+            model(pixel_values, text_embeddings=torch.nn.functional.normalize(torch.randn(2, model.config.embed_dim), dim=-1),
+                  synonym_counts=torch.tensor([1, 1]))
+        except EovSegInputError as err:
+            print("refused:", err)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "refused:" in result.stdout and "NaN or infinite" in result.stdout
+
+
+def _text(model, n=2):
+    torch.manual_seed(1)
+    return torch.nn.functional.normalize(torch.randn(n, model.config.embed_dim), dim=-1)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("inf_pixel", "NaN or infinite"),
+        ("uint8_pixels", "dtype torch.uint8"),
+        ("ids_too_large", "knows ids 0 to"),
+        ("negative_ids", "knows ids 0 to"),
+        ("float_ids", "integer token ids"),
+        ("narrow_text_embeddings", "wide"),
+        ("text_embeddings_1d", "(num_synonyms, embed_dim)"),
+    ],
+)
+def test_model_input_errors(case, message, tiny, processor):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    kwargs = {"text_embeddings": _text(tiny), "synonym_counts": torch.tensor([1, 1])}
+    if case == "inf_pixel":
+        pixel_values[0, 0, 0, 0] = float("inf")
+    elif case == "uint8_pixels":
+        pixel_values = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    elif case in ("ids_too_large", "negative_ids", "float_ids"):
+        ids = processor.encode_vocabulary(["cup", "table"], return_tensors="pt")["input_ids"]
+        if case == "ids_too_large":
+            ids[0, 1] = tiny.clip_backbone.clip_model.token_embedding.num_embeddings
+        elif case == "negative_ids":
+            ids[3, 2] = -1
+        else:
+            ids = ids.float()
+        kwargs = {"input_ids": ids, "synonym_counts": torch.tensor([1, 1])}
+    elif case == "narrow_text_embeddings":
+        kwargs["text_embeddings"] = torch.randn(2, tiny.config.embed_dim + 3)
+    elif case == "text_embeddings_1d":
+        kwargs["text_embeddings"] = torch.randn(tiny.config.embed_dim)
+        kwargs["synonym_counts"] = torch.tensor([1])
+    with pytest.raises(EovSegInputError, match=None) as info, torch.no_grad():
+        tiny(pixel_values, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_float64_pixels_are_cast_to_the_model_dtype(tiny):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    kwargs = {"text_embeddings": _text(tiny), "synonym_counts": torch.tensor([1, 1])}
+    with torch.no_grad():
+        expected = tiny(pixel_values, **kwargs).class_queries_logits
+        got = tiny(pixel_values.double(), **kwargs).class_queries_logits
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
