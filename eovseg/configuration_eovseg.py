@@ -231,7 +231,12 @@ class EovSegConfig(PretrainedConfig):
             The default vocabulary used when no text is given to the model. Its text embeddings are stored with the
             weights (buffer `default_text_embeddings`) once computed.
         is_thing (`list[bool]`, *optional*):
-            For each class of `vocabulary`, whether it is a thing (instances kept apart) or stuff (merged).
+            For each class of `vocabulary`, whether it is a thing (instances kept apart) or stuff (merged). Flags are
+            JSON booleans or true/false/1/0; anything else (`"yes"`, `"no"`) is refused.
+        default_vocabulary_fingerprint (`str`, *optional*):
+            Fingerprint of the token ids of `vocabulary`'s prompts, set by
+            [`~EovSegForPanopticSegmentation.set_default_vocabulary_embeddings`] when the embeddings are stored. A
+            model whose `vocabulary` no longer matches it re-encodes the vocabulary instead of using stale embeddings.
         kwargs:
             Remaining arguments of [`~transformers.PretrainedConfig`] (`id2label` is derived from `vocabulary`).
     """
@@ -278,6 +283,7 @@ class EovSegConfig(PretrainedConfig):
         train_vocabulary: list[str] | None = None,
         vocabulary: list[str] | None = None,
         is_thing: list[bool] | None = None,
+        default_vocabulary_fingerprint: str | None = None,
         **kwargs,
     ):
         if variant != "custom" and variant not in VARIANTS:
@@ -350,6 +356,7 @@ class EovSegConfig(PretrainedConfig):
             kwargs["id2label"] = {i: display_name(name) for i, name in enumerate(vocabulary)}
             kwargs.setdefault("label2id", {display_name(name): i for i, name in enumerate(vocabulary)})
         self.vocabulary = vocabulary
+        self.default_vocabulary_fingerprint = default_vocabulary_fingerprint
         self.is_thing = parse_flags(is_thing, "is_thing") if is_thing is not None else None
         super().__init__(**kwargs)
 

@@ -29,10 +29,14 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 from torchvision.ops import deform_conv2d
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_eovseg import EovSegConfig
-from .vocabulary import PROMPT_TEMPLATES, display_name, seen_class_mask, synonym_counts, validate_vocabulary
+from .vocabulary import (
+    PROMPT_TEMPLATES, build_prompts, display_name, seen_class_mask, synonym_counts, validate_vocabulary,
+)
+
+logger = logging.get_logger(__name__)
 
 
 class EovSegInputError(ValueError):
@@ -665,16 +669,21 @@ class GeometricEnsemble(nn.Module):
     def forward(self, in_vocab_logits, out_vocab_logits, seen_mask, valid_queries=None):
         in_probs = in_vocab_logits[..., :-1].softmax(-1)
         out_probs = out_vocab_logits[..., :-1].softmax(-1)
-        seen = seen_mask.to(in_probs.dtype)
+        seen = seen_mask.to(in_probs.dtype).expand_as(in_probs)
         alpha = torch.full_like(in_probs, self.alpha)
         beta = torch.full_like(in_probs, self.beta)
         if self.on_valid_mask and valid_queries is not None:
             valid = valid_queries.to(in_probs.dtype).unsqueeze(-1)
             alpha = alpha * valid
             beta = beta * valid
-        seen_logits = (in_probs ** (1 - alpha) * out_probs**alpha).log() * seen
-        unseen_logits = (in_probs ** (1 - beta) * out_probs**beta).log() * (1 - seen)
-        combined = seen_logits + unseen_logits
+        seen_logits = (in_probs ** (1 - alpha) * out_probs**alpha).log()
+        unseen_logits = (in_probs ** (1 - beta) * out_probs**beta).log()
+        # The original computes `seen_logits * seen + unseen_logits * (1 - seen)`: where a probability underflows to
+        # 0, the branch not taken is -inf and 0 * -inf is NaN. Selecting gives the same numbers where they are
+        # finite; a -inf kept by the selection becomes the lowest finite value, so that a query whose classes all
+        # underflow still has a (uniform) softmax instead of NaN.
+        combined = torch.where(seen.bool(), seen_logits, unseen_logits)
+        combined = combined.clamp_min(torch.finfo(combined.dtype).min)
         void_prob = in_vocab_logits.softmax(-1)[..., -1:]
         probs = torch.cat([combined.softmax(-1) * (1.0 - void_prob), void_prob], dim=-1)
         return torch.log(probs + 1e-8)
@@ -722,6 +731,12 @@ class EovSegPreTrainedModel(PreTrainedModel):
             module.logit_scale.fill_(math.log(1 / 0.07))
 
 
+def vocabulary_fingerprint(input_ids: torch.Tensor) -> str:
+    """A fingerprint of a vocabulary's prompts' token ids, independent of how far they are padded with 0."""
+    length = int(input_ids.argmax(dim=-1).max()) + 1 if input_ids.numel() else 0  # the end token is the largest id
+    return _hash_tensor(input_ids[:, :length])
+
+
 def _hash_tensor(tensor: torch.Tensor) -> str:
     data = tensor.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
     return hashlib.sha1(data + str(tuple(tensor.shape)).encode()).hexdigest()
@@ -757,7 +772,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             self.register_buffer("default_text_embeddings", torch.zeros(num_synonyms, config.embed_dim))
         else:
             self.default_text_embeddings = None
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._verified_vocabulary: tuple | None = None
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
         self._criterion = None
@@ -804,12 +820,14 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"input_ids has {input_ids.shape[0]} prompts; expected a positive multiple of {num_templates} "
                 "(every synonym in every prompt template), as EovSegProcessor makes them."
             )
-        key = _hash_tensor(input_ids)
+        # Keyed by the token ids and by the text tower's weights as they are now (any in-place change, such as
+        # load_state_dict or an optimizer step, bumps a tensor's version; a replaced tensor has another address).
+        key = (_hash_tensor(input_ids), self._text_tower_signature())
         dtype = self.void_embedding.weight.dtype
         cached = self._text_cache.get(key)
         if cached is not None:
             self._text_cache.move_to_end(key)
-            return cached
+            return cached.clone()  # the caller may edit what it gets; the cache keeps its own copy
         device = self.void_embedding.weight.device
         chunks = []
         for start in range(0, input_ids.shape[0], self.config.text_chunk_size):
@@ -821,11 +839,26 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._text_cache[key] = embeddings
         while len(self._text_cache) > self.text_cache_size:
             self._text_cache.popitem(last=False)
-        return embeddings
+        return embeddings.clone()
+
+    def _text_tower_signature(self) -> tuple:
+        clip = self.clip_backbone.clip_model
+        tensors = [clip.token_embedding.weight, clip.positional_embedding, clip.text_projection]
+        tensors += [*clip.transformer.parameters(), *clip.ln_final.parameters()]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._clear_text_cache()
+        self._verified_vocabulary = None
+        return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def set_default_vocabulary_embeddings(self, input_ids: torch.LongTensor) -> None:
-        """Compute and store (with the weights) the text embeddings of `config.vocabulary` from its prompts' ids."""
+        """Compute and store (with the weights) the text embeddings of `config.vocabulary` from its prompts' ids
+        (`EovSegProcessor.encode_vocabulary(config.vocabulary)["input_ids"]`), with a fingerprint of those ids in
+        `config.default_vocabulary_fingerprint`. This is the one way to store default-vocabulary embeddings: a model
+        whose config's vocabulary no longer matches the fingerprint re-encodes it (or refuses) instead of using
+        embeddings of other names."""
         if self.default_text_embeddings is None:
             raise EovSegInputError("This model's config has no default vocabulary (config.vocabulary is empty).")
         embeddings = self.get_text_embeddings(input_ids)
@@ -835,6 +868,35 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"{self.default_text_embeddings.shape[0]}."
             )
         self.default_text_embeddings.copy_(embeddings)
+        self.config.default_vocabulary_fingerprint = vocabulary_fingerprint(input_ids)
+        self._verified_vocabulary = tuple(self.config.vocabulary)
+
+    def _has_text_tower(self) -> bool:
+        return getattr(self.clip_backbone.clip_model, "transformer", None) is not None
+
+    def _checked_default_embeddings(self) -> torch.Tensor:
+        """The stored default-vocabulary embeddings, after checking (once per vocabulary) that they were computed
+        from `config.vocabulary`'s prompts; re-encoded when they were not (the config was edited)."""
+        vocabulary = tuple(self.config.vocabulary)
+        stored = getattr(self.config, "default_vocabulary_fingerprint", None)
+        if stored is None or self._verified_vocabulary == vocabulary:
+            return self.default_text_embeddings
+        context = self.clip_backbone.clip_model.positional_embedding.shape[0]
+        input_ids = open_clip.tokenize(build_prompts(vocabulary), context_length=context)
+        if vocabulary_fingerprint(input_ids) != stored:
+            if not self._has_text_tower():
+                raise EovSegInputError(
+                    "The stored default-vocabulary embeddings were computed for another vocabulary than "
+                    "config.vocabulary (edited?), and this model has no text tower to encode it: pass the "
+                    "vocabulary's text_embeddings, or restore config.vocabulary."
+                )
+            logger.warning(
+                "config.vocabulary does not match the stored default-vocabulary embeddings (fingerprint of the "
+                "prompts' token ids): encoding it with the text tower."
+            )
+            self.set_default_vocabulary_embeddings(input_ids)
+        self._verified_vocabulary = vocabulary
+        return self.default_text_embeddings
 
     @torch.no_grad()
     def set_default_vocabulary(
@@ -869,10 +931,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                     "No vocabulary was given and this model has no stored default-vocabulary embeddings: pass the "
                     "processor's text outputs (processor(images=..., text=class_names)) or text_embeddings."
                 )
+            embeddings = self._checked_default_embeddings()
             vocab = self.config.vocabulary
             counts = torch.tensor(synonym_counts(vocab), device=device)
             seen = torch.tensor(seen_class_mask(vocab, self.config.train_vocabulary), device=device)
-            return self.default_text_embeddings, counts, seen
+            return embeddings, counts, seen
         if synonym_counts_ is None:
             raise EovSegInputError("synonym_counts (the number of synonyms of each class) must come with the vocabulary.")
         counts = torch.as_tensor(synonym_counts_, device=device).to(torch.long).flatten()

@@ -70,6 +70,9 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         image = load_image(image, timeout=timeout)
         config = self.model.config
         if candidate_labels is None:
+            if stuff_labels is not None:
+                raise ValueError("stuff_labels needs candidate_labels: the default vocabulary's stuff classes are "
+                                 "fixed by config.is_thing.")
             if not config.vocabulary:
                 raise ValueError("This model has no default vocabulary: pass candidate_labels=[...].")
             labels, is_thing = list(config.vocabulary), list(config.is_thing)
@@ -103,7 +106,7 @@ class OpenVocabularySegmentationPipeline(Pipeline):
             )[0]
         else:
             result = self.processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, target_sizes=target,
+                outputs, threshold=threshold, mask_threshold=mask_threshold, target_sizes=target,
                 thing_ids=[i for i, thing in enumerate(is_thing) if thing],
             )[0]
         segmentation = result["segmentation"].cpu()

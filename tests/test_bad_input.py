@@ -293,3 +293,241 @@ def test_float64_pixels_are_cast_to_the_model_dtype(tiny):
         expected = tiny(pixel_values, **kwargs).class_queries_logits
         got = tiny(pixel_values.double(), **kwargs).class_queries_logits
     assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: a non-empty --output_dir is someone's
+# ----------------------------------------------------------------------------------------------------------------------
+
+TRAIN = ["--model", "tiny", "--dataset", "synthetic", "--synthetic_image_size", "64", "--synthetic_train_images", "2",
+         "--per_device_batch_size", "2", "--no_augmentation", "--max_steps", "1", "--save_steps", "0", "--no_progress",
+         "--logging_steps", "1"]
+
+
+def test_training_refuses_a_non_empty_output_dir_then_overwrites_only_its_files(tmp_path, capsys):
+    from eovseg.training.train import main as train_main
+
+    out = tmp_path / "user"
+    user_folder(out, ("config.json", "notes.txt"))
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    assert cli_main(["train", *TRAIN, "--output_dir", str(out)]) == 1
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "the user's own config.json\n"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 99, "loss": 1.0}\n'
+
+    assert train_main([*TRAIN, "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert (out / "notes.txt").read_text() == "the user's own notes.txt\n"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "eovseg"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]  # a fresh log, not appended to the old one
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags read as booleans
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (0, False), ("true", True), ("False", False), ("1", True)])
+def test_flags_accept_booleans_and_0_1(value, expected):
+    from eovseg.vocabulary import parse_flag
+
+    assert parse_flag(value, "x") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "no", 2, None, 0.5, ""])
+def test_flags_refuse_anything_else(value):
+    from eovseg.vocabulary import VocabularyError, parse_flag
+
+    with pytest.raises(VocabularyError, match=r"cats.json: isthing of entry 3 is"):
+        parse_flag(value, "cats.json: isthing of entry 3")
+
+
+def test_config_refuses_string_is_thing():
+    with pytest.raises(ValueError, match="is_thing entry 1 is 'no'"):
+        EovSegConfig.from_variant("tiny", vocabulary=["a", "b"], is_thing=["true", "no"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Default-vocabulary embeddings tied to the vocabulary; the text-embedding cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _default_vocabulary_text(model):
+    with torch.no_grad():
+        return model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).text_embeddings
+
+
+def test_edited_default_vocabulary_is_re_encoded(tiny, processor, tmp_path):
+    model = EovSegForPanopticSegmentation(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict(), strict=False)
+    model.set_default_vocabulary_embeddings(processor.encode_vocabulary(model.config.vocabulary)["input_ids"])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # new names with the same synonym counts (the stored embeddings still fit the buffer)
+    renamed = [f"zebra{i}" if "," not in name else f"zebra{i}, " + ", ".join(f"z{i}x{j}" for j in range(name.count(",")))
+               for i, name in enumerate(config["vocabulary"])]
+    config["vocabulary"] = renamed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    edited = EovSegForPanopticSegmentation.from_pretrained(tmp_path).eval()
+    expected = edited.get_text_embeddings(processor.encode_vocabulary(renamed)["input_ids"])
+    assert torch.allclose(_default_vocabulary_text(edited), expected, atol=1e-6)
+    # unedited: the stored embeddings are used as they are, with no text pass
+    reloaded = EovSegForPanopticSegmentation(model.config).eval()
+    reloaded.load_state_dict(model.state_dict())
+    calls = reloaded.num_text_encoder_calls
+    assert torch.equal(_default_vocabulary_text(reloaded), model.default_text_embeddings)
+    assert reloaded.num_text_encoder_calls == calls
+
+    del edited.clip_backbone.clip_model.transformer  # a model without its text tower cannot re-encode: it refuses
+    edited._verified_vocabulary = None
+    edited.config.vocabulary = ["yak" + name[len(name.split(",")[0]):] for name in renamed]
+    with pytest.raises(EovSegInputError, match="another vocabulary than config.vocabulary"):
+        _default_vocabulary_text(edited)
+
+
+def test_text_cache_hands_out_copies_and_follows_weight_changes(processor):
+    torch.manual_seed(3)
+    model = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny")).eval()
+    ids = processor.encode_vocabulary(["cup", "table"])["input_ids"]
+    first = model.get_text_embeddings(ids)
+    reference = first.clone()
+    first.mul_(0)  # the caller edits what it got
+    assert torch.equal(model.get_text_embeddings(ids), reference)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["clip_backbone.clip_model.text_projection"] = state["clip_backbone.clip_model.text_projection"] * -1
+    model.load_state_dict(state)
+    assert torch.allclose(model.get_text_embeddings(ids), -reference, atol=1e-6)
+
+    with torch.no_grad():
+        model.clip_backbone.clip_model.ln_final.weight.mul_(2.0)  # e.g. an optimizer step on the text tower
+        model.clip_backbone.clip_model.ln_final.bias.add_(0.5)
+    calls = model.num_text_encoder_calls
+    changed = model.get_text_embeddings(ids)
+    assert model.num_text_encoder_calls == calls + 1 and not torch.allclose(changed, -reference, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Geometric ensemble, thin images, post-processing arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_geometric_ensemble_never_gives_nan():
+    from eovseg.modeling_eovseg import GeometricEnsemble
+
+    torch.manual_seed(0)
+    in_logits, out_logits = torch.randn(2, 5, 7) * 3, torch.randn(2, 5, 7) * 3
+    in_logits[0, 0, 2] = -1e4  # a probability that underflows to exactly 0
+    out_logits[1, 3, :6] = -1e4
+    seen = torch.tensor([True, False, True, False, False, True])
+    ensemble = GeometricEnsemble(0.4, 0.8, on_valid_mask=False)
+    got = ensemble(in_logits, out_logits, seen)
+    assert torch.isfinite(got).all()
+    # the original's formula, where it is finite
+    p_in, p_out = in_logits[..., :-1].softmax(-1), out_logits[..., :-1].softmax(-1)
+    s = seen.float()
+    alpha, beta = torch.full_like(p_in, 0.4), torch.full_like(p_in, 0.8)
+    combined = (p_in ** (1 - alpha) * p_out**alpha).log() * s + (p_in ** (1 - beta) * p_out**beta).log() * (1 - s)
+    void = in_logits.softmax(-1)[..., -1:]
+    original = torch.log(torch.cat([combined.softmax(-1) * (1 - void), void], -1) + 1e-8)
+    assert torch.isnan(original).any()  # the case the fix is about
+    finite = torch.isfinite(original).all(-1)
+    assert torch.equal(got[finite], original[finite])
+
+
+def test_very_thin_image_is_processed(processor):
+    import numpy as np
+
+    image = np.full((20000, 2, 3), 128, dtype=np.uint8)
+    inputs = processor.image_processor(image, return_tensors="pt")
+    h, w = inputs["pixel_values"].shape[-2:]
+    assert h >= 2560 and w >= 1 and inputs["pixel_mask"].sum() == 2560 * 1
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, message",
+    [
+        ("panoptic", {"threshold": 1.5}, "threshold must be a probability in [0, 1]"),
+        ("panoptic", {"threshold": float("nan")}, "threshold must be a probability in [0, 1]"),
+        ("panoptic", {"overlap_mask_area_threshold": 5}, "overlap_mask_area_threshold must be"),
+        ("panoptic", {"mask_threshold": 2}, "mask_threshold must be"),
+        ("panoptic", {"label_ids_to_fuse": {"sky"}}, "give ids, not class names"),
+        ("instance", {"top_k": -5}, "top_k must be a positive int"),
+        ("instance", {"mask_threshold": -0.1}, "mask_threshold must be"),
+        ("instance", {"thing_ids": "0"}, "thing_ids must be a collection of class ids"),
+    ],
+)
+def test_post_processing_arguments_are_checked(method, kwargs, message, tiny, processor):
+    from transformers.utils import ModelOutput
+
+    outputs = ModelOutput(class_queries_logits=torch.randn(1, 4, 3), masks_queries_logits=torch.randn(1, 4, 8, 8),
+                          image_sizes=torch.tensor([[32, 32]]))
+    post = getattr(processor, f"post_process_{method}_segmentation")
+    with pytest.raises(ValueError) as info:
+        post(outputs, **kwargs)
+    assert message in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Open-vocabulary pipeline and vocabularies
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny, processor):
+    from transformers import pipeline
+
+    return pipeline("open-vocabulary-segmentation", model=tiny, image_processor=processor.image_processor,
+                    tokenizer=processor.tokenizer)
+
+
+def _photo():
+    from PIL import Image
+
+    from eovseg.demo import BUNDLED_IMAGE
+
+    return Image.open(BUNDLED_IMAGE).convert("RGB").resize((64, 48))
+
+
+def test_pipeline_stuff_labels_as_one_string(segmenter):
+    # before: "sky" was read as the characters s, k, y and refused as not among the candidate labels
+    result = segmenter(_photo(), candidate_labels=["cup", "sky"], stuff_labels="sky")
+    expected = segmenter(_photo(), candidate_labels=["cup", "sky"], stuff_labels=["sky"])
+    assert [(r["label"], r["score"]) for r in result] == [(r["label"], r["score"]) for r in expected]
+    assert sum(r["label"] == "sky" for r in result) <= 1  # stuff is merged
+
+
+def test_pipeline_stuff_labels_need_candidate_labels(segmenter):
+    with pytest.raises(ValueError, match="stuff_labels needs candidate_labels"):
+        segmenter(_photo(), stuff_labels=["wall"])
+
+
+def test_pipeline_passes_mask_threshold_for_instances(segmenter):
+    import numpy as np
+
+    def area(mask_threshold):
+        result = segmenter(_photo(), candidate_labels=["cup", "table"], subtask="instance",
+                           mask_threshold=mask_threshold)
+        return sum(int(np.asarray(r["mask"]).astype(bool).sum()) for r in result)
+
+    assert area(0.01) > area(0.99)
+
+
+def test_truncated_prompts_warn_and_identical_prompts_are_refused(processor, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from eovseg.vocabulary import VocabularyError
+
+    long = "very " * 80
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            processor.encode_vocabulary([long + "cat", "dog"])
+    finally:
+        hf_logging.disable_propagation()
+    assert "were cut" in caplog.text
+    with pytest.raises(VocabularyError, match="identical prompts"):
+        processor.encode_vocabulary([long + "cat", long + "dog"])
+    with pytest.raises(VocabularyError, match=r"Classes 0 \('car'\) and 1 \('Car'\)"):
+        processor.encode_vocabulary(["car", "Car"])

@@ -242,7 +242,8 @@ def get_resize_output_shape(height: int, width: int, shortest_edge: int, longest
     if longest_edge is not None and max(new_h, new_w) > longest_edge:
         rescale = longest_edge / max(new_h, new_w)
         new_h, new_w = new_h * rescale, new_w * rescale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # A very thin image (20000x2) would round its short side to 0 pixels: keep at least one.
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,12 +427,31 @@ def _max_with_first_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return best, count - first.long()
 
 
-def _label_set(label_ids: Iterable[int] | torch.Tensor | None) -> set[int]:
+def _label_set(label_ids: Iterable[int] | torch.Tensor | None, name: str = "label ids") -> set[int]:
     if label_ids is None:
         return set()
     if isinstance(label_ids, torch.Tensor):
-        return {int(x) for x in label_ids.flatten().tolist()}
-    return {int(x) for x in label_ids}
+        label_ids = label_ids.flatten().tolist()
+    if isinstance(label_ids, (str, bytes)) or not isinstance(label_ids, Iterable):
+        raise ValueError(f"{name} must be a collection of class ids (ints), got {label_ids!r}.")
+    ids = set()
+    for x in label_ids:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) and not (isinstance(x, float) and x.is_integer()):
+            raise ValueError(f"{name} must hold class ids (ints), got {x!r}; give ids, not class names.")
+        ids.add(int(x))
+    return ids
+
+
+def _check_post_process_arguments(**values) -> None:
+    """Probability thresholds in [0, 1] (beyond, every result is silently empty) and a positive `top_k`."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "top_k":
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"top_k must be a positive int, got {value!r}.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
 
 
 def _binary_mask_to_coco_rle(mask: torch.Tensor) -> dict:
@@ -865,10 +885,12 @@ class EovSegImageProcessor(BaseImageProcessor):
         """
         if return_binary_maps and return_coco_annotation:
             raise ValueError("`return_binary_maps` and `return_coco_annotation` cannot both be True.")
+        _check_post_process_arguments(threshold=threshold, mask_threshold=mask_threshold,
+                                      overlap_mask_area_threshold=overlap_mask_area_threshold, top_k=top_k)
         class_logits = outputs.class_queries_logits
         mask_logits = outputs.masks_queries_logits
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
-        keep_labels = None if thing_ids is None else _label_set(thing_ids)
+        keep_labels = None if thing_ids is None else _label_set(thing_ids, "thing_ids")
         num_classes = class_logits.shape[-1] - 1
         results = []
         for i in range(class_logits.shape[0]):
@@ -977,7 +999,9 @@ class EovSegImageProcessor(BaseImageProcessor):
                 "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "
                 "original EOV-Seg does."
             )
-        fuse = _label_set(label_ids_to_fuse)
+        _check_post_process_arguments(threshold=threshold, mask_threshold=mask_threshold,
+                                      overlap_mask_area_threshold=overlap_mask_area_threshold)
+        fuse = _label_set(label_ids_to_fuse, "label_ids_to_fuse")
         class_logits = outputs.class_queries_logits
         mask_logits = outputs.masks_queries_logits
         image_sizes, targets = self._output_geometry(outputs, target_sizes)

@@ -10,13 +10,16 @@ import torch
 from transformers import CLIPTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
-from ..vocabulary import build_prompts, seen_class_mask, synonym_counts, validate_vocabulary
+from ..vocabulary import VocabularyError, build_prompts, seen_class_mask, synonym_counts, validate_vocabulary
 from .tokenization_eovseg import DEFAULT_CONTEXT_LENGTH, build_clip_tokenizer, check_clip_tokenizer, clip_token_ids
 
 
 # Keys of the vocabulary part of the processor output; they are arguments of the model's forward.
 TEXT_INPUT_NAMES = ["input_ids", "synonym_counts", "class_seen_mask"]
+
+logger = logging.get_logger(__name__)
 
 
 def _image_processor_class():
@@ -185,6 +188,7 @@ class EovSegProcessor(ProcessorMixin):
             row = [sot] + content[:max_content] + [eot]
             input_ids[i, : len(row)] = row
         counts = np.asarray(synonym_counts(class_names), dtype=np.int64)
+        self._check_prompts(class_names, prompts, ids, input_ids, counts)
         seen = np.asarray(seen_class_mask(class_names, self.train_vocabulary), dtype=bool)
         data = {"input_ids": input_ids, "synonym_counts": counts, "class_seen_mask": seen}
         if return_tensors in ("pt", "torch"):
@@ -194,6 +198,27 @@ class EovSegProcessor(ProcessorMixin):
         elif return_tensors != "np":
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         return BatchFeature(data)
+
+    def _check_prompts(self, class_names, prompts, ids, input_ids, counts) -> None:
+        """Warn when prompts are cut to the text tower's context; refuse classes the model could not tell apart
+        (their prompts have the same token ids: "car" and "Car", or long names differing only after the cut)."""
+        cut = [prompt for prompt, content in zip(prompts, ids) if len(content) > self.context_length - 2]
+        if cut:
+            logger.warning(
+                f"{len(cut)} prompt(s) are longer than the text tower's {self.context_length} tokens and were cut, "
+                f"e.g. {cut[0][:80]!r}...: class names differing only after the cut get the same embedding."
+            )
+        first_class: dict[bytes, int] = {}
+        end = np.cumsum(counts) * (input_ids.shape[0] // max(int(counts.sum()), 1))
+        for k, (start, stop) in enumerate(zip(np.concatenate([[0], end[:-1]]), end)):
+            key = input_ids[start:stop].tobytes()
+            if key in first_class:
+                raise VocabularyError(
+                    f"Classes {first_class[key]} ({class_names[first_class[key]]!r}) and {k} ({class_names[k]!r}) "
+                    "give identical prompts after tokenization (case and punctuation are normalized, long prompts "
+                    "are cut): the model cannot tell them apart. Merge them or rename one."
+                )
+            first_class[key] = k
 
     def post_process_panoptic_segmentation(self, *args, **kwargs):
         """Forwards all arguments to [`EovSegImageProcessor.post_process_panoptic_segmentation`]."""
