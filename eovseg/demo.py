@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 BUNDLED_IMAGE = Path(__file__).with_name("assets") / "coffee.jpg"
 
@@ -41,6 +41,29 @@ def overlay(image: Image.Image, segmentation: np.ndarray, alpha: float = 0.55) -
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+DEMO_MARK = "eovseg demo"  # in the files the demo writes: only those are replaced by a later run
+
+
+def written_by_demo(path: Path) -> bool:
+    """Whether `path` is an overlay PNG or a segments JSON written by this demo."""
+    try:
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                return image.info.get("Software") == DEMO_MARK
+        return json.loads(path.read_text(encoding="utf-8")).get("written_by") == DEMO_MARK
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(paths: list[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.is_dir() or (path.exists() and not overwrite and not written_by_demo(path)):
+            raise FileExistsError(
+                f"{str(path)!r} exists and was not written by the demo: give another --output_dir (or --overwrite "
+                "to replace that file)."
+            )
+
+
 def load_model_and_processor(model_path: str | None, seed: int = 0):
     from . import EovSegConfig, EovSegForPanopticSegmentation
     from .processing import EovSegProcessor
@@ -60,7 +83,7 @@ def load_model_and_processor(model_path: str | None, seed: int = 0):
 
 
 def run(image_path: Path, model_path: str | None, classes: list[str] | None, stuff: list[str] | None,
-        output_dir: Path, seed: int = 0) -> dict:
+        output_dir: Path, seed: int = 0, overwrite: bool = False) -> dict:
     from .vocabulary import display_name, validate_vocabulary
 
     if not image_path.is_file():
@@ -91,11 +114,14 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
     )[0]
     segmentation = result["segmentation"].cpu().numpy()
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     stem = image_path.stem
     overlay_path = output_dir / f"{stem}_panoptic.png"
     json_path = output_dir / f"{stem}_segments.json"
-    overlay(image, segmentation).save(overlay_path)
+    check_replaceable([overlay_path, json_path], overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", DEMO_MARK)
+    overlay(image, segmentation).save(overlay_path, pnginfo=info)
     segments = []
     for info in result["segments_info"]:
         label_id = int(info["label_id"])
@@ -108,6 +134,7 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
             "area": int((segmentation == info["id"]).sum()),
         })
     report = {
+        "written_by": DEMO_MARK,
         "image": str(image_path),
         "model": model_path or "tiny preset, random weights",
         "random_weights": is_random,
@@ -128,12 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tiny model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "
+                             "program wrote them (the demo's own earlier outputs are always replaced)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.seed)
+    report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.seed, args.overwrite)
     if report["random_weights"]:
         print("NOTE: no --model given: the tiny preset with RANDOM weights was used, so the segments are random. "
               "Convert an original checkpoint and pass --model DIR for real segmentation.")

@@ -810,9 +810,15 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         """Embeddings (S, D) of every synonym from its prompts' token ids (S * num_templates, L) ordered by synonym then
         template: each prompt's embedding normalized, averaged over the templates, normalized again.
 
-        Results are cached by the token ids, so a repeated vocabulary costs no text pass. Prompts are encoded
-        `config.text_chunk_size` at a time, each chunk only as long as its longest prompt.
+        Results are cached by the token ids and the text tower's weights, so a repeated vocabulary costs no text
+        pass; the caller gets its own copy. Prompts are encoded `config.text_chunk_size` at a time, each chunk only
+        as long as its longest prompt.
         """
+        return self._cached_text_embeddings(input_ids).clone()
+
+    @torch.no_grad()
+    def _cached_text_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        # The cache's own tensor: used by the model only, never handed out.
         self._check_input_ids(input_ids)
         num_templates = len(PROMPT_TEMPLATES)
         if input_ids.shape[0] == 0 or input_ids.shape[0] % num_templates:
@@ -827,7 +833,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         cached = self._text_cache.get(key)
         if cached is not None:
             self._text_cache.move_to_end(key)
-            return cached.clone()  # the caller may edit what it gets; the cache keeps its own copy
+            return cached
         device = self.void_embedding.weight.device
         chunks = []
         for start in range(0, input_ids.shape[0], self.config.text_chunk_size):
@@ -839,7 +845,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._text_cache[key] = embeddings
         while len(self._text_cache) > self.text_cache_size:
             self._text_cache.popitem(last=False)
-        return embeddings.clone()
+        return embeddings
 
     def _text_tower_signature(self) -> tuple:
         clip = self.clip_backbone.clip_model
@@ -942,7 +948,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         if counts.numel() == 0 or bool((counts <= 0).any()):
             raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
         if input_ids is not None:
-            embeddings = self.get_text_embeddings(input_ids)
+            embeddings = self._cached_text_embeddings(input_ids)
         else:
             embeddings = self._check_text_embeddings(text_embeddings)
         if embeddings.shape[0] != int(counts.sum()):
@@ -1098,7 +1104,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             spatial_hidden_state=spatial_features if hidden else None,
             aggregator_hidden_state=aggregated if hidden else None,
             vas_hidden_state=vas_features if hidden else None,
-            text_embeddings=text if hidden else None,
+            text_embeddings=text.clone() if hidden else None,  # never the cache's own tensor
             stuff_class_ids=stuff_class_ids,
         )
         return output if return_dict else output.to_tuple()

@@ -394,6 +394,12 @@ def test_text_cache_hands_out_copies_and_follows_weight_changes(processor):
     reference = first.clone()
     first.mul_(0)  # the caller edits what it got
     assert torch.equal(model.get_text_embeddings(ids), reference)
+    counts = torch.tensor([1, 1])
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts, output_hidden_states=True
+              ).text_embeddings.mul_(0)
+        assert torch.equal(model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts,
+                                 output_hidden_states=True).text_embeddings, reference)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["clip_backbone.clip_model.text_projection"] = state["clip_backbone.clip_model.text_projection"] * -1
@@ -531,3 +537,23 @@ def test_truncated_prompts_warn_and_identical_prompts_are_refused(processor, cap
         processor.encode_vocabulary([long + "cat", long + "dog"])
     with pytest.raises(VocabularyError, match=r"Classes 0 \('car'\) and 1 \('Car'\)"):
         processor.encode_vocabulary(["car", "Car"])
+
+
+def test_demo_replaces_only_its_own_outputs(tmp_path, capsys):
+    from PIL import Image
+
+    from eovseg.demo import BUNDLED_IMAGE
+
+    image = tmp_path / "photo.png"
+    Image.open(BUNDLED_IMAGE).convert("RGB").resize((64, 48)).save(image)
+    out = tmp_path / "out"
+    user_folder(out, ("photo_segments.json",))
+    args = ["demo", "--image", str(image), "--output_dir", str(out)]
+    assert cli_main(args) == 1
+    assert "was not written by the demo" in capsys.readouterr().err
+    assert (out / "photo_segments.json").read_text() == "the user's own photo_segments.json\n"
+    assert not (out / "photo_panoptic.png").exists()
+
+    (out / "photo_segments.json").unlink()
+    assert cli_main(args) == 0 and cli_main(args) == 0  # its own earlier outputs are replaced
+    assert json.loads((out / "photo_segments.json").read_text())["written_by"] == "eovseg demo"
