@@ -137,6 +137,9 @@ VARIANTS["tiny_convnext"] = {
 
 PUBLISHED_VARIANTS = ("r50", "r50x4", "convnext_l")
 
+# Class-scoring rules of eval mode: EOV-Seg's geometric ensemble, or OPSNet's Embedding Modulation.
+CLASS_ENSEMBLES = ("geometric", "embedding_modulation")
+
 
 class EovSegConfig(PretrainedConfig):
     r"""
@@ -224,6 +227,39 @@ class EovSegConfig(PretrainedConfig):
             Oversampling of candidate points for importance sampling.
         importance_sample_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of points chosen by uncertainty.
+        class_ensemble (`str`, *optional*, defaults to `"geometric"`):
+            How eval-mode class scores are formed: `"geometric"` (EOV-Seg's geometric ensemble of the in-vocabulary and
+            CLIP probabilities) or `"embedding_modulation"` (OPSNet's Embedding Modulation, [`EovSegEmbeddingModulation`]:
+            query and CLIP embeddings fused by how far the test vocabulary is from the training vocabulary, then
+            debiased logits). Can be chosen per call (`class_ensemble=` of the model, the processor and the pipeline).
+        modulation_alpha (`float`, *optional*, defaults to 10.0):
+            Embedding Modulation: weight alpha of the CLIP embedding in `E_m = E_q + alpha * (1 - s) * E_c` (OPSNet's
+            default; its grid was 5 / 10 / 15).
+        debias_beta (`float`, *optional*, defaults to 0.5):
+            Embedding Modulation: exponent beta of the logit debiasing `z_i / (max_j H_ij) ** beta` (OPSNet's grid:
+            0.25 to 1.0).
+        modulation_normalize (`bool`, *optional*, defaults to `True`):
+            Embedding Modulation: L2-normalise `E_q` and `E_c` before fusing them, so that alpha weighs two unit
+            vectors whatever their norms (the paper does not say; without it alpha depends on the embeddings' scale).
+        mask_filtering (`bool`, *optional*, defaults to `False`):
+            OPSNet's Mask Filtering: build an IoU head ([`EovSegMaskFiltering`], one linear layer per decoder stage on
+            the stage's updated queries) predicting each mask's IoU with its ground truth, trained with an L2 loss.
+            Required by the `"iou"` / `"class_iou"` score modes of post-processing and by Decoupled Supervision.
+        iou_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the IoU head's L2 loss on every stage (the paper gives none).
+        iou_mask_threshold (`float`, *optional*, defaults to 0.5):
+            Sigmoid threshold binarising a predicted mask for its IoU target (the paper gives none).
+        decoupled_supervision (`bool`, *optional*, defaults to `False`):
+            OPSNet's Decoupled Supervision ([`EovSegDecoupledSupervision`]): images with image-level labels only
+            (`image_labels`) are trained with L_match and L_sum. Needs `mask_filtering` (the IoU head selects the
+            predictions matched to the labels).
+        match_loss_weight (`float`, *optional*, defaults to 1.0):
+            Decoupled Supervision: weight of L_match (OPSNet's value).
+        sum_loss_weight (`float`, *optional*, defaults to 0.4):
+            Decoupled Supervision: weight of L_sum (OPSNet's value).
+        supervision_iou_threshold (`float`, *optional*, defaults to 0.5):
+            Decoupled Supervision: predictions whose predicted IoU exceeds this take part in L_match (the paper gives
+            no value); when none does, the single prediction with the highest predicted IoU is used.
         train_vocabulary (`list[str]`, *optional*):
             The training vocabulary (class entries of comma-separated synonyms). A test class is *seen* when one of
             its synonyms is a synonym of a training class; seen and unseen classes use different ensemble weights.
@@ -280,6 +316,17 @@ class EovSegConfig(PretrainedConfig):
         train_num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
+        class_ensemble: str = "geometric",
+        modulation_alpha: float = 10.0,
+        debias_beta: float = 0.5,
+        modulation_normalize: bool = True,
+        mask_filtering: bool = False,
+        iou_loss_weight: float = 1.0,
+        iou_mask_threshold: float = 0.5,
+        decoupled_supervision: bool = False,
+        match_loss_weight: float = 1.0,
+        sum_loss_weight: float = 0.4,
+        supervision_iou_threshold: float = 0.5,
         train_vocabulary: list[str] | None = None,
         vocabulary: list[str] | None = None,
         is_thing: list[bool] | None = None,
@@ -339,6 +386,10 @@ class EovSegConfig(PretrainedConfig):
         self.train_num_points = train_num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+        self._set_opsnet_options(
+            class_ensemble, modulation_alpha, debias_beta, modulation_normalize, mask_filtering, iou_loss_weight,
+            iou_mask_threshold, decoupled_supervision, match_loss_weight, sum_loss_weight, supervision_iou_threshold,
+        )
 
         self.train_vocabulary = list(train_vocabulary if train_vocabulary is not None else preset.get("train_vocabulary", []))
         if vocabulary is None:
@@ -359,6 +410,30 @@ class EovSegConfig(PretrainedConfig):
         self.default_vocabulary_fingerprint = default_vocabulary_fingerprint
         self.is_thing = parse_flags(is_thing, "is_thing") if is_thing is not None else None
         super().__init__(**kwargs)
+
+    def _set_opsnet_options(
+        self, class_ensemble, modulation_alpha, debias_beta, modulation_normalize, mask_filtering, iou_loss_weight,
+        iou_mask_threshold, decoupled_supervision, match_loss_weight, sum_loss_weight, supervision_iou_threshold,
+    ):
+        """OPSNet's options (Embedding Modulation, Mask Filtering, Decoupled Supervision), checked."""
+        if class_ensemble not in CLASS_ENSEMBLES:
+            raise ValueError(f"class_ensemble must be one of {', '.join(CLASS_ENSEMBLES)}, got {class_ensemble!r}.")
+        if decoupled_supervision and not mask_filtering:
+            raise ValueError(
+                "decoupled_supervision needs mask_filtering=True: its IoU head selects the predictions matched to "
+                "the image-level labels."
+            )
+        self.class_ensemble = class_ensemble
+        self.modulation_alpha = float(modulation_alpha)
+        self.debias_beta = float(debias_beta)
+        self.modulation_normalize = bool(modulation_normalize)
+        self.mask_filtering = bool(mask_filtering)
+        self.iou_loss_weight = float(iou_loss_weight)
+        self.iou_mask_threshold = float(iou_mask_threshold)
+        self.decoupled_supervision = bool(decoupled_supervision)
+        self.match_loss_weight = float(match_loss_weight)
+        self.sum_loss_weight = float(sum_loss_weight)
+        self.supervision_iou_threshold = float(supervision_iou_threshold)
 
     @property
     def embed_dim(self) -> int:
@@ -381,4 +456,4 @@ class EovSegConfig(PretrainedConfig):
         return cls(variant=variant, **preset)
 
 
-__all__ = ["EovSegConfig", "PUBLISHED_VARIANTS", "VARIANTS"]
+__all__ = ["CLASS_ENSEMBLES", "EovSegConfig", "PUBLISHED_VARIANTS", "VARIANTS"]

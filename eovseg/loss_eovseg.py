@@ -245,6 +245,7 @@ class EovSegLoss(nn.Module):
         stage_mask_logits: Sequence[torch.Tensor],
         mask_labels: Sequence[torch.Tensor],
         class_labels: Sequence[torch.Tensor],
+        stage_hook=None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss summed over decoder stages.
 
@@ -253,6 +254,8 @@ class EovSegLoss(nn.Module):
             stage_mask_logits: per stage, `(B, Q, h, w)` mask logits.
             mask_labels: per image, `(N_i, H, W)` binary target masks (float), all of the padded input size.
             class_labels: per image, `(N_i,)` target class indices in `[0, K)`.
+            stage_hook: optional `hook(stage, indices)` called with each stage's matches (per image, prediction and
+                target indices), returning extra terms `{name: (weight, value)}` (OPSNet's IoU loss uses it).
 
         Returns:
             `(loss, loss_dict)`: the weighted total, and the unweighted terms `s{stage}_loss_ce`, `s{stage}_loss_mask`,
@@ -294,4 +297,7 @@ class EovSegLoss(nn.Module):
                     loss_dict[f"s{stage}_{key}"] = terms[key]
                     weighted = self.weight_dict[key] * terms[key]
                     total = weighted if total is None else total + weighted
+                for key, (weight, value) in (stage_hook(stage, indices) if stage_hook else {}).items():
+                    loss_dict[f"s{stage}_{key}"] = value
+                    total = total + weight * value
         return total, loss_dict

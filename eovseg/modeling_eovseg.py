@@ -84,6 +84,14 @@ class EovSegOutput(ModelOutput):
         stuff_class_ids (`torch.LongTensor` of shape `(num_stuff_classes,)`, *optional*):
             When the model ran on its default vocabulary: the ids of its stuff classes (from `config.is_thing`), which
             panoptic post-processing merges when not told otherwise.
+        iou_scores (`torch.FloatTensor` of shape `(batch_size, num_queries)`, *optional*):
+            With `config.mask_filtering`: the IoU head's predicted IoU of each query's mask with its ground truth
+            (last decoder stage, in [0, 1]); post-processing's `"iou"` / `"class_iou"` score modes use it.
+        stage_iou_scores (`tuple[torch.FloatTensor]`, *optional*):
+            With `config.mask_filtering`: the predicted IoUs (batch_size, num_queries) of every decoder stage.
+        domain_similarity (`torch.FloatTensor` of shape `()`, *optional*):
+            With Embedding Modulation (eval mode): OPSNet's domain similarity s of the test vocabulary to the training
+            vocabulary, `mean_i max_j cos(T_test[i], T_train[j])` (1 when they are the same).
     """
 
     loss: torch.FloatTensor | None = None
@@ -100,6 +108,9 @@ class EovSegOutput(ModelOutput):
     vas_hidden_state: torch.FloatTensor | None = None
     text_embeddings: torch.FloatTensor | None = None
     stuff_class_ids: torch.LongTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    stage_iou_scores: tuple | None = None
+    domain_similarity: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -554,7 +565,7 @@ class LightweightDecoderLayer(nn.Module):
         instance_embeddings = self.tdee(pooled, spatial_pooled)
         class_embeddings = self.class_embed(instance_embeddings + kernels)
         class_logits = classification_logits(class_embeddings, classifier, self.logit_scale, index)
-        return class_logits, mask_logits, kernels
+        return class_logits, mask_logits, kernels, class_embeddings
 
 
 class LayerNorm2d(nn.Module):
@@ -596,11 +607,17 @@ class EovSegLightweightDecoder(nn.Module):
         mask_logits = torch.einsum("bnc,bchw->bnhw", kernels, features)
         spatial_features = self.spatial_upscaling(spatial_features)
         class_logits_per_stage, mask_logits_per_stage = [], []
+        # per stage: the updated queries (kernels) and the class embeddings E_q, for OPSNet's options
+        queries_per_stage, embeddings_per_stage = [], []
         for layer in self.layers:
-            class_logits, mask_logits, kernels = layer(spatial_features, features, kernels, mask_logits, classifier, index)
+            class_logits, mask_logits, kernels, embeddings = layer(
+                spatial_features, features, kernels, mask_logits, classifier, index
+            )
             class_logits_per_stage.append(class_logits)
             mask_logits_per_stage.append(mask_logits)
-        return features, class_logits_per_stage, mask_logits_per_stage
+            queries_per_stage.append(kernels)
+            embeddings_per_stage.append(embeddings)
+        return features, class_logits_per_stage, mask_logits_per_stage, queries_per_stage, embeddings_per_stage
 
 
 class OutOfVocabularyClassifier(nn.Module):
@@ -774,6 +791,18 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             self.default_text_embeddings = None
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._verified_vocabulary: tuple | None = None
+        # imported here: the OPSNet module builds on this one's classifier (as the loss module does)
+        from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
+
+        self.embedding_modulation = EovSegEmbeddingModulation(
+            config.modulation_alpha, config.debias_beta, config.modulation_normalize
+        )
+        self.mask_filtering = (
+            EovSegMaskFiltering(config.hidden_dim, config.num_stages, config.iou_mask_threshold)
+            if config.mask_filtering
+            else None
+        )
+        self.decoupled_supervision = EovSegDecoupledSupervision(config.supervision_iou_threshold)
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
         self._criterion = None
@@ -965,6 +994,74 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 )
         return embeddings, counts, seen
 
+    # ------------------------------------------------------------------ OPSNet options
+
+    def _check_class_ensemble(self, class_ensemble: str | None) -> str:
+        from .configuration_eovseg import CLASS_ENSEMBLES
+
+        class_ensemble = class_ensemble if class_ensemble is not None else self.config.class_ensemble
+        if class_ensemble not in CLASS_ENSEMBLES:
+            raise EovSegInputError(f"class_ensemble must be one of {', '.join(CLASS_ENSEMBLES)}, got {class_ensemble!r}.")
+        return class_ensemble
+
+    def _vocabulary_text(self, input_ids, counts, what: str, how: str):
+        """Synonym embeddings and synonym indices of a second vocabulary (training or image-level) from its prompts."""
+        if input_ids is None or counts is None:
+            raise EovSegInputError(f"{what} needs the prompts of its vocabulary: {how}.")
+        counts = torch.as_tensor(counts, device=self.void_embedding.weight.device).to(torch.long).flatten()
+        if counts.numel() == 0 or bool((counts <= 0).any()):
+            raise EovSegInputError(f"{what}: the synonym counts must be a non-empty list of positive integers.")
+        text = self.get_text_embeddings(input_ids)
+        if text.shape[0] != int(counts.sum()):
+            raise EovSegInputError(
+                f"{what}: {text.shape[0]} synonym embeddings but the synonym counts sum to {int(counts.sum())}."
+            )
+        return text, synonym_index(counts)
+
+    def _train_vocabulary(self, train_input_ids, train_synonym_counts):
+        return self._vocabulary_text(
+            train_input_ids, train_synonym_counts, "Embedding Modulation",
+            "pass train_input_ids and train_synonym_counts (processor(..., class_ensemble='embedding_modulation'))",
+        )
+
+    def _loss_with_image_labels(
+        self, stage_class_logits, stage_mask_logits, stage_iou, class_embeddings, mask_labels, class_labels,
+        image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+    ):
+        """Decoupled Supervision: the set criterion (and IoU loss) on the images with panoptic targets, L_match and
+        L_sum on the images with image-level labels (`image_labels[i]` not None)."""
+        if not self.config.decoupled_supervision:
+            raise EovSegInputError("image_labels were given but config.decoupled_supervision is off.")
+        batch = stage_mask_logits[0].shape[0]
+        if len(image_labels) != batch:
+            raise EovSegInputError(f"image_labels has {len(image_labels)} entries for a batch of {batch} images.")
+        labelled = [i for i, labels in enumerate(image_labels) if labels is not None]
+        panoptic = [i for i in range(batch) if image_labels[i] is None]
+        loss, loss_dict = None, {}
+        if panoptic:
+            if mask_labels is None or class_labels is None:
+                raise EovSegInputError("Images without image_labels need mask_labels and class_labels.")
+            loss, loss_dict = self.compute_loss(
+                [x[panoptic] for x in stage_class_logits], [x[panoptic] for x in stage_mask_logits],
+                [mask_labels[i] for i in panoptic], [class_labels[i] for i in panoptic],
+                None if stage_iou is None else [x[panoptic] for x in stage_iou],
+            )
+        if labelled:
+            text, index = self._vocabulary_text(
+                image_label_input_ids, image_label_synonym_counts, "Decoupled Supervision",
+                "pass image_label_input_ids and image_label_synonym_counts (the collator's image_label_vocabulary)",
+            )
+            classifier = torch.cat([text, text[:1]], dim=0).to(class_embeddings.dtype)  # a dummy void row, dropped
+            match, coverage = self.decoupled_supervision(
+                class_embeddings[labelled], stage_mask_logits[-1][labelled], stage_iou[-1][labelled],
+                None if pixel_mask is None else pixel_mask[labelled], [image_labels[i] for i in labelled],
+                classifier, index, self.decoder.layers[-1].logit_scale,
+            )
+            loss_dict.update(loss_match=match, loss_sum=coverage)
+            extra = self.config.match_loss_weight * match + self.config.sum_loss_weight * coverage
+            loss = extra if loss is None else loss + extra
+        return loss, loss_dict
+
     # ------------------------------------------------------------------ forward
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1022,6 +1119,12 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         class_labels: list[torch.Tensor] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        class_ensemble: str | None = None,
+        train_input_ids: torch.LongTensor | None = None,
+        train_synonym_counts: torch.LongTensor | None = None,
+        image_labels: list[torch.LongTensor | None] | None = None,
+        image_label_input_ids: torch.LongTensor | None = None,
+        image_label_synonym_counts: torch.LongTensor | None = None,
         **kwargs,
     ) -> EovSegOutput | tuple:
         r"""
@@ -1047,8 +1150,25 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 Also return backbone, spatial, aggregator and VAS features and the text embeddings.
             return_dict (`bool`, *optional*):
                 Return an [`EovSegOutput`] (default) or a tuple.
+            class_ensemble (`str`, *optional*):
+                Eval-mode class scoring for this call, `"geometric"` or `"embedding_modulation"`; defaults to
+                `config.class_ensemble`. Embedding Modulation needs `train_input_ids` and `train_synonym_counts`.
+            train_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+                Prompt token ids of the training vocabulary (Embedding Modulation), from
+                `EovSegProcessor(..., class_ensemble="embedding_modulation")`.
+            train_synonym_counts (`torch.LongTensor` of shape `(num_train_classes,)`, *optional*):
+                Number of synonyms of each training class.
+            image_labels (`list[torch.LongTensor | None]`, *optional*):
+                Decoupled Supervision: per image, the class indices (into the image-level vocabulary) of its
+                image-level labels, or None for an image with panoptic targets (`mask_labels` / `class_labels`; give
+                empty ones for image-level images).
+            image_label_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+                Prompt token ids of the image-level vocabulary (kept apart from the panoptic one).
+            image_label_synonym_counts (`torch.LongTensor` of shape `(num_image_label_classes,)`, *optional*):
+                Number of synonyms of each image-level class.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        class_ensemble = self._check_class_ensemble(class_ensemble)
         pixel_values = self._check_pixel_values(pixel_values)
         text, counts, seen = self._resolve_vocabulary(input_ids, synonym_counts, class_seen_mask, text_embeddings)
         text = text.to(pixel_values.dtype)
@@ -1059,7 +1179,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             clip_features = self.clip_backbone(pixel_values)
             spatial_features = self.spatial_extractor(pixel_values)
         aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
-        vas_features, stage_class_logits, stage_mask_logits = self.decoder(spatial_features, aggregated, classifier, index)
+        vas_features, stage_class_logits, stage_mask_logits, stage_queries, stage_embeddings = self.decoder(
+            spatial_features, aggregated, classifier, index
+        )
+        stage_iou = self.mask_filtering(stage_queries) if self.mask_filtering is not None else None
+        domain_similarity = None
 
         class_logits, mask_logits = stage_class_logits[-1], stage_mask_logits[-1]
         out_vocab_logits = None
@@ -1072,11 +1196,25 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                     clip_embeddings, classifier, self.clip_backbone.clip_model.logit_scale, index
                 )
                 valid = (masks_for_pooling > 0).flatten(2).any(-1)
-            class_logits = self.ensemble(class_logits, out_vocab_logits, seen, valid)
+            if class_ensemble == "geometric":
+                class_logits = self.ensemble(class_logits, out_vocab_logits, seen, valid)
+            else:
+                if self.config.ensemble_on_valid_mask:
+                    clip_embeddings = clip_embeddings * valid.unsqueeze(-1).to(clip_embeddings.dtype)
+                train_text, train_index = self._train_vocabulary(train_input_ids, train_synonym_counts)
+                class_logits, domain_similarity = self.embedding_modulation(
+                    stage_embeddings[-1], clip_embeddings, classifier, index, train_text.to(classifier.dtype),
+                    train_index, self.decoder.layers[-1].logit_scale, class_logits,
+                )
 
         loss = loss_dict = None
-        if mask_labels is not None or class_labels is not None:
-            loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels)
+        if image_labels is not None:
+            loss, loss_dict = self._loss_with_image_labels(
+                stage_class_logits, stage_mask_logits, stage_iou, stage_embeddings[-1], mask_labels, class_labels,
+                image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+            )
+        elif mask_labels is not None or class_labels is not None:
+            loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
 
         if pixel_mask is not None:
             rows = pixel_mask.any(dim=2).sum(dim=1)
@@ -1106,12 +1244,16 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             vas_hidden_state=vas_features if hidden else None,
             text_embeddings=text.clone() if hidden else None,  # never the cache's own tensor
             stuff_class_ids=stuff_class_ids,
+            iou_scores=stage_iou[-1] if stage_iou is not None else None,
+            stage_iou_scores=tuple(stage_iou) if stage_iou is not None else None,
+            domain_similarity=domain_similarity,
         )
         return output if return_dict else output.to_tuple()
 
-    def compute_loss(self, stage_class_logits, stage_mask_logits, mask_labels, class_labels):
+    def compute_loss(self, stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou=None):
         """The original's set criterion (Hungarian matching; cross-entropy with a down-weighted void class,
-        point-sampled sigmoid BCE and dice) on every decoder stage, weighted and summed."""
+        point-sampled sigmoid BCE and dice) on every decoder stage, weighted and summed; with Mask Filtering, plus
+        the IoU head's L2 loss on every stage (`s{stage}_loss_iou`), on the criterion's own matches."""
         if mask_labels is None or class_labels is None:
             raise EovSegInputError("Training needs both mask_labels and class_labels.")
         from .loss_eovseg import EovSegLoss
@@ -1119,7 +1261,14 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         if self._criterion is None:
             # kept out of the module tree: the criterion holds no weights and must not change the state dict
             object.__setattr__(self, "_criterion", EovSegLoss(self.config))
-        return self._criterion(list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels)
+        hook = None
+        if stage_iou is not None:
+            def hook(stage, indices):
+                iou_loss = self.mask_filtering.loss(stage_iou[stage], stage_mask_logits[stage], mask_labels, indices)
+                return {"loss_iou": (self.config.iou_loss_weight, iou_loss)}
+        return self._criterion(
+            list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels, stage_hook=hook
+        )
 
 
 __all__ = [

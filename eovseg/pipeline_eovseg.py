@@ -48,13 +48,18 @@ class OpenVocabularySegmentationPipeline(Pipeline):
 
     def _sanitize_parameters(self, candidate_labels=None, stuff_labels=None, subtask=None, threshold=None,
                              overlap_mask_area_threshold=None, mask_threshold=None, timeout=None, vocabulary=None,
-                             **kwargs):
+                             class_ensemble=None, score_mode=None, iou_threshold=None, **kwargs):
         if vocabulary is not None:
             if candidate_labels is not None:
                 raise ValueError("Give either candidate_labels or vocabulary (the same thing), not both.")
             candidate_labels = vocabulary
-        preprocess = {"candidate_labels": candidate_labels, "stuff_labels": stuff_labels, "timeout": timeout}
+        preprocess = {"candidate_labels": candidate_labels, "stuff_labels": stuff_labels, "timeout": timeout,
+                      "class_ensemble": class_ensemble}
         postprocess = {"subtask": subtask or "panoptic"}
+        # OPSNet's options: class scoring (Embedding Modulation) and mask scoring (Mask Filtering), per call
+        for name, value in (("score_mode", score_mode), ("iou_threshold", iou_threshold)):
+            if value is not None:
+                postprocess[name] = value
         if postprocess["subtask"] not in ("panoptic", "semantic", "instance"):
             raise ValueError(f"subtask must be 'panoptic', 'semantic' or 'instance', got {subtask!r}.")
         for name, value in (("threshold", threshold), ("overlap_mask_area_threshold", overlap_mask_area_threshold),
@@ -66,7 +71,7 @@ class OpenVocabularySegmentationPipeline(Pipeline):
     def __call__(self, inputs, **kwargs) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         return super().__call__(inputs, **kwargs)
 
-    def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None):
+    def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
         image = load_image(image, timeout=timeout)
         config = self.model.config
         if candidate_labels is None:
@@ -78,16 +83,19 @@ class OpenVocabularySegmentationPipeline(Pipeline):
             labels, is_thing = list(config.vocabulary), list(config.is_thing)
         else:
             labels, is_thing = _resolve_labels(candidate_labels, stuff_labels)
-        inputs = self.processor(images=image, text=None if candidate_labels is None else labels, return_tensors="pt")
+        class_ensemble = class_ensemble or config.class_ensemble
+        inputs = self.processor(images=image, text=None if candidate_labels is None else labels, return_tensors="pt",
+                                class_ensemble=class_ensemble)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return {"inputs": inputs, "target_size": (image.height, image.width), "labels": labels, "is_thing": is_thing}
+        return {"inputs": inputs, "target_size": (image.height, image.width), "labels": labels, "is_thing": is_thing,
+                "class_ensemble": class_ensemble}
 
     def _forward(self, model_inputs):
-        outputs = self.model(**model_inputs.pop("inputs"))
+        outputs = self.model(**model_inputs.pop("inputs"), class_ensemble=model_inputs["class_ensemble"])
         return {"outputs": outputs, **model_inputs}
 
     def postprocess(self, model_outputs, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
-                    mask_threshold=0.5):
+                    mask_threshold=0.5, score_mode="class", iou_threshold=0.0):
         outputs, labels, is_thing = model_outputs["outputs"], model_outputs["labels"], model_outputs["is_thing"]
         target = [model_outputs["target_size"]]
         names = [display_name(label) for label in labels]
@@ -103,6 +111,7 @@ class OpenVocabularySegmentationPipeline(Pipeline):
                 outputs, threshold=threshold, mask_threshold=mask_threshold,
                 overlap_mask_area_threshold=overlap_mask_area_threshold,
                 label_ids_to_fuse={i for i, thing in enumerate(is_thing) if not thing}, target_sizes=target,
+                score_mode=score_mode, iou_threshold=iou_threshold,
             )[0]
         else:
             result = self.processor.post_process_instance_segmentation(

@@ -498,6 +498,7 @@ def evaluate_model(
     progress: bool = True,
     device=None,
     accelerator=None,
+    class_ensemble: str | None = None,
 ) -> dict:
     """Run `model` over `dataset` and score its predictions.
 
@@ -535,6 +536,8 @@ def evaluate_model(
         accelerator: an `accelerate.Accelerator` of several processes: each evaluates its contiguous share of the
             data set and the results are merged so that every process returns exactly the numbers one process
             would give (with `batch_size=1`, or shares that are multiples of it: padding depends on the batch).
+        class_ensemble: the model's class scoring for the run (`"geometric"` or `"embedding_modulation"`, which
+            also encodes the processor's training vocabulary); default: the model configuration's.
 
     Returns:
         For one task, its metrics (see `PanopticQuality.compute`, `SemanticSegmentationMetric.compute`,
@@ -573,6 +576,7 @@ def evaluate_model(
     run = _Run(model, processor, categories, columns, need_panoptic, metrics, device)
     run.unresolved = column_names is None  # resolved from the first row's keys instead
     run.semantic_options = (ignore_index, semantic_labels, reduce_labels)
+    run.class_ensemble = class_ensemble
     run.post_process = _post_process_kwargs(model.config, categories, post_process_kwargs)
     shard = _Shard.of(accelerator)
     records = run(dataset, batch_size, max_samples, shard, progress and shard.rank == 0)
@@ -617,13 +621,21 @@ class _Run:
             self.model.train(was_training)
         return records
 
+    class_ensemble: str | None = None  # the model's class scoring for the run (default: its configuration's)
+
     def _text_inputs(self) -> dict:
         vocabulary = self.processor.encode_vocabulary([c["name"] for c in self.categories], return_tensors="pt")
-        return {
+        text_inputs = {
             "text_embeddings": self.model.get_text_embeddings(vocabulary["input_ids"].to(self.device)),
             "synonym_counts": vocabulary["synonym_counts"].to(self.device),
             "class_seen_mask": vocabulary["class_seen_mask"].to(self.device),
         }
+        if self.class_ensemble is not None:
+            text_inputs["class_ensemble"] = self.class_ensemble
+        if (self.class_ensemble or getattr(self.model.config, "class_ensemble", "geometric")) == "embedding_modulation":
+            train = self.processor.encode_train_vocabulary(return_tensors="pt")
+            text_inputs.update({key: value.to(self.device) for key, value in train.items()})
+        return text_inputs
 
     def _batch(self, indices, rows, text_inputs, records) -> None:
         if self.unresolved:

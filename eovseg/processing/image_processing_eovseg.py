@@ -454,6 +454,24 @@ def _check_post_process_arguments(**values) -> None:
             raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
 
 
+SCORE_MODES = ("class", "iou", "class_iou")
+
+
+def _checked_iou_scores(outputs, score_mode: str, iou_threshold: float) -> torch.Tensor | None:
+    """The predicted IoUs (B, Q) that `score_mode` / `iou_threshold` need, None when they need none."""
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {', '.join(SCORE_MODES)}, got {score_mode!r}.")
+    if score_mode == "class" and iou_threshold <= 0:
+        return None
+    iou_scores = getattr(outputs, "iou_scores", None)
+    if iou_scores is None:
+        raise ValueError(
+            f"score_mode={score_mode!r} / iou_threshold={iou_threshold} need predicted IoUs, but the outputs have none: "
+            "this model has no trained IoU head (train one with config.mask_filtering=True)."
+        )
+    return iou_scores
+
+
 def _binary_mask_to_coco_rle(mask: torch.Tensor) -> dict:
     """COCO run-length encoding (column-major, `{"size": [H, W], "counts": str}`) of a binary mask."""
     from pycocotools import mask as mask_utils
@@ -955,6 +973,8 @@ class EovSegImageProcessor(BaseImageProcessor):
         overlap_mask_area_threshold: float = 0.8,
         label_ids_to_fuse: Iterable[int] | None = None,
         target_sizes: list[tuple[int, int]] | None = None,
+        score_mode: str = "class",
+        iou_threshold: float = 0.0,
     ):
         """
         Panoptic segmentation, segment for segment the original's `panoptic_inference` (after its mask resizing).
@@ -985,6 +1005,12 @@ class EovSegImageProcessor(BaseImageProcessor):
                 model ran on its default vocabulary), else nothing is merged.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
                 Output (height, width) per image; defaults to each image's `image_sizes` entry.
+            score_mode (`str`, *optional*, defaults to `"class"`):
+                The score of a query (OPSNet's Mask Filtering): `"class"` its class probability (the original),
+                `"iou"` its predicted IoU, `"class_iou"` their product. The class is the most probable one in every
+                mode; the IoU modes need a model with an IoU head (`config.mask_filtering`, `outputs.iou_scores`).
+            iou_threshold (`float`, *optional*, defaults to 0.0):
+                Queries whose predicted IoU is not above this are dropped (needs `outputs.iou_scores` when > 0).
 
         Returns:
             `list[dict]`, one per image, with
@@ -1006,10 +1032,16 @@ class EovSegImageProcessor(BaseImageProcessor):
         mask_logits = outputs.masks_queries_logits
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
         num_classes = class_logits.shape[-1] - 1
+        iou_scores = _checked_iou_scores(outputs, score_mode, iou_threshold)
         results = []
         for i in range(class_logits.shape[0]):
             scores, labels = F.softmax(class_logits[i], dim=-1).max(-1)
-            keep = labels.ne(num_classes) & (scores > threshold)
+            keep = labels.ne(num_classes)
+            if iou_scores is not None:
+                iou = iou_scores[i].to(scores.dtype)
+                scores = iou if score_mode == "iou" else scores * iou if score_mode == "class_iou" else scores
+                keep &= iou > iou_threshold
+            keep &= scores > threshold
             height, width = targets[i]
             device = mask_logits.device
             segmentation = torch.zeros((height, width), dtype=torch.int32, device=device)

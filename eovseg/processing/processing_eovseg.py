@@ -126,6 +126,7 @@ class EovSegProcessor(ProcessorMixin):
         text: Sequence[str] | None = None,
         segmentation_maps=None,
         return_tensors: str | None = "pt",
+        class_ensemble: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Prepare images and/or a vocabulary for the model.
@@ -138,6 +139,10 @@ class EovSegProcessor(ProcessorMixin):
             segmentation_maps: optional segmentation maps, passed to the image processor with the images.
             return_tensors (`str`, *optional*, defaults to `"pt"`):
                 `"pt"` (the model's inputs), `"np"` or `None` (Python lists for the text part).
+            class_ensemble (`str`, *optional*):
+                `"embedding_modulation"` also encodes `train_vocabulary` as `train_input_ids` / `train_synonym_counts`,
+                which OPSNet's Embedding Modulation compares the test vocabulary with (select it in the model with
+                `class_ensemble="embedding_modulation"` or `config.class_ensemble`). `"geometric"` / None: nothing more.
             kwargs: passed to the image processor.
 
         Returns:
@@ -156,7 +161,24 @@ class EovSegProcessor(ProcessorMixin):
             encoded.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
         if text is not None:
             encoded.update(self.encode_vocabulary(text, return_tensors=return_tensors))
+        if class_ensemble == "embedding_modulation":
+            encoded.update(self.encode_train_vocabulary(return_tensors=return_tensors))
+        elif class_ensemble not in (None, "geometric"):
+            raise ValueError(f"class_ensemble must be 'geometric' or 'embedding_modulation', got {class_ensemble!r}.")
         return encoded
+
+    def encode_train_vocabulary(self, return_tensors: str | None = "pt") -> BatchFeature:
+        """`train_input_ids` and `train_synonym_counts`: the prompts of `train_vocabulary`, as [`encode_vocabulary`]
+        makes them, for OPSNet's Embedding Modulation."""
+        if not self.train_vocabulary:
+            raise ValueError(
+                "Embedding Modulation compares the test vocabulary with the training vocabulary, but this processor "
+                "has none: set processor.train_vocabulary (the model's config.train_vocabulary)."
+            )
+        encoded = self.encode_vocabulary(self.train_vocabulary, return_tensors=return_tensors)
+        return BatchFeature(
+            {"train_input_ids": encoded["input_ids"], "train_synonym_counts": encoded["synonym_counts"]}
+        )
 
     def encode_vocabulary(self, class_names: Sequence[str], return_tensors: str | None = "pt") -> BatchFeature:
         """Tokenize the prompts of a vocabulary.

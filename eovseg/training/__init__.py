@@ -4,7 +4,9 @@ and the Accelerate training script (`python -m eovseg.training.train`)."""
 from .data import (
     DatasetFormatError,
     EovSegDataCollator,
+    ImageLabelDataset,
     LargeScaleJitter,
+    MixedSegmentationDataset,
     PanopticSegmentationDataset,
     ResizeShortestEdge,
     SemanticSegmentationDataset,
@@ -13,6 +15,7 @@ from .synthetic import (
     SYNTHETIC_CLASS_NAMES,
     SYNTHETIC_IS_THING,
     get_dataset_categories,
+    make_synthetic_image_label_dataset,
     make_synthetic_panoptic_dataset,
     synthetic_categories,
 )
@@ -21,7 +24,9 @@ from .trainer_utils import build_lr_scheduler, build_optimizer, build_param_grou
 __all__ = [
     "DatasetFormatError",
     "EovSegDataCollator",
+    "ImageLabelDataset",
     "LargeScaleJitter",
+    "MixedSegmentationDataset",
     "PanopticSegmentationDataset",
     "ResizeShortestEdge",
     "SYNTHETIC_CLASS_NAMES",
@@ -31,6 +36,7 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "get_dataset_categories",
+    "make_synthetic_image_label_dataset",
     "make_synthetic_panoptic_dataset",
     "synthetic_categories",
     "training_arguments",

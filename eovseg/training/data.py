@@ -32,7 +32,9 @@ from ..processing.image_processing_eovseg import get_resize_output_shape, rgb_to
 __all__ = [
     "DatasetFormatError",
     "EovSegDataCollator",
+    "ImageLabelDataset",
     "LargeScaleJitter",
+    "MixedSegmentationDataset",
     "PanopticSegmentationDataset",
     "ResizeShortestEdge",
     "SemanticSegmentationDataset",
@@ -422,6 +424,100 @@ class SemanticSegmentationDataset(_SegmentationDataset):
         return self._pack(image, labels, valid, values, values)
 
 
+class ImageLabelDataset(_SegmentationDataset):
+    """Image-classification rows (an image and a list of labels, multi-label) as training examples for OPSNet's
+    Decoupled Supervision: each example has the (augmented) image, no target masks, and `image_labels`, the indices
+    of its labels in `label_names` (the image-level vocabulary, kept apart from the panoptic one).
+
+    Args:
+        dataset: a `datasets.Dataset` (or a sequence of row dicts) with an image column and a label column holding,
+            per row, a list of label names (entries of `label_names`) or of indices into it (a single one is taken
+            as a one-element list).
+        label_names: the image-level vocabulary (one class entry of comma-separated synonyms per label).
+        transform: augmentation ([`LargeScaleJitter`]) or None.
+        image_column, labels_column: the column names.
+        seed, shuffle: as for [`PanopticSegmentationDataset`].
+    """
+
+    def __init__(
+        self,
+        dataset,
+        label_names: Sequence[str],
+        transform=None,
+        image_column: str = "image",
+        labels_column: str = "labels",
+        seed: int = 0,
+        shuffle: bool = False,
+    ):
+        self.image_column = image_column
+        self.labels_column = labels_column
+        self.label_names = [str(name) for name in label_names]
+        if not self.label_names:
+            raise DatasetFormatError("label_names (the image-level vocabulary) is empty.")
+        self._index_of = {name: i for i, name in enumerate(self.label_names)}
+        super().__init__(dataset, transform, seed, shuffle)
+
+    def _columns(self):
+        return {"image_column": self.image_column, "labels_column": self.labels_column}
+
+    def label_indices(self, value: Any, where: str) -> list[int]:
+        """The label indices of one row's label column value."""
+        values = [value] if isinstance(value, (str, int, np.integer)) else list(value)
+        indices = []
+        for label in values:
+            if isinstance(label, str):
+                if label not in self._index_of:
+                    raise DatasetFormatError(f"{where}: label {label!r} is not in label_names {self.label_names}.")
+                indices.append(self._index_of[label])
+            elif isinstance(label, (int, np.integer)) and 0 <= int(label) < len(self.label_names):
+                indices.append(int(label))
+            else:
+                raise DatasetFormatError(
+                    f"{where}: label {label!r} is neither a name of label_names nor an index below {len(self.label_names)}."
+                )
+        return sorted(set(indices))
+
+    def encode(self, row: Mapping, index: int, rng: np.random.Generator | None = None) -> dict:
+        where = f"row {index}"
+        image = decode_rgb_image(row[self.image_column], f"{where} ({self.image_column!r})")
+        labels = self.label_indices(row[self.labels_column], f"{where} ({self.labels_column!r})")
+        image, _, valid = self._transform(image, np.zeros(image.shape[:2], dtype=np.int64), rng, 0)
+        example = self._pack(image, np.zeros(image.shape[:2], dtype=np.int64), valid, [], [])
+        example["image_labels"] = torch.tensor(labels, dtype=torch.long)
+        return example
+
+
+class MixedSegmentationDataset(torch.utils.data.Dataset):
+    """Panoptic examples interleaved with image-level ones ([`ImageLabelDataset`]) so that a fraction
+    `image_label_ratio` of every stretch of examples (hence of every batch, up to rounding) is image-level.
+
+    Example `i` is image-level when `floor((i + 1) r) > floor(i r)`; the two data sets are read in their own
+    (shuffled) orders, the image-level one repeated as often as needed. The length is `len(panoptic) / (1 - r)`.
+    """
+
+    def __init__(self, panoptic: torch.utils.data.Dataset, image_level: ImageLabelDataset, image_label_ratio: float = 0.5):
+        if not 0 < image_label_ratio < 1:
+            raise ValueError(f"image_label_ratio must be in (0, 1), got {image_label_ratio}.")
+        if len(panoptic) == 0 or len(image_level) == 0:
+            raise DatasetFormatError("Both the panoptic and the image-level data sets need at least one row.")
+        self.panoptic = panoptic
+        self.image_level = image_level
+        self.ratio = float(image_label_ratio)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.panoptic.set_epoch(epoch)
+        self.image_level.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(len(self.panoptic) / (1 - self.ratio))
+
+    def __getitem__(self, index: int) -> dict:
+        before = math.floor(index * self.ratio)
+        if math.floor((index + 1) * self.ratio) > before:
+            return self.image_level[before % len(self.image_level)]
+        return self.panoptic[(index - before) % len(self.panoptic)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Collator
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,6 +531,10 @@ class EovSegDataCollator:
     (`image_size`). Target masks are padded with zeros to the same size. The vocabulary tensors (`input_ids`,
     `synonym_counts`, `class_seen_mask` from `EovSegProcessor.encode_vocabulary`) are added once per batch.
 
+    Examples of [`ImageLabelDataset`] (Decoupled Supervision) add `image_labels` to the batch: per image, its
+    image-level label indices, None for panoptic images; `image_label_vocabulary` (`encode_vocabulary` of the
+    image-level vocabulary) is then added as `image_label_input_ids` / `image_label_synonym_counts`.
+
     Works as `data_collator` of `transformers.Trainer` (with `remove_unused_columns=False`) and as `collate_fn` of a
     `DataLoader`.
     """
@@ -445,7 +545,13 @@ class EovSegDataCollator:
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         size_divisibility: int = 32,
+        image_label_vocabulary: Mapping[str, Any] | None = None,
     ):
+        self.image_label_vocabulary = {
+            f"image_label_{key}": torch.as_tensor(value)
+            for key, value in (image_label_vocabulary or {}).items()
+            if key in ("input_ids", "synonym_counts")
+        }
         self.vocabulary = {}
         for key, value in (vocabulary or {}).items():
             if key in ("input_ids", "synonym_counts", "class_seen_mask", "text_embeddings"):
@@ -455,9 +561,12 @@ class EovSegDataCollator:
         self.size_divisibility = int(size_divisibility)
 
     @classmethod
-    def from_processor(cls, processor, class_names: Sequence[str], config=None) -> "EovSegDataCollator":
+    def from_processor(
+        cls, processor, class_names: Sequence[str], config=None, image_label_names: Sequence[str] | None = None
+    ) -> "EovSegDataCollator":
         """A collator for `class_names` with the statistics of `config` (pixel_mean / pixel_std / size_divisibility)
-        when given, else the processor's image processor (its `image_mean` / `image_std` in 0-255 units)."""
+        when given, else the processor's image processor (its `image_mean` / `image_std` in 0-255 units), and the
+        image-level vocabulary `image_label_names` of Decoupled Supervision when given."""
         vocabulary = processor.encode_vocabulary(list(class_names), return_tensors="pt")
         if config is not None:
             mean, std, div = config.pixel_mean, config.pixel_std, config.size_divisibility
@@ -465,7 +574,10 @@ class EovSegDataCollator:
             image_processor = processor.image_processor
             mean, std = image_processor.image_mean, image_processor.image_std
             div = getattr(image_processor, "size_divisibility", 32)
-        return cls(vocabulary, mean, std, div)
+        image_label_vocabulary = None
+        if image_label_names is not None:
+            image_label_vocabulary = processor.encode_vocabulary(list(image_label_names), return_tensors="pt")
+        return cls(vocabulary, mean, std, div, image_label_vocabulary)
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
         if not examples:
@@ -492,4 +604,9 @@ class EovSegDataCollator:
             class_labels.append(torch.as_tensor(ex["class_labels"], dtype=torch.long))
         out = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "mask_labels": mask_labels, "class_labels": class_labels}
         out.update(self.vocabulary)
+        if any("image_labels" in ex for ex in examples):
+            if not self.image_label_vocabulary:
+                raise ValueError("Image-level examples need the collator's image_label_vocabulary (image_label_names).")
+            out["image_labels"] = [ex.get("image_labels") for ex in examples]
+            out.update(self.image_label_vocabulary)
         return out

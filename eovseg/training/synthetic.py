@@ -28,6 +28,7 @@ __all__ = [
     "SYNTHETIC_CLASS_NAMES",
     "SYNTHETIC_IS_THING",
     "get_dataset_categories",
+    "make_synthetic_image_label_dataset",
     "make_synthetic_panoptic_dataset",
     "synthetic_categories",
 ]
@@ -317,3 +318,24 @@ def make_synthetic_panoptic_dataset(
         }
     )
     return datasets.Dataset.from_dict(rows, features=features, info=datasets.DatasetInfo(description=description, features=features))
+
+
+def make_synthetic_image_label_dataset(
+    num_images: int = 8, height: int = 64, width: int = 64, seed: int = 0, class_names: Sequence[str] | None = None
+):
+    """Synthetic image-classification data (multi-label) for OPSNet's Decoupled Supervision: the images of
+    [`make_synthetic_panoptic_dataset`] with the same arguments, each with `labels`, the names of the classes that
+    have a segment in it (crowd ones included), in class order; no masks.
+
+    Returns:
+        `datasets.Dataset` with columns `image` and `labels` (a list of class names).
+    """
+    import datasets
+
+    names = _check_class_names(class_names)
+    panoptic = make_synthetic_panoptic_dataset(num_images, height, width, seed, names)
+    labels = [
+        [names[c] for c in sorted({s["category_id"] for s in segments})] for segments in panoptic["segments_info"]
+    ]
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.Sequence(datasets.Value("string"))})
+    return datasets.Dataset.from_dict({"image": panoptic["image"], "labels": labels}, features=features)

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_train_images", type=int, default=64)
     g.add_argument("--synthetic_eval_images", type=int, default=16)
     g.add_argument("--synthetic_image_size", type=int, default=64)
+    g.add_argument("--image_label_dataset", default=None,
+                   help="Decoupled Supervision (config decoupled_supervision): image-level data, a local path or "
+                        "'synthetic' (images with a list of label names or ids)")
+    g.add_argument("--image_label_column", default="labels")
+    g.add_argument("--image_label_names", nargs="*", default=None,
+                   help="the image-level vocabulary (default: the column's ClassLabel names, else its label names)")
+    g.add_argument("--image_label_ratio", type=float, default=0.5, help="fraction of image-level examples")
 
     g = p.add_argument_group("augmentation")
     g.add_argument("--image_size", type=int, default=1024, help="large-scale-jitter crop size")
@@ -308,6 +315,42 @@ def make_train_dataset(args, rows, categories):
     )
 
 
+def add_image_label_dataset(args, panoptic_dataset):
+    """Decoupled Supervision: the panoptic data set mixed with `--image_label_dataset` at `--image_label_ratio`, and
+    the image-level vocabulary."""
+    from .data import ImageLabelDataset, LargeScaleJitter, MixedSegmentationDataset
+    from .synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_image_label_dataset
+
+    if args.image_label_dataset == "synthetic":
+        size = args.synthetic_image_size
+        rows = make_synthetic_image_label_dataset(args.synthetic_train_images, size, size, seed=args.seed + 7)
+        default_names = list(SYNTHETIC_CLASS_NAMES)
+    else:
+        rows = load_local_dataset(args.image_label_dataset, args.dataset_split, ("train",))
+        default_names = _image_label_names(rows, args.image_label_column)
+    names = list(args.image_label_names) if args.image_label_names else default_names
+    transform = None
+    if not args.no_augmentation:
+        transform = LargeScaleJitter(args.image_size, args.min_scale, args.max_scale, args.flip_probability)
+    image_level = ImageLabelDataset(
+        rows, names, transform, image_column=args.image_column, labels_column=args.image_label_column,
+        seed=args.seed, shuffle=True,
+    )
+    return MixedSegmentationDataset(panoptic_dataset, image_level, args.image_label_ratio), names
+
+
+def _image_label_names(rows, column: str) -> list[str]:
+    """The label vocabulary of an image-classification data set: its ClassLabel names, else the names it uses."""
+    feature = getattr(rows, "features", {}).get(column) if hasattr(rows, "features") else None
+    inner = getattr(feature, "feature", feature)
+    if hasattr(inner, "names"):
+        return list(inner.names)
+    names = sorted({str(x) for value in rows[column] for x in ([value] if isinstance(value, str) else value)})
+    if not names or any(name.lstrip("-").isdigit() for name in names):
+        raise ValueError(f"Give --image_label_names: the column {column!r} holds no label names of its own.")
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation call site
 # ----------------------------------------------------------------------------------------------------------------------
@@ -410,7 +453,12 @@ def train(args: argparse.Namespace) -> dict:
         processor.image_processor.size = size
 
     train_dataset = make_train_dataset(args, train_rows, categories)
-    collator = EovSegDataCollator.from_processor(processor, class_names, config=model.config)
+    image_label_names = None
+    if args.image_label_dataset:
+        train_dataset, image_label_names = add_image_label_dataset(args, train_dataset)
+    collator = EovSegDataCollator.from_processor(
+        processor, class_names, config=model.config, image_label_names=image_label_names
+    )
     loader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.per_device_batch_size,
