@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=1.5e-3)
     p.add_argument("--image_label_ratio", type=float, default=0.5)
+    p.add_argument("--supervision_iou_threshold", type=float, default=None,
+                   help="Decoupled Supervision's IoU threshold (default: the configuration's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=100)
     return p
@@ -193,7 +195,10 @@ def part_decoupled_supervision(args) -> dict:
     figures = {}
     for use_ds in (False, True):
         print(f"-- {'with' if use_ds else 'without'} Decoupled Supervision", flush=True)
-        model, processor = make_model(panoptic_vocabulary, decoupled_supervision=use_ds)
+        overrides = {"decoupled_supervision": use_ds}
+        if args.supervision_iou_threshold is not None:
+            overrides["supervision_iou_threshold"] = args.supervision_iou_threshold
+        model, processor = make_model(panoptic_vocabulary, **overrides)
         image_label_rows = None
         if use_ds:
             image_label_rows = make_synthetic_image_label_dataset(args.train_images, args.image_size, args.image_size,

@@ -14,6 +14,7 @@ REMOTE_CODE_FILES = [
     "configuration_eovseg.py",
     "modeling_eovseg.py",
     "loss_eovseg.py",
+    "opsnet_eovseg.py",
     "vocabulary.py",
     "processing/image_processing_eovseg.py",
     "processing/processing_eovseg.py",
