@@ -30,35 +30,31 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import learn_synthetic  # noqa: E402
 from learn_synthetic import CLASS_NAMES, train_with_budget  # noqa: E402
 
 HIDDEN = ["red circle", "yellow triangle"]  # the classes Decoupled Supervision learns from image-level labels only
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # learn_synthetic's options (model size, data, recipe), with a shorter budget per training run
+    p = learn_synthetic.build_parser()
+    p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(budget_seconds=480.0)
     p.add_argument("--part", choices=["mf", "ds", "all"], default="all")
-    p.add_argument("--budget_seconds", type=float, default=480.0, help="training wall time per run")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--train_images", type=int, default=4000)
-    p.add_argument("--eval_images", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1.5e-3)
     p.add_argument("--image_label_ratio", type=float, default=0.5)
     p.add_argument("--supervision_iou_threshold", type=float, default=None,
                    help="Decoupled Supervision's IoU threshold (default: the configuration's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=100)
     return p
 
 
-def make_model(vocabulary, **overrides):
+def make_model(args, vocabulary, **overrides):
     from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
     from eovseg.training import SYNTHETIC_IS_THING
 
     config = EovSegConfig.from_variant(
-        "tiny", num_proposals=10, hidden_dim=64, decoder_ffn_dim=128, train_num_points=256,
+        "tiny", num_proposals=args.num_proposals, hidden_dim=args.hidden_dim, decoder_ffn_dim=2 * args.hidden_dim,
+        train_num_points=args.train_num_points,
         vocabulary=list(CLASS_NAMES), is_thing=list(SYNTHETIC_IS_THING), train_vocabulary=list(vocabulary),
         mask_filtering=True, **overrides,
     )
@@ -98,12 +94,12 @@ def train(args, model, processor, rows, vocabulary, image_label_rows=None):
 
     torch.manual_seed(args.seed)
     size = args.image_size
-    dataset = PanopticSegmentationDataset(rows, LargeScaleJitter(size, 1.0, 1.0), seed=args.seed, shuffle=True)
+    jitter = LargeScaleJitter(size, args.min_scale, args.max_scale)
+    dataset = PanopticSegmentationDataset(rows, jitter, seed=args.seed, shuffle=True)
     image_label_names = None
     if image_label_rows is not None:
         image_label_names = list(CLASS_NAMES)
-        image_level = ImageLabelDataset(image_label_rows, image_label_names, LargeScaleJitter(size, 1.0, 1.0),
-                                        seed=args.seed, shuffle=True)
+        image_level = ImageLabelDataset(image_label_rows, image_label_names, jitter, seed=args.seed, shuffle=True)
         dataset = MixedSegmentationDataset(dataset, image_level, args.image_label_ratio)
     collator = EovSegDataCollator.from_processor(processor, vocabulary, config=model.config,
                                                  image_label_names=image_label_names)
@@ -158,7 +154,7 @@ def evaluate(model, processor, rows, **kwargs):
 
 def part_mask_filtering(args) -> dict:
     print("== Mask Filtering ==", flush=True)
-    model, processor = make_model(CLASS_NAMES)
+    model, processor = make_model(args, CLASS_NAMES)
     train(args, model, processor, panoptic_rows(args, args.train_images, args.seed), list(CLASS_NAMES))
     eval_rows = panoptic_rows(args, args.eval_images, args.seed + 1)
     matched, everything = iou_correlation(model, processor, eval_rows)
@@ -198,7 +194,7 @@ def part_decoupled_supervision(args) -> dict:
         overrides = {"decoupled_supervision": use_ds}
         if args.supervision_iou_threshold is not None:
             overrides["supervision_iou_threshold"] = args.supervision_iou_threshold
-        model, processor = make_model(panoptic_vocabulary, **overrides)
+        model, processor = make_model(args, panoptic_vocabulary, **overrides)
         image_label_rows = None
         if use_ds:
             image_label_rows = make_synthetic_image_label_dataset(args.train_images, args.image_size, args.image_size,

@@ -260,6 +260,11 @@ class EovSegConfig(PretrainedConfig):
         supervision_iou_threshold (`float`, *optional*, defaults to 0.5):
             Decoupled Supervision: predictions whose predicted IoU exceeds this take part in L_match (the paper gives
             no value); when none does, the single prediction with the highest predicted IoU is used.
+        match_loss_with_void (`bool`, *optional*, defaults to `True`):
+            Decoupled Supervision: the softmax of L_match also covers the void class, so that the prediction claimed
+            for a label is pushed away from void too (the panoptic batches teach void for every unlabeled region,
+            and the void filter drops such queries at test time). OPSNet's softmax covers the C label classes only
+            (`False`).
         train_vocabulary (`list[str]`, *optional*):
             The training vocabulary (class entries of comma-separated synonyms). A test class is *seen* when one of
             its synonyms is a synonym of a training class; seen and unseen classes use different ensemble weights.
@@ -327,6 +332,7 @@ class EovSegConfig(PretrainedConfig):
         match_loss_weight: float = 1.0,
         sum_loss_weight: float = 0.4,
         supervision_iou_threshold: float = 0.5,
+        match_loss_with_void: bool = True,
         train_vocabulary: list[str] | None = None,
         vocabulary: list[str] | None = None,
         is_thing: list[bool] | None = None,
@@ -389,6 +395,7 @@ class EovSegConfig(PretrainedConfig):
         self._set_opsnet_options(
             class_ensemble, modulation_alpha, debias_beta, modulation_normalize, mask_filtering, iou_loss_weight,
             iou_mask_threshold, decoupled_supervision, match_loss_weight, sum_loss_weight, supervision_iou_threshold,
+            match_loss_with_void,
         )
 
         self.train_vocabulary = list(train_vocabulary if train_vocabulary is not None else preset.get("train_vocabulary", []))
@@ -414,6 +421,7 @@ class EovSegConfig(PretrainedConfig):
     def _set_opsnet_options(
         self, class_ensemble, modulation_alpha, debias_beta, modulation_normalize, mask_filtering, iou_loss_weight,
         iou_mask_threshold, decoupled_supervision, match_loss_weight, sum_loss_weight, supervision_iou_threshold,
+        match_loss_with_void,
     ):
         """OPSNet's options (Embedding Modulation, Mask Filtering, Decoupled Supervision), checked."""
         if class_ensemble not in CLASS_ENSEMBLES:
@@ -434,6 +442,7 @@ class EovSegConfig(PretrainedConfig):
         self.match_loss_weight = float(match_loss_weight)
         self.sum_loss_weight = float(sum_loss_weight)
         self.supervision_iou_threshold = float(supervision_iou_threshold)
+        self.match_loss_with_void = bool(match_loss_with_void)
 
     @property
     def embed_dim(self) -> int:

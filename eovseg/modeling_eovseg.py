@@ -802,7 +802,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             if config.mask_filtering
             else None
         )
-        self.decoupled_supervision = EovSegDecoupledSupervision(config.supervision_iou_threshold)
+        self.decoupled_supervision = EovSegDecoupledSupervision(
+            config.supervision_iou_threshold, config.match_loss_with_void
+        )
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
         self._criterion = None
@@ -1051,7 +1053,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 image_label_input_ids, image_label_synonym_counts, "Decoupled Supervision",
                 "pass image_label_input_ids and image_label_synonym_counts (the collator's image_label_vocabulary)",
             )
-            classifier = torch.cat([text, text[:1]], dim=0).to(class_embeddings.dtype)  # a dummy void row, dropped
+            void = F.normalize(self.void_embedding.weight, dim=-1)
+            classifier = torch.cat([text, void.to(text.dtype)], dim=0).to(class_embeddings.dtype)
             match, coverage = self.decoupled_supervision(
                 class_embeddings[labelled], stage_mask_logits[-1][labelled], stage_iou[-1][labelled],
                 None if pixel_mask is None else pixel_mask[labelled], [image_labels[i] for i in labelled],

@@ -160,18 +160,22 @@ class EovSegDecoupledSupervision(nn.Module):
     * `L_match = 1 - (1/c) sum_j max_i softmax_C(S)[i, j]` over the c labelled classes j, where `S` holds the
       scaled cosine similarities (max over synonyms) of the kept predictions' embeddings with the C classes of the
       image-level vocabulary. Predictions are kept when their predicted IoU exceeds `iou_threshold` (the best one
-      when none does). The embeddings are the query embeddings E_q: the CLIP part of E_m is frozen, so it would add no
+      when none does). With `with_void` the softmax also covers EOV-Seg's void class, so that a claimed prediction is
+      pushed away from void as well (the panoptic batches teach void for everything unlabeled, and the void filter
+      drops such queries at test time); OPSNet's softmax covers the C classes only (`with_void=False`). The embeddings are the query embeddings E_q: the CLIP part of E_m is frozen, so it would add no
       gradient, and EOV-Seg computes it in eval mode only.
     * `L_sum`: the root-mean-square over the image's valid pixels of `1 - sum_k sigmoid(M_k)` (the L2 norm of the
       paper, divided by the square root of the pixel count so that it does not grow with the image size).
     """
 
-    def __init__(self, iou_threshold: float = 0.5):
+    def __init__(self, iou_threshold: float = 0.5, with_void: bool = True):
         super().__init__()
         self.iou_threshold = float(iou_threshold)
+        self.with_void = bool(with_void)
 
     def match_loss(self, class_logits: torch.Tensor, iou_scores: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """`L_match` of one image: `class_logits` (Q, C) over the image-level vocabulary, `iou_scores` (Q,)."""
+        """`L_match` of one image: `class_logits` (Q, C) over the image-level vocabulary (or (Q, C + 1), void last, which
+        then takes part in the softmax), `iou_scores` (Q,)."""
         if labels.numel() == 0:
             return class_logits.sum() * 0.0
         keep = iou_scores.detach() > self.iou_threshold
@@ -197,11 +201,13 @@ class EovSegDecoupledSupervision(nn.Module):
             iou_scores: `(B, Q)` predicted IoUs of the last stage.
             pixel_mask: `(B, H, W)` 1 on valid pixels (H, W a multiple of h, w), or None.
             labels: per image, the `(c,)` class indices of its labels in the image-level vocabulary.
-            classifier: `(S, D)` normalised synonym embeddings of the image-level vocabulary (a void row last).
+            classifier: `(S + 1, D)` normalised synonym embeddings of the image-level vocabulary, the void embedding last.
             index: `(C, max_synonyms)` synonym indices of its classes.
             logit_scale: the decoder's (log) logit scale (the temperature of the softmax over the C classes).
         """
-        logits = classification_logits(class_embeddings, classifier, logit_scale, index)[..., :-1]
+        logits = classification_logits(class_embeddings, classifier, logit_scale, index)
+        if not self.with_void:
+            logits = logits[..., :-1]
         if pixel_mask is None:
             valid = torch.ones(mask_logits.shape[0], *mask_logits.shape[-2:], dtype=torch.bool, device=mask_logits.device)
         else:

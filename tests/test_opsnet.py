@@ -34,12 +34,7 @@ SIZE = 64
 NAMES = list(SYNTHETIC_CLASS_NAMES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_training import one_thread  # noqa: E402,F401  (tiny tensors: one thread, autouse)
 
 
 def perturbed(model, seed=0):
@@ -303,6 +298,11 @@ def test_match_loss_by_hand():
     low = torch.tensor([0.2, 0.3, 0.1])
     assert ds.match_loss(logits, low, torch.tensor([1])).item() == pytest.approx(1 - logits[1].softmax(-1)[1].item())
     assert ds.match_loss(logits, iou, torch.tensor([], dtype=torch.long)).item() == 0.0
+    # with a void column (last) in the softmax: the labels' probabilities shrink by the void share
+    with_void = torch.cat([logits, torch.full((3, 1), 1.0)], dim=1)
+    probs = with_void[:2].softmax(-1)
+    expected = 1 - (probs[:, 0].max() + probs[:, 2].max()) / 2
+    assert ds.match_loss(with_void, iou, torch.tensor([2, 0])).item() == pytest.approx(expected.item())
 
 
 def test_sum_loss_by_hand():
