@@ -185,9 +185,9 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
           '{"num_proposalz": 3}'], "'num_proposalz' is not an EovSegConfig field (did you mean 'num_proposals'?)"),
         (["demo", "--image", "missing.jpg"], "image 'missing.jpg' does not exist"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "cats.json"],
-         "--categories cats.json: not valid JSON"),
+         "Vocabulary file 'cats.json' is not valid JSON"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "flags.json",
-          "--max_steps", "0"], "flags.json: isthing of entry 1 is 'no'"),
+          "--max_steps", "0"], "flags.json: class 'sky' isthing is 'no'"),
     ],
 )
 def test_command_user_errors_exit_1_with_one_line(args, message, tmp_path, monkeypatch, capsys):
