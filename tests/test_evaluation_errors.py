@@ -34,7 +34,8 @@ def tiny():
 
     torch.manual_seed(0)
     config = EovSegConfig.from_variant("tiny")
-    return EovSegForPanopticSegmentation(config), EovSegProcessor.from_config(config)
+    processor = EovSegProcessor.from_config(config, size={"shortest_edge": 32, "longest_edge": 32})
+    return EovSegForPanopticSegmentation(config), processor
 
 
 def _categories(ids):
