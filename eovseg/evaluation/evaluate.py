@@ -727,7 +727,10 @@ def _load_model(spec: str, device: str | None):
     from ..processing import EovSegProcessor
 
     if spec.startswith("random:"):
+        import torch
+
         config = EovSegConfig.from_variant(spec.split(":", 1)[1])
+        torch.manual_seed(0)  # the same random weights in every process of a launch, and in every run
         model = EovSegForPanopticSegmentation(config)
         processor = EovSegProcessor.from_config(config)
     else:
