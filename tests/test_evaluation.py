@@ -933,3 +933,18 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     assert two == json.loads((tmp_path / "one.json").read_text())["results"]
     assert sum(r["TP"] + r["FP"] for r in one["panoptic"]["per_class"].values()) > 0
     assert one["instance"]["num_detections"] > 0
+
+
+def test_panopticapi_comparison_refuses_without_a_checkout(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_pq_with_panopticapi.py"
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTICAPI_PATH"}
+    missing = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode != 0 and "give the path of a panopticapi checkout" in missing.stderr
+    wrong = subprocess.run([sys.executable, str(script), "--panopticapi", str(tmp_path)], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert wrong.returncode != 0 and "does not hold panopticapi/evaluation.py" in wrong.stderr
