@@ -201,7 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"EOV-Seg demo on http://{args.host}:{args.port}")
-    launch(build_demo(SegmentationApp(model, processor)), args.host, args.port)
+    try:
+        launch(build_demo(SegmentationApp(model, processor)), args.host, args.port)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port} ({err}); pick another --port.", file=sys.stderr)
+        return 2
     return 0
 
 

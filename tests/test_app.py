@@ -89,6 +89,8 @@ def test_page_in_headless_chromium(app, tmp_path):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            requested = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             page.locator("#input-image input[type=file]").set_input_files(example_image())
             page.locator("#input-image img").wait_for(timeout=30000)
@@ -109,5 +111,7 @@ def test_page_in_headless_chromium(app, tmp_path):
     assert tuple(size) == Image.open(example_image()).size
     assert any(name in legend for name in ("cup", "table", "wall")), legend
     assert downloads == 2
+    local = f"http://127.0.0.1:{port}/"
+    assert [url for url in requested if not url.startswith((local, "data:", "blob:"))] == []  # nothing off this machine
     if os.environ.get("EOVSEG_SCREENSHOT_DIR"):
         shutil.copy(tmp_path / "app.png", os.environ["EOVSEG_SCREENSHOT_DIR"])

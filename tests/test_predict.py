@@ -223,3 +223,11 @@ def test_clear_errors_for_a_bad_model_or_vocabulary(data, tmp_path, capsys):
                          "--classes", "car", "--stuff", "road"]) == 2
     assert "not among the classes" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_commands_are_registered(data, tmp_path, capsys):
+    from eovseg.cli import main as cli_main
+
+    assert cli_main(["predict", str(data["paths"][0]), "--output_dir", str(tmp_path / "x"), "--model", str(tmp_path)]) == 2
+    assert cli_main(["app", "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("is not a folder with a config.json") == 2
