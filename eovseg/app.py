@@ -46,14 +46,12 @@ def format_class_list(names: Sequence[str], is_thing: Sequence[bool]) -> str:
     return "\n".join(name if thing else f"{name} {STUFF_MARK}" for name, thing in zip(names, is_thing))
 
 
-def builtin_vocabularies() -> dict[str, tuple[list[str], list[bool]]]:
-    """The built-in vocabularies (name -> class entries, thing flags), where this installation has them."""
-    try:
-        from .vocabularies import get_vocabulary, list_vocabularies
-    except ImportError:
-        return {}
-    return {name: (list(v.class_names), list(v.is_thing)) for name in list_vocabularies()
-            for v in [get_vocabulary(name)]}
+def vocabulary_text(name: str) -> str:
+    """A built-in vocabulary as the class list of the text box."""
+    from .vocabularies import get_vocabulary
+
+    vocabulary = get_vocabulary(name)
+    return format_class_list(vocabulary.class_names, vocabulary.is_thing)
 
 
 def example_image() -> str:
@@ -127,7 +125,8 @@ def build_demo(app: SegmentationApp):
     """The Gradio page around `app`."""
     import gradio as gr
 
-    vocabularies = builtin_vocabularies()
+    from .vocabularies import list_vocabularies
+
     config = app.model.config
     default_text = format_class_list(config.vocabulary, config.is_thing) if config.vocabulary else ""
 
@@ -138,9 +137,7 @@ def build_demo(app: SegmentationApp):
             raise gr.Error(str(err)) from None
 
     def pick(name):
-        if name in vocabularies:
-            return format_class_list(*vocabularies[name])
-        return gr.update()
+        return gr.update() if name == CUSTOM else vocabulary_text(name)
 
     with gr.Blocks(title="EOV-Seg open-vocabulary segmentation", analytics_enabled=False) as demo:
         gr.Markdown("## EOV-Seg: segment an image with your own class list")
@@ -148,7 +145,7 @@ def build_demo(app: SegmentationApp):
             with gr.Column():
                 image = gr.Image(type="pil", label="Image", elem_id="input-image")
                 gr.Examples([[example_image()]], inputs=[image])
-                vocabulary = gr.Dropdown([CUSTOM, *vocabularies], value=CUSTOM, label="Built-in vocabulary",
+                vocabulary = gr.Dropdown([CUSTOM, *list_vocabularies()], value=CUSTOM, label="Built-in vocabulary",
                                          elem_id="vocabulary")
                 classes = gr.Textbox(default_text, lines=8, elem_id="classes",
                                      label=f"Classes: one per line, synonyms by commas, '{STUFF_MARK}' at the end for stuff")

@@ -79,24 +79,23 @@ def load_model(model_path: str | None, device: torch.device | str = "cpu"):
     return model, processor
 
 
-def resolve_vocabulary(config, classes: Sequence[str] | None, stuff: Sequence[str] | None):
-    """`(class_names, is_thing, given)`: the class entries asked for (things unless named in `stuff`, by entry or
-    by display name) or, when none are, the model's default vocabulary (`given` False)."""
-    from .vocabulary import VocabularyError, display_name, validate_vocabulary
+def resolve_vocabulary(config, classes: Sequence[str] | None, stuff: Sequence[str] | None, vocabulary: str | None = None):
+    """`(class_names, is_thing, given)`: a built-in vocabulary or vocabulary file by name, the class entries asked
+    for (things unless named in `stuff`) or, with neither, the model's default vocabulary (`given` False)."""
+    from .vocabularies import build_vocabulary, load_vocabulary
+    from .vocabulary import VocabularyError
 
-    if not classes:
+    if vocabulary and classes:
+        raise PredictError("give the classes (--classes) or a vocabulary (--vocabulary), not both.")
+    if not vocabulary and not classes:
         if not config.vocabulary:
             raise PredictError("this model has no default vocabulary: give the classes to find (--classes ...).")
         return list(config.vocabulary), [bool(t) for t in config.is_thing], False
     try:
-        names = validate_vocabulary(list(classes), "class list")
-    except VocabularyError as err:
+        found = load_vocabulary(vocabulary) if vocabulary else build_vocabulary(list(classes), stuff=stuff)
+    except (VocabularyError, OSError) as err:
         raise PredictError(str(err)) from None
-    stuff_set = {s.strip() for s in stuff or []}
-    unknown = stuff_set - {n.strip() for n in names} - {display_name(n) for n in names}
-    if unknown:
-        raise PredictError(f"--stuff names {sorted(unknown)}, which are not among the classes.")
-    return names, [n.strip() not in stuff_set and display_name(n) not in stuff_set for n in names], True
+    return list(found.class_names), [bool(t) for t in found.is_thing], True
 
 
 class Predictor:
@@ -428,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", nargs="+", default=None,
                         help='the classes to find, synonyms by commas: "car, automobile" "road" (default: the model\'s)')
     parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
+    parser.add_argument("--vocabulary", default=None,
+                        help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file, instead of --classes")
     parser.add_argument("--batch_size", type=int, default=1, help="images (or video frames) per forward pass")
     parser.add_argument("--threshold", type=float, default=0.0, help="least class probability of a segment")
     parser.add_argument("--overlap_mask_area_threshold", type=float, default=0.8)
@@ -459,7 +460,8 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     model_path = args.model if args.model is not None else default_model_path()
     if not Path(model_path, "config.json").is_file():
         raise PredictError(f"--model {model_path!r} is not a folder with a config.json (a saved or converted model).")
-    class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff)
+    class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff,
+                                                   args.vocabulary)
     settings = _settings(args, model_path, class_names, is_thing)
     accelerator = Accelerator(cpu=args.cpu or _launched_on_cpu_only())
     resuming = check_output_dir(args.output_dir, settings)

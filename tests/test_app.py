@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eovseg.app import SegmentationApp, example_image, format_class_list, parse_class_list
+from eovseg.app import SegmentationApp, example_image, format_class_list, parse_class_list, vocabulary_text
 from eovseg.predict import load_model
 from test_predict import make_tiny_model_folder
 
@@ -26,6 +26,13 @@ def test_class_list_parsing_round_trips():
     names, is_thing = parse_class_list("  cup, mug \n\ntable\nwall (stuff)\nfloor (STUFF)")
     assert names == ["cup, mug", "table", "wall", "floor"] and is_thing == [True, True, False, False]
     assert parse_class_list(format_class_list(names, is_thing)) == (names, is_thing)
+
+
+def test_vocabulary_picker_fills_the_class_list():
+    from eovseg.vocabularies import get_vocabulary
+
+    coco = get_vocabulary("coco_panoptic")
+    assert parse_class_list(vocabulary_text("coco_panoptic")) == (coco.class_names, coco.is_thing)
 
 
 def test_second_call_with_the_same_classes_runs_no_text_pass(app):

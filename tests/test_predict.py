@@ -221,7 +221,7 @@ def test_clear_errors_for_a_bad_model_or_vocabulary(data, tmp_path, capsys):
     assert "is not a folder with a config.json" in capsys.readouterr().err
     assert predict_main([image, "--output_dir", str(tmp_path / "b"), "--model", str(data["model"]),
                          "--classes", "car", "--stuff", "road"]) == 2
-    assert "not among the classes" in capsys.readouterr().err
+    assert "are not in the vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -231,3 +231,18 @@ def test_commands_are_registered(data, tmp_path, capsys):
     assert cli_main(["predict", str(data["paths"][0]), "--output_dir", str(tmp_path / "x"), "--model", str(tmp_path)]) == 2
     assert cli_main(["app", "--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("is not a folder with a config.json") == 2
+
+
+def test_a_built_in_vocabulary_by_name(data, tmp_path, capsys):
+    from eovseg.vocabularies import get_vocabulary
+
+    image, model = str(data["paths"][0]), str(data["model"])
+    assert predict_main([image, "--output_dir", str(tmp_path / "city"), "--model", model, "--vocabulary", "cityscapes"]) == 0
+    cityscapes = get_vocabulary("cityscapes")
+    categories = json.loads((tmp_path / "city" / "panoptic.json").read_text())["categories"]
+    assert [(c["name"], bool(c["isthing"])) for c in categories] == list(zip(cityscapes.class_names, cityscapes.is_thing))
+    assert predict_main([image, "--output_dir", str(tmp_path / "x"), "--model", model, "--vocabulary", "nope"]) == 2
+    assert "Unknown vocabulary 'nope'" in capsys.readouterr().err
+    assert predict_main([image, "--output_dir", str(tmp_path / "y"), "--model", model, "--vocabulary", "cityscapes",
+                         "--classes", "car"]) == 2
+    assert "not both" in capsys.readouterr().err
