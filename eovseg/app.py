@@ -191,18 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         print('error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
-        return 2
+        return 1
     try:
         model, processor = load_model(args.model)
     except PredictError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     print(f"EOV-Seg demo on http://{args.host}:{args.port}")
     try:
         launch(build_demo(SegmentationApp(model, processor)), args.host, args.port)
     except OSError as err:  # the port is taken, or the address is not this machine's
         print(f"error: cannot serve on {args.host}:{args.port} ({err}); pick another --port.", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

@@ -14,7 +14,8 @@ The output folder gets:
 - `videos/NAME.json` per video: the frames' segments and times;
 - with `--instances`, `instances.json`: instance masks as COCO RLE in the COCO results format (pycocotools' loadRes).
 
-An input that cannot be read is skipped with one line and listed at the end (exit status 1); the run goes on. Running
+An input that cannot be read is skipped with one line and listed at the end; the run goes on. The exit status is
+1 when an input was skipped or the run could not start (one line: `error: ...`), 0 otherwise. Running
 again into the same folder resumes: inputs already written are skipped. The command refuses an output folder that
 holds anything but one of its own runs (with the same model and vocabulary), and it never replaces a file it did not
 write. Under torchrun / `accelerate launch`, the processes share the inputs and one merged output is written; the
@@ -496,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = predict(args)
     except PredictError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     done = "wrote" if not skipped else f"{len(skipped)} input(s) skipped (listed above); wrote"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{done} {args.output_dir / 'panoptic.json'} and the PNGs in {args.output_dir}")
