@@ -1,10 +1,14 @@
 """Run EOV-Seg on one image and write a panoptic overlay PNG and a JSON of segments.
 
-    python -m eovseg.demo                                  # tiny random model on the bundled photo
-    python -m eovseg.demo --model converted_dir --image street.jpg --classes "car" "road, street" "sky"
+    python -m eovseg.demo                                  # the bundled toy model on the bundled synthetic scene
+    python -m eovseg.demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
+    python -m eovseg.demo --model eovseg-r50 --classes "car" "road, street" "sky" --stuff "road" "sky"
 
-Without `--model`, the tiny preset with random weights is used: it runs the whole pipeline end to end, but its
-segments are random. Convert an original checkpoint (see README) and pass its folder with `--model` for real output.
+Without `--model`, the bundled demo model is used: the tiny preset trained for a few minutes on synthetic shapes
+(red circles, purple rectangles, yellow triangles over a blue sky and green ground; see its model card,
+`eovseg/assets/demo_model/README.md`). It is a toy: it knows those five classes and nothing else. For real
+segmentation convert an authors' checkpoint (README, "Converting the authors' checkpoints") and pass its folder with
+`--model`; `--image` picks another picture.
 """
 
 from __future__ import annotations
@@ -19,7 +23,25 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-BUNDLED_IMAGE = Path(__file__).with_name("assets") / "coffee.jpg"
+_ASSETS = Path(__file__).with_name("assets")
+# A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
+BUNDLED_IMAGE = _ASSETS / "coffee.jpg"
+
+TOY_MODEL_NOTE = (
+    "NOTE: this is the bundled TOY model, trained on synthetic shapes only (red circle, purple rectangle, yellow "
+    "triangle, blue sky, green ground); it knows nothing else. For real segmentation, convert an authors' checkpoint "
+    "(see the README) and pass --model DIR; pass --image PATH for another picture."
+)
+
+
+def default_model_path() -> Path:
+    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained on synthetic shapes)."""
+    return _ASSETS / "demo_model"
+
+
+def default_image_path() -> Path:
+    """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
+    return _ASSETS / "shapes_scene.png"
 
 
 def segment_colors(num: int) -> np.ndarray:
@@ -64,28 +86,20 @@ def check_replaceable(paths: list[Path], overwrite: bool) -> None:
             )
 
 
-def load_model_and_processor(model_path: str | None, seed: int = 0):
-    from . import EovSegConfig, EovSegForPanopticSegmentation
+def load_model_and_processor(model_path: str | Path | None):
+    """The model and processor of a `save_pretrained` folder (default: the bundled demo model)."""
+    from . import EovSegForPanopticSegmentation
     from .processing import EovSegProcessor
 
-    if model_path is None:
-        torch.manual_seed(seed)
-        config = EovSegConfig.from_variant("tiny")
-        model = EovSegForPanopticSegmentation(config)
-        processor = EovSegProcessor.from_config(config)
-        return model.eval(), processor, True
-    path = Path(model_path)
+    path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_path!r} is not a folder with a config.json (a converted model).")
+        raise FileNotFoundError(f"--model {str(path)!r} is not a folder with a config.json (a converted model).")
     model = EovSegForPanopticSegmentation.from_pretrained(path)
     processor = EovSegProcessor.from_pretrained(path)
-    return model.eval(), processor, False
+    return model.eval(), processor
 
 
-def run(image_path: Path, model_path: str | None, classes: list[str] | None, stuff: list[str] | None,
-        output_dir: Path, seed: int = 0, overwrite: bool = False) -> dict:
-    from .vocabulary import display_name, validate_vocabulary
-
+def read_image(image_path: Path) -> Image.Image:
     if not image_path.is_file():
         raise FileNotFoundError(f"image {str(image_path)!r} does not exist.")
     try:
@@ -93,53 +107,75 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
         image.load()
     except Exception as err:  # PIL raises several types for unreadable files
         raise ValueError(f"cannot read {str(image_path)!r} as an image ({err}).") from None
-    image = image.convert("RGB")
-    model, processor, is_random = load_model_and_processor(model_path, seed)
-    config = model.config
-    if classes:
-        vocabulary = validate_vocabulary(classes, "--classes vocabulary")
-        stuff_names = set(stuff or [])
-        is_thing = [name not in stuff_names and display_name(name) not in stuff_names for name in vocabulary]
-    else:
-        if not config.vocabulary:
-            raise ValueError("this model has no default vocabulary; give --classes.")
-        vocabulary, is_thing = list(config.vocabulary), list(config.is_thing)
+    return image.convert("RGB")
 
+
+def choose_vocabulary(config, vocabulary: str | None, classes: list[str] | None, stuff: list[str] | None):
+    """Class entries and thing flags: `--vocabulary NAME|FILE`, else `--classes` (things unless in `--stuff`), else
+    the model's default vocabulary."""
+    from .vocabularies import load_vocabulary
+
+    if vocabulary and classes:
+        raise ValueError("give either --vocabulary or --classes, not both.")
+    if vocabulary or classes:
+        chosen = load_vocabulary(vocabulary or classes, stuff=None if vocabulary else stuff)
+        return list(chosen.class_names), list(chosen.is_thing)
+    if not config.vocabulary:
+        raise ValueError("this model has no default vocabulary; give --vocabulary or --classes.")
+    return list(config.vocabulary), list(config.is_thing)
+
+
+def segment(model, processor, image: Image.Image, vocabulary: list[str] | None, is_thing: list[bool]) -> dict:
+    """Panoptic segmentation of `image` (the original's settings); `vocabulary=None` runs the model's stored default
+    vocabulary with no text pass. Returns the post-processing result (`segmentation`, `segments_info`)."""
     inputs = processor(images=image, text=vocabulary, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
     stuff_ids = {i for i, thing in enumerate(is_thing) if not thing}
-    result = processor.post_process_panoptic_segmentation(
+    return processor.post_process_panoptic_segmentation(
         outputs, label_ids_to_fuse=stuff_ids, target_sizes=[(image.height, image.width)]
     )[0]
+
+
+def run(image_path: Path | None, model_path: str | None, classes: list[str] | None, stuff: list[str] | None,
+        output_dir: Path, vocabulary: str | None = None, overwrite: bool = False) -> dict:
+    from .vocabulary import display_name
+
+    is_toy = model_path is None
+    if image_path is None:
+        image_path = default_image_path() if is_toy else BUNDLED_IMAGE
+    image = read_image(image_path)
+    model, processor = load_model_and_processor(model_path)
+    names, is_thing = choose_vocabulary(model.config, vocabulary, classes, stuff)
+    uses_default = names == list(model.config.vocabulary or []) and model.default_text_embeddings is not None
+    result = segment(model, processor, image, None if uses_default else names, is_thing)
     segmentation = result["segmentation"].cpu().numpy()
 
-    stem = image_path.stem
-    overlay_path = output_dir / f"{stem}_panoptic.png"
-    json_path = output_dir / f"{stem}_segments.json"
+    overlay_path = output_dir / f"{image_path.stem}_panoptic.png"
+    json_path = output_dir / f"{image_path.stem}_segments.json"
     check_replaceable([overlay_path, json_path], overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", DEMO_MARK)
     overlay(image, segmentation).save(overlay_path, pnginfo=info)
-    segments = []
-    for info in result["segments_info"]:
-        label_id = int(info["label_id"])
-        segments.append({
+    segments = [
+        {
             "id": int(info["id"]),
-            "label_id": label_id,
-            "label": display_name(vocabulary[label_id]),
-            "isthing": bool(is_thing[label_id]),
+            "label_id": int(info["label_id"]),
+            "label": display_name(names[int(info["label_id"])]),
+            "isthing": bool(is_thing[int(info["label_id"])]),
             "score": round(float(info["score"]), 4),
             "area": int((segmentation == info["id"]).sum()),
-        })
+        }
+        for info in result["segments_info"]
+    ]
     report = {
         "written_by": DEMO_MARK,
         "image": str(image_path),
-        "model": model_path or "tiny preset, random weights",
-        "random_weights": is_random,
+        "model": str(model_path) if model_path else f"bundled toy model ({default_model_path()})",
+        "toy_model": is_toy,
         "image_size": [image.height, image.width],
-        "vocabulary": vocabulary,
+        "vocabulary": names,
         "segments": segments,
     }
     json_path.write_text(json.dumps(report, indent=2))
@@ -148,13 +184,16 @@ def run(image_path: Path, model_path: str | None, classes: list[str] | None, stu
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eovseg demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a converted model folder; default: tiny preset, random weights")
-    parser.add_argument("--image", type=Path, default=BUNDLED_IMAGE, help="input image (default: the bundled photo)")
+    parser.add_argument("--model", default=None,
+                        help="a converted model folder; default: the bundled toy model (synthetic shapes)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="input image (default: the bundled synthetic scene, or the bundled photo with --model)")
+    parser.add_argument("--vocabulary", default=None, metavar="NAME|FILE",
+                        help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file")
     parser.add_argument("--classes", nargs="+", default=None,
                         help='vocabulary: class entries of comma-separated synonyms, e.g. "cup, mug" "table"')
     parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tiny model")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "
                              "program wrote them (the demo's own earlier outputs are always replaced)")
@@ -163,10 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.seed, args.overwrite)
-    if report["random_weights"]:
-        print("NOTE: no --model given: the tiny preset with RANDOM weights was used, so the segments are random. "
-              "Convert an original checkpoint and pass --model DIR for real segmentation.")
+    report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.vocabulary, args.overwrite)
+    if report["toy_model"]:
+        print(TOY_MODEL_NOTE)
     print(f"{len(report['segments'])} segments on {report['image']} ({report['image_size'][0]}x{report['image_size'][1]})")
     for seg in report["segments"]:
         print(f"  #{seg['id']:<3} {seg['label']:<20} {'thing' if seg['isthing'] else 'stuff'}  score {seg['score']:.3f}  "

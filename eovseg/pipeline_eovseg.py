@@ -34,7 +34,8 @@ class OpenVocabularySegmentationPipeline(Pipeline):
     _load_processor = False
     _load_image_processor = True
     _load_feature_extractor = False
-    _load_tokenizer = True
+    # The tokenizer is always open_clip's, which the processor builds offline: a model folder needs no tokenizer files.
+    _load_tokenizer = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

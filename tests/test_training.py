@@ -296,6 +296,10 @@ def test_loss_decreases(tmp_path):
     model = EovSegForPanopticSegmentation.from_pretrained(out)  # final save_pretrained
     processor = EovSegProcessor.from_pretrained(out)
     assert model.config.train_vocabulary == NAMES and processor.train_vocabulary == NAMES
+    # the training classes are the saved model's default vocabulary, with their text embeddings stored
+    assert model.config.vocabulary == NAMES and model.config.is_thing == [True, True, True, False, False]
+    expected = model.get_text_embeddings(processor.encode_vocabulary(NAMES)["input_ids"])
+    assert torch.allclose(model.default_text_embeddings, expected, atol=1e-6)
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):

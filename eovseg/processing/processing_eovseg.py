@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,7 +113,14 @@ class EovSegProcessor(ProcessorMixin):
         image_processor = _image_processor_class().from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        local = os.path.join(str(pretrained_model_name_or_path), subfolder)
+        if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "tokenizer.json")):
+            # The tokenizer is always open_clip's: a folder saved without its files (3.6 MB, as the bundled demo
+            # model) gets it built offline.
+            context_length = (processor_dict or {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
+            tokenizer = build_clip_tokenizer(context_length=context_length)
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 
     @property
