@@ -1065,6 +1065,15 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             loss = extra if loss is None else loss + extra
         return loss, loss_dict
 
+    def _complete_loss_dict(self, loss_dict: dict, loss: torch.Tensor) -> dict:
+        """Every loss term, zero when the batch had no image of its kind: with Decoupled Supervision a batch may hold
+        only panoptic or only image-level images, and a multi-process run logs the same terms on every process."""
+        stages = range(self.config.num_stages)
+        names = [f"s{stage}_{key}" for stage in stages for key in ("loss_ce", "loss_mask", "loss_dice", "loss_iou")]
+        names += ["loss_match", "loss_sum"]
+        zero = loss.detach() * 0.0
+        return {name: loss_dict.get(name, zero) for name in names}
+
     # ------------------------------------------------------------------ forward
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1218,6 +1227,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             )
         elif mask_labels is not None or class_labels is not None:
             loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
+        if loss_dict is not None and self.config.decoupled_supervision:
+            loss_dict = self._complete_loss_dict(loss_dict, loss)
 
         if pixel_mask is not None:
             rows = pixel_mask.any(dim=2).sum(dim=1)

@@ -364,6 +364,12 @@ def test_decoupled_supervision_losses_in_the_model(rows):
         (panoptic_only + 1.0 * out.loss_dict["loss_match"] + 0.4 * out.loss_dict["loss_sum"]).item(), rel=1e-5
     )
     out.loss.backward()
+    # a batch of one kind only still reports every term (zero for the missing kind), as multi-process logging needs
+    panoptic_batch = collator([PanopticSegmentationDataset(rows)[0]])
+    only_panoptic = model(**panoptic_batch).loss_dict
+    only_labels = model(**collator([image_level[0]])).loss_dict
+    assert set(only_panoptic) == set(only_labels) == set(out.loss_dict)
+    assert only_panoptic["loss_match"].item() == 0.0 and only_labels["s0_loss_ce"].item() == 0.0
     plain = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny", mask_filtering=True)).train()
     with pytest.raises(EovSegInputError, match="decoupled_supervision is off"):
         plain(**batch)
