@@ -187,15 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .predict import PredictError, load_model
 
     args = build_parser().parse_args(argv)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print('error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
-        return 1
+    # the arguments first: a wrong --model is reported the same way with or without the optional extra
     try:
         model, processor = load_model(args.model)
     except PredictError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print('error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
         return 1
     print(f"EOV-Seg demo on http://{args.host}:{args.port}")
     try:
