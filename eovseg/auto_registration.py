@@ -13,6 +13,7 @@ _PACKAGE_DIR = Path(__file__).parent
 REMOTE_CODE_FILES = [
     "configuration_eovseg.py",
     "modeling_eovseg.py",
+    "classifier_eovseg.py",
     "loss_eovseg.py",
     "opsnet_eovseg.py",
     "vocabulary.py",

@@ -77,7 +77,8 @@ TINY_VOCABULARY = [
 TINY_IS_THING = [True, True, True, True, False, False, False, False]
 TINY_TRAIN_VOCABULARY = ["person", "car", "chair", "sky", "road, street", "building"]
 
-VARIANTS = {
+# The published variants (the released checkpoints' architectures).
+PUBLISHED_VARIANTS = {
     "r50": {
         "clip_model_name": "RN50",
         "clip_pretrained": "openai",
@@ -108,6 +109,10 @@ VARIANTS = {
         "agg_dim": 96,
         "ensemble_on_valid_mask": False,
     },
+}
+
+# Small presets for tests and demos: the module types of the published variants at a few channels.
+TEST_PRESETS = {
     "tiny": {
         "clip_model_name": "tiny-RN",
         "clip_pretrained": None,
@@ -128,14 +133,24 @@ VARIANTS = {
 }
 
 # The ConvNeXt test preset: the tiny one with a timm ConvNeXt CLIP and no valid-mask gating (as ConvNeXt-L).
-VARIANTS["tiny_convnext"] = {
-    **VARIANTS["tiny"],
+TEST_PRESETS["tiny_convnext"] = {
+    **TEST_PRESETS["tiny"],
     "clip_model_name": "tiny-ConvNeXt",
     "clip_model_config": _TINY_CONVNEXT_CLIP,
     "ensemble_on_valid_mask": False,
 }
 
-PUBLISHED_VARIANTS = ("r50", "r50x4", "convnext_l")
+# Pixel statistics (0-255 units) of every released EOV-Seg model: ImageNet's, inherited from the Mask2Former base
+# configs (not CLIP's). The image processor, the training collator and the config all take them from here.
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
+
+# Every name `EovSegConfig.from_variant` knows.
+PRESETS = {**PUBLISHED_VARIANTS, **TEST_PRESETS}
+
+
+class EovSegInputError(ValueError):
+    """Raised for inputs the model cannot use (wrong image size or channels, inconsistent vocabulary tensors)."""
 
 # Class-scoring rules of eval mode: EOV-Seg's geometric ensemble, or OPSNet's Embedding Modulation.
 CLASS_ENSEMBLES = ("geometric", "embedding_modulation")
@@ -145,27 +160,32 @@ class EovSegConfig(PretrainedConfig):
     r"""
     Configuration of an [`EovSegForPanopticSegmentation`] model (EOV-Seg, AAAI 2025).
 
-    Use [`EovSegConfig.from_variant`] for the published variants (`"r50"`, `"r50x4"`, `"convnext_l"`) and the small
-    test presets (`"tiny"`, `"tiny_convnext"`). Building a model from a configuration never downloads anything: the
+    The defaults are the published R50 variant (`EovSegConfig()` equals `EovSegConfig.from_variant("r50")` but for
+    the vocabularies). [`EovSegConfig.from_variant`] is the one way to get a preset: the published variants
+    (`"r50"`, `"r50x4"`, `"convnext_l"`, table `PUBLISHED_VARIANTS`) and the small test presets (`"tiny"`,
+    `"tiny_convnext"`, table `TEST_PRESETS`). Building a model from a configuration never downloads anything: the
     CLIP towers are described by full open_clip configuration dictionaries.
 
     Args:
-        variant (`str`, *optional*, defaults to `"r50"`):
-            Name of the preset this configuration follows (`"r50"`, `"r50x4"`, `"convnext_l"`, `"tiny"`,
-            `"tiny_convnext"`), or `"custom"`. Checked against the CLIP configuration when a checkpoint is converted.
+        variant (`str`, *optional*):
+            Name of the preset this configuration was made from (`from_variant` sets it), or `"custom"`; defaults
+            to `"r50"` without tower configurations and to `"custom"` with them. It records, it does not look up:
+            `EovSegConfig(variant="tiny")` is an error that points to `from_variant`. Checked against the CLIP
+            configuration when a checkpoint is converted.
         clip_model_name (`str`, *optional*):
             open_clip name of the frozen CNN CLIP model (for example `"RN50"`); informational.
         clip_pretrained (`str`, *optional*):
             open_clip pretrained tag the CNN CLIP weights come from (for example `"openai"`); informational.
-        clip_model_config (`dict`):
+        clip_model_config (`dict`, *optional*):
             open_clip model configuration of the CNN CLIP (`embed_dim`, `quick_gelu`, `vision_cfg`, `text_cfg`). Its
             vision tower is the backbone and the out-of-vocabulary classifier, its text tower encodes the vocabulary.
             The vision tower must be a ModifiedResNet (`layers` is a list) or a timm ConvNeXt (`timm_model_name`).
+            Give both tower configurations or neither (then those of the R50 variant: RN50 and ViT-B/16).
         vit_model_name (`str`, *optional*):
             open_clip name of the ViT CLIP whose first block is the spatial-awareness extractor; informational.
         vit_pretrained (`str`, *optional*):
             open_clip pretrained tag of the ViT CLIP; informational.
-        vit_model_config (`dict`):
+        vit_model_config (`dict`, *optional*):
             open_clip model configuration of the ViT CLIP. Only the patch embedding, positional embedding, `ln_pre`
             and the first residual block of its vision tower are built.
         hidden_dim (`int`, *optional*, defaults to 256):
@@ -286,7 +306,7 @@ class EovSegConfig(PretrainedConfig):
 
     def __init__(
         self,
-        variant: str = "r50",
+        variant: str | None = None,
         clip_model_name: str | None = None,
         clip_pretrained: str | None = None,
         clip_model_config: dict | None = None,
@@ -294,7 +314,7 @@ class EovSegConfig(PretrainedConfig):
         vit_pretrained: str | None = None,
         vit_model_config: dict | None = None,
         hidden_dim: int = 256,
-        agg_dim: int | None = None,
+        agg_dim: int = 128,
         num_proposals: int = 100,
         num_stages: int = 3,
         conv_kernel_size_1d: int = 3,
@@ -307,7 +327,7 @@ class EovSegConfig(PretrainedConfig):
         vas_num_heads: int = 1,
         geometric_ensemble_alpha: float = 0.4,
         geometric_ensemble_beta: float = 0.8,
-        ensemble_on_valid_mask: bool | None = None,
+        ensemble_on_valid_mask: bool = True,
         object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         pixel_mean: list[float] | None = None,
@@ -339,31 +359,18 @@ class EovSegConfig(PretrainedConfig):
         default_vocabulary_fingerprint: str | None = None,
         **kwargs,
     ):
-        if variant != "custom" and variant not in VARIANTS:
-            raise ValueError(
-                f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(VARIANTS)} (or 'custom' with explicit "
-                "clip_model_config and vit_model_config)."
-            )
-        preset = VARIANTS.get(variant, {})
-        self.variant = variant
-        self.clip_model_name = clip_model_name if clip_model_name is not None else preset.get("clip_model_name")
-        self.clip_pretrained = clip_pretrained if clip_pretrained is not None else preset.get("clip_pretrained")
-        self.clip_model_config = copy.deepcopy(clip_model_config or preset.get("clip_model_config"))
-        self.vit_model_name = vit_model_name if vit_model_name is not None else preset.get("vit_model_name")
-        self.vit_pretrained = vit_pretrained if vit_pretrained is not None else preset.get("vit_pretrained")
-        self.vit_model_config = copy.deepcopy(vit_model_config or preset.get("vit_model_config"))
-        if self.clip_model_config is None or self.vit_model_config is None:
-            raise ValueError("A 'custom' EOV-Seg config needs both clip_model_config and vit_model_config.")
-        vision_cfg = self.clip_model_config.get("vision_cfg", {})
-        if not ("timm_model_name" in vision_cfg or isinstance(vision_cfg.get("layers"), (list, tuple))):
-            raise ValueError(
-                "clip_model_config['vision_cfg'] must describe a CLIP ModifiedResNet ('layers' a list of 4 ints) or "
-                "a timm ConvNeXt ('timm_model_name')."
-            )
-        if not isinstance(self.vit_model_config.get("vision_cfg", {}).get("patch_size"), int):
-            raise ValueError("vit_model_config['vision_cfg'] must describe a CLIP ViT (an int 'patch_size').")
+        self.variant = self._check_variant(variant, clip_model_config, vit_model_config)
+        r50 = PUBLISHED_VARIANTS["r50"]
+        towers_given = clip_model_config is not None or vit_model_config is not None
+        self.clip_model_name = clip_model_name if clip_model_name is not None or towers_given else r50["clip_model_name"]
+        self.clip_pretrained = clip_pretrained if clip_pretrained is not None or towers_given else r50["clip_pretrained"]
+        self.clip_model_config = copy.deepcopy(clip_model_config if towers_given else r50["clip_model_config"])
+        self.vit_model_name = vit_model_name if vit_model_name is not None or towers_given else r50["vit_model_name"]
+        self.vit_pretrained = vit_pretrained if vit_pretrained is not None or towers_given else r50["vit_pretrained"]
+        self.vit_model_config = copy.deepcopy(vit_model_config if towers_given else r50["vit_model_config"])
+        self._check_towers()
         self.hidden_dim = hidden_dim
-        self.agg_dim = agg_dim if agg_dim is not None else preset.get("agg_dim", 128)
+        self.agg_dim = agg_dim
         self.num_proposals = num_proposals
         self.num_stages = num_stages
         self.conv_kernel_size_1d = conv_kernel_size_1d
@@ -376,13 +383,11 @@ class EovSegConfig(PretrainedConfig):
         self.vas_num_heads = vas_num_heads
         self.geometric_ensemble_alpha = geometric_ensemble_alpha
         self.geometric_ensemble_beta = geometric_ensemble_beta
-        self.ensemble_on_valid_mask = (
-            ensemble_on_valid_mask if ensemble_on_valid_mask is not None else preset.get("ensemble_on_valid_mask", True)
-        )
+        self.ensemble_on_valid_mask = ensemble_on_valid_mask
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
-        self.pixel_mean = list(pixel_mean) if pixel_mean is not None else [123.675, 116.28, 103.53]
-        self.pixel_std = list(pixel_std) if pixel_std is not None else [58.395, 57.12, 57.375]
+        self.pixel_mean = list(pixel_mean) if pixel_mean is not None else list(IMAGENET_PIXEL_MEAN)
+        self.pixel_std = list(pixel_std) if pixel_std is not None else list(IMAGENET_PIXEL_STD)
         self.size_divisibility = size_divisibility
         self.text_chunk_size = text_chunk_size
         self.class_weight = class_weight
@@ -398,25 +403,54 @@ class EovSegConfig(PretrainedConfig):
             match_loss_with_void,
         )
 
-        self.train_vocabulary = list(train_vocabulary if train_vocabulary is not None else preset.get("train_vocabulary", []))
-        if vocabulary is None:
-            vocabulary = preset.get("vocabulary")
-            if is_thing is None:
-                is_thing = preset.get("is_thing")
-        if vocabulary is not None:
-            vocabulary = validate_vocabulary(vocabulary, "default vocabulary")
-            if is_thing is None:
-                is_thing = [True] * len(vocabulary)
-            if len(is_thing) != len(vocabulary):
-                raise ValueError(
-                    f"is_thing has {len(is_thing)} flags for a vocabulary of {len(vocabulary)} classes."
-                )
-            kwargs["id2label"] = {i: display_name(name) for i, name in enumerate(vocabulary)}
-            kwargs.setdefault("label2id", {display_name(name): i for i, name in enumerate(vocabulary)})
-        self.vocabulary = vocabulary
+        self.train_vocabulary = list(train_vocabulary or [])
+        self.vocabulary, self.is_thing = self._check_vocabulary(vocabulary, is_thing, kwargs)
         self.default_vocabulary_fingerprint = default_vocabulary_fingerprint
-        self.is_thing = parse_flags(is_thing, "is_thing") if is_thing is not None else None
         super().__init__(**kwargs)
+
+    @staticmethod
+    def _check_variant(variant: str | None, clip_model_config, vit_model_config) -> str:
+        towers_given = clip_model_config is not None or vit_model_config is not None
+        if variant is None:
+            return "custom" if towers_given else "r50"
+        if variant != "custom" and variant not in PRESETS:
+            raise ValueError(
+                f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(PRESETS)} (or 'custom' with explicit "
+                "clip_model_config and vit_model_config)."
+            )
+        if variant not in ("r50", "custom") and not towers_given:
+            # `variant` only records where a configuration came from; presets are applied in one place.
+            raise ValueError(
+                f"EovSegConfig(variant={variant!r}) does not apply the preset: use "
+                f"EovSegConfig.from_variant({variant!r})."
+            )
+        return variant
+
+    def _check_towers(self):
+        if self.clip_model_config is None or self.vit_model_config is None:
+            raise ValueError("A 'custom' EOV-Seg config needs both clip_model_config and vit_model_config.")
+        vision_cfg = self.clip_model_config.get("vision_cfg", {})
+        if not ("timm_model_name" in vision_cfg or isinstance(vision_cfg.get("layers"), (list, tuple))):
+            raise ValueError(
+                "clip_model_config['vision_cfg'] must describe a CLIP ModifiedResNet ('layers' a list of 4 ints) or "
+                "a timm ConvNeXt ('timm_model_name')."
+            )
+        if not isinstance(self.vit_model_config.get("vision_cfg", {}).get("patch_size"), int):
+            raise ValueError("vit_model_config['vision_cfg'] must describe a CLIP ViT (an int 'patch_size').")
+
+    @staticmethod
+    def _check_vocabulary(vocabulary, is_thing, kwargs) -> tuple[list[str] | None, list[bool] | None]:
+        """The validated default vocabulary and thing flags; sets `id2label`/`label2id` in `kwargs` from it."""
+        if vocabulary is None:
+            return None, parse_flags(is_thing, "is_thing") if is_thing is not None else None
+        vocabulary = validate_vocabulary(vocabulary, "default vocabulary")
+        if is_thing is None:
+            is_thing = [True] * len(vocabulary)
+        if len(is_thing) != len(vocabulary):
+            raise ValueError(f"is_thing has {len(is_thing)} flags for a vocabulary of {len(vocabulary)} classes.")
+        kwargs["id2label"] = {i: display_name(name) for i, name in enumerate(vocabulary)}
+        kwargs.setdefault("label2id", {display_name(name): i for i, name in enumerate(vocabulary)})
+        return vocabulary, parse_flags(is_thing, "is_thing")
 
     def _set_opsnet_options(
         self, class_ensemble, modulation_alpha, debias_beta, modulation_normalize, mask_filtering, iou_loss_weight,
@@ -457,12 +491,21 @@ class EovSegConfig(PretrainedConfig):
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> "EovSegConfig":
         """The configuration of a published variant (`"r50"`, `"r50x4"`, `"convnext_l"`) or a test preset
-        (`"tiny"`, `"tiny_convnext"`); keyword arguments override fields."""
-        if variant not in VARIANTS:
-            raise ValueError(f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(VARIANTS)}.")
-        preset = {k: v for k, v in VARIANTS[variant].items()}
-        preset.update(kwargs)
-        return cls(variant=variant, **preset)
+        (`"tiny"`, `"tiny_convnext"`): the one way to get a preset. Keyword arguments override fields."""
+        if variant not in PRESETS:
+            raise ValueError(f"Unknown EOV-Seg variant {variant!r}; known variants: {', '.join(PRESETS)}.")
+        fields = copy.deepcopy(PRESETS[variant])
+        fields.update(kwargs)
+        return cls(variant=variant, **fields)
 
 
-__all__ = ["CLASS_ENSEMBLES", "EovSegConfig", "PUBLISHED_VARIANTS", "VARIANTS"]
+__all__ = [
+    "CLASS_ENSEMBLES",
+    "EovSegConfig",
+    "EovSegInputError",
+    "IMAGENET_PIXEL_MEAN",
+    "IMAGENET_PIXEL_STD",
+    "PRESETS",
+    "PUBLISHED_VARIANTS",
+    "TEST_PRESETS",
+]

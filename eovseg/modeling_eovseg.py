@@ -1,17 +1,21 @@
 """PyTorch EOV-Seg: Efficient Open-Vocabulary Panoptic Segmentation (Niu et al., AAAI 2025).
 
-The module layout follows Fig. 4 of the paper:
+The module layout follows Fig. 4 of the paper, and [`EovSegForPanopticSegmentation.forward`] calls the parts in its
+order:
 
 * [`EovSegClipBackbone`]: the frozen CNN CLIP (ResNet or ConvNeXt) giving multi-scale features, the dense CLIP
   features of the out-of-vocabulary branch and, through its text tower, the vocabulary embeddings;
 * [`EovSegSpatialAwarenessExtractor`]: the first block of a frozen ViT CLIP, giving spatial-awareness features F_s;
-* [`EovSegLightAggregator`]: the light aggregator neck (modulated deformable convolutions, coordinate features);
-* [`VAS`]: Vocabulary-Aware Selection, gating aggregated features with the text embeddings;
-* [`EovSegLightweightDecoder`] made of [`LightweightDecoderLayer`] stages, each with two
-  [`DynamicDepthwiseConvAttention`], self-attention, an FFN, [`MaskPooling`] and [`TDEE`] (Two-way Dynamic Embedding
-  Experts);
-* [`OutOfVocabularyClassifier`] (mask pooling on dense CLIP features) and [`GeometricEnsemble`], which combine the
-  in-vocabulary and CLIP probabilities with a void class.
+* [`EovSegLightAggregator`]: the light aggregator neck ([`EovSegModulatedDeformConv`], coordinate features);
+* [`EovSegLightweightDecoder`]: Vocabulary-Aware Selection ([`EovSegVAS`], gating the aggregated features with the
+  text embeddings), then [`EovSegLightweightDecoderLayer`] stages, each with two
+  [`EovSegDynamicDepthwiseConvAttention`], self-attention, an FFN, [`EovSegMaskPooling`] and [`EovSegTDEE`]
+  (Two-way Dynamic Embedding Experts);
+* [`EovSegOutOfVocabularyEmbedder`]: the CLIP embedding of each predicted mask from the dense CLIP features;
+* [`EovSegGeometricEnsemble`]: combines the in-vocabulary and CLIP probabilities with a void class.
+
+The training loss, transformers' Mask2Former criterion run on every decoder stage, is [`EovSegLoss`]
+(`loss_eovseg.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -29,18 +34,18 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 from torchvision.ops import deform_conv2d
 from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_eovseg import EovSegConfig
-from .vocabulary import (
-    PROMPT_TEMPLATES, build_prompts, display_name, seen_class_mask, synonym_counts, validate_vocabulary,
-)
+from .configuration_eovseg import EovSegConfig, EovSegInputError
+from .classifier_eovseg import build_synonym_index, classification_logits
+from .loss_eovseg import EovSegLoss
+from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
+from .vocabulary import PROMPT_TEMPLATES, build_prompts, display_name, seen_class_mask, validate_vocabulary
+from .vocabulary import synonym_counts as count_synonyms
 
 logger = logging.get_logger(__name__)
-
-
-class EovSegInputError(ValueError):
-    """Raised for inputs the model cannot use (wrong image size or channels, inconsistent vocabulary tensors)."""
 
 
 @dataclass
@@ -261,7 +266,7 @@ class EovSegSpatialAwarenessExtractor(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class ModulatedDeformConv(nn.Module):
+class EovSegModulatedDeformConv(nn.Module):
     """A 3x3 modulated deformable convolution (DCNv2) whose offsets and modulation come from a plain convolution.
 
     The offset convolution predicts 27 channels: the first 18 are the (y, x) offsets in the layout that
@@ -292,25 +297,32 @@ class ModulatedDeformConv(nn.Module):
         return out.to(offsets.dtype)
 
 
+def bilinear_upsampling_kernel(shape: torch.Size) -> torch.Tensor:
+    """The original's transposed-convolution weight of shape (C_in, C_out, k, k) for bilinear upsampling: a separable
+    tent in output channel 0 of every input channel, zeros elsewhere."""
+    size = shape[-1]
+    factor = math.ceil(size / 2)
+    center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
+    ramp = 1 - (torch.arange(size, dtype=torch.float32, device="cpu") / factor - center).abs()
+    kernel = torch.zeros(shape, device="cpu")
+    kernel[:, 0] = ramp[:, None] * ramp[None, :]
+    return kernel
+
+
 class EovSegDeformUpsampleLayer(nn.Module):
     """Modulated deformable conv, BN, ReLU, then a x2 transposed-conv upsampling, BN, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.deform_conv = ModulatedDeformConv(in_channels, out_channels)
+        self.deform_conv = EovSegModulatedDeformConv(in_channels, out_channels)
         self.deform_norm = nn.BatchNorm2d(out_channels)
         self.upsample = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False)
         self.upsample_norm = nn.BatchNorm2d(out_channels)
         self._init_bilinear_upsampling()
 
     def _init_bilinear_upsampling(self):
-        weight = self.upsample.weight.data
-        size = weight.shape[-1]
-        factor = math.ceil(size / 2)
-        center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
-        ramp = 1 - (torch.arange(size, dtype=weight.dtype) / factor - center).abs()
-        weight.zero_()
-        weight[:, 0] = ramp[:, None] * ramp[None, :]
+        with torch.no_grad():
+            self.upsample.weight.copy_(bilinear_upsampling_kernel(self.upsample.weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.deform_norm(self.deform_conv(x)))
@@ -370,7 +382,7 @@ class EovSegLightAggregator(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class MaskPooling(nn.Module):
+class EovSegMaskPooling(nn.Module):
     """Average features inside each binarized mask (mask logit > 0): (B, C, H, W), (B, Q, h, w) -> (B, Q, C).
 
     Masks of another size are first resized bilinearly to the features' size. No gradient flows through the masks.
@@ -385,7 +397,7 @@ class MaskPooling(nn.Module):
         return torch.einsum("bchw,bqhw->bqc", features, masks)
 
 
-class VAS(nn.Module):
+class EovSegVAS(nn.Module):
     """Vocabulary-Aware Selection: each pixel's aggregated feature is scaled by how strongly it matches its best
     vocabulary entry (softmax over the text embeddings, max), with a learned scale and offset per head."""
 
@@ -424,7 +436,7 @@ class VAS(nn.Module):
         return features.reshape(batch, channels, height, width)
 
 
-class DynamicDepthwiseConvAttention(nn.Module):
+class EovSegDynamicDepthwiseConvAttention(nn.Module):
     """Dynamic depth-wise "attention": each query predicts a 1-D kernel that convolves its value vector along the
     channel axis; then LayerNorm. The whole batch runs as one grouped convolution."""
 
@@ -441,7 +453,7 @@ class DynamicDepthwiseConvAttention(nn.Module):
         return self.norm(out.reshape(batch, num_queries, channels))
 
 
-class TDEE(nn.Module):
+class EovSegTDEE(nn.Module):
     """Two-way Dynamic Embedding Experts: fuses the mask-pooled aggregated embedding (update) with the mask-pooled
     spatial-awareness embedding (input) through two sigmoid routers computed from their product."""
 
@@ -471,28 +483,6 @@ class TDEE(nn.Module):
         return self.activation(self.fc_norm(self.fc_layer(fused)))
 
 
-def synonym_index(counts: torch.LongTensor) -> torch.LongTensor:
-    """(K, max_synonyms) column indices of each class's synonyms in the synonym axis, padded with -1."""
-    counts = counts.to(torch.long)
-    starts = torch.cumsum(counts, 0) - counts
-    offsets = torch.arange(int(counts.max().item()), device=counts.device)
-    index = starts[:, None] + offsets[None, :]
-    return torch.where(offsets[None, :] < counts[:, None], index, torch.full_like(index, -1))
-
-
-def classification_logits(
-    embeddings: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor, index: torch.LongTensor
-) -> torch.Tensor:
-    """Cosine-similarity logits of (B, Q, D) embeddings against (S + 1, D) normalized synonym embeddings (void last),
-    scaled by exp(logit_scale) clamped at 100, then the max over each class's synonyms: (B, Q, K + 1)."""
-    scale = logit_scale.exp().clamp(max=100)
-    logits = scale * F.normalize(embeddings, dim=-1) @ classifier.T
-    synonym_logits = logits[..., :-1]
-    gathered = synonym_logits[..., index.clamp(min=0)]
-    gathered = gathered.masked_fill(index < 0, float("-inf"))
-    return torch.cat([gathered.amax(dim=-1), logits[..., -1:]], dim=-1)
-
-
 class EovSegMLP(nn.Module):
     """A plain MLP with ReLU between layers."""
 
@@ -509,7 +499,7 @@ class EovSegMLP(nn.Module):
         return x
 
 
-class LightweightDecoderLayer(nn.Module):
+class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
     """One stage of the light-weight decoder.
 
     Hard masks of the previous stage gather features per query; two dynamic depth-wise attentions update the
@@ -523,9 +513,9 @@ class LightweightDecoderLayer(nn.Module):
         hidden = config.hidden_dim
         kernel_dim = hidden * config.conv_kernel_size_2d**2
         self.hard_mask_threshold = config.hard_mask_threshold
-        self.feature_attention = DynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
+        self.feature_attention = EovSegDynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
         self.feature_attention_norm = nn.LayerNorm(kernel_dim)
-        self.kernel_attention = DynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
+        self.kernel_attention = EovSegDynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
         self.kernel_attention_norm = nn.LayerNorm(kernel_dim)
         # sequence-first, as the original: the batch-first module takes torch's fused inference path, whose float32
         # round-off differs (and the next stage's hard masks amplify round-off)
@@ -540,14 +530,14 @@ class LightweightDecoderLayer(nn.Module):
             mask_fcs += [nn.Linear(hidden, hidden, bias=False), nn.LayerNorm(hidden), nn.ReLU()]
         self.mask_fcs = nn.Sequential(*mask_fcs)
         self.mask_kernel_proj = nn.Linear(hidden, hidden)
-        self.mask_pooling = MaskPooling()
+        self.mask_pooling = EovSegMaskPooling()
         self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
         self.spatial_pooling_proj = nn.Sequential(nn.LayerNorm(spatial_channels), nn.Linear(spatial_channels, hidden))
-        self.tdee = TDEE(hidden, hidden, hidden)
+        self.tdee = EovSegTDEE(hidden, hidden, hidden)
         self.class_embed = EovSegMLP(hidden, hidden, config.embed_dim, config.class_embed_num_layers)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def forward(self, spatial_features, features, kernels, mask_logits, classifier, index):
+    def forward(self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index):
         hard_masks = (mask_logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
         gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
         gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
@@ -564,11 +554,11 @@ class LightweightDecoderLayer(nn.Module):
         spatial_pooled = self.spatial_pooling_proj(self.mask_pooling(spatial_features, mask_logits))
         instance_embeddings = self.tdee(pooled, spatial_pooled)
         class_embeddings = self.class_embed(instance_embeddings + kernels)
-        class_logits = classification_logits(class_embeddings, classifier, self.logit_scale, index)
+        class_logits = classification_logits(class_embeddings, vocabulary_embeddings, self.logit_scale, synonym_index)
         return class_logits, mask_logits, kernels, class_embeddings
 
 
-class LayerNorm2d(nn.Module):
+class EovSegLayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
@@ -586,23 +576,23 @@ class LayerNorm2d(nn.Module):
 
 class EovSegLightweightDecoder(nn.Module):
     """VAS, initial masks from learned object kernels, x4 upsampling of the spatial-awareness features, then
-    `num_stages` [`LightweightDecoderLayer`]s."""
+    `num_stages` [`EovSegLightweightDecoderLayer`]s."""
 
     def __init__(self, config: EovSegConfig, spatial_channels: int):
         super().__init__()
-        self.vas = VAS(config.hidden_dim, config.embed_dim, config.embed_dim, config.vas_num_heads)
+        self.vas = EovSegVAS(config.hidden_dim, config.embed_dim, config.embed_dim, config.vas_num_heads)
         self.object_kernels = nn.Embedding(config.num_proposals, config.hidden_dim)
         self.spatial_upscaling = nn.Sequential(
             nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
-            LayerNorm2d(spatial_channels),
+            EovSegLayerNorm2d(spatial_channels),
             nn.GELU(),
             nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.layers = nn.ModuleList(LightweightDecoderLayer(config, spatial_channels) for _ in range(config.num_stages))
+        self.layers = nn.ModuleList(EovSegLightweightDecoderLayer(config, spatial_channels) for _ in range(config.num_stages))
 
-    def forward(self, spatial_features, features, classifier, index):
-        features = self.vas(features, classifier)
+    def forward(self, spatial_features, features, vocabulary_embeddings, synonym_index):
+        features = self.vas(features, vocabulary_embeddings)
         kernels = self.object_kernels.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
         mask_logits = torch.einsum("bnc,bchw->bnhw", kernels, features)
         spatial_features = self.spatial_upscaling(spatial_features)
@@ -611,7 +601,7 @@ class EovSegLightweightDecoder(nn.Module):
         queries_per_stage, embeddings_per_stage = [], []
         for layer in self.layers:
             class_logits, mask_logits, kernels, embeddings = layer(
-                spatial_features, features, kernels, mask_logits, classifier, index
+                spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index
             )
             class_logits_per_stage.append(class_logits)
             mask_logits_per_stage.append(mask_logits)
@@ -620,8 +610,9 @@ class EovSegLightweightDecoder(nn.Module):
         return features, class_logits_per_stage, mask_logits_per_stage, queries_per_stage, embeddings_per_stage
 
 
-class OutOfVocabularyClassifier(nn.Module):
-    """The out-of-vocabulary branch: CLIP embeddings of each predicted mask from the frozen dense CLIP features.
+class EovSegOutOfVocabularyEmbedder(nn.Module):
+    """The out-of-vocabulary branch's embedder: the (B, Q, D) CLIP embedding of each predicted mask from the frozen
+    dense CLIP features (the model classifies them against the vocabulary, as the decoder's instance embeddings).
 
     ConvNeXt: mask pooling, then the trunk head and the projection head of the CLIP vision tower. ResNet: CLIP's
     attention pooling with each query's attention restricted to its mask (a mask with no positive pixel gets a
@@ -630,7 +621,7 @@ class OutOfVocabularyClassifier(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mask_pooling = MaskPooling()
+        self.mask_pooling = EovSegMaskPooling()
 
     def forward(self, backbone: EovSegClipBackbone, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
         visual = backbone.clip_model.visual
@@ -669,7 +660,7 @@ class OutOfVocabularyClassifier(nn.Module):
         return attnpool.c_proj(out)
 
 
-class GeometricEnsemble(nn.Module):
+class EovSegGeometricEnsemble(nn.Module):
     """Geometric ensemble of in-vocabulary and out-of-vocabulary (CLIP) class probabilities, with void re-weighting.
 
     For seen classes p = p_in^(1 - alpha) * p_out^alpha, for unseen ones p = p_in^(1 - beta) * p_out^beta (both over
@@ -716,7 +707,17 @@ class EovSegPreTrainedModel(PreTrainedModel):
     base_model_prefix = "eovseg"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = False
+    # Each part of Fig. 4 stays on one device under `device_map`: the frozen towers, the neck, the decoder (whose
+    # stages share the VAS features and the vocabulary embeddings).
+    _no_split_modules = [
+        "EovSegClipBackbone",
+        "EovSegSpatialAwarenessExtractor",
+        "EovSegLightAggregator",
+        "EovSegLightweightDecoder",
+    ]
+    # The decoder stages are recomputed in the backward pass when enabled; the neck is not, as recomputing its batch
+    # norms in training mode would update their running statistics twice.
+    supports_gradient_checkpointing = True
     # The loss is normalised by the number of target masks, not by a token count: the Trainer must not pass
     # `num_items_in_batch` and must divide the loss by the gradient-accumulation steps itself (`forward` takes
     # `**kwargs`, from which the Trainer would otherwise infer the opposite).
@@ -724,28 +725,62 @@ class EovSegPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        # The frozen CLIP towers keep open_clip's own initialisation (real weights come from a checkpoint).
+        """Initialise one module, through `transformers.initialization` so that weights already loaded (flagged
+        `_is_hf_initialized`) are left alone, e.g. when a checkpoint lacks some keys or the model is built on the meta
+        device. The neck and the decoder stages get the original's initialisation when built directly; a tensor a
+        checkpoint lacks gets its module type's torch default. The frozen CLIP towers come from checkpoints; built
+        directly they keep open_clip's initialisation."""
         if getattr(module, "_eovseg_frozen", False):
             return
         if isinstance(module, EovSegLightAggregator):
             for p in module.parameters():
                 if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+                    init.xavier_uniform_(p)
             for layer in module.deform_layers:
-                nn.init.kaiming_normal_(layer.deform_conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(layer.deform_conv.offset_conv.weight)
-                nn.init.zeros_(layer.deform_conv.offset_conv.bias)
-                layer._init_bilinear_upsampling()
-        elif isinstance(module, LightweightDecoderLayer):
+                init.kaiming_normal_(layer.deform_conv.weight, mode="fan_out", nonlinearity="relu")
+                init.zeros_(layer.deform_conv.offset_conv.weight)
+                init.zeros_(layer.deform_conv.offset_conv.bias)
+                init.copy_(layer.upsample.weight, bilinear_upsampling_kernel(layer.upsample.weight.shape))
+        elif isinstance(module, EovSegLightweightDecoderLayer):
             for sub in module.modules():
                 if isinstance(sub, nn.Linear):
-                    nn.init.trunc_normal_(sub.weight, std=0.02)
+                    init.trunc_normal_(sub.weight, std=0.02)
                     if sub.bias is not None:
-                        nn.init.zeros_(sub.bias)
+                        init.zeros_(sub.bias)
                 elif isinstance(sub, nn.LayerNorm):
-                    nn.init.ones_(sub.weight)
-                    nn.init.zeros_(sub.bias)
-            module.logit_scale.fill_(math.log(1 / 0.07))
+                    init.ones_(sub.weight)
+                    init.zeros_(sub.bias)
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+        else:
+            _init_torch_default(module)
+
+
+def _init_torch_default(module: nn.Module):
+    """torch's own initialisation of the modules outside the neck and the decoder stages, with guarded functions."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        if module.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(module.bias, -bound, bound)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, EovSegLayerNorm2d)):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+        if isinstance(module, nn.BatchNorm2d):
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+    elif isinstance(module, nn.MultiheadAttention):
+        init.xavier_uniform_(module.in_proj_weight)
+        init.zeros_(module.in_proj_bias)
+        init.zeros_(module.out_proj.bias)
+    elif isinstance(module, EovSegVAS):
+        init.ones_(module.scale)
+        init.zeros_(module.offset)
+    elif isinstance(module, EovSegForPanopticSegmentation) and module.default_text_embeddings is not None:
+        init.zeros_(module.default_text_embeddings)
 
 
 def vocabulary_fingerprint(input_ids: torch.Tensor) -> str:
@@ -780,20 +815,17 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.aggregator = EovSegLightAggregator(config, self.clip_backbone.channels[1:])
         self.decoder = EovSegLightweightDecoder(config, self.spatial_extractor.width)
         self.void_embedding = nn.Embedding(1, config.embed_dim)
-        self.out_of_vocabulary = OutOfVocabularyClassifier()
-        self.ensemble = GeometricEnsemble(
+        self.out_of_vocabulary = EovSegOutOfVocabularyEmbedder()
+        self.ensemble = EovSegGeometricEnsemble(
             config.geometric_ensemble_alpha, config.geometric_ensemble_beta, config.ensemble_on_valid_mask
         )
         if config.vocabulary:
-            num_synonyms = sum(synonym_counts(config.vocabulary))
+            num_synonyms = sum(count_synonyms(config.vocabulary))
             self.register_buffer("default_text_embeddings", torch.zeros(num_synonyms, config.embed_dim))
         else:
             self.default_text_embeddings = None
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._verified_vocabulary: tuple | None = None
-        # imported here: the OPSNet module builds on this one's classifier (as the loss module does)
-        from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
-
         self.embedding_modulation = EovSegEmbeddingModulation(
             config.modulation_alpha, config.debias_beta, config.modulation_normalize
         )
@@ -807,8 +839,33 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         )
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
-        self._criterion = None
+        self.criterion = EovSegLoss(config)
+        self._flag_constructor_initialised()
         self.post_init()
+
+    def _flag_constructor_initialised(self):
+        # Built directly, the modules outside the neck and the decoder stages hold the default initialisation their
+        # constructors drew: flagged, post_init does not draw it a second time (so a seeded model stays what it
+        # was). Built on the meta device (loading) nothing was drawn and nothing is flagged: transformers then
+        # materialises what a checkpoint lacks and `_init_weights` initialises it.
+        redrawn = [self.aggregator, self.decoder.layers]
+        skip = {id(t) for module in redrawn for t in [*module.parameters(), *module.buffers()]}
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if id(tensor) not in skip and not tensor.is_meta:
+                tensor._is_hf_initialized = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading puts new parameters in place (requires_grad=True): the CLIP towers are frozen again here, so that
+        # every fine-tuning entry point (our train loop, Trainer, a plain optimizer) sees them frozen.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_clip_towers()
+        return loaded
+
+    def freeze_clip_towers(self) -> None:
+        """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""
+        for tower in (self.clip_backbone, self.spatial_extractor):
+            tower.requires_grad_(False)
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -951,14 +1008,27 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.config.id2label = {i: display_name(name) for i, name in enumerate(class_names)}
         self.config.label2id = {display_name(name): i for i, name in enumerate(class_names)}
         reference = self.void_embedding.weight
-        num_synonyms = sum(synonym_counts(class_names))
+        num_synonyms = sum(count_synonyms(class_names))
         self.register_buffer(
             "default_text_embeddings",
             torch.zeros(num_synonyms, self.config.embed_dim, device=reference.device, dtype=reference.dtype),
         )
         self.set_default_vocabulary_embeddings(input_ids)
 
-    def _resolve_vocabulary(self, input_ids, synonym_counts_, class_seen_mask, text_embeddings):
+    def _resolve_vocabulary(self, input_ids, synonym_counts, class_seen_mask, text_embeddings, dtype) -> _Vocabulary:
+        embeddings, counts, seen = self._vocabulary_tensors(input_ids, synonym_counts, class_seen_mask, text_embeddings)
+        embeddings = embeddings.to(dtype)
+        void = F.normalize(self.void_embedding.weight, dim=-1).to(dtype)
+        return _Vocabulary(
+            text_embeddings=embeddings,
+            embeddings_with_void=torch.cat([embeddings, void], dim=0),
+            synonym_index=build_synonym_index(counts),
+            seen=seen,
+            is_default=input_ids is None and text_embeddings is None,
+        )
+
+    def _vocabulary_tensors(self, input_ids, synonym_counts, class_seen_mask, text_embeddings):
+        """(synonym embeddings, synonyms per class, seen flags) from the inputs, or from the default vocabulary."""
         device = self.void_embedding.weight.device
         if input_ids is not None and text_embeddings is not None:
             raise EovSegInputError("Give either input_ids or text_embeddings, not both.")
@@ -970,12 +1040,12 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 )
             embeddings = self._checked_default_embeddings()
             vocab = self.config.vocabulary
-            counts = torch.tensor(synonym_counts(vocab), device=device)
+            counts = torch.tensor(count_synonyms(vocab), device=device)
             seen = torch.tensor(seen_class_mask(vocab, self.config.train_vocabulary), device=device)
             return embeddings, counts, seen
-        if synonym_counts_ is None:
+        if synonym_counts is None:
             raise EovSegInputError("synonym_counts (the number of synonyms of each class) must come with the vocabulary.")
-        counts = torch.as_tensor(synonym_counts_, device=device).to(torch.long).flatten()
+        counts = torch.as_tensor(synonym_counts, device=device).to(torch.long).flatten()
         if counts.numel() == 0 or bool((counts <= 0).any()):
             raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
         if input_ids is not None:
@@ -987,13 +1057,10 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {int(counts.sum())}."
             )
         if class_seen_mask is None:
-            seen = torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
-        else:
-            seen = torch.as_tensor(class_seen_mask, device=device).to(torch.bool).flatten()
-            if seen.shape[0] != counts.shape[0]:
-                raise EovSegInputError(
-                    f"class_seen_mask has {seen.shape[0]} entries for {counts.shape[0]} classes."
-                )
+            return embeddings, counts, torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
+        seen = torch.as_tensor(class_seen_mask, device=device).to(torch.bool).flatten()
+        if seen.shape[0] != counts.shape[0]:
+            raise EovSegInputError(f"class_seen_mask has {seen.shape[0]} entries for {counts.shape[0]} classes.")
         return embeddings, counts, seen
 
     # ------------------------------------------------------------------ OPSNet options
@@ -1018,7 +1085,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             raise EovSegInputError(
                 f"{what}: {text.shape[0]} synonym embeddings but the synonym counts sum to {int(counts.sum())}."
             )
-        return text, synonym_index(counts)
+        return text, build_synonym_index(counts)
 
     def _train_vocabulary(self, train_input_ids, train_synonym_counts):
         return self._vocabulary_text(
@@ -1049,16 +1116,16 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 None if stage_iou is None else [x[panoptic] for x in stage_iou],
             )
         if labelled:
-            text, index = self._vocabulary_text(
+            text, synonym_index = self._vocabulary_text(
                 image_label_input_ids, image_label_synonym_counts, "Decoupled Supervision",
                 "pass image_label_input_ids and image_label_synonym_counts (the collator's image_label_vocabulary)",
             )
             void = F.normalize(self.void_embedding.weight, dim=-1)
-            classifier = torch.cat([text, void.to(text.dtype)], dim=0).to(class_embeddings.dtype)
+            vocabulary_embeddings = torch.cat([text, void.to(text.dtype)], dim=0).to(class_embeddings.dtype)
             match, coverage = self.decoupled_supervision(
                 class_embeddings[labelled], stage_mask_logits[-1][labelled], stage_iou[-1][labelled],
                 None if pixel_mask is None else pixel_mask[labelled], [image_labels[i] for i in labelled],
-                classifier, index, self.decoder.layers[-1].logit_scale,
+                vocabulary_embeddings, synonym_index, self.decoder.layers[-1].logit_scale,
             )
             loss_dict.update(loss_match=match, loss_sum=coverage)
             extra = self.config.match_loss_weight * match + self.config.sum_loss_weight * coverage
@@ -1159,7 +1226,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             class_labels (`list[torch.LongTensor]`, *optional*):
                 Per image, (num_targets,) class indices into the vocabulary.
             output_hidden_states (`bool`, *optional*):
-                Also return backbone, spatial, aggregator and VAS features and the text embeddings.
+                Also return backbone, spatial, aggregator and VAS features and the text embeddings; defaults to
+                `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
                 Return an [`EovSegOutput`] (default) or a tuple.
             class_ensemble (`str`, *optional*):
@@ -1180,89 +1248,108 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 Number of synonyms of each image-level class.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         class_ensemble = self._check_class_ensemble(class_ensemble)
         pixel_values = self._check_pixel_values(pixel_values)
-        text, counts, seen = self._resolve_vocabulary(input_ids, synonym_counts, class_seen_mask, text_embeddings)
-        text = text.to(pixel_values.dtype)
-        index = synonym_index(counts)
-        classifier = torch.cat([text, F.normalize(self.void_embedding.weight, dim=-1).to(text.dtype)], dim=0)
+        vocabulary = self._resolve_vocabulary(
+            input_ids, synonym_counts, class_seen_mask, text_embeddings, pixel_values.dtype
+        )
 
+        # Fig. 4 of the paper, left to right. The CLIP towers are frozen.
         with torch.no_grad():
             clip_features = self.clip_backbone(pixel_values)
             spatial_features = self.spatial_extractor(pixel_values)
         aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
+        # The decoder applies Vocabulary-Aware Selection to the aggregated features before its stages.
         vas_features, stage_class_logits, stage_mask_logits, stage_queries, stage_embeddings = self.decoder(
-            spatial_features, aggregated, classifier, index
+            spatial_features, aggregated, vocabulary.embeddings_with_void, vocabulary.synonym_index
         )
         stage_iou = self.mask_filtering(stage_queries) if self.mask_filtering is not None else None
-        domain_similarity = None
-
-        class_logits, mask_logits = stage_class_logits[-1], stage_mask_logits[-1]
-        out_vocab_logits = None
+        class_logits, out_vocab_logits, domain_similarity = stage_class_logits[-1], None, None
         if not self.training:
-            with torch.no_grad():
-                dense = clip_features["clip_dense"]
-                masks_for_pooling = F.interpolate(mask_logits, size=dense.shape[-2:], mode="bilinear", align_corners=False)
-                clip_embeddings = self.out_of_vocabulary(self.clip_backbone, dense, masks_for_pooling)
-                out_vocab_logits = classification_logits(
-                    clip_embeddings, classifier, self.clip_backbone.clip_model.logit_scale, index
-                )
-                valid = (masks_for_pooling > 0).flatten(2).any(-1)
-            if class_ensemble == "geometric":
-                class_logits = self.ensemble(class_logits, out_vocab_logits, seen, valid)
-            else:
-                if self.config.ensemble_on_valid_mask:
-                    clip_embeddings = clip_embeddings * valid.unsqueeze(-1).to(clip_embeddings.dtype)
-                train_text, train_index = self._train_vocabulary(train_input_ids, train_synonym_counts)
-                class_logits, domain_similarity = self.embedding_modulation(
-                    stage_embeddings[-1], clip_embeddings, classifier, index, train_text.to(classifier.dtype),
-                    train_index, self.decoder.layers[-1].logit_scale, class_logits,
-                )
-
-        loss = loss_dict = None
-        if image_labels is not None:
-            loss, loss_dict = self._loss_with_image_labels(
-                stage_class_logits, stage_mask_logits, stage_iou, stage_embeddings[-1], mask_labels, class_labels,
-                image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+            # the out-of-vocabulary head, then the ensemble of both heads' scores
+            class_logits, out_vocab_logits, domain_similarity = self._ensemble_with_clip(
+                clip_features["clip_dense"], stage_mask_logits[-1], stage_embeddings[-1], class_logits, vocabulary,
+                class_ensemble, train_input_ids, train_synonym_counts,
             )
-        elif mask_labels is not None or class_labels is not None:
-            loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
-        if loss_dict is not None and self.config.decoupled_supervision:
-            loss_dict = self._complete_loss_dict(loss_dict, loss)
 
-        if pixel_mask is not None:
-            rows = pixel_mask.any(dim=2).sum(dim=1)
-            cols = pixel_mask.any(dim=1).sum(dim=1)
-            image_sizes = torch.stack([rows, cols], dim=1).to(torch.long)
-        else:
-            image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
-
+        loss, loss_dict = self._training_loss(
+            stage_class_logits, stage_mask_logits, stage_iou, stage_embeddings[-1], mask_labels, class_labels,
+            image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+        )
         hidden = bool(output_hidden_states)
-        stuff_class_ids = None
-        if input_ids is None and text_embeddings is None and self.config.is_thing is not None:
-            stuff_class_ids = torch.tensor(
-                [i for i, thing in enumerate(self.config.is_thing) if not thing], dtype=torch.long, device=pixel_values.device
-            )
         output = EovSegOutput(
             loss=loss,
             loss_dict=loss_dict,
             class_queries_logits=class_logits,
-            masks_queries_logits=mask_logits,
+            masks_queries_logits=stage_mask_logits[-1],
             stage_class_queries_logits=tuple(stage_class_logits),
             stage_masks_queries_logits=tuple(stage_mask_logits),
             out_of_vocabulary_logits=out_vocab_logits,
-            image_sizes=image_sizes,
+            image_sizes=_image_sizes(pixel_values, pixel_mask),
             backbone_hidden_states=tuple(clip_features[f"res{i}"] for i in range(2, 6)) if hidden else None,
             spatial_hidden_state=spatial_features if hidden else None,
             aggregator_hidden_state=aggregated if hidden else None,
             vas_hidden_state=vas_features if hidden else None,
-            text_embeddings=text.clone() if hidden else None,  # never the cache's own tensor
-            stuff_class_ids=stuff_class_ids,
+            text_embeddings=vocabulary.text_embeddings.clone() if hidden else None,  # never the cache's own tensor
+            stuff_class_ids=self._default_stuff_class_ids(pixel_values.device) if vocabulary.is_default else None,
             iou_scores=stage_iou[-1] if stage_iou is not None else None,
             stage_iou_scores=tuple(stage_iou) if stage_iou is not None else None,
             domain_similarity=domain_similarity,
         )
         return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def out_of_vocabulary_logits(self, clip_dense, mask_logits, vocabulary: _Vocabulary):
+        """The out-of-vocabulary head: each mask's CLIP embedding from the frozen dense CLIP features, classified
+        against the vocabulary with CLIP's logit scale. Returns the logits (B, Q, K + 1), which queries have a mask
+        with at least one positive pixel at the CLIP feature resolution, and the CLIP embeddings (B, Q, D)."""
+        masks = F.interpolate(mask_logits, size=clip_dense.shape[-2:], mode="bilinear", align_corners=False)
+        clip_embeddings = self.out_of_vocabulary(self.clip_backbone, clip_dense, masks)
+        logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
+        logits = classification_logits(
+            clip_embeddings, vocabulary.embeddings_with_void, logit_scale, vocabulary.synonym_index
+        )
+        return logits, (masks > 0).flatten(2).any(-1), clip_embeddings
+
+    def _ensemble_with_clip(
+        self, clip_dense, mask_logits, query_embeddings, class_logits, vocabulary, class_ensemble, train_input_ids,
+        train_synonym_counts,
+    ):
+        """Eval-mode class scores: EOV-Seg's geometric ensemble of the decoder's and the out-of-vocabulary head's
+        probabilities, or OPSNet's Embedding Modulation. Returns (class logits, CLIP logits, domain similarity)."""
+        out_vocab_logits, valid, clip_embeddings = self.out_of_vocabulary_logits(clip_dense, mask_logits, vocabulary)
+        if class_ensemble == "geometric":
+            return self.ensemble(class_logits, out_vocab_logits, vocabulary.seen, valid), out_vocab_logits, None
+        if self.config.ensemble_on_valid_mask:
+            clip_embeddings = clip_embeddings * valid.unsqueeze(-1).to(clip_embeddings.dtype)
+        train_text, train_index = self._train_vocabulary(train_input_ids, train_synonym_counts)
+        classifier = vocabulary.embeddings_with_void
+        class_logits, domain_similarity = self.embedding_modulation(
+            query_embeddings, clip_embeddings, classifier, vocabulary.synonym_index, train_text.to(classifier.dtype),
+            train_index, self.decoder.layers[-1].logit_scale, class_logits,
+        )
+        return class_logits, out_vocab_logits, domain_similarity
+
+    def _training_loss(
+        self, stage_class_logits, stage_mask_logits, stage_iou, query_embeddings, mask_labels, class_labels,
+        image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+    ):
+        if image_labels is not None:
+            return self._loss_with_image_labels(
+                stage_class_logits, stage_mask_logits, stage_iou, query_embeddings, mask_labels, class_labels,
+                image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
+            )
+        if mask_labels is not None or class_labels is not None:
+            return self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
+        return None, None
+
+    def _default_stuff_class_ids(self, device) -> torch.LongTensor | None:
+        if self.config.is_thing is None:
+            return None
+        stuff = [i for i, thing in enumerate(self.config.is_thing) if not thing]
+        return torch.tensor(stuff, dtype=torch.long, device=device)
 
     def compute_loss(self, stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou=None):
         """The original's set criterion (Hungarian matching; cross-entropy with a down-weighted void class,
@@ -1270,31 +1357,46 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         the IoU head's L2 loss on every stage (`s{stage}_loss_iou`), on the criterion's own matches."""
         if mask_labels is None or class_labels is None:
             raise EovSegInputError("Training needs both mask_labels and class_labels.")
-        from .loss_eovseg import EovSegLoss
+        return self.criterion(list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels)
 
-        if self._criterion is None:
-            # kept out of the module tree: the criterion holds no weights and must not change the state dict
-            object.__setattr__(self, "_criterion", EovSegLoss(self.config))
         hook = None
         if stage_iou is not None:
             def hook(stage, indices):
                 iou_loss = self.mask_filtering.loss(stage_iou[stage], stage_mask_logits[stage], mask_labels, indices)
                 return {"loss_iou": (self.config.iou_loss_weight, iou_loss)}
-        return self._criterion(
+        return self.criterion(
             list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels, stage_hook=hook
         )
+
+
+class _Vocabulary(NamedTuple):
+    """The vocabulary of one forward call, as the decoder and the out-of-vocabulary branch use it."""
+
+    text_embeddings: torch.Tensor  # (S, D) normalized synonym embeddings
+    embeddings_with_void: torch.Tensor  # (S + 1, D): the synonyms, then the normalized void embedding
+    synonym_index: torch.LongTensor  # (K, max_synonyms) rows of each class's synonyms, -1 padded
+    seen: torch.BoolTensor  # (K,) classes seen in training
+    is_default: bool  # the configuration's default vocabulary (no text was given)
+
+
+def _image_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.LongTensor:
+    """(B, 2) height and width of each image's valid region: from `pixel_mask`, else the whole input."""
+    if pixel_mask is None:
+        return torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
+    rows = pixel_mask.any(dim=2).sum(dim=1)
+    cols = pixel_mask.any(dim=1).sum(dim=1)
+    return torch.stack([rows, cols], dim=1).to(torch.long)
 
 
 __all__ = [
     "EovSegForPanopticSegmentation",
     "EovSegPreTrainedModel",
     "EovSegOutput",
-    "EovSegInputError",
-    "VAS",
-    "TDEE",
-    "MaskPooling",
-    "LightweightDecoderLayer",
-    "DynamicDepthwiseConvAttention",
-    "GeometricEnsemble",
-    "OutOfVocabularyClassifier",
+    "EovSegVAS",
+    "EovSegTDEE",
+    "EovSegMaskPooling",
+    "EovSegLightweightDecoderLayer",
+    "EovSegDynamicDepthwiseConvAttention",
+    "EovSegGeometricEnsemble",
+    "EovSegOutOfVocabularyEmbedder",
 ]

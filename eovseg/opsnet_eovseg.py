@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_eovseg import EovSegInputError, classification_logits
+from .classifier_eovseg import classification_logits
+from .configuration_eovseg import EovSegInputError
 
 __all__ = ["EovSegEmbeddingModulation", "EovSegMaskFiltering", "EovSegDecoupledSupervision", "class_similarity"]
 

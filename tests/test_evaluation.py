@@ -837,7 +837,7 @@ def test_command_line_writes_json(tmp_path, capsys):
 
 
 def test_synthetic_dataset_evaluation(tiny_model):
-    synthetic = pytest.importorskip("eovseg.training.synthetic")
+    synthetic = pytest.importorskip("eovseg.synthetic")
     from eovseg.evaluation import evaluate_model
     from eovseg.evaluation.evaluate import dataset_categories, load_eval_dataset
 

@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eovseg.processing.image_processing_eovseg import EovSegImageProcessor, get_resize_output_shape
 
@@ -651,3 +652,19 @@ def test_max_with_first_index_equals_max_with_ties_and_nan():
     values[3, 0, 0] = float("nan")
     best, index = _max_with_first_index(values)
     assert torch.isnan(best[0, 0]) and index[0, 0] == 3
+
+
+@pytest.mark.parametrize("source, size", [((2, 7, 9), (28, 36)), ((3, 40, 30), (13, 17)), ((1, 16, 16), (16, 16))])
+def test_private_bilinear_kernel_and_public_fallback_agree(source, size):
+    from eovseg.processing.image_processing_eovseg import interpolate_bilinear_into
+
+    values = torch.randn(1, *source, generator=torch.Generator().manual_seed(0)) * 5
+    expected = F.interpolate(values, size=size, mode="bilinear", align_corners=False)
+    results = []
+    for private in (True, False):
+        # write into a slice of a bigger tensor, as post-processing does
+        target = torch.full((1, source[0] + 1, *size), float("nan"))
+        interpolate_bilinear_into(values, size, target[:, 1:], private=private)
+        assert torch.isnan(target[:, 0]).all()
+        results.append(target[:, 1:])
+    assert torch.equal(results[0], expected) and torch.equal(results[1], expected)

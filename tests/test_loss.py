@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-import eovseg.loss_eovseg as loss_module
 from eovseg import EovSegConfig
-from eovseg.loss_eovseg import EovSegLoss, average_num_masks, sample_points_by_uncertainty
-from eovseg.modeling_eovseg import EovSegInputError
+from eovseg.configuration_eovseg import EovSegInputError
+from eovseg.loss_eovseg import EovSegLoss
 
 
 def make_config(**overrides):
@@ -47,9 +46,9 @@ def test_loss_matches_hand_computation(monkeypatch):
     # pixel centres of the prediction grid: there the prediction is read exactly and the target (bilinear between
     # pixels 4j+1 and 4j+2 of a constant block) too.
     monkeypatch.setattr(
-        loss_module,
-        "sample_points_by_uncertainty",
-        lambda logits, *args: _pixel_centres(2, 2).expand(logits.shape[0], -1, -1).clone(),
+        EovSegLoss,
+        "sample_points_using_uncertainty",
+        lambda self, logits, *args: _pixel_centres(2, 2).expand(logits.shape[0], -1, -1).clone(),
     )
     config = make_config(train_num_points=64)
     criterion = EovSegLoss(config)
@@ -183,18 +182,17 @@ def test_loss_equals_reference_restatement(seed, counts, queries):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def test_point_sampler_is_mask2formers():
-    from transformers import Mask2FormerConfig
+def test_criterion_is_mask2formers_with_what_differs_overridden():
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-    logits = torch.randn(5, 1, 7, 9)
-    torch.manual_seed(3)
-    ours = sample_points_by_uncertainty(logits, 100, 3.0, 0.75)
-    m2f = Mask2FormerLoss(Mask2FormerConfig(num_labels=3), weight_dict={})
-    torch.manual_seed(3)
-    theirs = m2f.sample_points_using_uncertainty(logits, m2f.calculate_uncertainty, 100, 3.0, 0.75)
-    assert torch.equal(ours, theirs)
-    assert ours.shape == (5, 100, 2) and 0 <= ours.min() and ours.max() <= 1
+    assert issubclass(EovSegLoss, Mask2FormerLoss)
+    # matching, point sampling and uncertainty are transformers' own
+    for name in ("sample_points_using_uncertainty", "calculate_uncertainty", "_get_predictions_permutation_indices"):
+        assert name not in vars(EovSegLoss), name
+    criterion = EovSegLoss(make_config(class_weight=3.0, mask_weight=4.0, dice_weight=6.0, train_num_points=77))
+    assert type(criterion.matcher).__name__ == "Mask2FormerHungarianMatcher"
+    assert (criterion.matcher.cost_class, criterion.matcher.cost_mask, criterion.matcher.cost_dice) == (3.0, 4.0, 6.0)
+    assert criterion.matcher.num_points == 77 == criterion.num_points
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -230,7 +228,7 @@ def test_no_targets_at_all():
     assert msk[0].grad is not None and msk[0].grad.abs().sum() == 0
 
 
-def test_criterion_holds_no_state_and_stays_out_of_the_model():
+def test_criterion_holds_no_state_and_leaves_checkpoints_unchanged():
     from eovseg import EovSegForPanopticSegmentation
 
     criterion = EovSegLoss(make_config())
@@ -238,7 +236,9 @@ def test_criterion_holds_no_state_and_stays_out_of_the_model():
     assert criterion.state_dict() == {}
     config = make_config(num_stages=1)
     model = EovSegForPanopticSegmentation(config).train()
+    assert isinstance(model.criterion, EovSegLoss)
     keys = set(model.state_dict())
+    assert not any(key.startswith("criterion") for key in keys)
     cls, msk, masks, labels = random_case(0, queries=config.num_proposals, stages=1)
     model.compute_loss(cls, msk, masks, labels)
     assert set(model.state_dict()) == keys
@@ -250,8 +250,9 @@ def test_num_masks_normalisation_and_weights():
     torch.manual_seed(0)
     loss, terms = EovSegLoss(cfg)(cls, msk, masks, labels)
     assert loss.item() == pytest.approx(terms["s0_loss_mask"].item())
-    assert average_num_masks(labels, torch.device("cpu")) == 4.0
-    assert average_num_masks([torch.zeros(0)], torch.device("cpu")) == 1.0
+    criterion = EovSegLoss(cfg)
+    assert criterion.get_num_masks(labels, torch.device("cpu")) == 4.0
+    assert criterion.get_num_masks([torch.zeros(0)], torch.device("cpu")) == 1.0
 
 
 def test_num_masks_is_averaged_across_processes(monkeypatch):
@@ -263,8 +264,9 @@ def test_num_masks_is_averaged_across_processes(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    assert average_num_masks([torch.zeros(2), torch.zeros(1)], torch.device("cpu")) == 2.0
-    assert average_num_masks([torch.zeros(0)], torch.device("cpu")) == 1.0  # (0 + 1) / 2 clamped to 1
+    criterion = EovSegLoss(make_config())
+    assert criterion.get_num_masks([torch.zeros(2), torch.zeros(1)], torch.device("cpu")) == 2.0
+    assert criterion.get_num_masks([torch.zeros(0)], torch.device("cpu")) == 1.0  # (0 + 1) / 2 clamped to 1
 
 
 @pytest.mark.parametrize(

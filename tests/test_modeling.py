@@ -12,12 +12,12 @@ import torchvision
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation
 from eovseg.conversion_scripts.key_mapping import convert_original_state_dict, ours_to_original_key
 from eovseg.modeling_eovseg import (
-    GeometricEnsemble,
-    DynamicDepthwiseConvAttention,
+    EovSegGeometricEnsemble,
+    EovSegDynamicDepthwiseConvAttention,
     EovSegInputError,
-    MaskPooling,
+    EovSegMaskPooling,
     classification_logits,
-    synonym_index,
+    build_synonym_index,
 )
 from eovseg.vocabulary import (
     PROMPT_TEMPLATES,
@@ -294,7 +294,7 @@ def test_no_vocabulary_and_no_stored_embeddings(tmp_path):
 def test_synonym_max_and_void_last():
     embeddings = torch.tensor([[[1.0, 0.0]]])  # B=1, Q=1
     classifier = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]), dim=-1)
-    index = synonym_index(torch.tensor([2, 1]))  # class 0: rows 0-1, class 1: row 2, void: row 3
+    index = build_synonym_index(torch.tensor([2, 1]))  # class 0: rows 0-1, class 1: row 2, void: row 3
     assert index.tolist() == [[0, 1], [2, -1]]
     logits = classification_logits(embeddings, classifier, torch.tensor(math.log(10.0)), index)
     torch.testing.assert_close(logits, torch.tensor([[[10.0, 10.0 / math.sqrt(2), -10.0]]]))
@@ -307,7 +307,7 @@ def test_geometric_ensemble_by_hand():
     in_logits = torch.log(torch.tensor([[[0.6, 0.2, 0.2]]]))  # two classes + void
     out_logits = torch.log(torch.tensor([[[0.1, 0.3, 0.6]]]))
     seen = torch.tensor([True, False])
-    ensemble = GeometricEnsemble(alpha=0.4, beta=0.8, on_valid_mask=True)
+    ensemble = EovSegGeometricEnsemble(alpha=0.4, beta=0.8, on_valid_mask=True)
     result = ensemble(in_logits, out_logits, seen, valid_queries=torch.tensor([[True]])).exp()
     p_in = torch.tensor([0.75, 0.25])  # softmax over the two real classes
     p_out = torch.tensor([0.25, 0.75])
@@ -322,14 +322,14 @@ def test_geometric_ensemble_by_hand():
 def test_mask_pooling_by_hand():
     features = torch.arange(8.0).reshape(1, 2, 2, 2)
     masks = torch.tensor([[[[1.0, -1.0], [2.0, -3.0]], [[-1.0, -1.0], [-1.0, -1.0]]]])
-    pooled = MaskPooling()(features, masks)
+    pooled = EovSegMaskPooling()(features, masks)
     torch.testing.assert_close(pooled[0, 0], torch.tensor([1.0, 5.0]))
     torch.testing.assert_close(pooled[0, 1], torch.zeros(2))
 
 
 def test_dynamic_depthwise_attention_is_a_per_query_channel_convolution():
     torch.manual_seed(0)
-    attention = DynamicDepthwiseConvAttention(hidden_dim=6, kernel_size=3)
+    attention = EovSegDynamicDepthwiseConvAttention(hidden_dim=6, kernel_size=3)
     query, value = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
     out = attention(query, value)
     kernels = attention.kernel_proj(query)
@@ -353,10 +353,10 @@ def test_key_mapping_round_trip(tiny_convnext):
 
 
 def test_modulated_deform_conv_in_half_precision_computes_in_float32():
-    from eovseg.modeling_eovseg import ModulatedDeformConv
+    from eovseg.modeling_eovseg import EovSegModulatedDeformConv
 
     torch.manual_seed(0)
-    conv = ModulatedDeformConv(4, 6)
+    conv = EovSegModulatedDeformConv(4, 6)
     with torch.no_grad():
         conv.offset_conv.weight.normal_(std=0.3)
     x = torch.randn(2, 4, 9, 11)

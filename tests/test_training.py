@@ -29,7 +29,7 @@ from eovseg.training import (
     synthetic_categories,
     training_arguments,
 )
-from eovseg.training.synthetic import id_map_to_rgb
+from eovseg.synthetic import id_map_to_rgb
 from eovseg.training.trainer_utils import multistep_lr_factor, scaled_lr_steps
 from eovseg.training.train import main as train_main
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..auto_registration import push_model_folder, save_model_folder
-from ..configuration_eovseg import PUBLISHED_VARIANTS, VARIANTS, EovSegConfig
+from ..configuration_eovseg import PRESETS, EovSegConfig
 from ..vocabularies import Vocabulary, load_vocabulary
 from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
@@ -80,7 +80,7 @@ def detect_variant(original: dict[str, torch.Tensor]) -> str | None:
     projection = original.get("cnn_backbone.clip_model.text_projection")
     if projection is None:
         return None
-    for name, preset in VARIANTS.items():
+    for name, preset in PRESETS.items():
         clip_cfg = preset["clip_model_config"]
         if projection.shape != (clip_cfg["text_cfg"]["width"], clip_cfg["embed_dim"]):
             continue
@@ -292,7 +292,7 @@ def sanity_run(model, processor) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", required=True, help="the original model_final.pth")
-    parser.add_argument("--variant", required=True, choices=list(PUBLISHED_VARIANTS) + ["tiny", "tiny_convnext"])
+    parser.add_argument("--variant", required=True, choices=list(PRESETS))
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, metavar="NAME|FILE",
                         help="default vocabulary stored with its text embeddings: a built-in name (ade20k_150, ...) or "

@@ -30,7 +30,6 @@ Every score is in percent (see `eovseg.evaluation`).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -128,7 +127,7 @@ def categories_from_config(config) -> list[dict]:
 def dataset_categories(dataset) -> list[dict] | None:
     """Categories stored with a data set (a JSON `"categories"` list in `dataset.info.description`, as the synthetic
     data set stores them), else None."""
-    from ..training.synthetic import get_dataset_categories
+    from ..synthetic import get_dataset_categories
 
     if isinstance(dataset, (CocoPanopticFolder, SemanticLabelFolder)):
         return dataset.categories
@@ -206,19 +205,9 @@ def load_eval_dataset(
         return CocoPanopticFolder(path, panoptic_root, image_root)
 
     if path == "synthetic":
-        from ..training.synthetic import make_synthetic_panoptic_dataset
+        from ..synthetic import make_synthetic_panoptic_dataset
 
-        params = inspect.signature(make_synthetic_panoptic_dataset).parameters
-        kwargs = {}
-        for name in ("num_images", "num_samples", "num_examples", "n", "size", "length"):
-            if name in params:
-                kwargs[name] = num_synthetic
-                break
-        if "seed" in params:
-            kwargs["seed"] = seed
-        if "split" in params and split is not None:
-            kwargs["split"] = split
-        dataset = make_synthetic_panoptic_dataset(**kwargs)
+        dataset = make_synthetic_panoptic_dataset(num_images=num_synthetic, seed=seed)
         return _pick_split(dataset, split)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; give a local data set (nothing is downloaded) or 'synthetic'.")

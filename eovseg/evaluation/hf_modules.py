@@ -99,9 +99,6 @@ class _StreamingModule(evaluate.Metric):
         finally:
             self._accumulator = None
 
-    def _compute(self, predictions=None, references=None, **kwargs):  # not used: compute() is overridden
-        raise NotImplementedError
-
 
 _EVALUATE_INIT_ARGS = {
     "config_name",

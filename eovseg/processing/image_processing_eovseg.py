@@ -56,13 +56,13 @@ from transformers.image_utils import ChannelDimension, PILImageResampling, infer
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["EovSegImageProcessor"]
 
-EOVSEG_PIXEL_MEAN = (123.675, 116.28, 103.53)
-EOVSEG_PIXEL_STD = (58.395, 57.12, 57.375)
 
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 _VALID_CHANNELS = (1, 3, 4)
@@ -403,14 +403,32 @@ class _MaskResizer:
             part = masks[None, start:stop]
             if upsample:
                 up = buffer[:, : stop - start]
-                # F.interpolate's own bilinear kernel (align_corners=False, no scale factors), with out=
-                torch._C._nn.upsample_bilinear2d(part, up_size, False, out=up)
+                interpolate_bilinear_into(part, up_size, up)
                 part = up[:, :, :height, :width]
             if self.same_size:
                 result[start:stop] = part[0]
             else:
-                torch._C._nn.upsample_bilinear2d(part, self.target_size, False, out=result[None, start:stop])
+                interpolate_bilinear_into(part, self.target_size, result[None, start:stop])
         return result
+
+
+# F.interpolate's own bilinear kernel, whose private entry point writes into a given tensor (no allocation per call).
+_UPSAMPLE_BILINEAR2D = getattr(getattr(torch._C, "_nn", None), "upsample_bilinear2d", None)
+
+
+def interpolate_bilinear_into(values: torch.Tensor, size: tuple[int, int], out: torch.Tensor, private: bool = True):
+    """`F.interpolate(values, size, mode="bilinear", align_corners=False)` written into `out` (same shape).
+
+    Runs torch's private `upsample_bilinear2d(..., out=)`, the kernel `F.interpolate` itself calls, hence the same
+    numbers without a temporary; when that entry point is absent or its signature changed (or `private=False`),
+    the public `F.interpolate` and a copy.
+    """
+    if private and _UPSAMPLE_BILINEAR2D is not None:
+        try:
+            return _UPSAMPLE_BILINEAR2D(values, size, False, out=out)
+        except TypeError:
+            pass
+    return out.copy_(F.interpolate(values, size=size, mode="bilinear", align_corners=False))
 
 
 def _max_with_first_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,8 +535,8 @@ class EovSegImageProcessor(BaseImageProcessor):
     do_rescale = False
     rescale_factor = 1 / 255
     do_normalize = True
-    image_mean = list(EOVSEG_PIXEL_MEAN)
-    image_std = list(EOVSEG_PIXEL_STD)
+    image_mean = list(IMAGENET_PIXEL_MEAN)
+    image_std = list(IMAGENET_PIXEL_STD)
     size_divisibility = 32
     ignore_index = 255
 
@@ -543,8 +561,8 @@ class EovSegImageProcessor(BaseImageProcessor):
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = self._standardize_stats(image_mean, EOVSEG_PIXEL_MEAN, "image_mean")
-        self.image_std = self._standardize_stats(image_std, EOVSEG_PIXEL_STD, "image_std")
+        self.image_mean = self._standardize_stats(image_mean, IMAGENET_PIXEL_MEAN, "image_mean")
+        self.image_std = self._standardize_stats(image_std, IMAGENET_PIXEL_STD, "image_std")
         self.size_divisibility = int(size_divisibility)
         self.ignore_index = ignore_index
 
@@ -784,10 +802,6 @@ class EovSegImageProcessor(BaseImageProcessor):
             mask_labels.append(masks)
             class_labels.append(torch.tensor(classes, dtype=torch.int64))
         return mask_labels, class_labels
-
-    def encode_inputs(self, images, segmentation_maps=None, segments_info=None, **kwargs) -> BatchFeature:
-        """Same as `preprocess` (kept for symmetry with Mask2Former's image processor)."""
-        return self.preprocess(images, segmentation_maps=segmentation_maps, segments_info=segments_info, **kwargs)
 
     # -- post-processing ----------------------------------------------------------------------
 

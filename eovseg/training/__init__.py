@@ -11,7 +11,7 @@ from .data import (
     ResizeShortestEdge,
     SemanticSegmentationDataset,
 )
-from .synthetic import (
+from ..synthetic import (
     SYNTHETIC_CLASS_NAMES,
     SYNTHETIC_IS_THING,
     get_dataset_categories,

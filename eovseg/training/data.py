@@ -26,6 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from ..evaluation._inputs import normalize_segments
 from ..processing.image_processing_eovseg import get_resize_output_shape, rgb_to_id
 
@@ -542,8 +543,8 @@ class EovSegDataCollator:
     def __init__(
         self,
         vocabulary: Mapping[str, Any] | None = None,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_PIXEL_STD,
         size_divisibility: int = 32,
         image_label_vocabulary: Mapping[str, Any] | None = None,
     ):

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model_and_processor(spec: str, overrides: dict | None = None):
     """A model and its processor from a `save_pretrained` directory, or a fresh model of a preset."""
-    from ..configuration_eovseg import VARIANTS, EovSegConfig
+    from ..configuration_eovseg import PRESETS, EovSegConfig
     from ..modeling_eovseg import EovSegForPanopticSegmentation
     from ..processing import EovSegProcessor
 
@@ -162,19 +162,16 @@ def load_model_and_processor(spec: str, overrides: dict | None = None):
         except (OSError, ValueError, TypeError):
             processor = EovSegProcessor.from_config(model.config)
         fresh = False
-    elif spec in VARIANTS:
+    elif spec in PRESETS:
         config = EovSegConfig.from_variant(spec, **overrides)
         model = EovSegForPanopticSegmentation(config)
         processor = EovSegProcessor.from_config(config)
         fresh = True
     else:
         raise FileNotFoundError(
-            f"--model {spec!r} is neither a local directory nor a preset ({', '.join(VARIANTS)}); nothing is "
+            f"--model {spec!r} is neither a local directory nor a preset ({', '.join(PRESETS)}); nothing is "
             "downloaded."
         )
-    for tower in (model.clip_backbone, model.spatial_extractor):
-        for param in tower.parameters():
-            param.requires_grad = False
     return model, processor, fresh
 
 
@@ -211,7 +208,7 @@ def load_local_dataset(path: str, split: str | None, default_splits: Sequence[st
 def resolve_categories(args, dataset, model) -> list[dict]:
     """The training classes `[{"id", "name", "isthing"}]`: `--categories`, else the data set's stored ones, else
     the model's default vocabulary (ids 0 .. K-1)."""
-    from .synthetic import get_dataset_categories
+    from ..synthetic import get_dataset_categories
 
     if args.categories:
         from ..vocabularies import load_vocabulary
@@ -281,7 +278,7 @@ def check_output_dir(args) -> None:
 
 
 def build_datasets(args):
-    from .synthetic import make_synthetic_panoptic_dataset
+    from ..synthetic import make_synthetic_panoptic_dataset
 
     if args.dataset == "synthetic":
         size = args.synthetic_image_size
