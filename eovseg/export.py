@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .training.synthetic import id_map_to_rgb
+from .synthetic import id_map_to_rgb
 from .visualization import _as_numpy_map
 
 __all__ = ["instances_to_coco", "panoptic_to_coco", "to_detections"]

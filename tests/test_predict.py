@@ -13,7 +13,7 @@ from PIL import Image
 
 from eovseg.evaluation import PanopticQuality
 from eovseg.predict import main as predict_main
-from eovseg.training.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_IS_THING, make_synthetic_panoptic_dataset
+from eovseg.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_IS_THING, make_synthetic_panoptic_dataset
 
 CLASSES = SYNTHETIC_CLASS_NAMES
 STUFF = [n for n, thing in zip(CLASSES, SYNTHETIC_IS_THING) if not thing]
