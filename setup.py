@@ -12,20 +12,26 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["eovseg", "eovseg.*"]),
     package_data={"eovseg": ["assets/*", "assets/*/*", "evaluation/*.py", "vocabularies/*.json", "vocabularies/*.md"]},
+    # Ranges, not pins (a library must not fix its users' environments); upper bounds at the next major version.
+    # README "Dependencies" says which lower bounds the test suite ran with.
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "transformers==5.23.0",
-        "open_clip_torch==3.3.0",
+        "torch>=2.14,<3",
+        "torchvision>=0.29,<1",
+        "transformers>=5.23,<6",
+        "open_clip_torch>=3.3,<4",
         "timm>=1.0,<2",
-        "accelerate>=1.0",
-        "datasets>=3.0",
-        "evaluate>=0.4",
-        "scipy>=1.10",
-        "pillow>=10",
+        "huggingface_hub>=1.31,<3",
+        "accelerate>=1.0,<2",
+        "datasets>=3.0,<6",
+        "evaluate>=0.4,<0.5",
+        "numpy>=1.24,<3",
+        "scipy>=1.10,<2",
+        "pillow>=10,<13",
         "safetensors>=0.4",
-        "tqdm>=4.60",
-        "pycocotools>=2.0.7",
+        "tqdm>=4.60,<5",
+        "pycocotools>=2.0.7,<3",
+        "regex>=2023.1",  # the CLIP tokenizer's pattern
+        "ftfy>=6.1,<7",  # the CLIP tokenizer's text cleaning
         "av>=12",  # video in and out for `eovseg predict`; its wheels carry FFmpeg
     ],
     extras_require={

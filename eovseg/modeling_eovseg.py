@@ -725,44 +725,93 @@ class EovSegPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """Initialise one module, through `transformers.initialization` so that weights already loaded (flagged
-        `_is_hf_initialized`) are left alone, e.g. when a checkpoint lacks some keys or the model is built on the meta
-        device. The neck and the decoder stages get the original's initialisation when built directly; a tensor a
-        checkpoint lacks gets its module type's torch default. The frozen CLIP towers come from checkpoints; built
-        directly they keep open_clip's initialisation."""
+        """Initialise one module through `transformers.initialization`, which leaves loaded tensors (flagged
+        `_is_hf_initialized`) alone.
+
+        Built directly, every module keeps what its constructor drew except the neck and the decoder stages, which
+        get the original's initialisation as a whole (and in its order, so a seeded model is what it always was).
+        Loaded (built on the meta device), whatever the checkpoint lacks gets the same rules module by module.
+        The frozen CLIP towers come from checkpoints; built directly they keep open_clip's initialisation.
+        """
         if getattr(module, "_eovseg_frozen", False):
             return
-        if isinstance(module, EovSegLightAggregator):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    init.xavier_uniform_(p)
-            for layer in module.deform_layers:
-                init.kaiming_normal_(layer.deform_conv.weight, mode="fan_out", nonlinearity="relu")
-                init.zeros_(layer.deform_conv.offset_conv.weight)
-                init.zeros_(layer.deform_conv.offset_conv.bias)
-                init.copy_(layer.upsample.weight, bilinear_upsampling_kernel(layer.upsample.weight.shape))
-        elif isinstance(module, EovSegLightweightDecoderLayer):
-            for sub in module.modules():
-                if isinstance(sub, nn.Linear):
-                    init.trunc_normal_(sub.weight, std=0.02)
-                    if sub.bias is not None:
-                        init.zeros_(sub.bias)
-                elif isinstance(sub, nn.LayerNorm):
-                    init.ones_(sub.weight)
-                    init.zeros_(sub.bias)
-            init.constant_(module.logit_scale, math.log(1 / 0.07))
+        if getattr(self, "_eovseg_built_directly", False):
+            if isinstance(module, EovSegLightAggregator):
+                _init_neck(module)
+            elif isinstance(module, EovSegLightweightDecoderLayer):
+                for sub in module.modules():
+                    _init_decoder_stage_module(sub, attention=False)
+            return
+        rule = getattr(module, "_eovseg_init", None)
+        if rule == "decoder_stage":
+            _init_decoder_stage_module(module)
+        elif rule is not None:
+            _init_neck_module(module, rule)
         else:
             _init_torch_default(module)
 
 
+def _init_neck(aggregator: EovSegLightAggregator):
+    """The original's initialisation of the light aggregator: Xavier-uniform for every weight of 2 dimensions or more,
+    then Kaiming-normal deformable kernels, zero offset convolutions and bilinear upsampling kernels."""
+    for p in aggregator.parameters():
+        if p.dim() > 1:
+            init.xavier_uniform_(p)
+    for layer in aggregator.deform_layers:
+        init.kaiming_normal_(layer.deform_conv.weight, mode="fan_out", nonlinearity="relu")
+        init.zeros_(layer.deform_conv.offset_conv.weight)
+        init.zeros_(layer.deform_conv.offset_conv.bias)
+        init.copy_(layer.upsample.weight, bilinear_upsampling_kernel(layer.upsample.weight.shape))
+
+
+def _init_neck_module(module: nn.Module, rule: str):
+    """`_init_neck`'s rule for one module of the neck (`rule`: "neck", "offset" or "bilinear")."""
+    if rule == "offset":
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    elif rule == "bilinear":
+        init.copy_(module.weight, bilinear_upsampling_kernel(module.weight.shape))
+    elif isinstance(module, EovSegModulatedDeformConv):
+        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, EovSegLightAggregator):
+        init.xavier_uniform_(module.fuse_bias)
+    elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        init.xavier_uniform_(module.weight)
+        _init_torch_default_bias(module)
+    else:
+        _init_torch_default(module)
+
+
+def _init_decoder_stage_module(module: nn.Module, attention: bool = True):
+    """The original's initialisation of a decoder stage: truncated-normal (std 0.02) linear weights, zero biases,
+    unit layer norms, CLIP's initial logit scale; the attention's input projection keeps torch's (drawn by its
+    constructor when built directly, hence `attention=False` then)."""
+    if isinstance(module, nn.Linear):
+        init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, EovSegLightweightDecoderLayer):
+        init.constant_(module.logit_scale, math.log(1 / 0.07))
+    elif isinstance(module, nn.MultiheadAttention) and attention:
+        init.xavier_uniform_(module.in_proj_weight)
+        init.zeros_(module.in_proj_bias)
+
+
+def _init_torch_default_bias(module: nn.Module):
+    if module.bias is not None:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        init.uniform_(module.bias, -bound, bound)
+
+
 def _init_torch_default(module: nn.Module):
-    """torch's own initialisation of the modules outside the neck and the decoder stages, with guarded functions."""
+    """torch's own initialisation of the modules outside the neck and the decoder stages."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
         init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-        if module.bias is not None:
-            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            init.uniform_(module.bias, -bound, bound)
+        _init_torch_default_bias(module)
     elif isinstance(module, nn.Embedding):
         init.normal_(module.weight)
     elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, EovSegLayerNorm2d)):
@@ -775,7 +824,6 @@ def _init_torch_default(module: nn.Module):
     elif isinstance(module, nn.MultiheadAttention):
         init.xavier_uniform_(module.in_proj_weight)
         init.zeros_(module.in_proj_bias)
-        init.zeros_(module.out_proj.bias)
     elif isinstance(module, EovSegVAS):
         init.ones_(module.scale)
         init.zeros_(module.offset)
@@ -840,19 +888,21 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.text_cache_size = 8
         self.num_text_encoder_calls = 0
         self.criterion = EovSegLoss(config)
-        self._flag_constructor_initialised()
+        self._tag_initialisation_rules()
+        # `_init_weights` reads this: built directly (not on the meta device for loading), only the neck and the
+        # decoder stages are initialised again, as the original does.
+        self._eovseg_built_directly = not self.void_embedding.weight.is_meta
         self.post_init()
+        self._eovseg_built_directly = False
 
-    def _flag_constructor_initialised(self):
-        # Built directly, the modules outside the neck and the decoder stages hold the default initialisation their
-        # constructors drew: flagged, post_init does not draw it a second time (so a seeded model stays what it
-        # was). Built on the meta device (loading) nothing was drawn and nothing is flagged: transformers then
-        # materialises what a checkpoint lacks and `_init_weights` initialises it.
-        redrawn = [self.aggregator, self.decoder.layers]
-        skip = {id(t) for module in redrawn for t in [*module.parameters(), *module.buffers()]}
-        for tensor in [*self.parameters(), *self.buffers()]:
-            if id(tensor) not in skip and not tensor.is_meta:
-                tensor._is_hf_initialized = True
+    def _tag_initialisation_rules(self):
+        for module in self.aggregator.modules():
+            module._eovseg_init = "neck"
+        for layer in self.aggregator.deform_layers:
+            layer.deform_conv.offset_conv._eovseg_init = "offset"
+            layer.upsample._eovseg_init = "bilinear"
+        for module in self.decoder.layers.modules():
+            module._eovseg_init = "decoder_stage"
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
