@@ -453,7 +453,7 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     from tqdm.auto import tqdm
 
     from . import EovSegConfig
-    from .training.train import _launched_on_cpu_only
+    from .launch import launched_on_cpu_only
 
     if args.batch_size < 1:
         raise PredictError(f"--batch_size must be at least 1, got {args.batch_size}.")
@@ -464,7 +464,7 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff,
                                                    args.vocabulary)
     settings = _settings(args, model_path, class_names, is_thing)
-    accelerator = Accelerator(cpu=args.cpu or _launched_on_cpu_only())
+    accelerator = Accelerator(cpu=args.cpu or launched_on_cpu_only())
     resuming = check_output_dir(args.output_dir, settings)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written to it
     if accelerator.is_main_process and not resuming:

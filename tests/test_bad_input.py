@@ -420,14 +420,14 @@ def test_text_cache_hands_out_copies_and_follows_weight_changes(processor):
 
 
 def test_geometric_ensemble_never_gives_nan():
-    from eovseg.modeling_eovseg import GeometricEnsemble
+    from eovseg.modeling_eovseg import EovSegGeometricEnsemble
 
     torch.manual_seed(0)
     in_logits, out_logits = torch.randn(2, 5, 7) * 3, torch.randn(2, 5, 7) * 3
     in_logits[0, 0, 2] = -1e4  # a probability that underflows to exactly 0
     out_logits[1, 3, :6] = -1e4
     seen = torch.tensor([True, False, True, False, False, True])
-    ensemble = GeometricEnsemble(0.4, 0.8, on_valid_mask=False)
+    ensemble = EovSegGeometricEnsemble(0.4, 0.8, on_valid_mask=False)
     got = ensemble(in_logits, out_logits, seen)
     assert torch.isfinite(got).all()
     # the original's formula, where it is finite

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
-from eovseg.modeling_eovseg import EovSegInputError, synonym_index
+from eovseg.modeling_eovseg import EovSegInputError, build_synonym_index
 from eovseg.opsnet_eovseg import (
     EovSegDecoupledSupervision,
     EovSegEmbeddingModulation,
@@ -77,7 +77,7 @@ def test_concept_and_domain_similarity_and_fusion_by_hand():
     a, b, c = unit(1, 0, 0), unit(0.6, 0.8, 0), unit(0, 0, 1)
     d, e, f = unit(0, 1, 0), unit(1, 1, 0), unit(0, 1, 1)
     test, train = torch.stack([a, b, c]), torch.stack([d, e, f])
-    H = class_similarity(test, synonym_index(torch.tensor([2, 1])), train, synonym_index(torch.tensor([1, 2])))
+    H = class_similarity(test, build_synonym_index(torch.tensor([2, 1])), train, build_synonym_index(torch.tensor([1, 2])))
     dot = lambda x, y: float(x @ y)  # noqa: E731
     expected = [
         [max(dot(a, d), dot(b, d)), max(dot(a, e), dot(a, f), dot(b, e), dot(b, f))],
@@ -102,7 +102,7 @@ def test_debiasing_keeps_a_training_class_and_boosts_a_far_one():
     train = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
     far = F.normalize(torch.randn(8, generator=torch.Generator().manual_seed(2)), dim=-1)
     test = torch.stack([train[1], far])  # class 0 is identical to a training class
-    H = class_similarity(test, synonym_index(torch.tensor([1, 1])), train, synonym_index(torch.tensor([1, 1, 1])))
+    H = class_similarity(test, build_synonym_index(torch.tensor([1, 1])), train, build_synonym_index(torch.tensor([1, 1, 1])))
     assert H[0].max().item() == 1.0  # exactly, though float32 self-similarity is 1 only up to round-off
     logits = torch.tensor([[[7.5, -3.25]]])
     out = em.debias(logits, H)

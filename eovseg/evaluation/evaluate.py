@@ -803,9 +803,9 @@ def _launched_accelerator():
         return None
     from accelerate import Accelerator
 
-    from ..training.train import _launched_on_cpu_only
+    from ..launch import launched_on_cpu_only
 
-    return Accelerator(cpu=_launched_on_cpu_only())
+    return Accelerator(cpu=launched_on_cpu_only())
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

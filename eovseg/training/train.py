@@ -395,13 +395,6 @@ def _resolve_resume(spec: str | None, output_dir: str) -> str | None:
     return spec
 
 
-def _launched_on_cpu_only() -> bool:
-    """Several processes launched (torchrun, `accelerate launch --multi_gpu`) on a machine with no accelerator:
-    Accelerate trains on several CPU processes (gloo) only when told to use the CPU; otherwise each process would
-    train alone, on all the data, into the same output folder."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-
-
 def _step_seed(seed: int, micro_step: int, process_index: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 4096 + process_index) % (2**63 - 1)
 
@@ -418,6 +411,7 @@ def train(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from ..auto_registration import push_model_folder, save_model_folder
+    from ..launch import launched_on_cpu_only
     from .data import EovSegDataCollator
     from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
 
@@ -425,7 +419,7 @@ def train(args: argparse.Namespace) -> dict:
     overrides = parse_config_overrides(args.config_overrides)
 
     accelerator = Accelerator(
-        cpu=args.cpu or _launched_on_cpu_only(),
+        cpu=args.cpu or launched_on_cpu_only(),
         mixed_precision=args.mixed_precision,
         project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
     )

@@ -5,7 +5,7 @@ The original (detectron2, `configs/Base-COCO-PanopticSegmentation.yaml` and `tra
 * AdamW, base learning rate 1e-4, weight decay 0.05, torch's default betas and eps;
 * weight decay 0 for the parameters of normalization layers (torch's BatchNorm/GroupNorm/LayerNorm/... classes and
   their subclasses) and of `nn.Embedding`s; biases keep the default decay. A normalization module that is not a
-  subclass of torch's (the decoder's `LayerNorm2d`) keeps it too, as in the original;
+  subclass of torch's (the decoder's `EovSegLayerNorm2d`) keeps it too, as in the original;
 * learning rate x 0.1 (`BACKBONE_MULTIPLIER`) for trainable parameters of the backbone (here the CLIP towers, which
   are frozen, so in practice none);
 * gradient clipping of the whole model's gradient norm (L2) at 0.01 before each step;
