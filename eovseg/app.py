@@ -97,12 +97,13 @@ class SegmentationApp:
                 overlap: float = 0.8, mask_threshold: float = 0.5):
         """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image."""
         from .export import panoptic_to_coco
+        from .inputs import to_rgb_image
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
         if image is None:
             raise ValueError("Upload an image or pick the example first.")
-        image = image.convert("RGB")
+        image = to_rgb_image(image, "the uploaded image")
         names, is_thing, given = self.vocabulary(class_text)
         predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
                               mask_threshold)

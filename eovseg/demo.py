@@ -100,14 +100,15 @@ def load_model_and_processor(model_path: str | Path | None):
 
 
 def read_image(image_path: Path) -> Image.Image:
+    from .inputs import load_image, to_rgb_image
+
     if not image_path.is_file():
         raise FileNotFoundError(f"image {str(image_path)!r} does not exist.")
     try:
-        image = Image.open(image_path)
-        image.load()
+        image = to_rgb_image(load_image(image_path), str(image_path))  # 16-bit and float images scaled, not saturated
     except Exception as err:  # PIL raises several types for unreadable files
         raise ValueError(f"cannot read {str(image_path)!r} as an image ({err}).") from None
-    return image.convert("RGB")
+    return image
 
 
 def choose_vocabulary(config, vocabulary: str | None, classes: list[str] | None, stuff: list[str] | None):

@@ -1407,8 +1407,6 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         the IoU head's L2 loss on every stage (`s{stage}_loss_iou`), on the criterion's own matches."""
         if mask_labels is None or class_labels is None:
             raise EovSegInputError("Training needs both mask_labels and class_labels.")
-        return self.criterion(list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels)
-
         hook = None
         if stage_iou is not None:
             def hook(stage, indices):

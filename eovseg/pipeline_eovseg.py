@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from transformers import Pipeline
-from transformers.image_utils import load_image
 
+from .inputs import load_image
 from .vocabulary import display_name, validate_vocabulary
 
 TASK = "open-vocabulary-segmentation"

@@ -223,9 +223,10 @@ def collect_inputs(paths: Sequence[str]) -> tuple[list[Item], list[tuple[str, st
 
 
 def read_image(path: str) -> Image.Image:
+    from .inputs import load_image, to_rgb_image
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return to_rgb_image(load_image(path), path)  # 16-bit and float images scaled, not saturated
     except Exception as err:  # PIL raises several types for files that are no image
         raise BadInput(f"cannot read it as an image ({type(err).__name__}: {err})") from None
 

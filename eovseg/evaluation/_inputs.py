@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import rgb_to_id
+
 
 def to_numpy(value: Any, where: str) -> np.ndarray:
     """A NumPy array from a NumPy array, a torch tensor, a PIL image, a path to an image file or nested lists."""
@@ -35,12 +37,6 @@ def _pil_to_numpy(image) -> np.ndarray:
     if image.mode in ("RGBA", "P", "LA", "CMYK", "YCbCr"):
         image = image.convert("RGB")
     return np.asarray(image)
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Segment ids of a COCO-panoptic RGB-encoded map: `R + 256 * G + 256**2 * B`."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def id_map(value: Any, where: str) -> np.ndarray:

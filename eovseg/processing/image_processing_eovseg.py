@@ -15,24 +15,10 @@ Pre-processing reproduces the evaluation pipeline of the released EOV-Seg (detec
 4. the batch is zero-padded at the bottom and right (after normalization) to a common size that
    is a multiple of `size_divisibility` (32). `pixel_mask` is 1 on the image, 0 on padding.
 
-Input formats (PIL images, NumPy arrays, torch tensors; a single image, a list of images or a 4-d
-batch array): arrays may be `(H, W)`, channels-last `(H, W, C)` or channels-first `(C, H, W)` with
-C in {1, 3, 4}. Unless `input_data_format` says otherwise the layout is inferred: the axis that can hold
-channels; if both can, the one of size 3; if still ambiguous (e.g. `(3, 5, 3)`), channels-first for torch
-tensors and channels-last for NumPy arrays. One channel is replicated to RGB; a fourth (alpha) channel is
-dropped. Values are brought to 8 bits by this rule:
-
-- `uint8`: as is; `bool`: False -> 0, True -> 255;
-- `uint16` (and PIL modes `I;16*`): `round(v / 257)`, i.e. 0-65535 mapped onto 0-255;
-- other integer types (and PIL mode `I`): must already lie in 0-255;
-- floating point: if every value lies in [0, 1] the image is taken as already rescaled and is
-  multiplied by 255; otherwise the values must lie in [0, 255]. Either way the result is rounded to
-  the nearest integer. (An all-dark 0-255 float image whose maximum is <= 1 is therefore read as a
-  [0, 1] image; pass such images as `uint8` to avoid the ambiguity.)
-
-Other PIL modes (`L`, `LA`, `P`, `RGBA`, `CMYK`, ...) are converted with `Image.convert("RGB")`.
-EXIF orientation is not applied: pass `PIL.ImageOps.exif_transpose(image)` if that matters (the
-original pipeline reads files with detectron2, which does apply it).
+Input formats: PIL images (any mode), NumPy arrays and torch tensors (any bit depth, channels first or last), a
+single image, a list of images or a 4-d batch; decoded to 8-bit RGB by `eovseg.inputs.decode_image`, whose docstring
+gives the rule. EXIF orientation is not applied to images given as objects (`eovseg.inputs.load_image` applies it
+to files, as transformers' `load_image` does).
 
 Post-processing takes the model output (`class_queries_logits` `(B, Q, K + 1)` with the void class
 last, `masks_queries_logits` `(B, Q, Hp / 4, Wp / 4)` at a quarter of the padded input size, and
@@ -43,8 +29,8 @@ valid region and resized bilinearly to the requested output size before any deci
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -52,11 +38,20 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling, infer_channel_dimension_format
+from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
 from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from ..inputs import (
+    decode_image,
+    decode_segmentation_map,
+    describe,
+    get_resize_output_shape,
+    normalize,
+    pad_batch,
+    resize_nearest,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -65,7 +60,6 @@ __all__ = ["EovSegImageProcessor"]
 
 
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
-_VALID_CHANNELS = (1, 3, 4)
 # Masks come out of the model at 1/4 of the padded input size.
 _MASK_STRIDE = 4
 # Upper bound on the number of full-resolution floats one chunk of masks may hold during panoptic
@@ -90,19 +84,6 @@ class EovSegImageProcessorKwargs(ImagesKwargs, total=False):
 # ---------------------------------------------------------------------------------------------
 
 
-def _describe(obj: Any) -> str:
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return f"{type(obj).__name__} of shape {tuple(obj.shape)}"
-    return type(obj).__name__
-
-
-def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
 def _split_batch(images: Any, name: str = "images") -> list:
     """Turns `images` (one image, a list/tuple of images or a 4-d batch) into a list of images."""
     if isinstance(images, (list, tuple)):
@@ -111,7 +92,7 @@ def _split_batch(images: Any, name: str = "images") -> list:
         for i, image in enumerate(images):
             if not isinstance(image, _IMAGE_TYPES):
                 raise ValueError(
-                    f"{name}[{i}] is a {_describe(image)}; expected a PIL.Image.Image, a numpy.ndarray or a "
+                    f"{name}[{i}] is a {describe(image)}; expected a PIL.Image.Image, a numpy.ndarray or a "
                     "torch.Tensor."
                 )
             if not isinstance(image, PIL.Image.Image) and image.ndim not in (2, 3):
@@ -134,186 +115,9 @@ def _split_batch(images: Any, name: str = "images") -> list:
             "3 (channels first or last) or 4 (a batch of images)."
         )
     raise ValueError(
-        f"`{name}` is a {_describe(images)}; expected a PIL.Image.Image, a numpy.ndarray, a torch.Tensor or a "
+        f"`{name}` is a {describe(images)}; expected a PIL.Image.Image, a numpy.ndarray, a torch.Tensor or a "
         "list of them."
     )
-
-
-def _to_uint8(array: np.ndarray, where: str) -> np.ndarray:
-    """Brings pixel values to uint8 following the rule in the module docstring."""
-    dtype = array.dtype
-    if dtype == np.uint8:
-        return array
-    if dtype == np.bool_:
-        return array.astype(np.uint8) * np.uint8(255)
-    if dtype == np.uint16:
-        # v / 257 maps 0-65535 onto 0-255 (65535 = 255 * 257); 257 is odd so there are no ties.
-        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if np.issubdtype(dtype, np.integer):
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{where} has dtype {dtype} with values in [{low}, {high}]; integer images other than uint16 must "
-                "hold 0-255 values (pass 16-bit data as uint16)."
-            )
-        return array.astype(np.uint8)
-    if np.issubdtype(dtype, np.floating):
-        array = array.astype(np.float64)
-        if not np.isfinite(array).all():
-            raise ValueError(f"{where} contains NaN or infinite values.")
-        low, high = float(array.min()), float(array.max())
-        if low >= 0.0 and high <= 1.0:
-            array = array * 255.0
-        elif low < 0.0 or high > 255.0:
-            raise ValueError(
-                f"{where} is a floating-point image with values in [{low:g}, {high:g}]; expected values in [0, 1] "
-                "(rescaled) or in [0, 255]."
-            )
-        return np.rint(array).astype(np.uint8)
-    raise ValueError(f"{where} has unsupported dtype {dtype}.")
-
-
-def _decode_image(image: Any, where: str, input_data_format: ChannelDimension | str | None = None) -> np.ndarray:
-    """Returns the image as a contiguous uint8 (H, W, 3) RGB array."""
-    if isinstance(image, PIL.Image.Image):
-        if image.width < 2 or image.height < 2:
-            raise ValueError(f"{where} is {image.height}x{image.width} pixels; both sides must be at least 2 pixels.")
-        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-            array = np.array(image)
-            if array.dtype.byteorder not in ("=", "|"):
-                array = array.astype(array.dtype.newbyteorder("="))
-            array = _to_uint8(array, where)
-            return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.array(image, dtype=np.uint8)
-
-    array = _tensor_to_numpy(image) if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    elif array.ndim == 3:
-        first_ok, last_ok = array.shape[0] in _VALID_CHANNELS, array.shape[-1] in _VALID_CHANNELS
-        if input_data_format is not None:
-            layout = ChannelDimension(input_data_format)
-        elif not first_ok and not last_ok:
-            raise ValueError(
-                f"{where} has shape {tuple(array.shape)}: neither its first nor its last axis holds 1 (grayscale), "
-                "3 (RGB) or 4 (RGBA) channels."
-            )
-        elif first_ok != last_ok:
-            layout = infer_channel_dimension_format(array, num_channels=_VALID_CHANNELS)
-        elif (array.shape[0] == 3) != (array.shape[-1] == 3):
-            layout = ChannelDimension.FIRST if array.shape[0] == 3 else ChannelDimension.LAST
-        else:
-            # Still ambiguous (e.g. (3, 5, 3)): tensors are usually channels-first, arrays channels-last.
-            layout = ChannelDimension.FIRST if isinstance(image, torch.Tensor) else ChannelDimension.LAST
-        if layout == ChannelDimension.FIRST:
-            array = np.moveaxis(array, 0, -1)
-        if array.shape[-1] not in _VALID_CHANNELS:
-            raise ValueError(
-                f"{where} has {array.shape[-1]} channels (shape {tuple(image.shape)}); expected 1 (grayscale), "
-                "3 (RGB) or 4 (RGBA)."
-            )
-    else:
-        raise ValueError(
-            f"{where} has {array.ndim} dimensions (shape {tuple(array.shape)}); expected 2 (height, width) or 3 "
-            "(channels first or last)."
-        )
-    height, width = array.shape[:2]
-    if height < 2 or width < 2:
-        raise ValueError(f"{where} is {height}x{width} pixels; both sides must be at least 2 pixels.")
-    array = _to_uint8(array, where)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[-1] == 4:
-        array = array[:, :, :3]
-    return np.ascontiguousarray(array)
-
-
-def get_resize_output_shape(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
-    """The output (height, width) of detectron2's `ResizeShortestEdge` test transform: the shorter side becomes
-    `shortest_edge` unless the longer one would then exceed `longest_edge`, in which case the longer side becomes
-    `longest_edge`; each side is rounded with `int(x + 0.5)`."""
-    scale = shortest_edge / min(height, width)
-    if height < width:
-        new_h, new_w = float(shortest_edge), scale * width
-    else:
-        new_h, new_w = scale * height, float(shortest_edge)
-    if longest_edge is not None and max(new_h, new_w) > longest_edge:
-        rescale = longest_edge / max(new_h, new_w)
-        new_h, new_w = new_h * rescale, new_w * rescale
-    # A very thin image (20000x2) would round its short side to 0 pixels: keep at least one.
-    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
-
-
-# ---------------------------------------------------------------------------------------------
-# Target decoding
-# ---------------------------------------------------------------------------------------------
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colour to segment id: R + 256 * G + 256 * 256 * B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def _decode_label_map(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
-    """Returns an int64 (H, W) map: segment ids for panoptic annotations (RGB-encoded PNGs are decoded with
-    `rgb_to_id`; a 2-d map is taken as ids already), class labels for semantic ones."""
-    if isinstance(seg_map, PIL.Image.Image):
-        if seg_map.mode in ("RGB", "RGBA"):
-            array = np.array(seg_map.convert("RGB"))
-        else:
-            # "P" keeps its palette indices, "L"/"I"/"I;16" their values.
-            array = np.array(seg_map)
-    elif isinstance(seg_map, torch.Tensor):
-        array = _tensor_to_numpy(seg_map)
-    elif isinstance(seg_map, np.ndarray):
-        array = seg_map
-    else:
-        raise ValueError(
-            f"{where} is a {_describe(seg_map)}; expected a PIL.Image.Image, numpy.ndarray or torch.Tensor."
-        )
-
-    if array.ndim == 3:
-        if array.shape[-1] in (3, 4):
-            array = array[..., :3]
-        elif array.shape[0] in (3, 4):
-            array = np.moveaxis(array[:3], 0, -1)
-        elif array.shape[-1] == 1:
-            array = array[..., 0]
-        elif array.shape[0] == 1:
-            array = array[0]
-        else:
-            raise ValueError(f"{where} has shape {tuple(array.shape)}; expected (H, W), (H, W, 3) or (3, H, W).")
-    if array.ndim == 3:
-        if not panoptic:
-            raise ValueError(
-                f"{where} is a 3-channel map but no `segments_info` was given for it; pass `segments_info` for COCO "
-                "panoptic (RGB-encoded) annotations, or a 2-d label map for semantic annotations."
-            )
-        if array.dtype != np.uint8:
-            raise ValueError(f"{where} is an RGB-encoded panoptic map and must be uint8, got {array.dtype}.")
-        return rgb_to_id(array)
-    if array.ndim != 2:
-        raise ValueError(f"{where} has {array.ndim} dimensions (shape {tuple(array.shape)}); expected a 2-d map.")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"{where} is a floating-point map with non-integer values.")
-    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-        raise ValueError(f"{where} has unsupported dtype {array.dtype}.")
-    return array.astype(np.int64)
-
-
-def _resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) -> np.ndarray:
-    """Nearest-neighbour resize through PIL (as detectron2 resizes annotations), on 32-bit integers."""
-    if label_map.shape == tuple(new_hw):
-        return label_map
-    if label_map.size and (label_map.min() < np.iinfo(np.int32).min or label_map.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{where} holds values that do not fit in 32 bits.")
-    pil = PIL.Image.fromarray(label_map.astype(np.int32))  # mode "I"
-    resized = pil.resize((new_hw[1], new_hw[0]), PIL.Image.NEAREST)
-    return np.array(resized).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +233,68 @@ def interpolate_bilinear_into(values: torch.Tensor, size: tuple[int, int], out: 
         except TypeError:
             pass
     return out.copy_(F.interpolate(values, size=size, mode="bilinear", align_corners=False))
+
+
+def _panoptic_argmax(resizer, candidates: torch.Tensor, cand_scores: torch.Tensor, mask_threshold: float):
+    """Panoptic post-processing's pixel assignment: per pixel, the candidate with the largest score * sigmoid(mask)
+    (the first one on ties), whether that winner's own mask (sigmoid >= mask_threshold) covers the pixel, and each
+    candidate's own mask area.
+
+    A running argmax over chunks of candidates: within a chunk `max(0)` gives the first maximal query, across chunks
+    a later chunk wins only where it is strictly larger, so ties go to the earliest query, as a single argmax over
+    all candidates does.
+    """
+    n = candidates.numel()
+    height, width = resizer.target_size
+    chunk = max(1, _PANOPTIC_CHUNK_ELEMENTS // max(1, height * width))
+    own_area = torch.zeros(n, dtype=torch.int64, device=cand_scores.device)
+    best = winner = winner_own = None
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        probs = resizer(candidates[start:stop]).sigmoid_()
+        own = probs >= mask_threshold
+        # (whole-tensor count_nonzero per query is much faster on CPU than any reduction along a dim)
+        own_area[start:stop] = torch.stack([mask.count_nonzero() for mask in own])
+        probs.mul_(cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype))
+        value, index = _max_with_first_index(probs)
+        index_own = own.gather(0, index[None])[0]
+        del probs, own
+        if start:
+            index += start
+        if best is None:
+            best, winner, winner_own = value, index, index_own
+        else:
+            better = value > best
+            best = torch.maximum(best, value)
+            winner = torch.where(better, index, winner)
+            winner_own = torch.where(better, index_own, winner_own)
+    return winner, winner_own, own_area
+
+
+def _panoptic_segments(winner, winner_own, own_area, cand_labels, cand_scores, fuse, overlap_mask_area_threshold):
+    """The segments of the candidates that keep enough of their own mask (`overlap_mask_area_threshold`), stuff
+    classes in `fuse` merged into their first segment: (segment id of each candidate, segments_info)."""
+    n = len(cand_labels)
+    won_area = torch.bincount(winner.flatten(), minlength=n)
+    kept_area = torch.bincount(winner.masked_select(winner_own), minlength=n)
+    ratio = won_area.to(torch.float64) / own_area.clamp(min=1).to(torch.float64)
+    valid = (won_area > 0) & (own_area > 0) & (kept_area > 0) & (ratio >= overlap_mask_area_threshold)
+    segment_of = [0] * n
+    segments_info = []
+    first_segment_of_class: dict[int, int] = {}
+    for k in valid.nonzero().flatten().tolist():
+        label = cand_labels[k]
+        if label in fuse and label in first_segment_of_class:
+            segment_of[k] = first_segment_of_class[label]
+            continue
+        segment_id = len(segments_info) + 1
+        segment_of[k] = segment_id
+        if label in fuse:
+            first_segment_of_class[label] = segment_id
+        segments_info.append(
+            {"id": segment_id, "label_id": int(label), "was_fused": label in fuse, "score": float(cand_scores[k])}
+        )
+    return segment_of, segments_info
 
 
 def _max_with_first_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -662,74 +528,75 @@ class EovSegImageProcessor(BaseImageProcessor):
         unknown = {k for k, v in kwargs.items() if v is not None} - {"data_format", "device", "image_processor_type"}
         if unknown:
             logger.warning_once(f"EovSegImageProcessor.preprocess ignores the unknown arguments {sorted(unknown)}.")
-        do_resize = self.do_resize if do_resize is None else do_resize
-        size = self.size if size is None else self._standardize_size(size)
-        resample = self.resample if resample is None else PILImageResampling(int(resample))
-        do_rescale = self.do_rescale if do_rescale is None else do_rescale
-        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
-        do_normalize = self.do_normalize if do_normalize is None else do_normalize
-        image_mean = self.image_mean if image_mean is None else self._standardize_stats(image_mean, (), "image_mean")
-        image_std = self.image_std if image_std is None else self._standardize_stats(image_std, (), "image_std")
-        size_divisibility = self.size_divisibility if size_divisibility is None else int(size_divisibility)
-        ignore_index = self.ignore_index if ignore_index is None else ignore_index
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
-        if do_normalize and any(s == 0 for s in image_std):
-            raise ValueError(f"`image_std` must not contain zeros, got {image_std}.")
-
+        options = self._call_options(
+            do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+            size_divisibility, ignore_index, return_tensors,
+        )
         image_list = _split_batch(images, "images")
-        decoded = [_decode_image(image, f"images[{i}]", input_data_format) for i, image in enumerate(image_list)]
+        decoded = [decode_image(image, f"images[{i}]", input_data_format) for i, image in enumerate(image_list)]
         original_sizes = [image.shape[:2] for image in decoded]
-        if do_resize:
-            new_sizes = [
-                get_resize_output_shape(h, w, size["shortest_edge"], size.get("longest_edge"))
-                for h, w in original_sizes
-            ]
-        else:
-            new_sizes = list(original_sizes)
-
-        mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-        tensors = []
-        for image, (new_h, new_w) in zip(decoded, new_sizes):
-            if do_resize:
-                image = np.array(PIL.Image.fromarray(image).resize((new_w, new_h), resample))
-            if not image.flags.writeable:
-                image = image.copy()
-            tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)
-            if do_rescale:
-                tensor = tensor * rescale_factor
-            if do_normalize:
-                tensor = (tensor - mean) / std
-            tensors.append(tensor)
-
-        max_h = max(h for h, _ in new_sizes)
-        max_w = max(w for _, w in new_sizes)
-        if size_divisibility > 1:
-            max_h = math.ceil(max_h / size_divisibility) * size_divisibility
-            max_w = math.ceil(max_w / size_divisibility) * size_divisibility
-        pixel_values = torch.zeros((len(tensors), 3, max_h, max_w), dtype=torch.float32)
-        pixel_mask = torch.zeros((len(tensors), max_h, max_w), dtype=torch.int64)
-        for i, tensor in enumerate(tensors):
-            pixel_values[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
-            pixel_mask[i, : tensor.shape[1], : tensor.shape[2]] = 1
-
+        new_sizes = [self._output_size(h, w, options) for h, w in original_sizes]
+        tensors = [self._resize_and_normalize(image, new_size, options) for image, new_size in zip(decoded, new_sizes)]
+        pixel_values, pixel_mask = pad_batch(tensors, options.size_divisibility)
         data: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
 
         if segmentation_maps is not None:
-            mask_labels, class_labels = self._encode_targets(
-                segmentation_maps, segments_info, original_sizes, new_sizes, (max_h, max_w), ignore_index
+            data["mask_labels"], data["class_labels"] = self._encode_targets(
+                segmentation_maps, segments_info, original_sizes, new_sizes, tuple(pixel_values.shape[-2:]),
+                options.ignore_index,
             )
-            data["mask_labels"] = mask_labels
-            data["class_labels"] = class_labels
         elif segments_info is not None:
             raise ValueError("`segments_info` was given without `segmentation_maps`.")
 
-        if return_tensors == "np":
+        if options.return_tensors == "np":
             data = {
                 k: ([t.numpy() for t in v] if isinstance(v, list) else v.numpy()) for k, v in data.items()
             }
         return BatchFeature(data=data)
+
+    def _call_options(
+        self, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+        size_divisibility, ignore_index, return_tensors,
+    ) -> SimpleNamespace:
+        """This call's options: the arguments given, else the processor's attributes; checked."""
+        options = SimpleNamespace(
+            do_resize=self.do_resize if do_resize is None else do_resize,
+            size=self.size if size is None else self._standardize_size(size),
+            resample=self.resample if resample is None else PILImageResampling(int(resample)),
+            do_rescale=self.do_rescale if do_rescale is None else do_rescale,
+            rescale_factor=self.rescale_factor if rescale_factor is None else rescale_factor,
+            do_normalize=self.do_normalize if do_normalize is None else do_normalize,
+            image_mean=self.image_mean if image_mean is None else self._standardize_stats(image_mean, (), "image_mean"),
+            image_std=self.image_std if image_std is None else self._standardize_stats(image_std, (), "image_std"),
+            size_divisibility=self.size_divisibility if size_divisibility is None else int(size_divisibility),
+            ignore_index=self.ignore_index if ignore_index is None else ignore_index,
+            return_tensors=return_tensors,
+        )
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
+        if options.do_normalize and any(s == 0 for s in options.image_std):
+            raise ValueError(f"`image_std` must not contain zeros, got {options.image_std}.")
+        return options
+
+    @staticmethod
+    def _output_size(height: int, width: int, options: SimpleNamespace) -> tuple[int, int]:
+        if not options.do_resize:
+            return height, width
+        return get_resize_output_shape(height, width, options.size["shortest_edge"], options.size.get("longest_edge"))
+
+    @staticmethod
+    def _resize_and_normalize(image: np.ndarray, new_size: tuple[int, int], options: SimpleNamespace) -> torch.Tensor:
+        """One decoded uint8 image resized by PIL (as detectron2's test transform), rescaled and normalized: (3, h, w)."""
+        if options.do_resize:
+            image = np.array(PIL.Image.fromarray(image).resize((new_size[1], new_size[0]), options.resample))
+        if not image.flags.writeable:
+            image = image.copy()
+        tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)
+        if options.do_rescale:
+            tensor = tensor * options.rescale_factor
+        if options.do_normalize:
+            tensor = normalize(tensor, options.image_mean, options.image_std)
+        return tensor
 
     def _encode_targets(self, segmentation_maps, segments_info, original_sizes, new_sizes, padded_size, ignore_index):
         batch_size = len(original_sizes)
@@ -760,7 +627,7 @@ class EovSegImageProcessor(BaseImageProcessor):
         mask_labels, class_labels = [], []
         for i, (seg_map, info) in enumerate(zip(maps, infos)):
             where = f"segmentation_maps[{i}]"
-            label_map = _decode_label_map(seg_map, where, panoptic=info is not None)
+            label_map = decode_segmentation_map(seg_map, where, panoptic=info is not None)
             if label_map.shape != tuple(original_sizes[i]):
                 raise ValueError(
                     f"{where} is {label_map.shape[0]}x{label_map.shape[1]} but images[{i}] is "
@@ -782,10 +649,10 @@ class EovSegImageProcessor(BaseImageProcessor):
                     if not segment.get("iscrowd", 0):
                         ids.append(segment_id)
                         classes.append(int(segment["category_id"]))
-                label_map = _resize_nearest(label_map, new_sizes[i], where)
+                label_map = resize_nearest(label_map, new_sizes[i], where)
                 values = ids
             else:
-                label_map = _resize_nearest(label_map, new_sizes[i], where)
+                label_map = resize_nearest(label_map, new_sizes[i], where)
                 values = np.unique(label_map)
                 if ignore_index is not None:
                     values = values[values != ignore_index]
@@ -1057,71 +924,20 @@ class EovSegImageProcessor(BaseImageProcessor):
                 keep &= iou > iou_threshold
             keep &= scores > threshold
             height, width = targets[i]
-            device = mask_logits.device
-            segmentation = torch.zeros((height, width), dtype=torch.int32, device=device)
+            segmentation = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
             candidates = keep.nonzero().flatten()
-            n = candidates.numel()
-            if n == 0:
+            if candidates.numel() == 0:
                 results.append({"segmentation": segmentation, "segments_info": []})
                 continue
             cand_scores = scores[candidates]
-            cand_labels = labels[candidates].tolist()
             resizer = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])
-
-            # Running argmax over chunks of candidates of score * sigmoid(mask): within a chunk `max(0)` gives the
-            # first maximal query, across chunks a later chunk wins only where it is strictly larger, so ties go to
-            # the earliest query, as a single argmax over all candidates does. `winner_own` tells whether the
-            # winner's own mask (sigmoid >= mask_threshold) covers the pixel.
-            chunk = max(1, _PANOPTIC_CHUNK_ELEMENTS // max(1, height * width))
-            own_area = torch.zeros(n, dtype=torch.int64, device=device)
-            best = winner = winner_own = None
-            for start in range(0, n, chunk):
-                stop = min(n, start + chunk)
-                probs = resizer(candidates[start:stop]).sigmoid_()
-                own = probs >= mask_threshold
-                # (whole-tensor count_nonzero per query is much faster on CPU than any reduction along a dim)
-                own_area[start:stop] = torch.stack([mask.count_nonzero() for mask in own])
-                probs.mul_(cand_scores[start:stop].view(-1, 1, 1).to(probs.dtype))
-                value, index = _max_with_first_index(probs)
-                index_own = own.gather(0, index[None])[0]
-                del probs, own
-                if start:
-                    index += start
-                if best is None:
-                    best, winner, winner_own = value, index, index_own
-                else:
-                    better = value > best
-                    best = torch.maximum(best, value)
-                    winner = torch.where(better, index, winner)
-                    winner_own = torch.where(better, index_own, winner_own)
-
-            won_area = torch.bincount(winner.flatten(), minlength=n)
-            kept_area = torch.bincount(winner.masked_select(winner_own), minlength=n)
-            ratio = won_area.to(torch.float64) / own_area.clamp(min=1).to(torch.float64)
-            valid = (won_area > 0) & (own_area > 0) & (kept_area > 0) & (ratio >= overlap_mask_area_threshold)
-
-            segment_of = [0] * n
-            segments_info = []
-            first_segment_of_class: dict[int, int] = {}
-            for k in valid.nonzero().flatten().tolist():
-                label = cand_labels[k]
-                if label in fuse and label in first_segment_of_class:
-                    segment_of[k] = first_segment_of_class[label]
-                    continue
-                segment_id = len(segments_info) + 1
-                segment_of[k] = segment_id
-                if label in fuse:
-                    first_segment_of_class[label] = segment_id
-                segments_info.append(
-                    {
-                        "id": segment_id,
-                        "label_id": int(label),
-                        "was_fused": label in fuse,
-                        "score": float(cand_scores[k]),
-                    }
-                )
+            winner, winner_own, own_area = _panoptic_argmax(resizer, candidates, cand_scores, mask_threshold)
+            segment_of, segments_info = _panoptic_segments(
+                winner, winner_own, own_area, labels[candidates].tolist(), cand_scores, fuse,
+                overlap_mask_area_threshold,
+            )
             if segments_info:
-                lookup = torch.tensor(segment_of, dtype=torch.int32, device=device)
+                lookup = torch.tensor(segment_of, dtype=torch.int32, device=segmentation.device)
                 segmentation = torch.where(winner_own, lookup[winner], segmentation)
             results.append({"segmentation": segmentation, "segments_info": segments_info})
         return results

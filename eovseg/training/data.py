@@ -28,7 +28,7 @@ import torch
 
 from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from ..evaluation._inputs import normalize_segments
-from ..processing.image_processing_eovseg import get_resize_output_shape, rgb_to_id
+from ..inputs import decode_image, get_resize_output_shape, normalize, pad_batch, rgb_to_id
 
 __all__ = [
     "DatasetFormatError",
@@ -61,23 +61,14 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def decode_rgb_image(value: Any, where: str) -> np.ndarray:
-    """An image as a (H, W, 3) uint8 RGB array (PIL images of any mode, or uint8 arrays (H, W[, 1|3|4]))."""
-    if isinstance(value, PIL.Image.Image):
-        return np.array(value.convert("RGB"))
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        array = _to_numpy(value)
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-            raise DatasetFormatError(f"{where}: expected an RGB image, got an array of shape {array.shape}.")
-        if array.dtype != np.uint8:
-            raise DatasetFormatError(f"{where}: image arrays must be uint8 (0-255), got {array.dtype}.")
-        if array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        return np.ascontiguousarray(array[..., :3])
-    raise DatasetFormatError(f"{where}: expected a PIL image or an array, got {type(value).__name__}.")
+    """An image as a (H, W, 3) uint8 RGB array, decoded as the image processor decodes images (every PIL mode, bit
+    depth and array layout: `eovseg.inputs.decode_image`); errors as `DatasetFormatError`."""
+    if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        raise DatasetFormatError(f"{where}: expected a PIL image or an array, got {type(value).__name__}.")
+    try:
+        return decode_image(value, where)
+    except ValueError as error:
+        raise DatasetFormatError(str(error)) from None
 
 
 def decode_panoptic_ids(value: Any, where: str) -> np.ndarray:
@@ -557,8 +548,7 @@ class EovSegDataCollator:
         for key, value in (vocabulary or {}).items():
             if key in ("input_ids", "synonym_counts", "class_seen_mask", "text_embeddings"):
                 self.vocabulary[key] = torch.as_tensor(value)
-        self.pixel_mean = torch.tensor(list(pixel_mean), dtype=torch.float32).view(3, 1, 1)
-        self.pixel_std = torch.tensor(list(pixel_std), dtype=torch.float32).view(3, 1, 1)
+        self.pixel_mean, self.pixel_std = list(pixel_mean), list(pixel_std)
         self.size_divisibility = int(size_divisibility)
 
     @classmethod
@@ -583,21 +573,12 @@ class EovSegDataCollator:
     def __call__(self, examples: Sequence[Mapping]) -> dict:
         if not examples:
             raise ValueError("Cannot collate an empty batch.")
-        sizes = [tuple(ex["image"].shape[-2:]) for ex in examples]
-        height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        if self.size_divisibility > 1:
-            height = math.ceil(height / self.size_divisibility) * self.size_divisibility
-            width = math.ceil(width / self.size_divisibility) * self.size_divisibility
-        batch = len(examples)
-        pixel_values = torch.zeros((batch, 3, height, width), dtype=torch.float32)
-        pixel_mask = torch.zeros((batch, height, width), dtype=torch.long)
+        images = [normalize(torch.as_tensor(ex["image"]).to(torch.float32), self.pixel_mean, self.pixel_std) for ex in examples]
+        valid_sizes = [tuple(int(v) for v in ex.get("image_size", image.shape[-2:])) for ex, image in zip(examples, images)]
+        pixel_values, pixel_mask = pad_batch(images, self.size_divisibility, valid_sizes)
+        height, width = pixel_values.shape[-2:]
         mask_labels, class_labels = [], []
-        for i, ex in enumerate(examples):
-            image = torch.as_tensor(ex["image"]).to(torch.float32)
-            h, w = image.shape[-2:]
-            pixel_values[i, :, :h, :w] = (image - self.pixel_mean) / self.pixel_std
-            vh, vw = (int(v) for v in ex.get("image_size", (h, w)))
-            pixel_mask[i, :vh, :vw] = 1
+        for ex in examples:
             masks = torch.as_tensor(ex["mask_labels"])
             padded = torch.zeros((masks.shape[0], height, width), dtype=torch.float32)
             padded[:, : masks.shape[1], : masks.shape[2]] = masks

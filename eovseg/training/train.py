@@ -316,7 +316,7 @@ def add_image_label_dataset(args, panoptic_dataset):
     """Decoupled Supervision: the panoptic data set mixed with `--image_label_dataset` at `--image_label_ratio`, and
     the image-level vocabulary."""
     from .data import ImageLabelDataset, LargeScaleJitter, MixedSegmentationDataset
-    from .synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_image_label_dataset
+    from ..synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_image_label_dataset
 
     if args.image_label_dataset == "synthetic":
         size = args.synthetic_image_size
