@@ -1387,13 +1387,17 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
     ):
         if image_labels is not None:
-            return self._loss_with_image_labels(
+            loss, loss_dict = self._loss_with_image_labels(
                 stage_class_logits, stage_mask_logits, stage_iou, query_embeddings, mask_labels, class_labels,
                 image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
             )
-        if mask_labels is not None or class_labels is not None:
-            return self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
-        return None, None
+        elif mask_labels is not None or class_labels is not None:
+            loss, loss_dict = self.compute_loss(stage_class_logits, stage_mask_logits, mask_labels, class_labels, stage_iou)
+        else:
+            return None, None
+        if self.config.decoupled_supervision:
+            loss_dict = self._complete_loss_dict(loss_dict, loss)
+        return loss, loss_dict
 
     def _default_stuff_class_ids(self, device) -> torch.LongTensor | None:
         if self.config.is_thing is None:
