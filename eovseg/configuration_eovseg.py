@@ -233,6 +233,16 @@ class EovSegConfig(PretrainedConfig):
             Padded inputs must have height and width divisible by this.
         text_chunk_size (`int`, *optional*, defaults to 128):
             Number of prompts encoded by the text tower at once.
+        text_encoder_dtype (`str`, *optional*):
+            `"bfloat16"` or `"float16"` encodes a new vocabulary's distinct prompts once each, batched by length,
+            with the text tower under autocast in that precision (embeddings within 1e-3 cosine of float32; float32
+            results). Default: the prompts as given, in the model's precision.
+        float32_sensitive_ops (`bool`, *optional*, defaults to `True`):
+            In a model cast to bfloat16 / float16, keep in float32 the steps that reduced precision breaks: the
+            modulated deformable convolution (no half kernel on CPU), the sigmoid and threshold of the decoder's hard
+            masks, the mask logits, the class logits (scaled cosines) and the geometric ensemble (logs of small
+            probabilities).
+            Outputs then come in float32. `False` runs everything in the model's precision.
         class_weight (`float`, *optional*, defaults to 2.0):
             Weight of the classification loss and of the class cost in matching.
         mask_weight (`float`, *optional*, defaults to 5.0):
@@ -334,6 +344,8 @@ class EovSegConfig(PretrainedConfig):
         pixel_std: list[float] | None = None,
         size_divisibility: int = 32,
         text_chunk_size: int = 128,
+        text_encoder_dtype: str | None = None,
+        float32_sensitive_ops: bool = True,
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
@@ -390,6 +402,10 @@ class EovSegConfig(PretrainedConfig):
         self.pixel_std = list(pixel_std) if pixel_std is not None else list(IMAGENET_PIXEL_STD)
         self.size_divisibility = size_divisibility
         self.text_chunk_size = text_chunk_size
+        if text_encoder_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"text_encoder_dtype must be None, 'float32', 'bfloat16' or 'float16', not {text_encoder_dtype!r}.")
+        self.text_encoder_dtype = text_encoder_dtype
+        self.float32_sensitive_ops = float32_sensitive_ops
         self.class_weight = class_weight
         self.mask_weight = mask_weight
         self.dice_weight = dice_weight

@@ -187,7 +187,12 @@ class EovSegClipBackbone(nn.Module):
                 features[f"res{i + 2}"] = x
             features["clip_dense"] = trunk.norm_pre(x)
         else:
-            x = visual.act1(visual.bn1(visual.conv1(pixel_values)))
+            # in half precision channels-last lets oneDNN / cuDNN skip their layout reorders (~40% faster on CPU); in
+            # float32 it changes the round-off enough for the decoder's hard masks to leave the original's noise
+            x = pixel_values
+            if x.dtype in (torch.bfloat16, torch.float16):
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = visual.act1(visual.bn1(visual.conv1(x)))
             x = visual.act2(visual.bn2(visual.conv2(x)))
             x = visual.act3(visual.bn3(visual.conv3(x)))
             features["stem"] = x
@@ -397,6 +402,10 @@ class EovSegMaskPooling(nn.Module):
         return torch.einsum("bchw,bqhw->bqc", features, masks)
 
 
+# similarities VAS computes at once (float32: 64 MiB); ADE20K-150 at 640x960 fits in one chunk
+VAS_CHUNK_ELEMENTS = 1 << 24
+
+
 class EovSegVAS(nn.Module):
     """Vocabulary-Aware Selection: each pixel's aggregated feature is scaled by how strongly it matches its best
     vocabulary entry (softmax over the text embeddings, max), with a learned scale and offset per head."""
@@ -430,10 +439,29 @@ class EovSegVAS(nn.Module):
         guide = self.guide_fc(text_embeddings.unsqueeze(0).expand(batch, -1, -1))
         guide = guide.reshape(batch, -1, self.num_heads, self.head_channels)
         embed = self.embed_conv(features).reshape(batch, self.num_heads, self.head_channels, height, width)
-        similarity = torch.einsum("bmchw,bnmc->bmhwn", embed, guide) / math.sqrt(self.head_channels)
-        gate = similarity.softmax(dim=-1).amax(dim=-1) * self.scale + self.offset
+        if height * width * guide.shape[1] * batch * self.num_heads <= VAS_CHUNK_ELEMENTS:
+            # the original's expression (its float32 round-off, which the decoder's hard masks amplify)
+            similarity = torch.einsum("bmchw,bnmc->bmhwn", embed, guide) / math.sqrt(self.head_channels)
+            gate = similarity.softmax(dim=-1).amax(dim=-1)
+        else:
+            gate = self._best_match(embed.reshape(batch * self.num_heads, self.head_channels, height * width),
+                                    guide.permute(0, 2, 3, 1).reshape(batch * self.num_heads, self.head_channels, -1))
+        gate = gate.reshape(batch, self.num_heads, height, width) * self.scale + self.offset
         features = features.reshape(batch, self.num_heads, -1, height, width) * gate.unsqueeze(2)
         return features.reshape(batch, channels, height, width)
+
+
+    def _best_match(self, embed: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """max over the vocabulary of softmax(similarity), (G, C, P) x (G, C, N) -> (G, P); pixels go in chunks of
+        about `VAS_CHUNK_ELEMENTS` similarities, so a large vocabulary does not hold a (P, N) matrix at once."""
+        pixels, entries = embed.shape[-1], guide.shape[-1]
+        chunk = max(1, min(pixels, VAS_CHUNK_ELEMENTS // max(1, entries * embed.shape[0])))
+        scale = math.sqrt(self.head_channels)
+        gates = []
+        for start in range(0, pixels, chunk):
+            similarity = torch.matmul(embed[..., start : start + chunk].transpose(1, 2), guide) / scale
+            gates.append(similarity.softmax(dim=-1).amax(dim=-1))
+        return gates[0] if len(gates) == 1 else torch.cat(gates, dim=-1)
 
 
 class EovSegDynamicDepthwiseConvAttention(nn.Module):
@@ -513,6 +541,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         hidden = config.hidden_dim
         kernel_dim = hidden * config.conv_kernel_size_2d**2
         self.hard_mask_threshold = config.hard_mask_threshold
+        self.float32_sensitive_ops = config.float32_sensitive_ops
         self.feature_attention = EovSegDynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
         self.feature_attention_norm = nn.LayerNorm(kernel_dim)
         self.kernel_attention = EovSegDynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
@@ -538,7 +567,9 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index):
-        hard_masks = (mask_logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
+        # in half precision a logit near 0 rounds to a sigmoid of exactly 0.5 and flips the hard mask
+        logits = mask_logits.float() if self.float32_sensitive_ops else mask_logits
+        hard_masks = (logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
         gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
         gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
         kernels = self.kernel_attention_norm(gathered + self.kernel_attention(kernels, gathered))
@@ -548,13 +579,20 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
 
         mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
-        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels, features)
+        if self.float32_sensitive_ops and features.dtype != torch.float32:
+            # the masks' boundaries are where the logits are near 0: half-precision rounding moves them
+            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels.float(), features.float())
+        else:
+            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels, features)
 
         pooled = self.mask_pooling_proj(self.mask_pooling(features, mask_logits))
         spatial_pooled = self.spatial_pooling_proj(self.mask_pooling(spatial_features, mask_logits))
         instance_embeddings = self.tdee(pooled, spatial_pooled)
         class_embeddings = self.class_embed(instance_embeddings + kernels)
-        class_logits = classification_logits(class_embeddings, vocabulary_embeddings, self.logit_scale, synonym_index)
+        embeddings, text, scale = class_embeddings, vocabulary_embeddings, self.logit_scale
+        if self.float32_sensitive_ops:  # logits up to 100 (scaled cosines): half precision rounds them by ~0.5
+            embeddings, text, scale = embeddings.float(), text.float(), scale.float()
+        class_logits = classification_logits(embeddings, text, scale, synonym_index)
         return class_logits, mask_logits, kernels, class_embeddings
 
 
@@ -944,18 +982,19 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             raise EovSegInputError(f"input_ids are {input_ids.shape[1]} tokens long; the text tower takes {context}.")
 
     @torch.no_grad()
-    def get_text_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def get_text_embeddings(self, input_ids: torch.LongTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Embeddings (S, D) of every synonym from its prompts' token ids (S * num_templates, L) ordered by synonym then
         template: each prompt's embedding normalized, averaged over the templates, normalized again.
 
-        Results are cached by the token ids and the text tower's weights, so a repeated vocabulary costs no text
-        pass; the caller gets its own copy. Prompts are encoded `config.text_chunk_size` at a time, each chunk only
-        as long as its longest prompt.
+        Results are cached by the token ids, the text tower's weights and the precision, so a repeated vocabulary
+        costs no text pass; the caller gets its own copy. Identical prompts are encoded once; the distinct ones go
+        `config.text_chunk_size` at a time in order of length, each chunk only as long as its longest prompt. `dtype`
+        (default `config.text_encoder_dtype`) runs the text tower under autocast in that precision.
         """
-        return self._cached_text_embeddings(input_ids).clone()
+        return self._cached_text_embeddings(input_ids, dtype).clone()
 
     @torch.no_grad()
-    def _cached_text_embeddings(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def _cached_text_embeddings(self, input_ids: torch.LongTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # The cache's own tensor: used by the model only, never handed out.
         self._check_input_ids(input_ids)
         num_templates = len(PROMPT_TEMPLATES)
@@ -966,19 +1005,15 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             )
         # Keyed by the token ids and by the text tower's weights as they are now (any in-place change, such as
         # load_state_dict or an optimizer step, bumps a tensor's version; a replaced tensor has another address).
-        key = (_hash_tensor(input_ids), self._text_tower_signature())
+        text_dtype = dtype if dtype is not None else getattr(torch, self.config.text_encoder_dtype or "", None)
+        key = (_hash_tensor(input_ids), self._text_tower_signature(), str(text_dtype))
         dtype = self.void_embedding.weight.dtype
         cached = self._text_cache.get(key)
         if cached is not None:
             self._text_cache.move_to_end(key)
             return cached
-        device = self.void_embedding.weight.device
-        chunks = []
-        for start in range(0, input_ids.shape[0], self.config.text_chunk_size):
-            chunk = input_ids[start : start + self.config.text_chunk_size].to(device)
-            chunks.append(self.clip_backbone.encode_text(chunk))
+        embeddings = self._encode_prompts(input_ids, text_dtype)
         self.num_text_encoder_calls += 1
-        embeddings = F.normalize(torch.cat(chunks), dim=-1)
         embeddings = F.normalize(embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(1), dim=-1).to(dtype)
         self._text_cache[key] = embeddings
         while len(self._text_cache) > self.text_cache_size:
@@ -995,6 +1030,27 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._clear_text_cache()
         self._verified_vocabulary = None
         return super().load_state_dict(*args, **kwargs)
+
+    def _encode_prompts(self, input_ids: torch.LongTensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        """Unit-normalized embeddings (P, D) of prompts (P, L).
+
+        Float32 (the default): `config.text_chunk_size` prompts at a time in the given order, as the original groups
+        them, each chunk only as long as its longest prompt; regrouping changes the float32 round-off, which the
+        decoder's hard masks amplify past the original's own noise. With a reduced `autocast_dtype`: distinct prompts
+        only, in order of length, under autocast."""
+        device = self.void_embedding.weight.device
+        if autocast_dtype is None or autocast_dtype == torch.float32:
+            chunks = [self.clip_backbone.encode_text(input_ids[start : start + self.config.text_chunk_size].to(device))
+                      for start in range(0, input_ids.shape[0], self.config.text_chunk_size)]
+            return F.normalize(torch.cat(chunks).float(), dim=-1)
+        unique, inverse = torch.unique(input_ids.to(device), dim=0, return_inverse=True)
+        order = torch.argsort(unique.argmax(dim=-1), stable=True)  # by end-of-text position
+        encoded = torch.empty(unique.shape[0], self.clip_backbone.embed_dim, device=device)
+        for start in range(0, unique.shape[0], self.config.text_chunk_size):
+            rows = order[start : start + self.config.text_chunk_size]
+            with torch.autocast(device.type, dtype=autocast_dtype):
+                encoded[rows] = self.clip_backbone.encode_text(unique[rows]).float()
+        return F.normalize(encoded, dim=-1)[inverse]
 
     @torch.no_grad()
     def set_default_vocabulary_embeddings(self, input_ids: torch.LongTensor) -> None:
@@ -1358,9 +1414,10 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         masks = F.interpolate(mask_logits, size=clip_dense.shape[-2:], mode="bilinear", align_corners=False)
         clip_embeddings = self.out_of_vocabulary(self.clip_backbone, clip_dense, masks)
         logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
-        logits = classification_logits(
-            clip_embeddings, vocabulary.embeddings_with_void, logit_scale, vocabulary.synonym_index
-        )
+        classifier = vocabulary.embeddings_with_void
+        if self.config.float32_sensitive_ops:  # the ensemble takes logs of these probabilities
+            clip_embeddings, classifier, logit_scale = clip_embeddings.float(), classifier.float(), logit_scale.float()
+        logits = classification_logits(clip_embeddings, classifier, logit_scale, vocabulary.synonym_index)
         return logits, (masks > 0).flatten(2).any(-1), clip_embeddings
 
     def _ensemble_with_clip(
@@ -1370,6 +1427,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         """Eval-mode class scores: EOV-Seg's geometric ensemble of the decoder's and the out-of-vocabulary head's
         probabilities, or OPSNet's Embedding Modulation. Returns (class logits, CLIP logits, domain similarity)."""
         out_vocab_logits, valid, clip_embeddings = self.out_of_vocabulary_logits(clip_dense, mask_logits, vocabulary)
+        if self.config.float32_sensitive_ops:
+            class_logits = class_logits.float()
         if class_ensemble == "geometric":
             return self.ensemble(class_logits, out_vocab_logits, vocabulary.seen, valid), out_vocab_logits, None
         if self.config.ensemble_on_valid_mask:

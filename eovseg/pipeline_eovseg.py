@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers import Pipeline
 
@@ -69,11 +70,30 @@ class OpenVocabularySegmentationPipeline(Pipeline):
                 postprocess[name] = value
         return preprocess, {}, postprocess
 
-    def __call__(self, inputs, **kwargs) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
-        return super().__call__(inputs, **kwargs)
+    def __call__(self, inputs, batch_size: int | None = None, **kwargs) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Segment one image or a list of images. `batch_size` > 1 runs a list through the model that many images
+        at a time (padded to a common size, each cropped back by its own pixel mask); results are the same as one by
+        one up to float round-off."""
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not batch_size or batch_size == 1 or not isinstance(inputs, (list, tuple)):
+            return super().__call__(inputs, **kwargs)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        results = []
+        for start in range(0, len(inputs), batch_size):
+            model_inputs = self._prepare(list(inputs[start : start + batch_size]), **preprocess_params)
+            with self.device_placement(), torch.inference_mode():
+                model_inputs["inputs"] = self._ensure_tensor_on_device(model_inputs["inputs"], device=self.device)
+                model_outputs = self._forward(model_inputs, **forward_params)
+            results.extend(self._annotate(model_outputs, i, **postprocess_params)
+                           for i in range(len(model_outputs["target_sizes"])))
+        return results
 
     def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
-        image = load_image(image, timeout=timeout)
+        return self._prepare([image], candidate_labels, stuff_labels, timeout, class_ensemble)
+
+    def _prepare(self, images: list, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
+        images = [load_image(image, timeout=timeout) for image in images]
         config = self.model.config
         if candidate_labels is None:
             if stuff_labels is not None:
@@ -85,20 +105,26 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         else:
             labels, is_thing = _resolve_labels(candidate_labels, stuff_labels)
         class_ensemble = class_ensemble or config.class_ensemble
-        inputs = self.processor(images=image, text=None if candidate_labels is None else labels, return_tensors="pt",
+        inputs = self.processor(images=images, text=None if candidate_labels is None else labels, return_tensors="pt",
                                 class_ensemble=class_ensemble)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return {"inputs": inputs, "target_size": (image.height, image.width), "labels": labels, "is_thing": is_thing,
+        target_sizes = [(image.height, image.width) for image in images]
+        return {"inputs": inputs, "target_sizes": target_sizes, "labels": labels, "is_thing": is_thing,
                 "class_ensemble": class_ensemble}
 
     def _forward(self, model_inputs):
         outputs = self.model(**model_inputs.pop("inputs"), class_ensemble=model_inputs["class_ensemble"])
         return {"outputs": outputs, **model_inputs}
 
-    def postprocess(self, model_outputs, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
-                    mask_threshold=0.5, score_mode="class", iou_threshold=0.0):
+    def postprocess(self, model_outputs, **kwargs):
+        return self._annotate(model_outputs, 0, **kwargs)
+
+    def _annotate(self, model_outputs, index: int, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
+                  mask_threshold=0.5, score_mode="class", iou_threshold=0.0):
+        """The annotation of image `index` of a (possibly batched) model output."""
         outputs, labels, is_thing = model_outputs["outputs"], model_outputs["labels"], model_outputs["is_thing"]
-        target = [model_outputs["target_size"]]
+        outputs = _select_image(outputs, index)
+        target = [model_outputs["target_sizes"][index]]
         names = [display_name(label) for label in labels]
         annotation = []
         if subtask == "semantic":
@@ -140,6 +166,22 @@ def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[boo
     if unknown:
         raise ValueError(f"stuff_labels {sorted(unknown)} are not among the candidate_labels.")
     return labels, [label not in stuff for label in labels]
+
+
+def _select_image(outputs, index: int):
+    """Image `index` of a batched model output, as a batch of one (the vocabulary-wide fields stay whole)."""
+    if outputs.class_queries_logits.shape[0] == 1:
+        return outputs
+    per_image = ("class_queries_logits", "masks_queries_logits", "image_sizes", "out_of_vocabulary_logits",
+                 "iou_scores")
+    fields = {key: value for key, value in outputs.items()}
+    for key in per_image:
+        if fields.get(key) is not None:
+            fields[key] = fields[key][index : index + 1]
+    for key in ("stage_class_queries_logits", "stage_masks_queries_logits", "stage_iou_scores"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(value[index : index + 1] for value in fields[key])
+    return type(outputs)(**fields)
 
 
 def register_pipeline() -> None:

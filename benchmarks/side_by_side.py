@@ -1,0 +1,296 @@
+"""The original EOV-Seg and ours, side by side in one process: images per second (alternating A B A B), per-component
+times, peak memory, batch 1 and 8, the first call with a new vocabulary, and cost against vocabulary size.
+
+    export EOVSEG_ORIGINAL=/path/EOV-Seg:/path/detectron2:/path/pydeps   # see benchmarks/original_eovseg.py
+    python benchmarks/side_by_side.py images --fixture tests/fixtures/original-r50 --rounds 3
+    python benchmarks/side_by_side.py images --no-original --compile      # ours only, with torch.compile
+    python benchmarks/side_by_side.py text --fixture tests/fixtures/original-r50
+    python benchmarks/side_by_side.py vocabularies --vocabulary-dir eovseg/vocabularies
+    python benchmarks/side_by_side.py memory --fixture tests/fixtures/original-r50
+
+Both models get the same deterministic R50 weights (the fixture's `refweights.py`; ours converted by our conversion
+code), the fixture's image resized to 640x960, the ADE20K-150 vocabulary with synonyms (text embeddings cached, as a
+server holds them), and return panoptic results at the image's 400x600 size: model forward plus panoptic
+post-processing. Each round runs every variant once, in turn, so machine load hits all alike; the table gives the
+median over rounds and every round's figure. Peak memory is measured in a fresh process per variant (the growth of
+the resident set over the loaded model during one call). Set `OMP_NUM_THREADS` / `--threads` to what you compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import ComponentTimer  # noqa: E402
+from original_eovseg import OriginalUnavailable, build_original_r50  # noqa: E402
+
+from eovseg import EovSegConfig  # noqa: E402
+from eovseg.conversion_scripts.convert_original_checkpoint import convert  # noqa: E402
+from eovseg.processing import EovSegProcessor  # noqa: E402
+
+ORIGINAL_COMPONENTS = {
+    "backbone": "cnn_backbone",
+    "vit_block": "vit_backbone",
+    "neck": "lite_aggr",
+    "decoder": "light_weight_decoder",
+}
+TARGET_SIZE = (400, 600)
+
+
+class Fixture:
+    """Weights, image and vocabulary of the original-R50 fixture."""
+
+    def __init__(self, folder: str):
+        folder = Path(folder)
+        if not (folder / "refweights.py").is_file():
+            raise SystemExit(f"--fixture {folder}: no refweights.py there (the original-r50 fixture folder).")
+        sys.path.insert(0, str(folder))
+        from refweights import make_state_dict
+
+        manifest = json.loads((folder / "manifest.json").read_text())
+        self.state_dict = make_state_dict(manifest, 0, torch.load(folder / "overrides.pt", weights_only=True))
+        self.expected = torch.load(folder / "expected.pt", weights_only=True)
+        height, width = self.expected["resized_shape"][:2]
+        image = Image.open(folder / "coffee.png").convert("RGB").resize((width, height), Image.BILINEAR)
+        self.image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+        things = set(self.expected["thing_contiguous_ids"])
+        self.vocabulary = list(self.expected["test_class_names"])
+        self.is_thing = [i in things for i in range(len(self.vocabulary))]
+        self.train_vocabulary = list(self.expected["train_class_names"])
+
+
+class Ours:
+    def __init__(self, fixture: Fixture, dtype: torch.dtype, device: torch.device, compile_model: bool = False,
+                 vocabulary: list[str] | None = None, is_thing: list[bool] | None = None, **config_kwargs):
+        vocabulary = vocabulary or fixture.vocabulary
+        config = EovSegConfig.from_variant("r50", vocabulary=vocabulary, is_thing=is_thing or fixture.is_thing,
+                                           train_vocabulary=fixture.train_vocabulary, **config_kwargs)
+        model, _ = convert(fixture.state_dict, config)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = EovSegProcessor.from_config(config)
+        text = self.processor.encode_vocabulary(vocabulary)
+        self.vocabulary = dict(text_embeddings=self.model.get_text_embeddings(text["input_ids"]),
+                               synonym_counts=text["synonym_counts"], class_seen_mask=text["class_seen_mask"])
+        self.stuff = [i for i, thing in enumerate(config.is_thing) if not thing]
+        mean = torch.tensor(fixture.expected["pixel_mean"]).view(3, 1, 1)
+        std = torch.tensor(fixture.expected["pixel_std"]).view(3, 1, 1)
+        self.pixels = ((fixture.image - mean) / std).to(device=device, dtype=dtype)[None]
+        self.device = device
+        self.timer = ComponentTimer(self.model, device)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+
+    def __call__(self, batch: int):
+        outputs = self.forward(self.pixels.expand(batch, -1, -1, -1).contiguous(), **self.vocabulary)
+        return self.processor.image_processor.post_process_panoptic_segmentation(
+            outputs, label_ids_to_fuse=self.stuff, target_sizes=[TARGET_SIZE] * batch)
+
+
+class Original:
+    def __init__(self, fixture: Fixture):
+        self.model = build_original_r50(fixture.state_dict)
+        self.model.test_text_classifier = fixture.expected["text_classifier"].clone()  # cached text, as ours
+        self.image = fixture.image
+        self.device = torch.device("cpu")
+        self.timer = ComponentTimer(self.model, self.device, ORIGINAL_COMPONENTS)
+
+    def __call__(self, batch: int):
+        return self.model([{"image": self.image, "height": TARGET_SIZE[0], "width": TARGET_SIZE[1]}] * batch)
+
+
+def make_variants(args, fixture: Fixture) -> dict:
+    device = torch.device(args.device)
+    variants = {}
+    if not args.no_original:
+        try:
+            variants["original"] = Original(fixture)
+        except OriginalUnavailable as error:
+            raise SystemExit(f"{error}\n(or pass --no-original to time ours alone)")
+    variants["ours float32"] = Ours(fixture, torch.float32, device)
+    variants["ours bfloat16"] = Ours(fixture, torch.bfloat16, device)
+    if device.type == "cuda":
+        variants["ours float16"] = Ours(fixture, torch.float16, device)
+    if args.compile:
+        variants["ours float32 compiled"] = Ours(fixture, torch.float32, device, compile_model=True)
+    return variants
+
+
+def timed_call(variant, batch: int) -> float:
+    sync = torch.cuda.synchronize if variant.device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        sync()
+        start = time.perf_counter()
+        variant(batch)
+        sync()
+    return time.perf_counter() - start
+
+
+def run_images(args):
+    fixture = Fixture(args.fixture)
+    variants = make_variants(args, fixture)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average before: {os.getloadavg()}")
+    for batch in args.batch_sizes:
+        for name, variant in variants.items():  # warm-up (and compilation) outside the rounds
+            start = time.perf_counter()
+            timed_call(variant, batch)
+            print(f"  warm-up {name} batch {batch}: {time.perf_counter() - start:.1f} s")
+        times = {name: [] for name in variants}
+        components = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, variant in variants.items():
+                variant.timer.reset()
+                times[name].append(timed_call(variant, batch) / batch)
+                components[name].append(dict(variant.timer.times))
+        report(batch, times, components)
+    print(f"load average after: {os.getloadavg()}")
+
+
+def report(batch: int, times: dict, components: dict):
+    print(f"\n== batch {batch}: seconds per image (median of {len(next(iter(times.values())))} alternating rounds; "
+          f"every round in brackets) ==")
+    reference = statistics.median(times["original"]) if "original" in times else None
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = f"  {reference / median:5.2f}x the original's images/s" if reference else ""
+        rounds = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {name:<24} {median:7.3f} s  ({1 / median:5.2f} images/s) [{rounds}]{ratio}")
+    print("  per component (median s per image; the rest is CLIP branch, ensemble and post-processing):")
+    for name, rounds in components.items():
+        keys = rounds[0].keys()
+        parts = {k: statistics.median(r[k] for r in rounds) / batch for k in keys}
+        rest = statistics.median(times[name]) - sum(parts.values())
+        print(f"    {name:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f"  rest {rest:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------ text encoding
+
+
+def run_text(args):
+    fixture = Fixture(args.fixture)
+    rows = []
+    ours = Ours(fixture, torch.float32, torch.device("cpu"))
+    model, processor = ours.model, ours.processor
+    ids = processor.encode_vocabulary(fixture.vocabulary)["input_ids"]
+    reference = fixture.expected["text_classifier"]
+    for label, dtype in (("ours float32", None), ("ours bfloat16 text tower", torch.bfloat16)):
+        model._clear_text_cache()
+        start = time.perf_counter()
+        embeddings = model.get_text_embeddings(ids, dtype=dtype)
+        seconds = time.perf_counter() - start
+        cosine = torch.nn.functional.cosine_similarity(embeddings.double(), reference.double(), dim=-1)
+        rows.append((label, seconds, f"min cosine to the original's {cosine.min().item():.6f}"))
+    if not args.no_original:
+        original = Original(fixture).model
+        original.test_text_classifier = None
+        start = time.perf_counter()
+        with torch.no_grad():
+            text, _ = original.get_text_classifier()
+        rows.insert(0, ("original", time.perf_counter() - start, f"{len(text)} synonym embeddings"))
+    print(f"first call with a new {len(fixture.vocabulary)}-class vocabulary ({ids.shape[0]} prompts), "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    base = rows[0][1] if not args.no_original else None
+    for label, seconds, note in rows:
+        ratio = f"  {base / seconds:5.1f}x faster than the original" if base and label != "original" else ""
+        print(f"  {label:<26} {seconds:8.2f} s  {note}{ratio}")
+
+
+# ------------------------------------------------------------------------------------------ memory, vocabularies
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_variant(args):
+    """In a fresh process: build one variant, run one call, print the time and the peak resident-set growth."""
+    fixture = Fixture(args.fixture)
+    vocabulary = is_thing = None
+    if args.vocabulary_file:
+        classes = json.loads(Path(args.vocabulary_file).read_text())["classes"]
+        vocabulary = [c["name"] for c in classes]
+        is_thing = [bool(c.get("isthing", 1)) for c in classes]
+    if args.variant == "original":
+        variant = Original(fixture)
+    else:
+        dtype = {"ours float32": torch.float32, "ours bfloat16": torch.bfloat16}[args.variant]
+        start = time.perf_counter()
+        variant = Ours(fixture, dtype, torch.device("cpu"), vocabulary=vocabulary, is_thing=is_thing)
+        text_seconds = time.perf_counter() - start
+    baseline = rss_bytes()
+    seconds = timed_call(variant, args.batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"seconds_per_image": seconds / args.batch, "peak_growth_mib": (peak - baseline) / 2**20,
+              "peak_mib": peak / 2**20}
+    if args.variant != "original":
+        result["setup_with_text_seconds"] = text_seconds
+    print("RESULT " + json.dumps(result))
+
+
+def in_fresh_process(args, variant: str, batch: int, vocabulary_file: str | None = None) -> dict:
+    command = [sys.executable, __file__, "one", "--fixture", args.fixture, "--variant", variant, "--batch", str(batch)]
+    if vocabulary_file:
+        command += ["--vocabulary-file", vocabulary_file]
+    out = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{variant} failed:\n{out.stderr[-2000:]}")
+
+
+def run_memory(args):
+    names = (["original"] if not args.no_original else []) + ["ours float32", "ours bfloat16"]
+    print("peak memory of one call (fresh process each; growth of the resident set over the loaded model)")
+    for batch in args.batch_sizes:
+        for name in names:
+            r = in_fresh_process(args, name, batch)
+            print(f"  batch {batch} {name:<16} {r['seconds_per_image']:6.2f} s/image  peak +{r['peak_growth_mib']:7.0f} MiB"
+                  f"  (process peak {r['peak_mib']:.0f} MiB)")
+
+
+def run_vocabularies(args):
+    folder = Path(args.vocabulary_dir)
+    print("ours float32, batch 1, fresh process per vocabulary: text encoding (first call) and one image")
+    for name in args.vocabularies:
+        path = folder / f"{name}.json"
+        classes = json.loads(path.read_text())["classes"]
+        r = in_fresh_process(args, "ours float32", 1, str(path))
+        print(f"  {name:<14} {len(classes):5d} classes  model + text setup {r['setup_with_text_seconds']:6.1f} s  "
+              f"image {r['seconds_per_image']:5.2f} s  peak +{r['peak_growth_mib']:6.0f} MiB (process {r['peak_mib']:.0f} MiB)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["images", "text", "memory", "vocabularies", "one"])
+    parser.add_argument("--fixture", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original-r50"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-original", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--vocabulary-dir", default=str(Path(__file__).resolve().parents[1] / "eovseg" / "vocabularies"))
+    parser.add_argument("--vocabularies", nargs="+", default=["coco_panoptic", "ade20k_150", "ade20k_847", "lvis_1203"])
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--vocabulary-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"images": run_images, "text": run_text, "memory": run_memory, "vocabularies": run_vocabularies,
+     "one": one_variant}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The fast paths: each gives the plain computation's numbers (up to float32 round-off) on small models."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import pipeline
+
+import eovseg  # noqa: F401  (registers the Auto classes and pipelines)
+from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
+from eovseg import modeling_eovseg
+from eovseg.auto_registration import save_model_folder
+from eovseg.modeling_eovseg import EovSegVAS
+
+VOCABULARY = ["cup, mug", "saucer, plate", "table", "spoon", "wall", "floor"]
+IS_THING = [True, True, True, True, False, False]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = EovSegConfig.from_variant("tiny", vocabulary=VOCABULARY, is_thing=IS_THING, train_vocabulary=["cup, mug"])
+    model = EovSegForPanopticSegmentation(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "logit_scale" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    processor = EovSegProcessor.from_config(config)
+    model.set_default_vocabulary_embeddings(processor.encode_vocabulary(VOCABULARY)["input_ids"])
+    return model, processor
+
+
+def test_vas_in_pixel_chunks_matches_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    vas = EovSegVAS(8, 16, 12, num_heads=2).eval()
+    features, text = torch.randn(2, 8, 5, 7), F.normalize(torch.randn(9, 12), dim=-1)
+    whole = vas(features, text)
+    monkeypatch.setattr(modeling_eovseg, "VAS_CHUNK_ELEMENTS", 2 * 2 * 9 * 4)  # 4 pixels per chunk
+    chunked = vas(features, text)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    # the plain formula: softmax over the vocabulary, max, per head
+    guide = vas.guide_fc(text).reshape(9, 2, 8)
+    embed = vas.embed_conv(features).reshape(2, 2, 8, 5, 7)
+    gate = (torch.einsum("bmchw,nmc->bmhwn", embed, guide) / 8**0.5).softmax(-1).amax(-1)
+    expected = (features.reshape(2, 2, 4, 5, 7) * (gate * vas.scale + vas.offset).unsqueeze(2)).reshape(2, 8, 5, 7)
+    torch.testing.assert_close(whole, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_text_encoding_reduced_precision_batches_distinct_prompts_by_length(tiny):
+    model, processor = tiny
+    vocabulary = ["cup, mug", "a rather long name of a thing", "cup", "mug, cup"]  # repeated synonyms
+    ids = processor.encode_vocabulary(vocabulary)["input_ids"]
+    clip = model.clip_backbone
+    original_encode = clip.encode_text
+
+    def encode(dtype):
+        seen = []
+
+        def recording(chunk):
+            seen.append(chunk.clone())
+            return original_encode(chunk)
+
+        model._clear_text_cache()
+        model.config.text_chunk_size = 8
+        try:
+            clip.encode_text = recording
+            embeddings = model.get_text_embeddings(ids, dtype=dtype)
+        finally:
+            del clip.encode_text
+            model.config.text_chunk_size = 128
+        return embeddings, torch.cat([F.pad(c, (0, ids.shape[1] - c.shape[1])) for c in seen])
+
+    # float32: the prompts as given, in chunks (the original's grouping, hence its round-off)
+    embeddings, encoded = encode(None)
+    assert torch.equal(encoded, ids)
+    with torch.no_grad():
+        plain = F.normalize(original_encode(ids), dim=-1)
+    plain = F.normalize(plain.reshape(embeddings.shape[0], -1, plain.shape[-1]).mean(1), dim=-1)
+    torch.testing.assert_close(embeddings, plain, atol=1e-6, rtol=1e-5)
+    # reduced precision: each distinct prompt once, in order of length; within 1e-3 cosine of float32
+    reduced, encoded = encode(torch.bfloat16)
+    assert encoded.shape[0] == torch.unique(ids, dim=0).shape[0] < ids.shape[0]
+    lengths = encoded.argmax(-1)
+    assert bool((lengths[1:] >= lengths[:-1]).all())
+    assert reduced.dtype == torch.float32
+    assert F.cosine_similarity(reduced, plain, dim=-1).min() > 0.999
+    assert not torch.equal(reduced, embeddings)  # really another precision, and not served from the float32 cache
+
+
+def test_bfloat16_model_keeps_sensitive_steps_in_float32(tiny):
+    model, processor = tiny
+    pixels = processor(images=torch.zeros(3, 64, 96, dtype=torch.uint8), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        full = model(pixels)
+        half = EovSegForPanopticSegmentation(copy.deepcopy(model.config)).eval()
+        half.load_state_dict(model.state_dict())
+        half = half.to(torch.bfloat16)
+        out = half(pixels.to(torch.bfloat16))
+        assert out.class_queries_logits.dtype == out.masks_queries_logits.dtype == torch.float32
+        assert torch.isfinite(out.class_queries_logits).all()
+        # class probabilities close to float32's (same argmax where float32 is confident)
+        p_full, p_half = full.class_queries_logits.softmax(-1), out.class_queries_logits.softmax(-1)
+        assert (p_full - p_half).abs().max() < 0.1
+        half.config.float32_sensitive_ops = False
+        for layer in half.decoder.layers:
+            layer.float32_sensitive_ops = False
+        assert half(pixels.to(torch.bfloat16)).class_queries_logits.dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory):
+    model, processor = tiny
+    folder = tmp_path_factory.mktemp("fast") / "eovseg-tiny"
+    save_model_folder(model, processor, str(folder))
+    return folder
+
+
+def test_pipeline_batch_size_gives_the_one_by_one_results(model_dir):
+    segmenter = pipeline("open-vocabulary-segmentation", model=str(model_dir))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)) for _ in range(3)]
+    labels = ["cat", "keyboard, computer keyboard", "sky"]
+    for subtask in ("semantic", "panoptic"):
+        one_by_one = [segmenter(image, candidate_labels=labels, subtask=subtask) for image in images]
+        batched = segmenter(images, candidate_labels=labels, subtask=subtask, batch_size=2)
+        assert len(batched) == len(images)
+        assert all(batched) or subtask == "panoptic"  # random weights: no panoptic segment may survive
+        for single, together in zip(one_by_one, batched):
+            assert [s["label"] for s in single] == [s["label"] for s in together]
+            for a, b in zip(single, together):
+                assert np.mean(np.asarray(a["mask"]) != np.asarray(b["mask"])) < 0.01
+                assert a["score"] == b["score"] or abs(a["score"] - b["score"]) < 1e-3
+    # images of different sizes share a padded batch; each result comes back at its own image's size
+    mixed = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(60, 90), (80, 70)]]
+    for image, result in zip(mixed, segmenter(mixed, candidate_labels=labels, subtask="semantic", batch_size=2)):
+        assert result and all(segment["mask"].size == image.size for segment in result)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        segmenter(images, candidate_labels=labels, batch_size=0)
