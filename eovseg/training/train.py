@@ -404,44 +404,26 @@ def _step_seed(seed: int, micro_step: int, process_index: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run the training described by `args` (see [`build_parser`]). Returns a summary (final step, last metrics)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-
-    from ..auto_registration import push_model_folder, save_model_folder
-    from ..launch import launched_on_cpu_only
-    from .data import EovSegDataCollator
-    from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
-
-    check_output_dir(args)
-    overrides = parse_config_overrides(args.config_overrides)
-
-    accelerator = Accelerator(
-        cpu=args.cpu or launched_on_cpu_only(),
-        mixed_precision=args.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
-    )
-    set_seed(args.seed)
-    is_main = accelerator.is_main_process
-    if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    model, processor, fresh = load_model_and_processor(args.model, overrides)
-    train_rows, eval_rows = build_datasets(args)
-    categories = resolve_categories(args, train_rows, model)
-    class_names = [c["name"] for c in categories]
-    # The classes trained on are "seen" classes from now on (they select the ensemble weight alpha).
+def _set_train_vocabulary(model, processor, class_names: list[str], fresh: bool) -> None:
+    """The classes trained on are "seen" classes from now on (they select the ensemble weight alpha)."""
     train_vocabulary = class_names if fresh else list(dict.fromkeys([*model.config.train_vocabulary, *class_names]))
     model.config.train_vocabulary = train_vocabulary
     processor.train_vocabulary = list(train_vocabulary)
+
+
+def _apply_test_size(args, processor) -> None:
+    """`--test_shortest_edge` / `--test_longest_edge` set the inference resize the saved processor will use."""
     if args.test_shortest_edge is not None:
         size = {"shortest_edge": int(args.test_shortest_edge)}
         longest = args.test_longest_edge or processor.image_processor.size.get("longest_edge")
         if longest is not None:
             size["longest_edge"] = int(longest)
         processor.image_processor.size = size
+
+
+def _build_train_loader(args, processor, model, train_rows, categories, class_names):
+    """The training data set (with image-level labels when asked) and its unshuffled loader."""
+    from .data import EovSegDataCollator
 
     train_dataset = make_train_dataset(args, train_rows, categories)
     image_label_names = None
@@ -460,6 +442,12 @@ def train(args: argparse.Namespace) -> dict:
     )
     if len(loader) == 0:
         raise ValueError(f"The data set has {len(train_dataset)} rows, fewer than one batch ({args.per_device_batch_size}).")
+    return train_dataset, loader
+
+
+def _build_optimizer(args, model):
+    """AdamW over the original's parameter groups and its multi-step schedule with warmup."""
+    from .trainer_utils import build_lr_scheduler, build_param_groups, scaled_lr_steps
 
     param_groups = build_param_groups(
         model, args.learning_rate, args.weight_decay, args.weight_decay_norm, args.weight_decay_embed,
@@ -472,11 +460,11 @@ def train(args: argparse.Namespace) -> dict:
     scheduler = build_lr_scheduler(
         optimizer, args.max_steps, milestones, args.lr_gamma, args.warmup_factor, args.warmup_iters
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    # Stepped by hand once per optimizer step (a prepared scheduler would step once per process), saved with the state.
-    accelerator.register_for_checkpointing(scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return optimizer, scheduler
 
+
+def _resume_state(args, accelerator) -> tuple[str | None, int, int]:
+    """Load the checkpoint asked for (if any) into the prepared objects; returns it and its (global, micro) step."""
     global_step, micro_step = 0, 0
     resume = _resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.resume_from_checkpoint == "latest" and resume is None:
@@ -487,118 +475,209 @@ def train(args: argparse.Namespace) -> dict:
             state = json.load(f)
         global_step, micro_step = int(state["global_step"]), int(state["micro_step"])
         accelerator.print(f"Resumed from {resume} at step {global_step}.")
+    return resume, global_step, micro_step
 
-    metrics_path = os.path.join(args.output_dir, METRICS_FILE)
-    # A resumed run appends to its log; a new run starts a fresh one (with --overwrite_output_dir too).
-    metrics_file = open(metrics_path, "a" if resume else "w", encoding="utf-8") if is_main else None
 
-    def log(record: dict):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+class _TrainingRun:
+    """The state one training run carries between steps: counters, the metrics log, the interval's running sums.
 
-    def evaluate_now() -> dict | None:
-        if eval_rows is None:
+    Kept in one object so that the loop, the logging, the evaluation and the checkpointing read the same counters.
+    """
+
+    def __init__(self, args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
+                 global_step, micro_step):
+        self.args, self.accelerator, self.model, self.processor = args, accelerator, model, processor
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.eval_rows, self.categories = eval_rows, categories
+        self.global_step, self.micro_step = global_step, micro_step
+        self.is_main = accelerator.is_main_process
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        metrics_path = os.path.join(args.output_dir, METRICS_FILE)
+        # A resumed run appends to its log; a new run starts a fresh one (with --overwrite_output_dir too).
+        self.metrics_file = open(metrics_path, "a" if resume else "w", encoding="utf-8") if self.is_main else None
+        self.interval: dict[str, float] = {}
+        self.interval_steps, self.interval_start = 0, time.time()
+        self.step_losses: dict[str, float] = {}
+        self.last_eval = None
+
+    def log(self, record: dict):
+        """Append one JSON line to `metrics.jsonl` (main process only), flushed so a crash keeps what was logged."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def evaluate_now(self) -> dict | None:
+        """Panoptic quality on the evaluation rows, computed by the main process while the others wait."""
+        if self.eval_rows is None:
             return None
         result = None
-        if is_main:
-            result = run_evaluation(accelerator.unwrap_model(model), processor, eval_rows, categories, args)
-            log({"step": global_step, **{f"eval/{k}": v for k, v in result.items()}})
-        accelerator.wait_for_everyone()
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            result = run_evaluation(model, self.processor, self.eval_rows, self.categories, self.args)
+            self.log({"step": self.global_step, **{f"eval/{k}": v for k, v in result.items()}})
+        self.accelerator.wait_for_everyone()
         return result
 
-    def save_checkpoint():
-        path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    def save_checkpoint(self):
+        """Accelerate's state plus the data position (`STATE_FILE`), keeping at most `--save_total_limit` of them."""
+        args, accelerator = self.args, self.accelerator
+        path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}")
         accelerator.save_state(path)
-        if is_main:
+        if self.is_main:
             with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump({"global_step": global_step, "micro_step": micro_step, "args": vars(args)}, f, indent=2)
+                state = {"global_step": self.global_step, "micro_step": self.micro_step, "args": vars(args)}
+                json.dump(state, f, indent=2)
             if args.save_total_limit:
                 for _, old in _checkpoints(args.output_dir)[: -args.save_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    accumulation = max(1, args.gradient_accumulation_steps)
-    batches_per_epoch = len(loader)
-    bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
-    start_time = time.time()
-    interval: dict[str, float] = {}
-    interval_steps, interval_start = 0, time.time()
-    last_eval = None
-    step_losses: dict[str, float] = {}
-    model.train()
-    stop = global_step >= args.max_steps
-    while not stop:
-        epoch, skip = divmod(micro_step, batches_per_epoch)
-        # Accelerate's loader passes its own epoch counter to the data set when iterated: keep both in step.
-        loader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in epoch_loader:
-            torch.manual_seed(_step_seed(args.seed, micro_step, accelerator.process_index))
-            micro_step += 1
-            sync = micro_step % accumulation == 0
-            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-            with context:
-                outputs = model(**batch)
-                accelerator.backward(outputs.loss / accumulation)
-            for key, value in [("loss", outputs.loss), *outputs.loss_dict.items()]:
-                step_losses[key] = step_losses.get(key, 0.0) + float(value.detach()) / accumulation
-            if not sync:
-                continue
+    def forward_backward(self, batch, accumulation: int) -> bool:
+        """One micro-batch, reseeded from (seed, micro step, process) for exact resume; True when the step syncs."""
+        accelerator = self.accelerator
+        torch.manual_seed(_step_seed(self.args.seed, self.micro_step, accelerator.process_index))
+        self.micro_step += 1
+        sync = self.micro_step % accumulation == 0
+        context = contextlib.nullcontext() if sync else accelerator.no_sync(self.model)
+        with context:
+            outputs = self.model(**batch)
+            accelerator.backward(outputs.loss / accumulation)
+        for key, value in [("loss", outputs.loss), *outputs.loss_dict.items()]:
+            self.step_losses[key] = self.step_losses.get(key, 0.0) + float(value.detach()) / accumulation
+        return sync
 
-            grad_norm = None
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm, norm_type=2.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            global_step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_losses['loss']:.3f}", refresh=False)
-            for key, value in step_losses.items():
-                interval[key] = interval.get(key, 0.0) + value
-            if grad_norm is not None:
-                interval["grad_norm"] = interval.get("grad_norm", 0.0) + grad_norm
-            interval_steps += 1
-            step_losses = {}
+    def optimizer_step(self, bar) -> float:
+        """Clip, step the optimizer and the scheduler, and add the step's losses to the interval; returns its lr."""
+        args = self.args
+        grad_norm = None
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm, norm_type=2.0))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.global_step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{self.step_losses['loss']:.3f}", refresh=False)
+        for key, value in self.step_losses.items():
+            self.interval[key] = self.interval.get(key, 0.0) + value
+        if grad_norm is not None:
+            self.interval["grad_norm"] = self.interval.get("grad_norm", 0.0) + grad_norm
+        self.interval_steps += 1
+        self.step_losses = {}
+        return lr
 
-            if global_step % max(1, args.logging_steps) == 0 or global_step >= args.max_steps:
-                elapsed = time.time() - interval_start
-                record = {"step": global_step, "epoch": round(micro_step / batches_per_epoch, 4), "lr": lr}
-                keys = list(interval)  # the same keys, in the same order, on every process
-                values = torch.tensor([interval[k] / interval_steps for k in keys], dtype=torch.float64)
-                if accelerator.num_processes > 1:  # averaged over processes
-                    values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
-                record.update({k: float(v) for k, v in zip(keys, values)})
-                record["seconds_per_step"] = elapsed / interval_steps
-                log(record)
-                interval, interval_steps, interval_start = {}, 0, time.time()
-            if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps:
-                last_eval = evaluate_now() or last_eval
-            if args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint()
-            out_of_time = args.max_train_seconds is not None and time.time() - start_time > args.max_train_seconds
-            if global_step >= args.max_steps or out_of_time:
-                stop = True
-                break
-    bar.close()
+    def log_interval(self, lr: float, batches_per_epoch: int):
+        """Log the interval's mean losses (averaged over processes too) and start a new interval."""
+        accelerator = self.accelerator
+        elapsed = time.time() - self.interval_start
+        record = {"step": self.global_step, "epoch": round(self.micro_step / batches_per_epoch, 4), "lr": lr}
+        keys = list(self.interval)  # the same keys, in the same order, on every process
+        values = torch.tensor([self.interval[k] / self.interval_steps for k in keys], dtype=torch.float64)
+        if accelerator.num_processes > 1:  # averaged over processes
+            values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+        record.update({k: float(v) for k, v in zip(keys, values)})
+        record["seconds_per_step"] = elapsed / self.interval_steps
+        self.log(record)
+        self.interval, self.interval_steps, self.interval_start = {}, 0, time.time()
 
-    last_eval = evaluate_now() or last_eval
-    unwrapped = accelerator.unwrap_model(model)
-    if is_main:
-        store_training_vocabulary(unwrapped, processor, categories)
-        save_model_folder(unwrapped, processor, args.output_dir)
+    def after_step(self, lr: float, batches_per_epoch: int, start_time: float) -> bool:
+        """Log, evaluate and checkpoint on their schedules; True when training should stop."""
+        args, global_step = self.args, self.global_step
+        if global_step % max(1, args.logging_steps) == 0 or global_step >= args.max_steps:
+            self.log_interval(lr, batches_per_epoch)
+        if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps:
+            self.last_eval = self.evaluate_now() or self.last_eval
+        if args.save_steps and global_step % args.save_steps == 0:
+            self.save_checkpoint()
+        out_of_time = args.max_train_seconds is not None and time.time() - start_time > args.max_train_seconds
+        return global_step >= args.max_steps or out_of_time
+
+    def run(self, loader, train_dataset, bar):
+        """The epoch loop; a resumed run skips the batches its epoch had already seen."""
+        accelerator, args = self.accelerator, self.args
+        accumulation = max(1, args.gradient_accumulation_steps)
+        batches_per_epoch = len(loader)
+        start_time = time.time()
+        self.model.train()
+        stop = self.global_step >= args.max_steps
+        while not stop:
+            epoch, skip = divmod(self.micro_step, batches_per_epoch)
+            # Accelerate's loader passes its own epoch counter to the data set when iterated: keep both in step.
+            loader.set_epoch(epoch)
+            train_dataset.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in epoch_loader:
+                if not self.forward_backward(batch, accumulation):
+                    continue
+                lr = self.optimizer_step(bar)
+                if self.after_step(lr, batches_per_epoch, start_time):
+                    stop = True
+                    break
+
+
+def _save_final(accelerator, model, processor, categories, args) -> None:
+    """Save the model and processor in OUT with the training classes as vocabulary, and upload them if asked."""
+    from ..auto_registration import push_model_folder, save_model_folder
+
+    if accelerator.is_main_process:
+        store_training_vocabulary(model, processor, categories)
+        save_model_folder(model, processor, args.output_dir)
         if args.push_to_hub:
             url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
                                     ignore_patterns=[f"{CHECKPOINT_PREFIX}*"])  # the model, not the resume states
             print(f"uploaded: {url}")
     accelerator.wait_for_everyone()
-    if metrics_file is not None:
-        metrics_file.close()
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run the training described by `args` (see [`build_parser`]). Returns a summary (final step, last metrics)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from ..launch import launched_on_cpu_only
+
+    check_output_dir(args)
+    overrides = parse_config_overrides(args.config_overrides)
+
+    accelerator = Accelerator(
+        cpu=args.cpu or launched_on_cpu_only(),
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
+    )
+    set_seed(args.seed)
+    is_main = accelerator.is_main_process
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    model, processor, fresh = load_model_and_processor(args.model, overrides)
+    train_rows, eval_rows = build_datasets(args)
+    categories = resolve_categories(args, train_rows, model)
+    class_names = [c["name"] for c in categories]
+    _set_train_vocabulary(model, processor, class_names, fresh)
+    _apply_test_size(args, processor)
+    train_dataset, loader = _build_train_loader(args, processor, model, train_rows, categories, class_names)
+
+    optimizer, scheduler = _build_optimizer(args, model)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # Stepped by hand once per optimizer step (a prepared scheduler would step once per process), saved with the state.
+    accelerator.register_for_checkpointing(scheduler)
+
+    resume, global_step, micro_step = _resume_state(args, accelerator)
+    run = _TrainingRun(args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
+                       global_step, micro_step)
+    bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
+    run.run(loader, train_dataset, bar)
+    bar.close()
+
+    last_eval = run.evaluate_now() or run.last_eval
+    _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args)
+    if run.metrics_file is not None:
+        run.metrics_file.close()
     accelerator.end_training()
-    return {"global_step": global_step, "micro_step": micro_step, "eval": last_eval, "output_dir": args.output_dir}
+    return {"global_step": run.global_step, "micro_step": run.micro_step, "eval": last_eval,
+            "output_dir": args.output_dir}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
