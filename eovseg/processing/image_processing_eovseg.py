@@ -356,6 +356,103 @@ def _checked_iou_scores(outputs, score_mode: str, iou_threshold: float) -> torch
     return iou_scores
 
 
+def _instance_candidates(class_logits: torch.Tensor, top_k: int, keep_labels: set[int] | None):
+    """The `top_k` (query, class) pairs of one image by class probability (void excluded), as the original ranks
+    them, then only those of `keep_labels` when given: their scores, labels and queries."""
+    num_classes = class_logits.shape[-1] - 1
+    class_probs = F.softmax(class_logits, dim=-1)[:, :-1]
+    k = min(int(top_k), class_probs.numel())
+    cand_scores, flat_index = class_probs.flatten().topk(k, sorted=True)
+    cand_labels = flat_index % num_classes
+    cand_queries = torch.div(flat_index, num_classes, rounding_mode="floor")
+    if keep_labels is not None:
+        keep = torch.tensor([int(c) in keep_labels for c in cand_labels.tolist()], dtype=torch.bool)
+        keep = keep.to(cand_labels.device)
+        cand_scores, cand_labels, cand_queries = cand_scores[keep], cand_labels[keep], cand_queries[keep]
+    return cand_scores, cand_labels, cand_queries
+
+
+def _instance_masks(resizer, target, cand_queries, cand_scores, mask_threshold: float, device):
+    """Binary masks of the candidates at the output size and their scores `class_prob * mean mask probability`.
+
+    Each distinct query is resized once (a query can be a candidate for several classes).
+    """
+    height, width = target
+    if cand_queries.numel() == 0:
+        return torch.zeros((0, height, width), dtype=torch.bool, device=device), cand_scores
+    queries, inverse = torch.unique(cand_queries, return_inverse=True)
+    logits = resizer(queries)
+    if mask_threshold == 0.5:
+        binary_f = (logits > 0).to(logits.dtype)
+    else:
+        binary_f = (logits.sigmoid() > mask_threshold).to(logits.dtype)
+    mask_scores = (logits.sigmoid().flatten(1) * binary_f.flatten(1)).sum(1) / (binary_f.flatten(1).sum(1) + 1e-6)
+    scores = cand_scores * mask_scores[inverse].to(cand_scores.dtype)
+    return (binary_f > 0)[inverse], scores
+
+
+def _instance_ranked(scores, labels, binary, threshold: float):
+    """The instances scoring at least `threshold`, by decreasing score (stable: ties keep the top-k order)."""
+    keep = scores >= threshold
+    scores, labels, binary = scores[keep], labels[keep], binary[keep]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return scores[order], labels[order], binary[order]
+
+
+def _instance_id_map(binary: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(height, width)` map of instance ids (-1: none) and the indices of the instances visible in it.
+
+    Paints the lowest score first so that the highest-scoring instance shows where masks overlap, then keeps (and
+    numbers 0, 1, ... by decreasing score) only the instances left with pixels in the map.
+    """
+    height, width = target
+    segmentation = torch.full((height, width), -1, dtype=torch.int32, device=binary.device)
+    for j in range(binary.shape[0] - 1, -1, -1):
+        segmentation[binary[j]] = j
+    present = torch.zeros(binary.shape[0] + 1, dtype=torch.bool, device=binary.device)
+    present[segmentation.flatten().long() + 1] = True
+    visible = present[1:].nonzero().flatten()
+    lookup = torch.full((binary.shape[0] + 1,), -1, dtype=torch.int32, device=binary.device)
+    lookup[visible + 1] = torch.arange(visible.numel(), dtype=torch.int32, device=binary.device)
+    return lookup[segmentation.long() + 1], visible
+
+
+def _default_label_ids_to_fuse(outputs, label_ids_to_fuse):
+    """The classes to merge: those given, else the stuff classes the outputs carry, else none (with a warning,
+    since the original merges its stuff classes)."""
+    if label_ids_to_fuse is None and getattr(outputs, "stuff_class_ids", None) is not None:
+        label_ids_to_fuse = outputs.stuff_class_ids.tolist()
+    if label_ids_to_fuse is None:
+        logger.warning_once(
+            "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "
+            "original EOV-Seg does."
+        )
+    return label_ids_to_fuse
+
+
+def _panoptic_candidates(class_logits, iou, score_mode: str, iou_threshold: float, threshold: float):
+    """The candidate queries (not void, IoU above `iou_threshold` when predicted, score above `threshold`), their
+    scores and their most probable classes (a list)."""
+    num_classes = class_logits.shape[-1] - 1
+    scores, labels = F.softmax(class_logits, dim=-1).max(-1)
+    keep = labels.ne(num_classes)
+    if iou is not None:
+        iou = iou.to(scores.dtype)
+        scores = iou if score_mode == "iou" else scores * iou if score_mode == "class_iou" else scores
+        keep &= iou > iou_threshold
+    keep &= scores > threshold
+    candidates = keep.nonzero().flatten()
+    return candidates, scores[candidates], labels[candidates].tolist()
+
+
+def _paint_segments(segmentation, winner, winner_own, segment_of, segments_info):
+    """Each pixel a candidate wins inside its own mask takes the id of that candidate's segment (0: none)."""
+    if segments_info:
+        lookup = torch.tensor(segment_of, dtype=torch.int32, device=segmentation.device)
+        segmentation = torch.where(winner_own, lookup[winner], segmentation)
+    return segmentation
+
+
 def _binary_mask_to_coco_rle(mask: torch.Tensor) -> dict:
     """COCO run-length encoding (column-major, `{"size": [H, W], "counts": str}`) of a binary mask."""
     from pycocotools import mask as mask_utils
@@ -790,54 +887,20 @@ class EovSegImageProcessor(BaseImageProcessor):
         mask_logits = outputs.masks_queries_logits
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
         keep_labels = None if thing_ids is None else _label_set(thing_ids, "thing_ids")
-        num_classes = class_logits.shape[-1] - 1
         results = []
         for i in range(class_logits.shape[0]):
-            class_probs = F.softmax(class_logits[i], dim=-1)[:, :-1]
-            k = min(int(top_k), class_probs.numel())
-            cand_scores, flat_index = class_probs.flatten().topk(k, sorted=True)
-            cand_labels = flat_index % num_classes
-            cand_queries = torch.div(flat_index, num_classes, rounding_mode="floor")
-            if keep_labels is not None:
-                keep = torch.tensor([int(c) in keep_labels for c in cand_labels.tolist()], dtype=torch.bool)
-                keep = keep.to(cand_labels.device)
-                cand_scores, cand_labels, cand_queries = cand_scores[keep], cand_labels[keep], cand_queries[keep]
-            height, width = targets[i]
-            if cand_queries.numel() == 0:
-                binary = torch.zeros((0, height, width), dtype=torch.bool, device=mask_logits.device)
-                scores = cand_scores
-            else:
-                queries, inverse = torch.unique(cand_queries, return_inverse=True)
-                logits = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])(queries)
-                if mask_threshold == 0.5:
-                    binary_f = (logits > 0).to(logits.dtype)
-                else:
-                    binary_f = (logits.sigmoid() > mask_threshold).to(logits.dtype)
-                mask_scores = (logits.sigmoid().flatten(1) * binary_f.flatten(1)).sum(1) / (
-                    binary_f.flatten(1).sum(1) + 1e-6
-                )
-                scores = cand_scores * mask_scores[inverse].to(cand_scores.dtype)
-                binary = (binary_f > 0)[inverse]
-            keep = scores >= threshold
-            scores, labels, binary = scores[keep], cand_labels[keep], binary[keep]
-            order = torch.sort(scores, descending=True, stable=True).indices
-            scores, labels, binary = scores[order], labels[order], binary[order]
+            cand_scores, cand_labels, cand_queries = _instance_candidates(class_logits[i], top_k, keep_labels)
+            binary, scores = _instance_masks(
+                _MaskResizer(mask_logits[i], image_sizes[i], targets[i]), targets[i], cand_queries, cand_scores,
+                mask_threshold, mask_logits.device,
+            )
+            scores, labels, binary = _instance_ranked(scores, cand_labels, binary, threshold)
             if return_binary_maps:
                 segmentation = binary
             elif return_coco_annotation:
                 segmentation = [_binary_mask_to_coco_rle(m) for m in binary]
             else:
-                # Paint the lowest score first so that the highest-scoring instance shows where masks overlap, then
-                # keep (and number 0, 1, ... by decreasing score) only the instances left with pixels in the map.
-                segmentation = torch.full((height, width), -1, dtype=torch.int32, device=binary.device)
-                for j in range(binary.shape[0] - 1, -1, -1):
-                    segmentation[binary[j]] = j
-                present = torch.zeros(binary.shape[0] + 1, dtype=torch.bool, device=binary.device)
-                present[segmentation.flatten().long() + 1] = True
-                visible = present[1:].nonzero().flatten()
-                lookup = torch.full((binary.shape[0] + 1,), -1, dtype=torch.int32, device=binary.device)
-                lookup[visible + 1] = torch.arange(visible.numel(), dtype=torch.int32, device=binary.device)
-                segmentation = lookup[segmentation.long() + 1]
+                segmentation, visible = _instance_id_map(binary, targets[i])
                 scores, labels = scores[visible], labels[visible]
             segments = [
                 {"id": j, "label_id": int(c), "was_fused": False, "score": float(s)}
@@ -899,45 +962,28 @@ class EovSegImageProcessor(BaseImageProcessor):
             - **segments_info**: one dict per segment: `id`, `label_id`, `was_fused` (True when `label_id` is in
               `label_ids_to_fuse`) and `score`, the class probability of the query that opened the segment.
         """
-        if label_ids_to_fuse is None and getattr(outputs, "stuff_class_ids", None) is not None:
-            label_ids_to_fuse = outputs.stuff_class_ids.tolist()
-        if label_ids_to_fuse is None:
-            logger.warning_once(
-                "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "
-                "original EOV-Seg does."
-            )
+        label_ids_to_fuse = _default_label_ids_to_fuse(outputs, label_ids_to_fuse)
         _check_post_process_arguments(threshold=threshold, mask_threshold=mask_threshold,
                                       overlap_mask_area_threshold=overlap_mask_area_threshold)
         fuse = _label_set(label_ids_to_fuse, "label_ids_to_fuse")
         class_logits = outputs.class_queries_logits
         mask_logits = outputs.masks_queries_logits
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
-        num_classes = class_logits.shape[-1] - 1
         iou_scores = _checked_iou_scores(outputs, score_mode, iou_threshold)
         results = []
         for i in range(class_logits.shape[0]):
-            scores, labels = F.softmax(class_logits[i], dim=-1).max(-1)
-            keep = labels.ne(num_classes)
-            if iou_scores is not None:
-                iou = iou_scores[i].to(scores.dtype)
-                scores = iou if score_mode == "iou" else scores * iou if score_mode == "class_iou" else scores
-                keep &= iou > iou_threshold
-            keep &= scores > threshold
-            height, width = targets[i]
-            segmentation = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
-            candidates = keep.nonzero().flatten()
+            candidates, cand_scores, cand_labels = _panoptic_candidates(
+                class_logits[i], None if iou_scores is None else iou_scores[i], score_mode, iou_threshold, threshold
+            )
+            segmentation = torch.zeros(targets[i], dtype=torch.int32, device=mask_logits.device)
             if candidates.numel() == 0:
                 results.append({"segmentation": segmentation, "segments_info": []})
                 continue
-            cand_scores = scores[candidates]
             resizer = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])
             winner, winner_own, own_area = _panoptic_argmax(resizer, candidates, cand_scores, mask_threshold)
             segment_of, segments_info = _panoptic_segments(
-                winner, winner_own, own_area, labels[candidates].tolist(), cand_scores, fuse,
-                overlap_mask_area_threshold,
+                winner, winner_own, own_area, cand_labels, cand_scores, fuse, overlap_mask_area_threshold
             )
-            if segments_info:
-                lookup = torch.tensor(segment_of, dtype=torch.int32, device=segmentation.device)
-                segmentation = torch.where(winner_own, lookup[winner], segmentation)
+            segmentation = _paint_segments(segmentation, winner, winner_own, segment_of, segments_info)
             results.append({"segmentation": segmentation, "segments_info": segments_info})
         return results
