@@ -532,6 +532,23 @@ def evaluate_model(
         For one task, its metrics (see `PanopticQuality.compute`, `SemanticSegmentationMetric.compute`,
         `InstanceSegmentationMetric.compute`); for several, `{task: metrics}`. Scores in percent.
     """
+    tasks = _checked_tasks(task, batch_size, semantic_labels)
+    categories, ignore = _evaluation_categories(categories, model, dataset, ignore_category_ids)
+    columns, need_panoptic, unresolved = _evaluation_columns(columns, dataset, tasks, categories, max_samples)
+    metrics = _build_metrics(tasks, categories, ignore, ignore_index, metric_kwargs)
+    run = _Run(model, processor, categories, columns, need_panoptic, metrics, device)
+    run.unresolved = unresolved  # resolved from the first row's keys instead
+    run.semantic_options = (ignore_index, semantic_labels, reduce_labels)
+    run.class_ensemble = class_ensemble
+    run.post_process = _post_process_kwargs(model.config, categories, post_process_kwargs)
+    shard = _Shard.of(accelerator)
+    records = run(dataset, batch_size, max_samples, shard, progress and shard.rank == 0)
+    scores = _compute_scores(metrics, records, tasks, shard, accelerator)
+    return scores[tasks[0]] if len(tasks) == 1 else scores
+
+
+def _checked_tasks(task, batch_size: int, semantic_labels: str) -> list[str]:
+    """The tasks asked for, after checking the arguments a typo could get wrong before any forward pass."""
     tasks = _tasks(task)
     for t in tasks:
         if t not in TASKS:
@@ -540,6 +557,12 @@ def evaluate_model(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if semantic_labels not in ("category_id", "index"):
         raise ValueError(f"semantic_labels must be 'category_id' or 'index', got {semantic_labels!r}.")
+    return tasks
+
+
+def _evaluation_categories(categories, model, dataset, ignore_category_ids) -> tuple[list[dict], set[int]]:
+    """The categories evaluated (see `evaluate_model`) and the ignored category ids, which leave the vocabulary:
+    their ground truth is void and the model cannot predict them."""
     if categories is None and not (dataset_categories(dataset) if dataset is not None else None):
         logger.warning(
             "The data set stores no categories: evaluating with the model's own vocabulary (config.vocabulary, "
@@ -547,10 +570,15 @@ def evaluate_model(
         )
     categories = _resolve_categories(categories, model, dataset)
     ignore = {int(c) for c in ignore_category_ids}
-    # Ignored categories leave the vocabulary: their ground truth is void and the model cannot predict them.
     categories = [c for c in categories if c["id"] not in ignore]
     if not categories:
         raise ValueError("Every category is ignored: nothing to evaluate.")
+    return categories, ignore
+
+
+def _evaluation_columns(columns, dataset, tasks, categories, max_samples):
+    """The data set's columns, resolved now when it names them (else from its first row: `unresolved`), whether
+    panoptic references are needed, and a check that the vocabulary meets the panoptic ground truth."""
     if columns is None:
         columns = DatasetColumns(semantic="semantic" if isinstance(dataset, SemanticLabelFolder) else None)
     elif isinstance(columns, Mapping):
@@ -561,19 +589,16 @@ def evaluate_model(
         columns = columns.resolve(column_names, need_panoptic)
     if "panoptic" in tasks or "instance" in tasks:
         _check_vocabulary_meets_ground_truth(dataset, columns, categories, max_samples)
-    metrics = _build_metrics(tasks, categories, ignore, ignore_index, metric_kwargs)
-    run = _Run(model, processor, categories, columns, need_panoptic, metrics, device)
-    run.unresolved = column_names is None  # resolved from the first row's keys instead
-    run.semantic_options = (ignore_index, semantic_labels, reduce_labels)
-    run.class_ensemble = class_ensemble
-    run.post_process = _post_process_kwargs(model.config, categories, post_process_kwargs)
-    shard = _Shard.of(accelerator)
-    records = run(dataset, batch_size, max_samples, shard, progress and shard.rank == 0)
+    return columns, need_panoptic, column_names is None
+
+
+def _compute_scores(metrics, records, tasks, shard, accelerator) -> dict:
+    """Every task's scores, the processes' results merged first, with an error when no image was scored."""
     if shard.size > 1:
         _merge_processes(metrics, records, accelerator)
     scores = {t: metrics[t].compute() for t in tasks}
     _check_something_evaluated(scores)
-    return scores[tasks[0]] if len(tasks) == 1 else scores
+    return scores
 
 
 class _Run:
