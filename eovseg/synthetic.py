@@ -131,9 +131,28 @@ def _draw_image(
     crowd_probability: float,
     void_probability: float,
 ):
-    """One image: (H, W, 3) uint8 RGB, (H, W) int64 segment ids (0 unlabeled), and its segments."""
+    """One image: (H, W, 3) uint8 RGB, (H, W) int64 segment ids (0 unlabeled), and its segments.
+
+    The steps draw from `rng` in a fixed order (stuff, void patch, things, segment ids): the data set's content
+    depends on it.
+    """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    # --- stuff: sky above a wavy horizon, ground below
+    image, is_sky = _draw_stuff(rng, yy, xx)
+    category = np.where(is_sky, 3, 4).astype(np.int64)  # per-pixel category, -1 void
+    instance = np.full((height, width), -1, dtype=np.int64)  # per-pixel thing instance index
+    if rng.random() < void_probability:
+        _draw_void_patch(rng, yy, xx, image, category)
+    things = _draw_things(
+        rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area
+    )
+    id_map, segments = _segments(rng, category, instance, things, crowd_probability)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image, id_map, segments
+
+
+def _draw_stuff(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stuff background, sky above a wavy horizon and ground below: the float image and the sky mask."""
+    height, width = yy.shape
     horizon = rng.uniform(0.3, 0.65) * height
     wave = rng.uniform(0.02, 0.08) * height * np.sin(xx[0] / width * 2 * np.pi * rng.uniform(0.5, 2.0) + rng.uniform(0, 6.3))
     is_sky = yy < (horizon + wave)[None, :]
@@ -147,21 +166,26 @@ def _draw_image(
         + 30 * _smooth_noise(rng, height, width, 6)[..., None] * np.array([0.8, 1.0, 0.5])
         + rng.normal(0, 14, size=(height, width, 1))
     )
-    image = np.where(is_sky[..., None], sky, ground)
+    return np.where(is_sky[..., None], sky, ground), is_sky
 
-    category = np.where(is_sky, 3, 4).astype(np.int64)  # per-pixel category, -1 void
-    instance = np.full((height, width), -1, dtype=np.int64)  # per-pixel thing instance index
-    # --- an unlabeled patch now and then
-    if rng.random() < void_probability:
-        h, w = rng.uniform(0.08, 0.2) * height, rng.uniform(0.08, 0.2) * width
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        void = (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
-        image[void] = rng.uniform(20, 60) + rng.normal(0, 10, size=(int(void.sum()), 3))
-        category[void] = -1
 
-    # --- things, with bounded overlap
+def _draw_void_patch(rng, yy, xx, image, category) -> None:
+    """A dark unlabeled rectangle (category -1), drawn into `image` and `category` in place."""
+    height, width = yy.shape
+    h, w = rng.uniform(0.08, 0.2) * height, rng.uniform(0.08, 0.2) * width
+    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+    void = (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
+    image[void] = rng.uniform(20, 60) + rng.normal(0, 10, size=(int(void.sum()), 3))
+    category[void] = -1
+
+
+def _draw_things(
+    rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area
+) -> list[int]:
+    """Thing instances drawn in place over the background, each tried up to 25 times until it fits (see
+    [`_thing_fits`]); returns the class index of each placed instance (its index is its value in `instance`)."""
     thing_kinds = [k for k in _KINDS if k in _THING_COLOURS]
-    things = []  # (kind index, area before occlusion)
+    things = []
     target = int(rng.integers(min_instances, max_instances + 1))
     for _ in range(target):
         kind_index = int(rng.integers(len(thing_kinds)))
@@ -169,17 +193,8 @@ def _draw_image(
         for _attempt in range(25):
             mask = _shape_mask(kind, rng, yy, xx, size_range)
             area = int(mask.sum())
-            if area < min_area:
+            if not _thing_fits(mask, area, instance, len(things), max_overlap, min_area):
                 continue
-            covered = instance[mask]
-            covered = covered[covered >= 0]
-            if covered.size > max_overlap * area:
-                continue
-            if covered.size:
-                lost = np.bincount(covered, minlength=len(things))
-                visible = np.bincount(instance[instance >= 0], minlength=len(things))
-                if np.any(visible - lost < np.maximum(min_area, (1 - max_overlap) * visible)):
-                    continue
             colour = np.array(_THING_COLOURS[kind]) + rng.uniform(-25, 25, 3)
             shading = rng.normal(0, 6, size=(area, 3))
             image[mask] = colour + shading
@@ -187,8 +202,29 @@ def _draw_image(
             category[mask] = kind_index
             things.append(kind_index)
             break
+    return things
 
-    # --- segments: stuff first, then things; random distinct ids in [1, 2^24)
+
+def _thing_fits(mask, area: int, instance, num_things: int, max_overlap: float, min_area: int) -> bool:
+    """Whether a new shape is large enough, covers at most `max_overlap` of its area with earlier instances, and
+    leaves each earlier instance enough of its visible area (`min_area` and `1 - max_overlap` of it)."""
+    if area < min_area:
+        return False
+    covered = instance[mask]
+    covered = covered[covered >= 0]
+    if covered.size > max_overlap * area:
+        return False
+    if covered.size:
+        lost = np.bincount(covered, minlength=num_things)
+        visible = np.bincount(instance[instance >= 0], minlength=num_things)
+        if np.any(visible - lost < np.maximum(min_area, (1 - max_overlap) * visible)):
+            return False
+    return True
+
+
+def _segments(rng, category, instance, things, crowd_probability):
+    """The segment-id map and segments_info: stuff first, then things, with random distinct ids in [1, 2^24) and
+    now and then one thing segment flagged `iscrowd`."""
     segment_masks, segment_categories = [], []
     for stuff_category in (3, 4):
         mask = (category == stuff_category) & (instance < 0)
@@ -201,7 +237,7 @@ def _draw_image(
             segment_masks.append(mask)
             segment_categories.append(kind_index)
     ids = rng.choice(2**24 - 1, size=len(segment_masks), replace=False) + 1
-    id_map = np.zeros((height, width), dtype=np.int64)
+    id_map = np.zeros(instance.shape, dtype=np.int64)
     segments = []
     thing_segments = [i for i, c in enumerate(segment_categories) if c < 3]
     crowd = int(rng.choice(thing_segments)) if thing_segments and rng.random() < crowd_probability else -1
@@ -217,8 +253,7 @@ def _draw_image(
                 "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)],
             }
         )
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return image, id_map, segments
+    return id_map, segments
 
 
 def id_map_to_rgb(id_map: np.ndarray) -> np.ndarray:
@@ -265,12 +300,7 @@ def make_synthetic_panoptic_dataset(
     import datasets
     import PIL.Image
 
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}.")
-    if height < 16 or width < 16:
-        raise ValueError(f"Synthetic images must be at least 16x16, got {height}x{width}.")
-    if not 0 <= min_instances <= max_instances:
-        raise ValueError(f"Need 0 <= min_instances <= max_instances, got {min_instances}, {max_instances}.")
+    _check_synthetic_arguments(num_images, height, width, min_instances, max_instances)
     categories = synthetic_categories(class_names)
     if min_area is None:
         min_area = max(4, int(0.01 * height * width))
@@ -288,7 +318,34 @@ def make_synthetic_panoptic_dataset(
         rows["image"].append(PIL.Image.fromarray(image))
         rows["label"].append(PIL.Image.fromarray(id_map_to_rgb(id_map)))
         rows["segments_info"].append(segments)
-    features = datasets.Features(
+    features = _panoptic_features()
+    description = json.dumps(
+        {
+            "categories": categories,
+            _METADATA_KEY: {
+                "num_images": num_images, "height": height, "width": width, "seed": seed,
+                "min_instances": min_instances, "max_instances": max_instances,
+            },
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features, info=datasets.DatasetInfo(description=description, features=features))
+
+
+def _check_synthetic_arguments(num_images, height, width, min_instances, max_instances) -> None:
+    """Reject sizes and counts the drawing cannot honour, before drawing anything."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}.")
+    if height < 16 or width < 16:
+        raise ValueError(f"Synthetic images must be at least 16x16, got {height}x{width}.")
+    if not 0 <= min_instances <= max_instances:
+        raise ValueError(f"Need 0 <= min_instances <= max_instances, got {min_instances}, {max_instances}.")
+
+
+def _panoptic_features():
+    """The `datasets.Features` of the COCO-panoptic columns."""
+    import datasets
+
+    return datasets.Features(
         {
             "image_id": datasets.Value("int64"),
             "file_name": datasets.Value("string"),
@@ -308,16 +365,6 @@ def make_synthetic_panoptic_dataset(
             ],
         }
     )
-    description = json.dumps(
-        {
-            "categories": categories,
-            _METADATA_KEY: {
-                "num_images": num_images, "height": height, "width": width, "seed": seed,
-                "min_instances": min_instances, "max_instances": max_instances,
-            },
-        }
-    )
-    return datasets.Dataset.from_dict(rows, features=features, info=datasets.DatasetInfo(description=description, features=features))
 
 
 def make_synthetic_image_label_dataset(
