@@ -67,14 +67,20 @@ def default_model_path() -> str:
     return str(demo.default_model_path())
 
 
+def check_model_folder(model_path) -> Path:
+    """`model_path` as a Path, refused in one line unless it is a saved model folder."""
+    path = Path(model_path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise PredictError(f"--model {str(path)!r} is not a folder with a config.json (a saved or converted model).")
+    return path
+
+
 def load_model(model_path: str | None, device: torch.device | str = "cpu"):
     """`(model, processor)` from a saved model folder (the bundled demo model when None), in eval mode on `device`."""
     from . import EovSegForPanopticSegmentation
     from .processing import EovSegProcessor
 
-    path = Path(model_path if model_path is not None else default_model_path())
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise PredictError(f"--model {str(path)!r} is not a folder with a config.json (a saved or converted model).")
+    path = check_model_folder(model_path if model_path is not None else default_model_path())
     model = EovSegForPanopticSegmentation.from_pretrained(path).to(device).eval()
     processor = EovSegProcessor.from_pretrained(path)
     return model, processor
@@ -459,9 +465,7 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.batch_size < 1:
         raise PredictError(f"--batch_size must be at least 1, got {args.batch_size}.")
     items, bad_args = collect_inputs(args.inputs)
-    model_path = args.model if args.model is not None else default_model_path()
-    if not Path(model_path, "config.json").is_file():
-        raise PredictError(f"--model {model_path!r} is not a folder with a config.json (a saved or converted model).")
+    model_path = str(check_model_folder(args.model if args.model is not None else default_model_path()))
     class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff,
                                                    args.vocabulary)
     settings = _settings(args, model_path, class_names, is_thing)
