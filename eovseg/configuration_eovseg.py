@@ -372,15 +372,8 @@ class EovSegConfig(PretrainedConfig):
         **kwargs,
     ):
         self.variant = self._check_variant(variant, clip_model_config, vit_model_config)
-        r50 = PUBLISHED_VARIANTS["r50"]
-        towers_given = clip_model_config is not None or vit_model_config is not None
-        self.clip_model_name = clip_model_name if clip_model_name is not None or towers_given else r50["clip_model_name"]
-        self.clip_pretrained = clip_pretrained if clip_pretrained is not None or towers_given else r50["clip_pretrained"]
-        self.clip_model_config = copy.deepcopy(clip_model_config if towers_given else r50["clip_model_config"])
-        self.vit_model_name = vit_model_name if vit_model_name is not None or towers_given else r50["vit_model_name"]
-        self.vit_pretrained = vit_pretrained if vit_pretrained is not None or towers_given else r50["vit_pretrained"]
-        self.vit_model_config = copy.deepcopy(vit_model_config if towers_given else r50["vit_model_config"])
-        self._check_towers()
+        self._set_towers(clip_model_name, clip_pretrained, clip_model_config, vit_model_name, vit_pretrained,
+                         vit_model_config)
         self.hidden_dim = hidden_dim
         self.agg_dim = agg_dim
         self.num_proposals = num_proposals
@@ -402,9 +395,7 @@ class EovSegConfig(PretrainedConfig):
         self.pixel_std = list(pixel_std) if pixel_std is not None else list(IMAGENET_PIXEL_STD)
         self.size_divisibility = size_divisibility
         self.text_chunk_size = text_chunk_size
-        if text_encoder_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"text_encoder_dtype must be None, 'float32', 'bfloat16' or 'float16', not {text_encoder_dtype!r}.")
-        self.text_encoder_dtype = text_encoder_dtype
+        self.text_encoder_dtype = self._check_text_encoder_dtype(text_encoder_dtype)
         self.float32_sensitive_ops = float32_sensitive_ops
         self.class_weight = class_weight
         self.mask_weight = mask_weight
@@ -441,6 +432,26 @@ class EovSegConfig(PretrainedConfig):
                 f"EovSegConfig.from_variant({variant!r})."
             )
         return variant
+
+    def _set_towers(self, clip_model_name, clip_pretrained, clip_model_config, vit_model_name, vit_pretrained,
+                    vit_model_config) -> None:
+        """The two CLIP towers' names, pretrained tags and open_clip configurations: those given when either
+        configuration is, else the published R50 variant's (a bare `EovSegConfig()` is the R50 model)."""
+        r50 = PUBLISHED_VARIANTS["r50"]
+        towers_given = clip_model_config is not None or vit_model_config is not None
+        self.clip_model_name = clip_model_name if clip_model_name is not None or towers_given else r50["clip_model_name"]
+        self.clip_pretrained = clip_pretrained if clip_pretrained is not None or towers_given else r50["clip_pretrained"]
+        self.clip_model_config = copy.deepcopy(clip_model_config if towers_given else r50["clip_model_config"])
+        self.vit_model_name = vit_model_name if vit_model_name is not None or towers_given else r50["vit_model_name"]
+        self.vit_pretrained = vit_pretrained if vit_pretrained is not None or towers_given else r50["vit_pretrained"]
+        self.vit_model_config = copy.deepcopy(vit_model_config if towers_given else r50["vit_model_config"])
+        self._check_towers()
+
+    @staticmethod
+    def _check_text_encoder_dtype(text_encoder_dtype: str | None) -> str | None:
+        if text_encoder_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"text_encoder_dtype must be None, 'float32', 'bfloat16' or 'float16', not {text_encoder_dtype!r}.")
+        return text_encoder_dtype
 
     def _check_towers(self):
         if self.clip_model_config is None or self.vit_model_config is None:

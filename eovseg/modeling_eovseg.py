@@ -36,7 +36,7 @@ from torchvision.ops import deform_conv2d
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .configuration_eovseg import EovSegConfig, EovSegInputError
 from .classifier_eovseg import build_synonym_index, classification_logits
@@ -880,6 +880,49 @@ def _hash_tensor(tensor: torch.Tensor) -> str:
     return hashlib.sha1(data + str(tuple(tensor.shape)).encode()).hexdigest()
 
 
+_FORWARD_INPUTS_DOCSTRING = r"""
+    Args:
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Normalized images, padded to a multiple of `config.size_divisibility`.
+        pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            1 on valid pixels, 0 on padding; gives `image_sizes` in the output.
+        input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+            Token ids of every prompt of the vocabulary (class, synonym, template order), from `EovSegProcessor`.
+        synonym_counts (`torch.LongTensor` of shape `(num_classes,)`, *optional*):
+            Number of synonyms of each class; required with `input_ids` or `text_embeddings`.
+        class_seen_mask (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
+            Whether each class was seen in training (selects the ensemble weight alpha rather than beta);
+            all unseen when not given.
+        text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
+            Precomputed synonym embeddings from `get_text_embeddings`, instead of `input_ids`.
+        mask_labels (`list[torch.FloatTensor]`, *optional*):
+            Per image, (num_targets, height, width) binary target masks at the padded input size.
+        class_labels (`list[torch.LongTensor]`, *optional*):
+            Per image, (num_targets,) class indices into the vocabulary.
+        output_hidden_states (`bool`, *optional*):
+            Also return backbone, spatial, aggregator and VAS features and the text embeddings; defaults to
+            `config.output_hidden_states`.
+        return_dict (`bool`, *optional*):
+            Return an [`EovSegOutput`] (default) or a tuple.
+        class_ensemble (`str`, *optional*):
+            Eval-mode class scoring for this call, `"geometric"` or `"embedding_modulation"`; defaults to
+            `config.class_ensemble`. Embedding Modulation needs `train_input_ids` and `train_synonym_counts`.
+        train_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+            Prompt token ids of the training vocabulary (Embedding Modulation), from
+            `EovSegProcessor(..., class_ensemble="embedding_modulation")`.
+        train_synonym_counts (`torch.LongTensor` of shape `(num_train_classes,)`, *optional*):
+            Number of synonyms of each training class.
+        image_labels (`list[torch.LongTensor | None]`, *optional*):
+            Decoupled Supervision: per image, the class indices (into the image-level vocabulary) of its
+            image-level labels, or None for an image with panoptic targets (`mask_labels` / `class_labels`; give
+            empty ones for image-level images).
+        image_label_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
+            Prompt token ids of the image-level vocabulary (kept apart from the panoptic one).
+        image_label_synonym_counts (`torch.LongTensor` of shape `(num_image_label_classes,)`, *optional*):
+            Number of synonyms of each image-level class.
+"""
+
+
 class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
     """EOV-Seg for open-vocabulary panoptic (and semantic / instance) segmentation.
 
@@ -1292,6 +1335,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             raise EovSegInputError("text_embeddings must be finite floating-point values.")
         return text_embeddings.to(self.void_embedding.weight.device)
 
+    @add_start_docstrings_to_model_forward(_FORWARD_INPUTS_DOCSTRING)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1312,47 +1356,10 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         image_label_synonym_counts: torch.LongTensor | None = None,
         **kwargs,
     ) -> EovSegOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-                Normalized images, padded to a multiple of `config.size_divisibility`.
-            pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-                1 on valid pixels, 0 on padding; gives `image_sizes` in the output.
-            input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
-                Token ids of every prompt of the vocabulary (class, synonym, template order), from `EovSegProcessor`.
-            synonym_counts (`torch.LongTensor` of shape `(num_classes,)`, *optional*):
-                Number of synonyms of each class; required with `input_ids` or `text_embeddings`.
-            class_seen_mask (`torch.BoolTensor` of shape `(num_classes,)`, *optional*):
-                Whether each class was seen in training (selects the ensemble weight alpha rather than beta);
-                all unseen when not given.
-            text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
-                Precomputed synonym embeddings from `get_text_embeddings`, instead of `input_ids`.
-            mask_labels (`list[torch.FloatTensor]`, *optional*):
-                Per image, (num_targets, height, width) binary target masks at the padded input size.
-            class_labels (`list[torch.LongTensor]`, *optional*):
-                Per image, (num_targets,) class indices into the vocabulary.
-            output_hidden_states (`bool`, *optional*):
-                Also return backbone, spatial, aggregator and VAS features and the text embeddings; defaults to
-                `config.output_hidden_states`.
-            return_dict (`bool`, *optional*):
-                Return an [`EovSegOutput`] (default) or a tuple.
-            class_ensemble (`str`, *optional*):
-                Eval-mode class scoring for this call, `"geometric"` or `"embedding_modulation"`; defaults to
-                `config.class_ensemble`. Embedding Modulation needs `train_input_ids` and `train_synonym_counts`.
-            train_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
-                Prompt token ids of the training vocabulary (Embedding Modulation), from
-                `EovSegProcessor(..., class_ensemble="embedding_modulation")`.
-            train_synonym_counts (`torch.LongTensor` of shape `(num_train_classes,)`, *optional*):
-                Number of synonyms of each training class.
-            image_labels (`list[torch.LongTensor | None]`, *optional*):
-                Decoupled Supervision: per image, the class indices (into the image-level vocabulary) of its
-                image-level labels, or None for an image with panoptic targets (`mask_labels` / `class_labels`; give
-                empty ones for image-level images).
-            image_label_input_ids (`torch.LongTensor` of shape `(num_prompts, length)`, *optional*):
-                Prompt token ids of the image-level vocabulary (kept apart from the panoptic one).
-            image_label_synonym_counts (`torch.LongTensor` of shape `(num_image_label_classes,)`, *optional*):
-                Number of synonyms of each image-level class.
-        """
+        """Fig. 4 of the paper, left to right: the frozen CLIP backbone and the spatial-awareness extractor, the
+        light aggregator neck (`_encode_image`); the light-weight decoder, which applies Vocabulary-Aware Selection
+        to the aggregated features before its stages (`_decode`); in eval mode the out-of-vocabulary head and the
+        ensemble of both heads' scores (`_classify`); in training the set criterion (`_training_loss`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -1362,49 +1369,59 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             input_ids, synonym_counts, class_seen_mask, text_embeddings, pixel_values.dtype
         )
 
-        # Fig. 4 of the paper, left to right. The CLIP towers are frozen.
-        with torch.no_grad():
-            clip_features = self.clip_backbone(pixel_values)
-            spatial_features = self.spatial_extractor(pixel_values)
-        aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
-        # The decoder applies Vocabulary-Aware Selection to the aggregated features before its stages.
-        vas_features, stage_class_logits, stage_mask_logits, stage_queries, stage_embeddings = self.decoder(
-            spatial_features, aggregated, vocabulary.embeddings_with_void, vocabulary.synonym_index
-        )
-        stage_iou = self.mask_filtering(stage_queries) if self.mask_filtering is not None else None
-        class_logits, out_vocab_logits, domain_similarity = stage_class_logits[-1], None, None
+        image = self._encode_image(pixel_values)
+        decoded = self._decode(image, vocabulary)
+        class_logits, out_vocab_logits, domain_similarity = decoded.class_logits[-1], None, None
         if not self.training:
-            # the out-of-vocabulary head, then the ensemble of both heads' scores
-            class_logits, out_vocab_logits, domain_similarity = self._ensemble_with_clip(
-                clip_features["clip_dense"], stage_mask_logits[-1], stage_embeddings[-1], class_logits, vocabulary,
-                class_ensemble, train_input_ids, train_synonym_counts,
+            class_logits, out_vocab_logits, domain_similarity = self._classify(
+                image, decoded, vocabulary, class_ensemble, train_input_ids, train_synonym_counts
             )
-
         loss, loss_dict = self._training_loss(
-            stage_class_logits, stage_mask_logits, stage_iou, stage_embeddings[-1], mask_labels, class_labels,
+            decoded.class_logits, decoded.mask_logits, decoded.iou, decoded.embeddings[-1], mask_labels, class_labels,
             image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
         )
-        hidden = bool(output_hidden_states)
         output = EovSegOutput(
             loss=loss,
             loss_dict=loss_dict,
             class_queries_logits=class_logits,
-            masks_queries_logits=stage_mask_logits[-1],
-            stage_class_queries_logits=tuple(stage_class_logits),
-            stage_masks_queries_logits=tuple(stage_mask_logits),
+            masks_queries_logits=decoded.mask_logits[-1],
+            stage_class_queries_logits=tuple(decoded.class_logits),
+            stage_masks_queries_logits=tuple(decoded.mask_logits),
             out_of_vocabulary_logits=out_vocab_logits,
             image_sizes=_image_sizes(pixel_values, pixel_mask),
-            backbone_hidden_states=tuple(clip_features[f"res{i}"] for i in range(2, 6)) if hidden else None,
-            spatial_hidden_state=spatial_features if hidden else None,
-            aggregator_hidden_state=aggregated if hidden else None,
-            vas_hidden_state=vas_features if hidden else None,
-            text_embeddings=vocabulary.text_embeddings.clone() if hidden else None,  # never the cache's own tensor
             stuff_class_ids=self._default_stuff_class_ids(pixel_values.device) if vocabulary.is_default else None,
-            iou_scores=stage_iou[-1] if stage_iou is not None else None,
-            stage_iou_scores=tuple(stage_iou) if stage_iou is not None else None,
+            iou_scores=decoded.iou[-1] if decoded.iou is not None else None,
+            stage_iou_scores=tuple(decoded.iou) if decoded.iou is not None else None,
             domain_similarity=domain_similarity,
+            **(_hidden_states(image, decoded, vocabulary) if output_hidden_states else {}),
         )
         return output if return_dict else output.to_tuple()
+
+    def _encode_image(self, pixel_values: torch.Tensor) -> _ImageFeatures:
+        """The frozen CLIP backbone and the spatial-awareness extractor (no gradients), then the light aggregator
+        neck on the backbone's res2-res5 features."""
+        with torch.no_grad():
+            clip_features = self.clip_backbone(pixel_values)
+            spatial_features = self.spatial_extractor(pixel_values)
+        aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
+        return _ImageFeatures(clip_features, spatial_features, aggregated)
+
+    def _decode(self, image: _ImageFeatures, vocabulary: _Vocabulary) -> _Decoded:
+        """The light-weight decoder (Vocabulary-Aware Selection first, then its stages), and with Mask Filtering
+        each stage's IoU scores."""
+        vas_features, class_logits, mask_logits, queries, embeddings = self.decoder(
+            image.spatial, image.aggregated, vocabulary.embeddings_with_void, vocabulary.synonym_index
+        )
+        iou = self.mask_filtering(queries) if self.mask_filtering is not None else None
+        return _Decoded(vas_features, class_logits, mask_logits, embeddings, iou)
+
+    def _classify(self, image, decoded, vocabulary, class_ensemble, train_input_ids, train_synonym_counts):
+        """Eval-mode class scores: the out-of-vocabulary head on the last stage's masks, ensembled with the decoder's
+        scores. Returns (class logits, out-of-vocabulary logits, domain similarity)."""
+        return self._ensemble_with_clip(
+            image.clip["clip_dense"], decoded.mask_logits[-1], decoded.embeddings[-1], decoded.class_logits[-1],
+            vocabulary, class_ensemble, train_input_ids, train_synonym_counts,
+        )
 
     @torch.no_grad()
     def out_of_vocabulary_logits(self, clip_dense, mask_logits, vocabulary: _Vocabulary):
@@ -1488,6 +1505,35 @@ class _Vocabulary(NamedTuple):
     synonym_index: torch.LongTensor  # (K, max_synonyms) rows of each class's synonyms, -1 padded
     seen: torch.BoolTensor  # (K,) classes seen in training
     is_default: bool  # the configuration's default vocabulary (no text was given)
+
+
+class _ImageFeatures(NamedTuple):
+    """What `_encode_image` gives the decoder and the out-of-vocabulary head."""
+
+    clip: dict[str, torch.Tensor]  # the CLIP backbone's res2-res5 and its dense features ("clip_dense")
+    spatial: torch.Tensor  # the spatial-awareness extractor's features
+    aggregated: torch.Tensor  # the light aggregator neck's output
+
+
+class _Decoded(NamedTuple):
+    """What `_decode` gives: per decoder stage, class logits, mask logits, query embeddings and IoU scores."""
+
+    vas: torch.Tensor  # the aggregated features after Vocabulary-Aware Selection
+    class_logits: list[torch.Tensor]
+    mask_logits: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
+    iou: list[torch.Tensor] | None  # with Mask Filtering only
+
+
+def _hidden_states(image: _ImageFeatures, decoded: _Decoded, vocabulary: _Vocabulary) -> dict:
+    """The `output_hidden_states` fields of [`EovSegOutput`]."""
+    return {
+        "backbone_hidden_states": tuple(image.clip[f"res{i}"] for i in range(2, 6)),
+        "spatial_hidden_state": image.spatial,
+        "aggregator_hidden_state": image.aggregated,
+        "vas_hidden_state": decoded.vas,
+        "text_embeddings": vocabulary.text_embeddings.clone(),  # never the cache's own tensor
+    }
 
 
 def _image_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.LongTensor:
