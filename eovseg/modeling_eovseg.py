@@ -245,8 +245,11 @@ class EovSegSpatialAwarenessExtractor(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = ClipLayerNorm(width)
+        # sequence-first, as the original calls it: torch's attention then takes its fused kernel (scaled dot product
+        # attention) instead of the batch-first fast path, which on CPU builds the (heads, N, N) score matrix
         self.block = ResidualAttentionBlock(
-            width, heads, mlp_ratio=vision.get("mlp_ratio", 4.0), act_layer=act_layer, norm_layer=ClipLayerNorm
+            width, heads, mlp_ratio=vision.get("mlp_ratio", 4.0), act_layer=act_layer, norm_layer=ClipLayerNorm,
+            batch_first=False,
         )
         for p in self.parameters():
             p.requires_grad = False
@@ -262,8 +265,8 @@ class EovSegSpatialAwarenessExtractor(nn.Module):
         x = torch.cat([cls, x], dim=1)
         pos = interpolate_positional_embedding(self.positional_embedding.to(x.dtype), height, width)
         x = x + torch.cat([self.positional_embedding[:1].to(x.dtype), pos], dim=0)
-        x = self.block(self.ln_pre(x))
-        return x[:, 1:].transpose(1, 2).reshape(batch, channels, height, width)
+        x = self.block(self.ln_pre(x).transpose(0, 1))
+        return x[1:].permute(1, 2, 0).reshape(batch, channels, height, width)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
