@@ -295,14 +295,62 @@ class EovSegModulatedDeformConv(nn.Module):
         offsets, modulation = offset_y_x_mask.split([offset_y_x_mask.shape[1] * 2 // 3, offset_y_x_mask.shape[1] // 3], 1)
         if x.dtype == offsets.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
             return deform_conv2d(x, offsets, self.weight, padding=self.padding, mask=modulation.sigmoid())
+        if x.dtype == offsets.dtype == self.weight.dtype and x.device.type == "cpu":
+            # torchvision has no half kernel on CPU (and its float32 one samples on one thread): gather in the
+            # model's precision, with sampling positions and weights computed in float32
+            return gathered_deform_conv2d(x, offsets, self.weight, modulation.float().sigmoid(), self.padding)
         # torchvision's kernels have no bfloat16 (and on CPU no float16) version and it casts to float32 itself
-        # only under CUDA autocast: under CPU autocast or in a model cast to half precision, compute in float32
-        # and return the dtype the offset convolution gave (autocast's or the model's).
+        # only under CUDA autocast: under CPU autocast or in a model cast to half precision on GPU, compute in
+        # float32 and return the dtype the offset convolution gave (autocast's or the model's).
         with torch.autocast(x.device.type, enabled=False):
             out = deform_conv2d(
                 x.float(), offsets.float(), self.weight.float(), padding=self.padding, mask=modulation.float().sigmoid()
             )
         return out.to(offsets.dtype)
+
+
+def _deform_sampling(offsets: torch.Tensor, mask: torch.Tensor, kernel_size: int, padding: int):
+    """Bilinear sampling of a stride-1 modulated deformable convolution as 4 corners per (pixel, tap): flat input
+    indices and weights (the modulation folded in), each (B * H * W * K, 4), rows in (b, y, x, tap) order. Positions
+    outside the image contribute 0, as in torchvision's kernel."""
+    batch, _, height, width = offsets.shape
+    taps = kernel_size * kernel_size
+    device = offsets.device
+    offsets = offsets.float().view(batch, taps, 2, height, width).permute(0, 3, 4, 1, 2)  # (B, H, W, K, 2)
+    grid = torch.arange(kernel_size, device=device, dtype=torch.float32) - padding
+    tap_y, tap_x = grid.repeat_interleave(kernel_size), grid.repeat(kernel_size)
+    y = offsets[..., 0] + (torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1, 1) + tap_y)
+    x = offsets[..., 1] + (torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1, 1) + tap_x)
+    y0, x0 = y.floor(), x.floor()
+    ly, lx = y - y0, x - x0
+    y0, x0 = y0.long(), x0.long()
+    modulation = mask.view(batch, taps, height, width).permute(0, 2, 3, 1)
+    rows = ((y0 >= 0) & (y0 < height), (y0 >= -1) & (y0 < height - 1))
+    columns = ((x0 >= 0) & (x0 < width), (x0 >= -1) & (x0 < width - 1))
+    weight_y = ((1 - ly) * rows[0] * modulation, ly * rows[1] * modulation)
+    weight_x = ((1 - lx) * columns[0], lx * columns[1])
+    index_y = (y0.clamp(0, height - 1), (y0 + 1).clamp(0, height - 1))
+    index_x = (x0.clamp(0, width - 1), (x0 + 1).clamp(0, width - 1))
+    base = torch.arange(batch, device=device).view(batch, 1, 1, 1) * (height * width)
+    index = torch.stack([base + index_y[i] * width + index_x[j] for i in (0, 1) for j in (0, 1)], dim=-1)
+    weight = torch.stack([weight_y[i] * weight_x[j] for i in (0, 1) for j in (0, 1)], dim=-1)
+    return index.view(-1, 4), weight.view(-1, 4)
+
+
+def gathered_deform_conv2d(
+    x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """A stride-1 modulated deformable convolution (torchvision's `deform_conv2d` semantics, offsets (y, x) per tap)
+    as one weighted gather (`embedding_bag` over channels-last pixels) and one matrix product, both multi-threaded,
+    in the dtype of `x`. Returns (B, O, H, W) in channels-last memory."""
+    batch, channels, height, width = x.shape
+    out_channels, kernel_size = weight.shape[0], weight.shape[-1]
+    index, sample_weight = _deform_sampling(offsets, mask, kernel_size, padding)
+    pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    columns = F.embedding_bag(index, pixels, mode="sum", per_sample_weights=sample_weight.to(x.dtype))
+    columns = columns.view(batch * height * width, kernel_size * kernel_size * channels)
+    out = columns @ weight.permute(0, 2, 3, 1).reshape(out_channels, -1).T
+    return out.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
 
 
 def bilinear_upsampling_kernel(shape: torch.Size) -> torch.Tensor:
@@ -569,7 +617,11 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         self.class_embed = EovSegMLP(hidden, hidden, config.embed_dim, config.class_embed_num_layers)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def forward(self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index):
+    def forward(
+        self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index, mask_features=None
+    ):
+        # mask_features: the features the mask logits are computed from (in half precision with
+        # `float32_sensitive_ops`: the decoder's float32 copy of `features`, made once for all stages)
         # in half precision a logit near 0 rounds to a sigmoid of exactly 0.5 and flips the hard mask
         logits = mask_logits.float() if self.float32_sensitive_ops else mask_logits
         hard_masks = (logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
@@ -584,7 +636,8 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
         if self.float32_sensitive_ops and features.dtype != torch.float32:
             # the masks' boundaries are where the logits are near 0: half-precision rounding moves them
-            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels.float(), features.float())
+            mask_features = features.float() if mask_features is None else mask_features
+            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels.float(), mask_features)
         else:
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels, features)
 
@@ -640,9 +693,11 @@ class EovSegLightweightDecoder(nn.Module):
         class_logits_per_stage, mask_logits_per_stage = [], []
         # per stage: the updated queries (kernels) and the class embeddings E_q, for OPSNet's options
         queries_per_stage, embeddings_per_stage = [], []
+        mask_features = features.float() if features.dtype in (torch.bfloat16, torch.float16) else None
         for layer in self.layers:
             class_logits, mask_logits, kernels, embeddings = layer(
-                spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index
+                spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index,
+                mask_features=mask_features if layer.float32_sensitive_ops else None,
             )
             class_logits_per_stage.append(class_logits)
             mask_logits_per_stage.append(mask_logits)

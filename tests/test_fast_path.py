@@ -139,3 +139,25 @@ def test_pipeline_batch_size_gives_the_one_by_one_results(model_dir):
         assert result and all(segment["mask"].size == image.size for segment in result)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         segmenter(images, candidate_labels=labels, batch_size=0)
+
+
+@pytest.mark.parametrize("batch,channels,height,width", [(2, 6, 7, 9), (1, 5, 4, 3)])
+def test_gathered_deformable_convolution_matches_torchvision(batch, channels, height, width):
+    """The half-precision CPU kernel of the neck: torchvision's modulated deformable convolution, offsets reaching
+    past every border (zero there), on a weighted gather; float64 to compare the arithmetic, not the round-off."""
+    from torchvision.ops import deform_conv2d
+
+    from eovseg.modeling_eovseg import gathered_deform_conv2d
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64)
+    offsets = 3 * torch.randn(batch, 18, height, width, generator=generator, dtype=torch.float64)
+    offsets[0, :, 0, 0] = torch.tensor([-0.5, -0.5, -1.0, 0.0, height + 0.5, 0.0] * 3, dtype=torch.float64)
+    mask = torch.rand(batch, 9, height, width, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, channels, 3, 3, generator=generator, dtype=torch.float64)
+    expected = deform_conv2d(x, offsets, weight, padding=1, mask=mask)
+    torch.testing.assert_close(gathered_deform_conv2d(x, offsets, weight, mask, 1), expected, atol=1e-5, rtol=1e-5)
+    # in bfloat16 (positions and bilinear weights still computed in float32)
+    half = gathered_deform_conv2d(x.bfloat16(), offsets, weight.bfloat16(), mask, 1)
+    assert half.dtype == torch.bfloat16
+    assert (half.double() - expected).abs().max() < 0.05 * expected.abs().max()
