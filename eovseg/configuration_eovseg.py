@@ -239,10 +239,12 @@ class EovSegConfig(PretrainedConfig):
             results). Default: the prompts as given, in the model's precision.
         float32_sensitive_ops (`bool`, *optional*, defaults to `True`):
             In a model cast to bfloat16 / float16, keep in float32 the steps that reduced precision breaks: the
-            modulated deformable convolution (no half kernel on CPU), the sigmoid and threshold of the decoder's hard
-            masks, the mask logits, the class logits (scaled cosines) and the geometric ensemble (logs of small
-            probabilities).
-            Outputs then come in float32. `False` runs everything in the model's precision.
+            sampling positions and bilinear weights of the modulated deformable convolution (on CPU its gather and
+            product then run in the model's precision; on GPU torchvision's float32 kernel runs it whole), the
+            sigmoid and threshold of the decoder's hard masks, the mask logits, the class logits (scaled cosines)
+            and the geometric ensemble (logs of small probabilities).
+            Outputs then come in float32. `False` runs everything in the model's precision (but for the deformable
+            convolution's sampling positions: in half precision they would be off by up to a pixel).
         class_weight (`float`, *optional*, defaults to 2.0):
             Weight of the classification loss and of the class cost in matching.
         mask_weight (`float`, *optional*, defaults to 5.0):
