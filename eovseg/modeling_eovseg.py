@@ -444,13 +444,22 @@ class EovSegMaskPooling(nn.Module):
     Masks of another size are first resized bilinearly to the features' size. No gradient flows through the masks.
     """
 
-    def forward(self, features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-        if mask_logits.shape[-2:] != features.shape[-2:]:
-            mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            masks = (mask_logits.detach() > 0).to(features.dtype)
-            masks = masks / (masks.sum(dim=(-2, -1), keepdim=True) + 1e-8)
-        return torch.einsum("bchw,bqhw->bqc", features, masks)
+    def forward(
+        self, features: torch.Tensor, mask_logits: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`weights`: `pooling_weights(mask_logits, ...)` for these features, when several features share them."""
+        if weights is None:
+            weights = self.pooling_weights(mask_logits, features.shape[-2:], features.dtype)
+        return torch.einsum("bchw,bqhw->bqc", features, weights)
+
+    @staticmethod
+    @torch.no_grad()
+    def pooling_weights(mask_logits: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
+        """Each binarized mask divided by its area (+1e-8), at `size`: (B, Q, *size)."""
+        if mask_logits.shape[-2:] != size:
+            mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+        masks = (mask_logits.detach() > 0).to(dtype)
+        return masks / (masks.sum(dim=(-2, -1), keepdim=True) + 1e-8)
 
 
 # similarities VAS computes at once (float32: 64 MiB); ADE20K-150 at 640x960 fits in one chunk
@@ -641,8 +650,11 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         else:
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels, features)
 
-        pooled = self.mask_pooling_proj(self.mask_pooling(features, mask_logits))
-        spatial_pooled = self.spatial_pooling_proj(self.mask_pooling(spatial_features, mask_logits))
+        weights = None  # both poolings binarize the same masks: once when sizes and dtypes agree
+        if features.shape[-2:] == spatial_features.shape[-2:] and features.dtype == spatial_features.dtype:
+            weights = self.mask_pooling.pooling_weights(mask_logits, features.shape[-2:], features.dtype)
+        pooled = self.mask_pooling_proj(self.mask_pooling(features, mask_logits, weights))
+        spatial_pooled = self.spatial_pooling_proj(self.mask_pooling(spatial_features, mask_logits, weights))
         instance_embeddings = self.tdee(pooled, spatial_pooled)
         class_embeddings = self.class_embed(instance_embeddings + kernels)
         embeddings, text, scale = class_embeddings, vocabulary_embeddings, self.logit_scale
