@@ -224,6 +224,142 @@ class EovSegClipBackbone(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         return x @ model.text_projection
 
+    def encode_text_reduced(self, input_ids: torch.LongTensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+        """Un-normalized float32 embeddings (P, D) of distinct prompts (P, L), with the text tower's matrix products
+        in `dtype`: through [`EovSegPrefixSharingTextEncoder`], or, for a tower it does not know, under autocast in
+        chunks of `chunk_size` prompts of equal length."""
+        if EovSegPrefixSharingTextEncoder.supports(self.clip_model):
+            return EovSegPrefixSharingTextEncoder(self.clip_model, dtype).encode(input_ids, chunk_size)
+        encoded = torch.empty(input_ids.shape[0], self.embed_dim, device=input_ids.device)
+        order = torch.argsort(input_ids.argmax(dim=-1), stable=True)  # by end-of-text position
+        for start in range(0, input_ids.shape[0], chunk_size):
+            rows = order[start : start + chunk_size]
+            with torch.autocast(input_ids.device.type, dtype=dtype):
+                encoded[rows] = self.encode_text(input_ids[rows]).float()
+        return encoded
+
+
+def shared_prefix_lengths(input_ids: torch.LongTensor, min_share: int) -> torch.LongTensor:
+    """For each prompt of (P, L): the length of its longest beginning that at least `min_share` prompts have, short of
+    its end-of-text token (the embedding is read there, so that token is always computed per prompt)."""
+    eot = input_ids.argmax(dim=-1)
+    lengths = torch.zeros_like(eot)
+    for length in range(1, int(eot.max()) + 1):
+        _, inverse, counts = torch.unique(input_ids[:, :length], dim=0, return_inverse=True, return_counts=True)
+        lengths[(counts[inverse] >= min_share) & (eot >= length)] = length
+    return lengths
+
+
+def _float_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A layer norm in float32, whatever precision the model is in."""
+    bias = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), bias, norm.eps)
+
+
+class EovSegPrefixSharingTextEncoder:
+    """CLIP's text tower in reduced precision, computing once the beginnings that many prompts share.
+
+    Under CLIP's causal mask a token's states depend only on the tokens before it, so the prompts of one template
+    ("There is a small {} in the scene.") share the states, keys and values of their common beginning: it runs through
+    the tower once, and only the rest of each prompt (class name, end of the template: 4.5 of 10.3 tokens on ADE-150)
+    is computed per prompt, attending to the shared keys and values, in batches of equal length of up to
+    `chunk_size` x 16 tokens. Matrix products run in `dtype` with the weights cast once per
+    vocabulary (autocast would cast them again in every batch); layer norms and the residual stream stay float32.
+    """
+
+    MIN_SHARE = 8  # a beginning shared by fewer prompts is computed with each of them
+    TOKENS_PER_PROMPT = 16  # batch size in tokens per `chunk_size` prompt: short rests need wide batches to be fast
+
+    def __init__(self, clip_model: nn.Module, dtype: torch.dtype):
+        self.clip = clip_model
+        self.dtype = dtype
+
+        def cast(tensor):
+            return None if tensor is None else tensor.to(dtype)
+
+        self.weights = [
+            (block, cast(block.attn.in_proj_weight), cast(block.attn.in_proj_bias), cast(block.attn.out_proj.weight),
+             cast(block.attn.out_proj.bias), cast(block.mlp.c_fc.weight), cast(block.mlp.c_fc.bias),
+             cast(block.mlp.c_proj.weight), cast(block.mlp.c_proj.bias))
+            for block in clip_model.transformer.resblocks
+        ]
+
+    @staticmethod
+    def supports(clip_model: nn.Module) -> bool:
+        """A batch-first tower of plain open_clip blocks with packed query/key/value projections."""
+        transformer = getattr(clip_model, "transformer", None)
+        return (
+            getattr(transformer, "batch_first", False)
+            and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                    and b.attn.in_proj_weight is not None for b in transformer.resblocks)
+        )
+
+    def _layer(self, index: int, x: torch.Tensor, mask: torch.Tensor, prefix_kv=None):
+        """Block `index` on float32 states x (B, n, D) whose keys and values follow `prefix_kv` ((B, p, D) each);
+        returns the new states and x's own keys and values."""
+        block, in_w, in_b, out_w, out_b, fc_w, fc_b, proj_w, proj_b = self.weights[index]
+        query, key, value = F.linear(_float_norm(block.ln_1, x).to(self.dtype), in_w, in_b).chunk(3, dim=-1)
+        own_kv = (key, value)
+        if prefix_kv is not None:
+            key, value = torch.cat([prefix_kv[0], key], dim=1), torch.cat([prefix_kv[1], value], dim=1)
+        batch, length, width = query.shape
+        heads = block.attn.num_heads
+
+        def split(t):
+            return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
+        attended = F.linear(attended.transpose(1, 2).reshape(batch, length, width), out_w, out_b)
+        x = x + block.ls_1(attended.float())
+        hidden = block.mlp.gelu(F.linear(_float_norm(block.ln_2, x).to(self.dtype), fc_w, fc_b))
+        return x + block.ls_2(F.linear(hidden, proj_w, proj_b).float()), own_kv
+
+    def _embed(self, ids: torch.LongTensor, start: int) -> torch.Tensor:
+        positions = self.clip.positional_embedding[start : start + ids.shape[1]]
+        return (self.clip.token_embedding(ids) + positions).float()
+
+    def _prefix_keys_values(self, prefixes: torch.LongTensor) -> list:
+        """Per block, the keys and values (N, p, D) of N distinct beginnings of p tokens."""
+        x = self._embed(prefixes, 0)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        keys_values = []
+        for index in range(len(self.weights)):
+            x, kv = self._layer(index, x, causal)
+            keys_values.append(kv)
+        return keys_values
+
+    def _encode_rests(self, ids: torch.LongTensor, eot: torch.LongTensor, prefix_kv: list | None) -> torch.Tensor:
+        """Embeddings (B, D) of prompts whose tokens from p on are `ids` (B, n), after beginnings with `prefix_kv`."""
+        p = prefix_kv[0][0].shape[1] if prefix_kv else 0
+        n = ids.shape[1]
+        x = self._embed(ids, p)
+        mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+        for index in range(len(self.weights)):
+            x, _ = self._layer(index, x, mask, prefix_kv[index] if prefix_kv else None)
+        x = _float_norm(self.clip.ln_final, x[torch.arange(x.shape[0], device=x.device), eot - p])
+        return x @ self.clip.text_projection.float()
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.LongTensor, chunk_size: int) -> torch.Tensor:
+        """Un-normalized float32 embeddings (P, D) of prompts (P, L) (distinct ones: a repeat is computed again)."""
+        eot = input_ids.argmax(dim=-1)
+        prefix_lengths = shared_prefix_lengths(input_ids, self.MIN_SHARE)
+        encoded = torch.empty(input_ids.shape[0], self.clip.text_projection.shape[1], device=input_ids.device)
+        for p in prefix_lengths.unique().tolist():
+            rows = (prefix_lengths == p).nonzero().squeeze(1)
+            if p:
+                prefixes, which = torch.unique(input_ids[rows, :p], dim=0, return_inverse=True)
+                keys_values = self._prefix_keys_values(prefixes)
+            rest = eot[rows] - p + 1
+            for n in rest.unique().tolist():  # batches of equal length: no padding
+                same = (rest == n).nonzero().squeeze(1)
+                step = max(1, chunk_size * self.TOKENS_PER_PROMPT // n)
+                for chunk in same.split(step):
+                    prefix_kv = [(k[which[chunk]], v[which[chunk]]) for k, v in keys_values] if p else None
+                    tokens = input_ids[rows[chunk], p : p + n]
+                    encoded[rows[chunk]] = self._encode_rests(tokens, eot[rows[chunk]], prefix_kv)
+        return encoded
+
 
 class EovSegSpatialAwarenessExtractor(nn.Module):
     """The first residual block of a frozen CLIP ViT (patch embedding, interpolated positional embedding, `ln_pre`),
@@ -1100,9 +1236,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         template: each prompt's embedding normalized, averaged over the templates, normalized again.
 
         Results are cached by the token ids, the text tower's weights and the precision, so a repeated vocabulary
-        costs no text pass; the caller gets its own copy. Identical prompts are encoded once; the distinct ones go
-        `config.text_chunk_size` at a time in order of length, each chunk only as long as its longest prompt. `dtype`
-        (default `config.text_encoder_dtype`) runs the text tower under autocast in that precision.
+        costs no text pass; the caller gets its own copy. In float32 (the default) the prompts go as given,
+        `config.text_chunk_size` at a time, each chunk only as long as its longest prompt (the original's grouping,
+        hence its round-off). `dtype` (default `config.text_encoder_dtype`) `torch.bfloat16` or `torch.float16` runs
+        the text tower's matrix products in that precision, each distinct prompt once and the beginnings many prompts
+        share once ([`EovSegPrefixSharingTextEncoder`]).
         """
         return self._cached_text_embeddings(input_ids, dtype).clone()
 
@@ -1144,25 +1282,20 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self._verified_vocabulary = None
         return super().load_state_dict(*args, **kwargs)
 
-    def _encode_prompts(self, input_ids: torch.LongTensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    def _encode_prompts(self, input_ids: torch.LongTensor, text_dtype: torch.dtype | None) -> torch.Tensor:
         """Unit-normalized embeddings (P, D) of prompts (P, L).
 
         Float32 (the default): `config.text_chunk_size` prompts at a time in the given order, as the original groups
         them, each chunk only as long as its longest prompt; regrouping changes the float32 round-off, which the
-        decoder's hard masks amplify past the original's own noise. With a reduced `autocast_dtype`: distinct prompts
-        only, in order of length, under autocast."""
+        decoder's hard masks amplify past the original's own noise. With a reduced `text_dtype`: distinct prompts
+        only, their shared beginnings once (`EovSegClipBackbone.encode_text_reduced`)."""
         device = self.void_embedding.weight.device
-        if autocast_dtype is None or autocast_dtype == torch.float32:
+        if text_dtype is None or text_dtype == torch.float32:
             chunks = [self.clip_backbone.encode_text(input_ids[start : start + self.config.text_chunk_size].to(device))
                       for start in range(0, input_ids.shape[0], self.config.text_chunk_size)]
             return F.normalize(torch.cat(chunks).float(), dim=-1)
         unique, inverse = torch.unique(input_ids.to(device), dim=0, return_inverse=True)
-        order = torch.argsort(unique.argmax(dim=-1), stable=True)  # by end-of-text position
-        encoded = torch.empty(unique.shape[0], self.clip_backbone.embed_dim, device=device)
-        for start in range(0, unique.shape[0], self.config.text_chunk_size):
-            rows = order[start : start + self.config.text_chunk_size]
-            with torch.autocast(device.type, dtype=autocast_dtype):
-                encoded[rows] = self.clip_backbone.encode_text(unique[rows]).float()
+        encoded = self.clip_backbone.encode_text_reduced(unique, text_dtype, self.config.text_chunk_size)
         return F.normalize(encoded, dim=-1)[inverse]
 
     @torch.no_grad()

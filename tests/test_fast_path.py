@@ -49,45 +49,73 @@ def test_vas_in_pixel_chunks_matches_one_pass(monkeypatch):
     torch.testing.assert_close(whole, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_text_encoding_reduced_precision_batches_distinct_prompts_by_length(tiny):
+def test_shared_prefix_lengths_by_hand():
+    end = 99  # the end-of-text token is the largest id
+    ids = torch.tensor([
+        [1, 5, 6, 7, end, 0],
+        [1, 5, 6, 8, end, 0],
+        [1, 5, 6, 8, 9, end],
+        [1, 5, end, 0, 0, 0],
+        [1, 2, end, 0, 0, 0],
+    ])
+    # shared by >= 2: [1, 5, 6] by rows 0-2, [1, 5, 6, 8] by rows 1-2, [1, 5] by rows 0-3, [1] by all
+    assert modeling_eovseg.shared_prefix_lengths(ids, 2).tolist() == [3, 4, 4, 2, 1]
+    # shared by >= 4: [1, 5] (rows 0-3), [1] (row 4); the end token always stays out of the prefix
+    assert modeling_eovseg.shared_prefix_lengths(ids, 4).tolist() == [2, 2, 2, 2, 1]
+    assert modeling_eovseg.shared_prefix_lengths(ids, 6).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_prefix_sharing_text_encoder_equals_the_plain_pass(tiny):
+    model, processor = tiny
+    ids = torch.unique(processor.encode_vocabulary(VOCABULARY + ["a rather long name of a thing"])["input_ids"], dim=0)
+    clip = model.clip_backbone
+    assert modeling_eovseg.EovSegPrefixSharingTextEncoder.supports(clip.clip_model)
+    with torch.no_grad():
+        plain = clip.encode_text(ids)
+    for chunk_size in (1, 128):  # one prompt per batch (a batch's rest is as long as its longest) and all at once
+        shared = modeling_eovseg.EovSegPrefixSharingTextEncoder(clip.clip_model, torch.float32).encode(ids, chunk_size)
+        torch.testing.assert_close(shared, plain, atol=2e-5, rtol=1e-4)
+
+
+def test_text_encoding_reduced_precision_encodes_distinct_prompts_once(tiny, monkeypatch):
     model, processor = tiny
     vocabulary = ["cup, mug", "a rather long name of a thing", "cup", "mug, cup"]  # repeated synonyms
     ids = processor.encode_vocabulary(vocabulary)["input_ids"]
-    clip = model.clip_backbone
-    original_encode = clip.encode_text
-
-    def encode(dtype):
-        seen = []
-
-        def recording(chunk):
-            seen.append(chunk.clone())
-            return original_encode(chunk)
-
-        model._clear_text_cache()
-        model.config.text_chunk_size = 8
-        try:
-            clip.encode_text = recording
-            embeddings = model.get_text_embeddings(ids, dtype=dtype)
-        finally:
-            del clip.encode_text
-            model.config.text_chunk_size = 128
-        return embeddings, torch.cat([F.pad(c, (0, ids.shape[1] - c.shape[1])) for c in seen])
-
-    # float32: the prompts as given, in chunks (the original's grouping, hence its round-off)
-    embeddings, encoded = encode(None)
-    assert torch.equal(encoded, ids)
-    with torch.no_grad():
-        plain = F.normalize(original_encode(ids), dim=-1)
-    plain = F.normalize(plain.reshape(embeddings.shape[0], -1, plain.shape[-1]).mean(1), dim=-1)
-    torch.testing.assert_close(embeddings, plain, atol=1e-6, rtol=1e-5)
-    # reduced precision: each distinct prompt once, in order of length; within 1e-3 cosine of float32
-    reduced, encoded = encode(torch.bfloat16)
-    assert encoded.shape[0] == torch.unique(ids, dim=0).shape[0] < ids.shape[0]
-    lengths = encoded.argmax(-1)
-    assert bool((lengths[1:] >= lengths[:-1]).all())
+    encoder = modeling_eovseg.EovSegPrefixSharingTextEncoder
+    rests, prefixes = [], []
+    original_rests, original_prefixes = encoder._encode_rests, encoder._prefix_keys_values
+    monkeypatch.setattr(encoder, "_encode_rests", lambda self, t, e, kv: rests.append(t.shape) or original_rests(self, t, e, kv))
+    monkeypatch.setattr(encoder, "_prefix_keys_values", lambda self, p: prefixes.append(p.shape) or original_prefixes(self, p))
+    model._clear_text_cache()
+    float32 = model.get_text_embeddings(ids)
+    assert not rests  # float32: the plain pass, in the original's grouping
+    reduced = model.get_text_embeddings(ids, dtype=torch.bfloat16)
+    distinct = torch.unique(ids, dim=0)
+    assert sum(shape[0] for shape in rests) == distinct.shape[0] < ids.shape[0]
+    tokens = int((distinct.argmax(-1) + 1).sum())
+    assert sum(shape[0] * shape[1] for shape in prefixes) + sum(shape[0] * shape[1] for shape in rests) < tokens / 2
     assert reduced.dtype == torch.float32
-    assert F.cosine_similarity(reduced, plain, dim=-1).min() > 0.999
-    assert not torch.equal(reduced, embeddings)  # really another precision, and not served from the float32 cache
+    assert F.cosine_similarity(reduced, float32, dim=-1).min() > 1 - 1e-3
+    assert not torch.equal(reduced, float32)  # really another precision, and not served from the float32 cache
+    # a text tower the prefix-sharing encoder does not know: autocast over the distinct prompts, as close
+    monkeypatch.setattr(encoder, "supports", staticmethod(lambda clip_model: False))
+    model._clear_text_cache()
+    rests.clear()
+    fallback = model.get_text_embeddings(ids, dtype=torch.bfloat16)
+    assert not rests
+    assert F.cosine_similarity(fallback, float32, dim=-1).min() > 1 - 1e-3
+
+
+def test_text_encoding_reduced_precision_in_a_bfloat16_model(tiny):
+    model, processor = tiny
+    ids = processor.encode_vocabulary(VOCABULARY)["input_ids"]
+    half = EovSegForPanopticSegmentation(copy.deepcopy(model.config)).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    embeddings = half.get_text_embeddings(ids, dtype=torch.bfloat16)  # float32 layer norms on bfloat16 weights
+    assert embeddings.dtype == torch.bfloat16
+    reference = model.get_text_embeddings(ids)
+    assert F.cosine_similarity(embeddings.float(), reference, dim=-1).min() > 1 - 1e-3
 
 
 def test_bfloat16_model_keeps_sensitive_steps_in_float32(tiny):
