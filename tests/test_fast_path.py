@@ -92,8 +92,14 @@ def test_text_encoding_reduced_precision_encodes_distinct_prompts_once(tiny, mon
     reduced = model.get_text_embeddings(ids, dtype=torch.bfloat16)
     distinct = torch.unique(ids, dim=0)
     assert sum(shape[0] for shape in rests) == distinct.shape[0] < ids.shape[0]
-    tokens = int((distinct.argmax(-1) + 1).sum())
-    assert sum(shape[0] * shape[1] for shape in prefixes) + sum(shape[0] * shape[1] for shape in rests) < tokens / 2
+    # no padding: each prompt's tokens after its shared beginning, and each distinct beginning once
+    starts = modeling_eovseg.shared_prefix_lengths(distinct, encoder.MIN_SHARE).tolist()
+    ends = (distinct.argmax(-1) + 1).tolist()
+    beginnings = {tuple(row[:start].tolist()) for row, start in zip(distinct, starts) if start}
+    rest_tokens, prefix_tokens = sum(s[0] * s[1] for s in rests), sum(s[0] * s[1] for s in prefixes)
+    assert rest_tokens == sum(end - start for start, end in zip(starts, ends))
+    assert prefix_tokens == sum(len(b) for b in beginnings)
+    assert rest_tokens + prefix_tokens < 0.65 * sum(ends)
     assert reduced.dtype == torch.float32
     assert F.cosine_similarity(reduced, float32, dim=-1).min() > 1 - 1e-3
     assert not torch.equal(reduced, float32)  # really another precision, and not served from the float32 cache
