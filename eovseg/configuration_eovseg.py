@@ -234,9 +234,10 @@ class EovSegConfig(PretrainedConfig):
         text_chunk_size (`int`, *optional*, defaults to 128):
             Number of prompts encoded by the text tower at once.
         text_encoder_dtype (`str`, *optional*):
-            `"bfloat16"` or `"float16"` encodes a new vocabulary's distinct prompts once each, batched by length,
-            with the text tower under autocast in that precision (embeddings within 1e-3 cosine of float32; float32
-            results). Default: the prompts as given, in the model's precision.
+            `"bfloat16"` or `"float16"` encodes a new vocabulary's distinct prompts once each, the beginnings many
+            prompts share ("a photo of a") once, in batches of equal length, with the text tower's matrix products in
+            that precision (embeddings within 1e-3 cosine of float32; float32 results). Default: the prompts as
+            given, in the model's precision.
         float32_sensitive_ops (`bool`, *optional*, defaults to `True`):
             In a model cast to bfloat16 / float16, keep in float32 the steps that reduced precision breaks: the
             sampling positions and bilinear weights of the modulated deformable convolution (on CPU its gather and
