@@ -6,7 +6,10 @@ A reference dump is a `torch.save`d dict made by running the original (detectron
 `state_dict` (original key names), `pixel_values`, `vocabulary`, `train_vocabulary`, `is_thing`,
 `prompt_token_ids`, `text_classifier`, `category_overlapping_mask`, `cnn_feats`, `vit_feats`, `neck_feats`,
 `vas_feats`, `stage_class_logits`, `stage_mask_logits`, `out_vocab_logits`, `final_class_logits` and `config`
-(with `variant`). This repository does not ship the original code nor a script that runs it.
+(with `variant`). `benchmarks/dump_original.py` makes one from a checkout of the original, which this repository
+does not ship (point `EOVSEG_ORIGINAL` at it, see `benchmarks/original_eovseg.py`):
+
+    python benchmarks/dump_original.py r50 ref_r50.pt --dtype float64
 
 In float32, our text tower runs only up to the longest prompt (not 77 tokens), which changes the text embeddings by
 round-off (~1e-7); the decoder's hard masks (sigmoid > 0.5) can amplify that in later stages. `--reference-text` feeds

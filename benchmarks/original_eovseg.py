@@ -1,4 +1,5 @@
-"""Build the original EOV-Seg (nhw649/EOV-Seg, detectron2) R50 model on CPU, for side-by-side benchmarks.
+"""Build the original EOV-Seg (nhw649/EOV-Seg, detectron2) model of a published variant on CPU, for side-by-side
+benchmarks and reference dumps (`benchmarks/dump_original.py`).
 
 This repository neither ships nor installs the original code. Point `EOVSEG_ORIGINAL` at it: a list of folders
 separated by `os.pathsep`, the EOV-Seg checkout first, then whatever else its imports need on `sys.path` (a detectron2
@@ -8,8 +9,8 @@ checkout, a folder holding fvcore / iopath / omegaconf / cv2 ...), e.g.
 
 The original is run as it was for the fixture in `tests/fixtures` / `shared/fixtures/original-r50`: detectron2's
 modulated deformable convolution (CUDA only) replaced by `torchvision.ops.deform_conv2d` with the same offset layout,
-the ResNet mask-pooling crash (`.to()` on an int) fixed to its intent, the openai towers built with QuickGELU and
-without downloading weights, and open_clip < 2.24 semantics restored on open_clip >= 2.24 (sequence-first text
+the ResNet mask-pooling crash (`.to()` on an int) fixed to its intent, the towers built without downloading weights
+(the openai ones with QuickGELU, as open_clip builds them for those weights; LAION's ConvNeXt with its config's GELU), and open_clip < 2.24 semantics restored on open_clip >= 2.24 (sequence-first text
 transformer and ViT block). detectron2's compiled `_C` extension is not needed: when it is missing an empty module
 stands in for it (none of its kernels is used on this path).
 """
@@ -29,6 +30,12 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 ENV = "EOVSEG_ORIGINAL"
+# the released config of each published variant, under the checkout's configs/eov_seg/
+VARIANT_CONFIGS = {
+    "r50": "eov_seg_R50.yaml",
+    "r50x4": "eov_seg_r50x4.yaml",
+    "convnext_l": "eov_seg_convnext_l.yaml",
+}
 
 
 class OriginalUnavailable(RuntimeError):
@@ -88,8 +95,9 @@ def _prepare_imports(paths: list[Path]) -> None:
         create = open_clip.create_model_and_transforms
 
         def offline_create(model_name, pretrained=None, **kwargs):
-            # the openai checkpoints load with QuickGELU; the weights come from the state dict, not the hub
-            return create(model_name, pretrained=None, force_quick_gelu=True, **kwargs)
+            # open_clip builds the openai towers with QuickGELU to load those weights; LAION's keep their config's
+            # GELU. The weights come from the state dict, not the hub.
+            return create(model_name, pretrained=None, force_quick_gelu=pretrained == "openai", **kwargs)
 
         offline_create._eovseg_offline = True
         open_clip.create_model_and_transforms = offline_create
@@ -120,6 +128,15 @@ def _sequence_first_towers(model) -> None:
 
 def build_original_r50(state_dict: dict[str, torch.Tensor] | None = None, config_overrides: list | None = None):
     """The original EOV-Seg R50 model in eval mode on CPU (ADE20K-150 test vocabulary, COCO training vocabulary)."""
+    return build_original("r50", state_dict, config_overrides)
+
+
+def build_original(variant: str, state_dict: dict[str, torch.Tensor] | None = None,
+                   config_overrides: list | None = None):
+    """The original EOV-Seg model of `variant` (a key of `VARIANT_CONFIGS`) in eval mode on CPU, from its released
+    config (ADE20K-150 test vocabulary, COCO training vocabulary; `set_metadata` changes them)."""
+    if variant not in VARIANT_CONFIGS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_CONFIGS)}")
     paths = original_paths()
     _prepare_imports(paths)
     with contextlib.chdir(paths[0]):  # the original registers its vocabularies by relative path at import
@@ -132,7 +149,7 @@ def build_original_r50(state_dict: dict[str, torch.Tensor] | None = None, config
         _fix_resnet_mask_pooling(CLIP)
         cfg = get_cfg()
         eov_seg.add_eov_config(cfg)
-        cfg.merge_from_file(str(paths[0] / "configs" / "eov_seg" / "eov_seg_R50.yaml"))
+        cfg.merge_from_file(str(paths[0] / "configs" / "eov_seg" / VARIANT_CONFIGS[variant]))
         cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + list(config_overrides or []))
         cfg.freeze()
         model = build_model(cfg)
