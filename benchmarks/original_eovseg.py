@@ -10,8 +10,10 @@ checkout, a folder holding fvcore / iopath / omegaconf / cv2 ...), e.g.
 The original is run as it was for the fixture in `tests/fixtures` / `shared/fixtures/original-r50`: detectron2's
 modulated deformable convolution (CUDA only) replaced by `torchvision.ops.deform_conv2d` with the same offset layout,
 the ResNet mask-pooling crash (`.to()` on an int) fixed to its intent, the towers built without downloading weights
-(the openai ones with QuickGELU, as open_clip builds them for those weights; LAION's ConvNeXt with its config's GELU), and open_clip < 2.24 semantics restored on open_clip >= 2.24 (sequence-first text
-transformer and ViT block). detectron2's compiled `_C` extension is not needed: when it is missing an empty module
+(the openai ones with QuickGELU, as open_clip builds them for those weights; LAION's ConvNeXt with its config's GELU),
+and open_clip < 2.24 semantics restored on open_clip >= 2.24 (sequence-first text transformer and ViT block). One
+more change lets it run in float64: the decoder's 0/1 hard masks are made in the features' dtype rather than always
+float32 (identical in float32). detectron2's compiled `_C` extension is not needed: when it is missing an empty module
 stands in for it (none of its kernels is used on this path).
 """
 
@@ -114,6 +116,20 @@ def _fix_resnet_mask_pooling(clip_class) -> None:
     setattr(clip_class, name, namespace[name])
 
 
+def _hard_masks_in_feature_dtype(head_class) -> None:
+    """Re-define the decoder stage's `forward` with its 0/1 hard masks in the features' dtype rather than always
+    float32 (`.float()`), so that the original runs in float64 too; in float32 nothing changes."""
+    source = textwrap.dedent(inspect.getsource(head_class.forward))
+    old = "hard_sigmoid_masks = nonzero_inds.float()"
+    if old not in source:
+        raise RuntimeError(f"{head_class.__qualname__}.forward: no `{old}` to patch (another version of the original?)")
+    fixed = source.replace(old, "hard_sigmoid_masks = nonzero_inds.to(features.dtype)")
+    module = sys.modules[head_class.__module__]
+    namespace: dict = {}
+    exec(compile(fixed, inspect.getsourcefile(head_class), "exec"), module.__dict__, namespace)
+    head_class.forward = namespace["forward"]
+
+
 def _sequence_first_towers(model) -> None:
     """open_clip >= 2.24 runs its transformers batch-first; the original feeds them sequence-first tensors."""
     for backbone in (model.cnn_backbone, model.vit_backbone):
@@ -145,8 +161,10 @@ def build_original(variant: str, state_dict: dict[str, torch.Tensor] | None = No
 
         import eov_seg
         from eov_seg.modeling.backbone.clip import CLIP
+        from eov_seg.modeling.head.head import CrossAttenHead
 
         _fix_resnet_mask_pooling(CLIP)
+        _hard_masks_in_feature_dtype(CrossAttenHead)
         cfg = get_cfg()
         eov_seg.add_eov_config(cfg)
         cfg.merge_from_file(str(paths[0] / "configs" / "eov_seg" / VARIANT_CONFIGS[variant]))
