@@ -167,6 +167,7 @@ def make_dump(args) -> dict:
     dtype = getattr(torch, args.dtype)
     vocabulary, is_thing, train_vocabulary = vocabulary_of(args.classes)
     image = load_image(args.image, args.size)
+    torch.manual_seed(args.seed)  # the original's own initial weights, under the perturbation, are seeded too
     try:
         model = build_original(args.variant)
     except OriginalUnavailable as error:
