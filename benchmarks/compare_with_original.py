@@ -44,7 +44,8 @@ def difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def compare(path: str, through_folder: bool, tolerance: float, reference_text: bool = False) -> dict[str, float]:
-    ref = torch.load(path, map_location="cpu", weights_only=False)
+    # memory-mapped: a float64 dump of the large variants is several GB; its pages are read as needed
+    ref = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     state = ref["state_dict"]
     variant = ref.get("config", {}).get("variant") or detect_variant(state)
     dtype = ref["pixel_values"].dtype

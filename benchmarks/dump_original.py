@@ -176,7 +176,7 @@ def make_dump(args) -> dict:
     model = model.to(dtype).eval()
     set_vocabulary(model, vocabulary, is_thing, train_vocabulary, f"{args.variant}_{args.seed}")
     values = run_original(model, image, dtype)
-    state_dict = {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+    state_dict = {key: tensor.detach() for key, tensor in model.state_dict().items()}  # the model is done with
     return {
         "state_dict": state_dict,
         "pixel_values": values["pixel_values"],
