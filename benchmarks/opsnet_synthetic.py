@@ -1,24 +1,33 @@
 """OPSNet's options on synthetic data (CPU, one thread): Mask Filtering and Decoupled Supervision.
 
     python benchmarks/opsnet_synthetic.py --part mf      # IoU head: Spearman(pred, true IoU), PQ per score mode
-    python benchmarks/opsnet_synthetic.py --part ds      # two shape classes as image-level labels only, with/without DS
+    python benchmarks/opsnet_synthetic.py --part ds      # two classes as image-level labels only, with/without DS
     python benchmarks/opsnet_synthetic.py --part mf --budget_seconds 120 --eval_images 40   # a quicker run
 
-The model and recipe are those of `benchmarks/learn_synthetic.py` (the tiny preset, random frozen CLIP towers, the
-original's optimizer with a larger learning rate, learning-rate steps placed by elapsed time).
+* `mf`: trains the tiny preset from random weights (the recipe of `benchmarks/learn_synthetic.py`: random frozen
+  CLIP towers, the original's optimizer with a larger learning rate, learning-rate steps placed by elapsed time) with
+  `mask_filtering=True` for `--budget_seconds` (420), then on `--eval_images` (50) held-out images matches the last
+  stage's predictions to the ground truth with the training matcher and reports Spearman's rank correlation of the
+  predicted IoU with the true IoU of the matched masks (target >= 0.6; all queries, unmatched at IoU 0, are reported
+  too), then PQ with the `class`, `class_iou` and `iou` score modes, and with Embedding Modulation.
+* `ds`: two held-out thing classes, a circle and a rectangle in a colour no seen class has (`HELD_OUT`, drawn by the
+  generator's `extra_thing_classes`), never appear in the panoptic training data (five seen classes, the default
+  synthetic data); image-level data (other images with all seven classes, each tagged with the classes it shows)
+  teaches them. Both runs start from the same panoptic-pretrained model, `--init_model` (default: the bundled demo
+  model, trained on the five seen classes only), with the same freshly initialised IoU head, and fine-tune for
+  `--budget_seconds` (270) each at `--finetune_learning_rate`: panoptic only, and with Decoupled Supervision
+  (`--image_label_ratio` of the images image-level). Held-out PQ (in-vocabulary classifier: the random CLIP branch
+  is switched off) on the two classes and on all seven is reported for the start model and both runs, with a
+  diagnostic of the held-out segments' matched queries: their true IoU (can the decoder cut them out), the fraction
+  whose predicted IoU passes `supervision_iou_threshold` (kept for `L_match`), and the probability of their class.
 
-* `mf`: trains with `mask_filtering=True` for `--budget_seconds`, then on `--eval_images` held-out images matches
-  the last stage's predictions to the ground truth with the training matcher and reports Spearman's rank correlation
-  of the predicted IoU with the true IoU of the matched masks (target >= 0.6; all queries, unmatched at IoU 0, are
-  reported too), then PQ with the `class`, `class_iou` and `iou` score modes, and with Embedding Modulation.
-* `ds`: removes the circle and triangle segments from the panoptic training data (their pixels unlabeled; the
-  panoptic vocabulary is rectangle, sky, ground), and trains twice for `--budget_seconds` each: panoptic only, and
-  with Decoupled Supervision on image-level data (other images, every class present as a label, the five-class
-  image-level vocabulary, half of every batch). Both have the IoU head. It reports held-out PQ on circle and
-  triangle with the five-class vocabulary (in-vocabulary classifier: the random CLIP branch is switched off).
+The shapes are chosen so that Decoupled Supervision has something to work with even with a random CLIP: a decoder
+trained on red circles and purple rectangles already cuts out orange ones, so only the classifier has to learn the
+new classes, which is what image-level labels can teach. Their names are picked for text embeddings (random text
+tower) no closer to a seen class's than the seen classes are to each other (cosine at most 0.84; "orange circle" vs
+"red circle" is 0.95, "orange rectangle" vs "purple rectangle" 0.99).
 
-Each part is meant to finish in 15 minutes (`ds` trains twice: give it half the budget per run). Prints a JSON line
-of the figures at the end of each part.
+Each part is meant to finish in 15 minutes on one thread. Prints a JSON line of the figures at the end of each part.
 """
 
 from __future__ import annotations
@@ -33,55 +42,51 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import learn_synthetic  # noqa: E402
 from learn_synthetic import CLASS_NAMES, train_with_budget  # noqa: E402
 
-HIDDEN = ["red circle", "yellow triangle"]  # the classes Decoupled Supervision learns from image-level labels only
+# The classes Decoupled Supervision learns from image-level labels only: shapes the seen classes have (red circle,
+# purple rectangle), in colours no seen class has, so that a panoptic-trained decoder can already cut them out and only
+# the classifier has to learn them (generator option `extra_thing_classes`: categories 5 and 6).
+HELD_OUT = {"orange lantern": ("circle", (250, 140, 20)), "amber box": ("rectangle", (250, 140, 20))}
+ALL_NAMES = list(CLASS_NAMES) + list(HELD_OUT)
+DS_CATEGORIES = [{"id": i, "name": name, "isthing": int(i < 3 or i >= len(CLASS_NAMES))} for i, name in enumerate(ALL_NAMES)]
+DEFAULT_BUDGET = {"mf": 420.0, "ds": 270.0}  # training seconds per run (ds trains twice)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # learn_synthetic's options (model size, data, recipe), with a shorter budget per training run
     p = learn_synthetic.build_parser()
     p.description = __doc__.split("\n\n")[0]
-    p.set_defaults(budget_seconds=480.0)
+    p.set_defaults(budget_seconds=None)
     p.add_argument("--part", choices=["mf", "ds", "all"], default="all")
+    p.add_argument("--init_model", default=None,
+                   help="ds: the panoptic-pretrained model both runs start from (default: the bundled demo model)")
+    p.add_argument("--finetune_learning_rate", type=float, default=1.5e-4, help="ds: learning rate of both runs")
     p.add_argument("--image_label_ratio", type=float, default=0.5)
     p.add_argument("--supervision_iou_threshold", type=float, default=None,
                    help="Decoupled Supervision's IoU threshold (default: the configuration's)")
     return p
 
 
-def make_model(args, vocabulary, **overrides):
+def make_model(args):
+    """A fresh tiny model with an IoU head, the five synthetic classes as its vocabulary."""
     from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
     from eovseg.training import SYNTHETIC_IS_THING
 
     config = EovSegConfig.from_variant(
         "tiny", num_proposals=args.num_proposals, hidden_dim=args.hidden_dim, decoder_ffn_dim=2 * args.hidden_dim,
         train_num_points=args.train_num_points,
-        vocabulary=list(CLASS_NAMES), is_thing=list(SYNTHETIC_IS_THING), train_vocabulary=list(vocabulary),
-        mask_filtering=True, **overrides,
+        vocabulary=list(CLASS_NAMES), is_thing=list(SYNTHETIC_IS_THING), train_vocabulary=list(CLASS_NAMES),
+        mask_filtering=True,
     )
-    model = EovSegForPanopticSegmentation(config)
-    processor = EovSegProcessor.from_config(config)
-    return model, processor
+    return EovSegForPanopticSegmentation(config), EovSegProcessor.from_config(config)
 
 
-def panoptic_rows(args, num_images, seed, drop_classes=()):
-    """Synthetic panoptic rows; segments of `drop_classes` (category ids) removed, their pixels left unlabeled."""
+def panoptic_rows(args, num_images, seed, **kwargs):
     from eovseg.training import make_synthetic_panoptic_dataset
 
-    rows = make_synthetic_panoptic_dataset(num_images, args.image_size, args.image_size, seed=seed,
-                                           class_names=CLASS_NAMES)
-    if not drop_classes:
-        return rows
-    keep = [i for i in range(len(CLASS_NAMES)) if i not in drop_classes]
-    relabel = {old: new for new, old in enumerate(keep)}
-
-    def drop(row):
-        segments = [s for s in row["segments_info"] if s["category_id"] not in drop_classes]
-        return {"segments_info": [{**s, "category_id": relabel[s["category_id"]]} for s in segments]}
-
-    return rows.map(drop)
+    return make_synthetic_panoptic_dataset(num_images, args.image_size, args.image_size, seed=seed, **kwargs)
 
 
-def train(args, model, processor, rows, vocabulary, image_label_rows=None):
+def train(args, model, processor, rows, vocabulary, image_label_rows=None, *, learning_rate, budget_seconds):
     import torch
 
     from eovseg.training import (
@@ -98,45 +103,54 @@ def train(args, model, processor, rows, vocabulary, image_label_rows=None):
     dataset = PanopticSegmentationDataset(rows, jitter, seed=args.seed, shuffle=True)
     image_label_names = None
     if image_label_rows is not None:
-        image_label_names = list(CLASS_NAMES)
+        image_label_names = list(ALL_NAMES)
         image_level = ImageLabelDataset(image_label_rows, image_label_names, jitter, seed=args.seed, shuffle=True)
         dataset = MixedSegmentationDataset(dataset, image_level, args.image_label_ratio)
     collator = EovSegDataCollator.from_processor(processor, vocabulary, config=model.config,
                                                  image_label_names=image_label_names)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator, drop_last=True)
-    steps, seconds = train_with_budget(model, loader, dataset, args.learning_rate, args.budget_seconds, args.log_every)
+    steps, seconds = train_with_budget(model, loader, dataset, learning_rate, budget_seconds, args.log_every)
     print(f"trained {steps} steps in {seconds:.0f}s", flush=True)
     return steps, seconds
+
+
+def matched_predictions(model, processor, rows, class_names):
+    """Per batch of 8 held-out images: the model's outputs (eval mode), the training matcher's matches of the last
+    stage ((prediction indices, target indices) per image), the true IoU of every query (0 when unmatched) and the
+    batch's target classes."""
+    import torch
+
+    from eovseg.loss_eovseg import EovSegLoss
+    from eovseg.training import EovSegDataCollator, PanopticSegmentationDataset
+
+    dataset = PanopticSegmentationDataset(rows)
+    collator = EovSegDataCollator.from_processor(processor, list(class_names), config=model.config)
+    criterion = EovSegLoss(model.config)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), 8):
+            batch = collator([dataset[i] for i in range(start, min(len(dataset), start + 8))])
+            outputs = model(**{k: v for k, v in batch.items() if k not in ("mask_labels", "class_labels")})
+            masks = outputs.masks_queries_logits
+            indices = criterion.matcher(masks_queries_logits=masks.float(),
+                                        class_queries_logits=outputs.stage_class_queries_logits[-1].float(),
+                                        mask_labels=batch["mask_labels"], class_labels=batch["class_labels"])
+            true = model.mask_filtering.iou_targets(masks, batch["mask_labels"], indices)
+            yield outputs, indices, true, batch["class_labels"]
 
 
 def iou_correlation(model, processor, rows):
     """Spearman's correlation of predicted and true IoU: (matched queries only, all queries)."""
     import numpy as np
-    import torch
     from scipy.stats import spearmanr
 
-    from eovseg.training import EovSegDataCollator, PanopticSegmentationDataset
-
-    dataset = PanopticSegmentationDataset(rows)
-    collator = EovSegDataCollator.from_processor(processor, list(CLASS_NAMES), config=model.config)
-    criterion_model = model.eval()
-    from eovseg.loss_eovseg import EovSegLoss
-
-    criterion = EovSegLoss(model.config)
     matched_pred, matched_true, all_pred, all_true = [], [], [], []
-    with torch.no_grad():
-        for start in range(0, len(dataset), 8):
-            batch = collator([dataset[i] for i in range(start, min(len(dataset), start + 8))])
-            outputs = criterion_model(**{k: v for k, v in batch.items() if k not in ("mask_labels", "class_labels")})
-            class_logits = outputs.stage_class_queries_logits[-1]
-            masks = outputs.masks_queries_logits
-            indices = criterion.match(class_logits, masks, batch["mask_labels"], batch["class_labels"])
-            true = model.mask_filtering.iou_targets(masks, batch["mask_labels"], indices)
-            for image, (pred_index, _) in enumerate(indices):
-                matched_pred += outputs.iou_scores[image, pred_index].tolist()
-                matched_true += true[image, pred_index].tolist()
-            all_pred += outputs.iou_scores.flatten().tolist()
-            all_true += true.flatten().tolist()
+    for outputs, indices, true, _ in matched_predictions(model, processor, rows, CLASS_NAMES):
+        for image, (pred_index, _) in enumerate(indices):
+            matched_pred += outputs.iou_scores[image, pred_index].tolist()
+            matched_true += true[image, pred_index].tolist()
+        all_pred += outputs.iou_scores.flatten().tolist()
+        all_true += true.flatten().tolist()
     matched = spearmanr(np.array(matched_pred), np.array(matched_true)).statistic
     everything = spearmanr(np.array(all_pred), np.array(all_true)).statistic
     print(f"matched masks: {len(matched_pred)}, mean true IoU {np.mean(matched_true):.3f}, "
@@ -154,9 +168,11 @@ def evaluate(model, processor, rows, **kwargs):
 
 def part_mask_filtering(args) -> dict:
     print("== Mask Filtering ==", flush=True)
-    model, processor = make_model(args, CLASS_NAMES)
-    train(args, model, processor, panoptic_rows(args, args.train_images, args.seed), list(CLASS_NAMES))
-    eval_rows = panoptic_rows(args, args.eval_images, args.seed + 1)
+    model, processor = make_model(args)
+    train(args, model, processor, panoptic_rows(args, args.train_images, args.seed, class_names=CLASS_NAMES),
+          list(CLASS_NAMES),
+          learning_rate=args.learning_rate, budget_seconds=budget(args, "mf"))
+    eval_rows = panoptic_rows(args, args.eval_images, args.seed + 1, class_names=CLASS_NAMES)
     matched, everything = iou_correlation(model, processor, eval_rows)
     print(f"Spearman(predicted IoU, true IoU): matched masks {matched:.3f} (target >= 0.6), all queries {everything:.3f}")
     figures = {"spearman_matched": round(matched, 3), "spearman_all_queries": round(everything, 3)}
@@ -171,42 +187,108 @@ def part_mask_filtering(args) -> dict:
     return figures
 
 
-def hidden_class_pq(model, processor, rows) -> dict:
-    """PQ on the two hidden classes, in-vocabulary classifier only (the random CLIP branch is switched off)."""
+def held_out_diagnostic(model, processor, rows, names, hidden_ids) -> dict:
+    """What Decoupled Supervision needs on the held-out classes' ground-truth segments of `rows`, from the training
+    matcher's matches (in-vocabulary head over `names` + void): can the decoder cut them out (true IoU of the matched
+    masks), does the IoU head keep them for `L_match` (predicted IoU above `supervision_iou_threshold`), and what
+    probability the in-vocabulary head gives their class (and how often it is the top class)."""
+    import numpy as np
+
+    threshold = model.config.supervision_iou_threshold
+    true_iou, predicted, probability, top = [], [], [], []
+    for outputs, indices, true, class_labels in matched_predictions(model, processor, rows, names):
+        probs = outputs.stage_class_queries_logits[-1].softmax(-1)
+        for image, (pred_index, target_index) in enumerate(indices):
+            for p, t in zip(pred_index.tolist(), target_index.tolist()):
+                label = int(class_labels[image][t])
+                if label in hidden_ids:
+                    true_iou.append(float(true[image, p]))
+                    predicted.append(float(outputs.iou_scores[image, p]))
+                    probability.append(float(probs[image, p, label]))
+                    top.append(int(probs[image, p].argmax()) == label)
+    if not true_iou:
+        return {"held_out_segments": 0}
+    return {
+        "held_out_segments": len(true_iou),
+        "mean_true_iou": round(float(np.mean(true_iou)), 3),
+        "mean_predicted_iou": round(float(np.mean(predicted)), 3),
+        "kept_for_L_match": round(float(np.mean(np.array(predicted) > threshold)), 3),
+        "mean_class_probability": round(float(np.mean(probability)), 3),
+        "top_class": round(float(np.mean(top)), 3),
+    }
+
+
+def hidden_class_pq(model, processor, rows, categories) -> dict:
+    """PQ on the held-out classes and on all, in-vocabulary classifier only (the random CLIP branch is switched
+    off)."""
+    from eovseg.evaluation import evaluate_model
+
+    alpha, beta = model.ensemble.alpha, model.ensemble.beta
     model.ensemble.alpha = model.ensemble.beta = 0.0
-    result = evaluate(model, processor, rows)
+    result = evaluate_model(model, processor, rows, "panoptic", categories=categories, batch_size=8, progress=False)
+    model.ensemble.alpha, model.ensemble.beta = alpha, beta
     per_class = {r["name"]: r for r in result["per_class"].values()}
-    figures = {name: round(per_class[name]["PQ"], 2) for name in HIDDEN}
-    return figures | {"PQ_hidden_mean": round(sum(figures.values()) / len(figures), 2), "PQ_all": round(result["PQ"], 2)}
+    figures = {name: round(per_class[name]["PQ"], 2) for name in HELD_OUT}
+    seen = [per_class[name]["PQ"] for name in CLASS_NAMES]
+    return figures | {"PQ_held_out_mean": round(sum(figures.values()) / len(figures), 2),
+                      "PQ_seen_mean": round(sum(seen) / len(seen), 2), "PQ_all": round(result["PQ"], 2)}
+
+
+def warm_start(args, use_ds: bool):
+    """The panoptic-pretrained model (`--init_model`) with an IoU head (freshly initialised from `--seed`, identical
+    in both runs) and Decoupled Supervision on or off."""
+    import torch
+
+    from eovseg import EovSegForPanopticSegmentation, EovSegProcessor
+
+    # its configured vocabulary stays the five seen classes (the held-out ones are passed per call)
+    overrides = {"mask_filtering": True, "decoupled_supervision": use_ds}
+    if args.supervision_iou_threshold is not None:
+        overrides["supervision_iou_threshold"] = args.supervision_iou_threshold
+    torch.manual_seed(args.seed)
+    model = EovSegForPanopticSegmentation.from_pretrained(args.init_model, **overrides)
+    processor = EovSegProcessor.from_pretrained(args.init_model)
+    return model, processor
 
 
 def part_decoupled_supervision(args) -> dict:
     from eovseg.training import make_synthetic_image_label_dataset
 
     print("== Decoupled Supervision ==", flush=True)
-    hidden_ids = tuple(CLASS_NAMES.index(name) for name in HIDDEN)
-    panoptic_vocabulary = [name for name in CLASS_NAMES if name not in HIDDEN]
-    rows = panoptic_rows(args, args.train_images, args.seed, drop_classes=hidden_ids)
-    eval_rows = panoptic_rows(args, args.eval_images, args.seed + 1)
-    figures = {}
+    extras = list(HELD_OUT.values())
+    hidden_ids = tuple(range(len(CLASS_NAMES), len(ALL_NAMES)))
+    # panoptic training data: the five seen classes only (no held-out instance anywhere, not even unlabeled)
+    rows = panoptic_rows(args, args.train_images, args.seed, class_names=CLASS_NAMES)
+    image_label_rows = make_synthetic_image_label_dataset(args.train_images, args.image_size, args.image_size,
+                                                          seed=args.seed + 2, class_names=ALL_NAMES,
+                                                          extra_thing_classes=extras)
+    eval_rows = panoptic_rows(args, args.eval_images, args.seed + 1, class_names=ALL_NAMES, extra_thing_classes=extras)
+    model, processor = warm_start(args, use_ds=False)
+    figures = {"start": hidden_class_pq(model, processor, eval_rows, DS_CATEGORIES)}
+    figures["start"]["diagnostic"] = held_out_diagnostic(model, processor, eval_rows, ALL_NAMES, hidden_ids)
+    print(json.dumps(figures), flush=True)
     for use_ds in (False, True):
         print(f"-- {'with' if use_ds else 'without'} Decoupled Supervision", flush=True)
-        overrides = {"decoupled_supervision": use_ds}
-        if args.supervision_iou_threshold is not None:
-            overrides["supervision_iou_threshold"] = args.supervision_iou_threshold
-        model, processor = make_model(args, panoptic_vocabulary, **overrides)
-        image_label_rows = None
-        if use_ds:
-            image_label_rows = make_synthetic_image_label_dataset(args.train_images, args.image_size, args.image_size,
-                                                                  seed=args.seed + 2, class_names=CLASS_NAMES)
-        train(args, model, processor, rows, panoptic_vocabulary, image_label_rows)
-        figures["with_ds" if use_ds else "without_ds"] = hidden_class_pq(model, processor, eval_rows)
+        model, processor = warm_start(args, use_ds)
+        steps, seconds = train(args, model, processor, rows, list(CLASS_NAMES), image_label_rows if use_ds else None,
+                               learning_rate=args.finetune_learning_rate, budget_seconds=budget(args, "ds"))
+        arm = hidden_class_pq(model, processor, eval_rows, DS_CATEGORIES)
+        arm["diagnostic"] = held_out_diagnostic(model, processor, eval_rows, ALL_NAMES, hidden_ids)
+        figures["with_ds" if use_ds else "without_ds"] = arm | {"steps": steps}
         print(json.dumps(figures), flush=True)
     return figures
 
 
+def budget(args, part: str) -> float:
+    return DEFAULT_BUDGET[part] if args.budget_seconds is None else args.budget_seconds
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init_model is None:
+        from eovseg.demo import default_model_path
+
+        args.init_model = str(default_model_path())
     import torch
 
     torch.set_num_threads(args.threads)

@@ -15,6 +15,11 @@ Columns (the COCO panoptic layout, as [`PanopticSegmentationDataset`] and `eovse
 
 The categories, `[{"id", "name", "isthing"}]` with ids `0 .. 4` (the vocabulary indices), are stored as JSON in the
 data set's `info.description` (see [`get_dataset_categories`]) and given by [`synthetic_categories`].
+
+`extra_thing_classes` adds thing classes, each a known shape in a colour of its own (e.g. `("circle", (30, 215, 210))`,
+a cyan circle), as categories 5, 6, ...: classes that differ from the default ones by colour only, for experiments
+where a model must learn a class whose geometry it already segments (OPSNet's Decoupled Supervision benchmark). Without
+them the data are those of the five default classes, drawn exactly as before.
 """
 
 from __future__ import annotations
@@ -40,13 +45,17 @@ SYNTHETIC_IS_THING = [True, True, True, False, False]
 # Base colours of the thing classes (RGB), far from each other and from the sky blues and ground greens.
 _THING_COLOURS = {"circle": (225, 45, 45), "rectangle": (190, 60, 210), "triangle": (240, 205, 35)}
 _METADATA_KEY = "eovseg_synthetic_panoptic"
+_STUFF_CATEGORIES = (3, 4)  # sky, ground
 
 
-def synthetic_categories(class_names: Sequence[str] | None = None) -> list[dict]:
+def synthetic_categories(class_names: Sequence[str] | None = None, extra_thing_classes: Sequence = ()) -> list[dict]:
     """The categories of the synthetic data set: `[{"id": i, "name": ..., "isthing": ...}]` for i = 0 .. 4
-    (circle, rectangle, triangle, sky, ground), with `class_names` as names when given."""
-    names = _check_class_names(class_names)
-    return [{"id": i, "name": name, "isthing": int(t)} for i, (name, t) in enumerate(zip(names, SYNTHETIC_IS_THING))]
+    (circle, rectangle, triangle, sky, ground), then one thing category per extra thing class (ids 5, 6, ...), with
+    `class_names` as names when given (default for an extra class: its shape and colour, e.g. `"circle (30, 215, 210)"`)."""
+    extras = _check_extra_thing_classes(extra_thing_classes)
+    names = _check_class_names(class_names, extras)
+    is_thing = SYNTHETIC_IS_THING + [True] * len(extras)
+    return [{"id": i, "name": name, "isthing": int(t)} for i, (name, t) in enumerate(zip(names, is_thing))]
 
 
 def get_dataset_categories(dataset) -> list[dict] | None:
@@ -64,15 +73,42 @@ def get_dataset_categories(dataset) -> list[dict] | None:
     return None
 
 
-def _check_class_names(class_names) -> list[str]:
+def _check_class_names(class_names, extras: Sequence[tuple[str, tuple[int, int, int]]] = ()) -> list[str]:
     if class_names is None:
-        return list(SYNTHETIC_CLASS_NAMES)
-    if isinstance(class_names, str) or len(class_names) != len(_KINDS):
+        return list(SYNTHETIC_CLASS_NAMES) + [f"{shape} {colour}" for shape, colour in extras]
+    kinds = list(_KINDS) + [f"{shape} {colour}" for shape, colour in extras]
+    if isinstance(class_names, str) or len(class_names) != len(kinds):
         raise ValueError(
-            f"class_names must name the {len(_KINDS)} synthetic classes in the order {list(_KINDS)} (synonyms "
+            f"class_names must name the {len(kinds)} synthetic classes in the order {kinds} (synonyms "
             f"comma-separated), got {class_names!r}."
         )
     return [str(c) for c in class_names]
+
+
+def _check_extra_thing_classes(extra_thing_classes) -> list[tuple[str, tuple[int, int, int]]]:
+    """`[(shape, (r, g, b))]` with a known thing shape and a colour of three integers in 0 .. 255."""
+    shapes = [k for k in _KINDS if k in _THING_COLOURS]
+    extras = []
+    for entry in extra_thing_classes or ():
+        try:
+            shape, colour = entry
+            colour = tuple(int(c) for c in colour)
+        except (TypeError, ValueError):
+            raise ValueError(f"extra_thing_classes: each entry is (shape, (r, g, b)), got {entry!r}.") from None
+        if shape not in shapes or len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+            raise ValueError(
+                f"extra_thing_classes: each entry is (shape, (r, g, b)) with a shape in {shapes} and colour values in "
+                f"0 .. 255, got {entry!r}."
+            )
+        extras.append((shape, colour))
+    return extras
+
+
+def _thing_classes(extras) -> list[tuple[str, tuple[int, int, int], int]]:
+    """(shape, base colour, category id) of every thing class: the default three (ids 0 .. 2), then the extras (ids
+    5, 6, ...)."""
+    default = [(k, _THING_COLOURS[k], i) for i, k in enumerate(_KINDS) if k in _THING_COLOURS]
+    return default + [(shape, colour, len(_KINDS) + j) for j, (shape, colour) in enumerate(extras)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -130,6 +166,7 @@ def _draw_image(
     min_area: int,
     crowd_probability: float,
     void_probability: float,
+    thing_classes: list,
 ):
     """One image: (H, W, 3) uint8 RGB, (H, W) int64 segment ids (0 unlabeled), and its segments.
 
@@ -138,12 +175,13 @@ def _draw_image(
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     image, is_sky = _draw_stuff(rng, yy, xx)
-    category = np.where(is_sky, 3, 4).astype(np.int64)  # per-pixel category, -1 void
+    category = np.where(is_sky, *_STUFF_CATEGORIES).astype(np.int64)  # per-pixel category, -1 void
     instance = np.full((height, width), -1, dtype=np.int64)  # per-pixel thing instance index
     if rng.random() < void_probability:
         _draw_void_patch(rng, yy, xx, image, category)
     things = _draw_things(
-        rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area
+        rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area,
+        thing_classes,
     )
     id_map, segments = _segments(rng, category, instance, things, crowd_probability)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -180,27 +218,27 @@ def _draw_void_patch(rng, yy, xx, image, category) -> None:
 
 
 def _draw_things(
-    rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area
+    rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area,
+    thing_classes,
 ) -> list[int]:
     """Thing instances drawn in place over the background, each tried up to 25 times until it fits (see
-    [`_thing_fits`]); returns the class index of each placed instance (its index is its value in `instance`)."""
-    thing_kinds = [k for k in _KINDS if k in _THING_COLOURS]
+    [`_thing_fits`]); returns the category id of each placed instance (its index is its value in `instance`).
+    `thing_classes`: (shape, base colour, category id) of each class, drawn with equal probability."""
     things = []
     target = int(rng.integers(min_instances, max_instances + 1))
     for _ in range(target):
-        kind_index = int(rng.integers(len(thing_kinds)))
-        kind = thing_kinds[kind_index]
+        kind, base_colour, category_id = thing_classes[int(rng.integers(len(thing_classes)))]
         for _attempt in range(25):
             mask = _shape_mask(kind, rng, yy, xx, size_range)
             area = int(mask.sum())
             if not _thing_fits(mask, area, instance, len(things), max_overlap, min_area):
                 continue
-            colour = np.array(_THING_COLOURS[kind]) + rng.uniform(-25, 25, 3)
+            colour = np.array(base_colour) + rng.uniform(-25, 25, 3)
             shading = rng.normal(0, 6, size=(area, 3))
             image[mask] = colour + shading
             instance[mask] = len(things)
-            category[mask] = kind_index
-            things.append(kind_index)
+            category[mask] = category_id
+            things.append(category_id)
             break
     return things
 
@@ -226,7 +264,7 @@ def _segments(rng, category, instance, things, crowd_probability):
     """The segment-id map and segments_info: stuff first, then things, with random distinct ids in [1, 2^24) and
     now and then one thing segment flagged `iscrowd`."""
     segment_masks, segment_categories = [], []
-    for stuff_category in (3, 4):
+    for stuff_category in _STUFF_CATEGORIES:
         mask = (category == stuff_category) & (instance < 0)
         if mask.any():
             segment_masks.append(mask)
@@ -239,7 +277,7 @@ def _segments(rng, category, instance, things, crowd_probability):
     ids = rng.choice(2**24 - 1, size=len(segment_masks), replace=False) + 1
     id_map = np.zeros(instance.shape, dtype=np.int64)
     segments = []
-    thing_segments = [i for i, c in enumerate(segment_categories) if c < 3]
+    thing_segments = [i for i, c in enumerate(segment_categories) if c not in _STUFF_CATEGORIES]
     crowd = int(rng.choice(thing_segments)) if thing_segments and rng.random() < crowd_probability else -1
     for i, (mask, cat) in enumerate(zip(segment_masks, segment_categories)):
         id_map[mask] = ids[i]
@@ -276,6 +314,7 @@ def make_synthetic_panoptic_dataset(
     min_area: int | None = None,
     crowd_probability: float = 0.15,
     void_probability: float = 0.15,
+    extra_thing_classes: Sequence = (),
 ):
     """Make a synthetic COCO-panoptic `datasets.Dataset` (see the module docstring for the content and columns).
 
@@ -292,6 +331,9 @@ def make_synthetic_panoptic_dataset(
         min_area: smallest area in pixels of a placed shape (default 1% of the image).
         crowd_probability: probability that one thing segment of an image is flagged `iscrowd`.
         void_probability: probability that an image has an unlabeled (id 0) patch.
+        extra_thing_classes: more thing classes, `[(shape, (r, g, b))]` with a shape among circle, rectangle and
+            triangle: categories 5, 6, ... (`class_names` then names them too). Every thing class, default or extra,
+            is drawn with equal probability.
 
     Returns:
         `datasets.Dataset` with columns `image_id`, `file_name`, `height`, `width`, `image`, `label`,
@@ -301,7 +343,9 @@ def make_synthetic_panoptic_dataset(
     import PIL.Image
 
     _check_synthetic_arguments(num_images, height, width, min_instances, max_instances)
-    categories = synthetic_categories(class_names)
+    extras = _check_extra_thing_classes(extra_thing_classes)
+    categories = synthetic_categories(class_names, extras)
+    thing_classes = _thing_classes(extras)
     if min_area is None:
         min_area = max(4, int(0.01 * height * width))
     rows = {k: [] for k in ("image_id", "file_name", "height", "width", "image", "label", "segments_info")}
@@ -309,7 +353,7 @@ def make_synthetic_panoptic_dataset(
         rng = np.random.default_rng([seed, index])
         image, id_map, segments = _draw_image(
             rng, height, width, min_instances, max_instances, tuple(size_range), max_overlap, min_area,
-            crowd_probability, void_probability,
+            crowd_probability, void_probability, thing_classes,
         )
         rows["image_id"].append(index)
         rows["file_name"].append(f"synthetic_{seed}_{index:06d}.png")
@@ -325,6 +369,7 @@ def make_synthetic_panoptic_dataset(
             _METADATA_KEY: {
                 "num_images": num_images, "height": height, "width": width, "seed": seed,
                 "min_instances": min_instances, "max_instances": max_instances,
+                **({"extra_thing_classes": extras} if extras else {}),
             },
         }
     )
@@ -368,19 +413,25 @@ def _panoptic_features():
 
 
 def make_synthetic_image_label_dataset(
-    num_images: int = 8, height: int = 64, width: int = 64, seed: int = 0, class_names: Sequence[str] | None = None
+    num_images: int = 8,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    extra_thing_classes: Sequence = (),
 ):
     """Synthetic image-classification data (multi-label) for OPSNet's Decoupled Supervision: the images of
     [`make_synthetic_panoptic_dataset`] with the same arguments, each with `labels`, the names of the classes that
-    have a segment in it (crowd ones included), in class order; no masks.
+    have a segment in it (crowd ones included), in category-id order; no masks.
 
     Returns:
         `datasets.Dataset` with columns `image` and `labels` (a list of class names).
     """
     import datasets
 
-    names = _check_class_names(class_names)
-    panoptic = make_synthetic_panoptic_dataset(num_images, height, width, seed, names)
+    names = [c["name"] for c in synthetic_categories(class_names, extra_thing_classes)]
+    panoptic = make_synthetic_panoptic_dataset(num_images, height, width, seed, names,
+                                               extra_thing_classes=extra_thing_classes)
     labels = [
         [names[c] for c in sorted({s["category_id"] for s in segments})] for segments in panoptic["segments_info"]
     ]

@@ -99,6 +99,43 @@ def test_synthetic_dataset_is_deterministic(rows):
     assert np.asarray(renamed[0]["image"]).shape == (32, 48, 3)
 
 
+def test_synthetic_extra_thing_classes():
+    # Two more thing classes, a known shape in a new colour each: categories 5 and 6, drawn with their own colour, tagged
+    # in the image-level data; without extras the default data set is drawn (same rng order: see the test above).
+    from eovseg.synthetic import make_synthetic_image_label_dataset
+
+    extras = [("circle", (250, 140, 20)), ("rectangle", (20, 20, 240))]
+    names = NAMES + ["orange disc", "navy box"]
+    data = make_synthetic_panoptic_dataset(40, SIZE, SIZE, seed=5, class_names=names, extra_thing_classes=extras)
+    assert get_dataset_categories(data)[5:] == [{"id": 5, "name": "orange disc", "isthing": 1},
+                                                {"id": 6, "name": "navy box", "isthing": 1}]
+    assert synthetic_categories(extra_thing_classes=extras)[5]["name"] == "circle (250, 140, 20)"
+    colours = {c: [] for c in range(7)}
+    for row in data:
+        image, label = np.asarray(row["image"]).astype(float), rgb_ids(row["label"])
+        for s in row["segments_info"]:
+            colours[s["category_id"]].append(image[label == s["id"]].mean(0))
+    assert all(colours[c] for c in range(7))  # every class drawn
+    for category, (_, rgb) in zip((5, 6), extras):
+        # base colour jittered by at most 25 per channel, shading noise of std 6 averaged over the segment
+        assert np.abs(np.array(colours[category]) - rgb).max() < 30
+    for category, rgb in zip((0, 1, 2), [(225, 45, 45), (190, 60, 210), (240, 205, 35)]):
+        assert np.abs(np.array(colours[category]) - rgb).max() < 30
+    # a rectangle fills its bounding box, a circle about pi/4 of it (unoccluded ones at least)
+    fill = {c: [s["area"] / (s["bbox"][2] * s["bbox"][3]) for r in data["segments_info"] for s in r
+                if s["category_id"] == c] for c in (5, 6)}
+    assert np.median(fill[6]) > 0.95 and 0.6 < np.median(fill[5]) < 0.9
+    tagged = make_synthetic_image_label_dataset(40, SIZE, SIZE, seed=5, class_names=names, extra_thing_classes=extras)
+    assert [sorted(set(labels) & {"orange disc", "navy box"}) for labels in tagged["labels"]] == [
+        sorted({names[s["category_id"]] for s in r} & {"orange disc", "navy box"}) for r in data["segments_info"]]
+    with pytest.raises(ValueError, match="extra_thing_classes"):
+        make_synthetic_panoptic_dataset(1, SIZE, SIZE, extra_thing_classes=[("hexagon", (1, 2, 3))])
+    with pytest.raises(ValueError, match="extra_thing_classes"):
+        make_synthetic_panoptic_dataset(1, SIZE, SIZE, extra_thing_classes=[("circle", (1, 2, 300))])
+    with pytest.raises(ValueError, match="class_names must name the 7"):
+        make_synthetic_panoptic_dataset(1, SIZE, SIZE, class_names=NAMES, extra_thing_classes=extras)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Adapters, augmentation, collator
 # ----------------------------------------------------------------------------------------------------------------------
