@@ -7,9 +7,12 @@ One place for each step from what a user or a data set holds to what the model t
   transformers' `load_image`;
 * [`decode_image`]: any image (PIL of any mode, NumPy array, torch tensor; any bit depth) to 8-bit RGB, by the rule
   below; [`to_rgb_image`] gives it as a PIL image (for overlays and the web demo);
-* [`decode_segmentation_map`]: panoptic annotations (COCO's RGB-encoded PNGs through transformers' `rgb_to_id`,
-  or 2-d id maps) and semantic label maps to int64 maps; [`resize_nearest`] resizes them on 32-bit integers;
-* [`get_resize_output_shape`]: the test-time resize rule;
+* [`decode_panoptic_ids`] and [`decode_label_map`] ([`decode_segmentation_map`] picks one): panoptic annotations
+  (COCO's RGB-encoded PNGs, palette ones included, through transformers' `rgb_to_id`, or 2-d id maps) and semantic
+  label maps (2-d, single-channel, palette or 16-bit images) to int64 maps, from PIL images, paths, arrays, tensors or
+  nested lists; [`normalize_segments`] reads their `segments_info`; [`resize_nearest`] resizes them on 32-bit
+  integers;
+* [`resize_image`] (PIL, as detectron2) and [`get_resize_output_shape`]: the test-time resize rule;
 * [`normalize`] and [`pad_batch`]: per-channel normalisation with the statistics of the configuration
   (`IMAGENET_PIXEL_MEAN` / `IMAGENET_PIXEL_STD`) and zero padding of a batch to a multiple of 32, with its
   `pixel_mask`.
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,14 +49,20 @@ from transformers.image_transforms import rgb_to_id as _transformers_rgb_to_id
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
 __all__ = [
+    "as_int",
     "decode_image",
+    "decode_label_map",
+    "decode_panoptic_ids",
     "decode_segmentation_map",
     "get_resize_output_shape",
     "load_image",
     "normalize",
+    "normalize_segments",
     "pad_batch",
+    "resize_image",
     "resize_nearest",
     "rgb_to_id",
+    "segmentation_map_array",
     "to_rgb_image",
 ]
 
@@ -197,6 +206,13 @@ def to_rgb_image(image: Any, where: str = "image") -> PIL.Image.Image:
     return PIL.Image.fromarray(decode_image(image, where))
 
 
+def resize_image(image: np.ndarray, new_hw: tuple[int, int], resample: int = PIL.Image.BILINEAR) -> np.ndarray:
+    """A uint8 (H, W, 3) image resized by PIL (as detectron2 resizes images), to `new_hw` = (height, width)."""
+    if image.shape[:2] == tuple(new_hw):
+        return image  # PIL's resize to the same size is a copy
+    return np.array(PIL.Image.fromarray(image).resize((new_hw[1], new_hw[0]), resample))
+
+
 def get_resize_output_shape(height: int, width: int, shortest_edge: int, longest_edge: int | None) -> tuple[int, int]:
     """The output (height, width) of detectron2's `ResizeShortestEdge` test transform: the shorter side becomes
     `shortest_edge` unless the longer one would then exceed `longest_edge`, in which case the longer side becomes
@@ -225,44 +241,52 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(_transformers_rgb_to_id(np.asarray(rgb).astype(np.int64)), dtype=np.int64)
 
 
-def decode_segmentation_map(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
-    """Returns an int64 (H, W) map: segment ids for panoptic annotations (RGB-encoded PNGs are decoded with
-    `rgb_to_id`; a 2-d map is taken as ids already), class labels for semantic ones."""
-    if isinstance(seg_map, PIL.Image.Image):
-        if seg_map.mode in ("RGB", "RGBA"):
-            array = np.array(seg_map.convert("RGB"))
-        else:
-            # "P" keeps its palette indices, "L"/"I"/"I;16" their values.
-            array = np.array(seg_map)
-    elif isinstance(seg_map, torch.Tensor):
-        array = tensor_to_numpy(seg_map)
-    elif isinstance(seg_map, np.ndarray):
-        array = seg_map
-    else:
-        raise ValueError(
-            f"{where} is a {describe(seg_map)}; expected a PIL.Image.Image, numpy.ndarray or torch.Tensor."
-        )
+# PIL modes of a panoptic annotation whose colours encode the ids (a palette PNG included); a semantic label map
+# keeps the values of its mode instead ("P": the palette indices, "L" / "I" / "I;16": the values).
+_COLOUR_ENCODED_MODES = ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr")
 
-    if array.ndim == 3:
-        if array.shape[-1] in (3, 4):
-            array = array[..., :3]
-        elif array.shape[0] in (3, 4):
-            array = np.moveaxis(array[:3], 0, -1)
-        elif array.shape[-1] == 1:
-            array = array[..., 0]
-        elif array.shape[0] == 1:
-            array = array[0]
-        else:
-            raise ValueError(f"{where} has shape {tuple(array.shape)}; expected (H, W), (H, W, 3) or (3, H, W).")
-    if array.ndim == 3:
-        if not panoptic:
-            raise ValueError(
-                f"{where} is a 3-channel map but no `segments_info` was given for it; pass `segments_info` for COCO "
-                "panoptic (RGB-encoded) annotations, or a 2-d label map for semantic annotations."
-            )
-        if array.dtype != np.uint8:
-            raise ValueError(f"{where} is an RGB-encoded panoptic map and must be uint8, got {array.dtype}.")
-        return rgb_to_id(array)
+
+def segmentation_map_array(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
+    """The array of an annotation given as a PIL image, a path to an image file (read as stored), a NumPy array, a
+    torch tensor or nested lists. A panoptic annotation's colour image is read as RGB (see [`decode_panoptic_ids`])."""
+    if isinstance(seg_map, (str, os.PathLike)):
+        with PIL.Image.open(seg_map) as image:
+            return segmentation_map_array(image, where, panoptic)
+    if isinstance(seg_map, PIL.Image.Image):
+        if panoptic and seg_map.mode in _COLOUR_ENCODED_MODES:
+            seg_map = seg_map.convert("RGB")
+        array = np.array(seg_map)
+        return array.astype(array.dtype.newbyteorder("=")) if array.dtype.byteorder not in ("=", "|") else array
+    if isinstance(seg_map, torch.Tensor):
+        return tensor_to_numpy(seg_map)
+    if isinstance(seg_map, np.ndarray):
+        return seg_map
+    if isinstance(seg_map, (list, tuple)):
+        return np.asarray(seg_map)
+    raise ValueError(
+        f"{where} is a {describe(seg_map)}; expected a PIL image, a path to one, a numpy.ndarray, a torch.Tensor or "
+        "nested lists."
+    )
+
+
+def _channels_last(array: np.ndarray, where: str) -> np.ndarray:
+    """A (H, W) map, or a (H, W, 3) colour map from channels-last or channels-first arrays (alpha dropped, a single
+    channel squeezed; the last axis is read as channels when both could be)."""
+    if array.ndim != 3:
+        return array
+    if array.shape[-1] in (3, 4):
+        return array[..., :3]
+    if array.shape[0] in (3, 4):
+        return np.moveaxis(array[:3], 0, -1)
+    if array.shape[-1] == 1:
+        return array[..., 0]
+    if array.shape[0] == 1:
+        return array[0]
+    raise ValueError(f"{where} has shape {tuple(array.shape)}; expected (H, W), (H, W, 3) or (3, H, W).")
+
+
+def _integer_map(array: np.ndarray, where: str) -> np.ndarray:
+    """A 2-d map of integers (bool, integer, or integral floating-point values) as int64."""
     if array.ndim != 2:
         raise ValueError(f"{where} has {array.ndim} dimensions (shape {tuple(array.shape)}); expected a 2-d map.")
     if np.issubdtype(array.dtype, np.floating):
@@ -271,6 +295,77 @@ def decode_segmentation_map(seg_map: Any, where: str, panoptic: bool) -> np.ndar
     elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise ValueError(f"{where} has unsupported dtype {array.dtype}.")
     return array.astype(np.int64)
+
+
+def decode_panoptic_ids(seg_map: Any, where: str) -> np.ndarray:
+    """Segment ids (int64, (H, W)) of a panoptic annotation: a COCO-panoptic RGB-encoded map (a PNG of any colour
+    mode, palette included, or a (H, W, 3) / (3, H, W) array of 0-255 integers) through `rgb_to_id`, or a 2-d map
+    of ids."""
+    array = _channels_last(segmentation_map_array(seg_map, where, panoptic=True), where)
+    if array.ndim == 3:
+        if not (array.dtype == np.uint8 or _holds_bytes(array)):
+            raise ValueError(
+                f"{where} is an RGB-encoded panoptic map and must hold integers in 0-255 (uint8), got {array.dtype}."
+            )
+        return rgb_to_id(array)
+    return _integer_map(array, where)
+
+
+def _holds_bytes(array: np.ndarray) -> bool:
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        return False
+    return array.size == 0 or bool(np.all(array == np.round(array)) and array.min() >= 0 and array.max() <= 255)
+
+
+def decode_label_map(seg_map: Any, where: str) -> np.ndarray:
+    """Class labels (int64, (H, W)) of a semantic label map: a 2-d map, a single-channel image (a palette PNG gives
+    its indices, as Pascal VOC stores labels) or a 16-bit one."""
+    array = _channels_last(segmentation_map_array(seg_map, where, panoptic=False), where)
+    if array.ndim == 3:
+        raise ValueError(
+            f"{where} is a 3-channel map; a semantic label map is 2-d (height, width). COCO panoptic (RGB-encoded) "
+            "annotations need their `segments_info`."
+        )
+    return _integer_map(array, where)
+
+
+def decode_segmentation_map(seg_map: Any, where: str, panoptic: bool) -> np.ndarray:
+    """[`decode_panoptic_ids`] for a panoptic annotation, [`decode_label_map`] for a semantic one."""
+    return decode_panoptic_ids(seg_map, where) if panoptic else decode_label_map(seg_map, where)
+
+
+def as_int(value: Any, where: str) -> int:
+    """An integer annotation field (a segment id, a category id) from an int, a NumPy / torch scalar or an
+    integral float."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
+        raise TypeError(f"{where}: expected an integer, got {value!r}.")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{where}: expected an integer, got {value!r}.")
+    return int(value)
+
+
+def normalize_segments(segments: Any, where: str) -> list[Mapping]:
+    """`segments_info` as a list of dicts, from a list of dicts or the columns-of-lists form a `datasets.Sequence`
+    of a struct gives (`{"id": [...], "category_id": [...]}`)."""
+    if segments is None:
+        return []
+    if isinstance(segments, Mapping):
+        # Column-oriented form, as `datasets` may store a sequence of structs.
+        keys = list(segments)
+        lengths = {len(segments[k]) for k in keys}
+        if len(lengths) > 1:
+            raise ValueError(f"{where}: the columns of segments_info have different lengths {sorted(lengths)}.")
+        n = lengths.pop() if lengths else 0
+        return [{k: segments[k][i] for k in keys} for i in range(n)]
+    if not isinstance(segments, Sequence):
+        raise TypeError(f"{where}: segments_info must be a list of dicts, got {type(segments).__name__}.")
+    for i, segment in enumerate(segments):
+        if not isinstance(segment, Mapping):
+            raise TypeError(f"{where}: segments_info[{i}] must be a dict, got {type(segment).__name__}.")
+    return list(segments)
 
 
 def resize_nearest(label_map: np.ndarray, new_hw: tuple[int, int], where: str) -> np.ndarray:

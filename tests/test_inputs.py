@@ -79,3 +79,49 @@ def test_shared_steps_are_the_processors():
     assert pixel_values.shape == (2, 3, 32, 32) and pixel_mask.dtype == torch.int64
     assert torch.equal(pixel_values[1, :, :9, :4], normalized[1]) and pixel_values[1, :, 9:].abs().sum() == 0
     assert int(pixel_mask[0].sum()) == 35 and int(pixel_mask[1].sum()) == 32
+
+
+def _readers():
+    """Every place that reads an annotation: the processor, training and evaluation (each through eovseg.inputs)."""
+    from eovseg.evaluation.panoptic import decode_panoptic_ids as evaluation_ids
+    from eovseg.evaluation.semantic import decode_label_map as evaluation_labels
+    from eovseg.processing.image_processing_eovseg import decode_segmentation_map
+    from eovseg.training.data import decode_label_map as training_labels
+    from eovseg.training.data import decode_panoptic_ids as training_ids
+
+    panoptic = [lambda x: decode_segmentation_map(x, "map", panoptic=True), lambda x: training_ids(x, "map"),
+                lambda x: evaluation_ids(x, "map")]
+    semantic = [lambda x: decode_segmentation_map(x, "map", panoptic=False), lambda x: training_labels(x, "map"),
+                lambda x: evaluation_labels(x, "map")]
+    return panoptic, semantic
+
+
+def test_annotation_formats_decode_alike_everywhere(tmp_path):
+    panoptic, semantic = _readers()
+    ids = np.array([[0, 1000, 70000, 1000, 5], [5, 5, 16777215, 0, 0]], dtype=np.int64)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)  # COCO: id = R + 256 G + 256^2 B
+    rgb_path = tmp_path / "pan.png"
+    PIL.Image.fromarray(rgb).save(rgb_path)
+    colours, index = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    palette = PIL.Image.fromarray(index.reshape(2, 5).astype(np.uint8), mode="P")  # the same colours, as a palette
+    palette.putpalette(colours.flatten().tolist())
+    rgba = PIL.Image.fromarray(np.concatenate([rgb, np.full((2, 5, 1), 255, np.uint8)], -1))
+    for reader in panoptic:
+        for value in (rgb, rgb_path, str(rgb_path), PIL.Image.open(rgb_path), palette, rgba, np.moveaxis(rgb, -1, 0),
+                      torch.as_tensor(rgb), rgb.astype(np.int32), ids, ids.tolist(), ids.astype(np.float32)):
+            assert np.array_equal(reader(value), ids), type(value)
+        for bad, message in ((rgb.astype(np.int32) + 200, "0-255"), (ids + 0.5, "non-integer"), ({"a": 1}, "dict")):
+            with pytest.raises(ValueError, match=message):
+                reader(bad)
+    labels = np.array([[0, 1, 2], [255, 2, 1]], dtype=np.uint8)
+    voc = PIL.Image.fromarray(labels, mode="P")  # Pascal VOC stores labels as palette indices
+    voc.putpalette([v for i in range(256) for v in (i, 255 - i, 7)])
+    voc_path = tmp_path / "voc.png"
+    voc.save(voc_path)
+    sixteen = PIL.Image.fromarray(labels.astype(np.uint16) * 257)
+    for reader in semantic:
+        for value in (labels, voc, voc_path, labels[:, :, None], labels.tolist(), torch.as_tensor(labels)):
+            assert np.array_equal(reader(value), labels), type(value)
+        assert np.array_equal(reader(sixteen), labels.astype(np.int64) * 257)  # 16-bit values kept, not scaled
+        with pytest.raises(ValueError, match="3-channel map"):
+            reader(rgb)

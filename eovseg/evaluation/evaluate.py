@@ -42,7 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import id_map, label_map, nan_to_none, normalize_categories, normalize_segments
+from ..data_sources import (
+    categories_from_config,
+    dataset_categories,
+    load_local_dataset,
+    pick_split,
+    resolve_categories,
+)
+from ..inputs import decode_label_map, decode_panoptic_ids, normalize_segments
+from ._inputs import nan_to_none
 from .folders import CocoPanopticFolder, SemanticLabelFolder, is_coco_panoptic_json
 from .instance import InstanceSegmentationMetric
 from .panoptic import PanopticQuality
@@ -61,6 +69,9 @@ __all__ = [
 ]
 
 TASKS = ("panoptic", "semantic", "instance")
+
+# The splits a data set is evaluated on when none is given, in order of preference.
+_EVAL_SPLITS = ("validation", "val", "test")
 
 logger = logging.getLogger(__name__)
 
@@ -113,66 +124,6 @@ class DatasetColumns:
         )
 
 
-def categories_from_config(config) -> list[dict]:
-    """Categories of a model configuration's default vocabulary: ids `0 .. K-1`, `isthing` from `is_thing`."""
-    vocabulary = list(getattr(config, "vocabulary", None) or [])
-    if not vocabulary:
-        raise ValueError("The model configuration has no vocabulary: give the categories to evaluate.")
-    is_thing = getattr(config, "is_thing", None)
-    if is_thing is None or len(is_thing) != len(vocabulary):
-        raise ValueError("The model configuration has no is_thing flags matching its vocabulary: give the categories.")
-    return [{"id": i, "name": name, "isthing": bool(t)} for i, (name, t) in enumerate(zip(vocabulary, is_thing))]
-
-
-def dataset_categories(dataset) -> list[dict] | None:
-    """Categories stored with a data set (a JSON `"categories"` list in `dataset.info.description`, as the synthetic
-    data set stores them), else None."""
-    from ..synthetic import get_dataset_categories
-
-    if isinstance(dataset, (CocoPanopticFolder, SemanticLabelFolder)):
-        return dataset.categories
-    return get_dataset_categories(dataset)
-
-
-def _resolve_categories(categories, model, dataset=None) -> list[dict]:
-    if categories is None:
-        stored = dataset_categories(dataset) if dataset is not None else None
-        return normalize_categories(stored) if stored else categories_from_config(model.config)
-    if isinstance(categories, str) and not os.path.exists(categories):
-        from ..vocabularies import get_vocabulary
-
-        categories = get_vocabulary(categories).categories()  # a built-in name; else an error listing them
-    elif isinstance(categories, (str, os.PathLike)):
-        categories = _read_categories_file(categories, model)
-    elif isinstance(categories, Sequence) and categories and all(isinstance(c, str) for c in categories):
-        categories = _categories_from_names(list(categories), model)
-    return normalize_categories(categories)
-
-
-def _categories_from_names(names: list[str], model) -> list[dict]:
-    known = categories_from_config(model.config) if getattr(model.config, "vocabulary", None) else []
-    by_name = {c["name"].strip(): c for c in known}
-    missing = [n for n in names if n.strip() not in by_name]
-    if missing:
-        raise ValueError(
-            f"The classes {missing[:5]} are not in the model's vocabulary, so whether they are things or stuff is "
-            "unknown: give the vocabulary as a list of {'id', 'name', 'isthing'} dicts."
-        )
-    return [{"id": by_name[n.strip()]["id"], "name": n, "isthing": by_name[n.strip()]["isthing"]} for n in names]
-
-
-def _read_categories_file(path, model) -> list:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, Mapping) and "categories" in data:
-        data = data["categories"]
-    if isinstance(data, list) and data and all(isinstance(c, str) for c in data):
-        return _categories_from_names(data, model)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of categories (or a COCO json with 'categories').")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -194,52 +145,19 @@ def load_eval_dataset(
       `image_root`, default found next to the JSON);
     - a folder of images with `label_root` given: a [`SemanticLabelFolder`] (label maps paired by file stem,
       optionally listed in `split_file`);
-    - a directory made by `save_to_disk`: `load_from_disk`; other local files/folders: `datasets.load_dataset`
-      (parquet, json, arrow, imagefolder, ...).
+    - anything else: `eovseg.data_sources.load_local_dataset` (a `save_to_disk` folder, a data file, a folder
+      `datasets.load_dataset` reads; of a `DatasetDict`, `split`, else validation / val / test, else the only one).
     """
-    import datasets
-
     if label_root is not None:
         return SemanticLabelFolder(path, label_root, split_file)
     if is_coco_panoptic_json(path):
         return CocoPanopticFolder(path, panoptic_root, image_root)
-
     if path == "synthetic":
         from ..synthetic import make_synthetic_panoptic_dataset
 
         dataset = make_synthetic_panoptic_dataset(num_images=num_synthetic, seed=seed)
-        return _pick_split(dataset, split)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; give a local data set (nothing is downloaded) or 'synthetic'.")
-    if os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json"))
-    ):
-        return _pick_split(datasets.load_from_disk(path), split)
-    if os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lstrip(".").lower()
-        builder = {"jsonl": "json", "parquet": "parquet", "json": "json", "arrow": "arrow", "csv": "csv"}.get(ext)
-        if builder is None:
-            raise ValueError(f"{path}: unsupported data file type {ext!r}.")
-        return datasets.load_dataset(builder, data_files=path, split="train")
-    dataset = datasets.load_dataset(path)
-    return _pick_split(dataset, split)
-
-
-def _pick_split(dataset, split):
-    import datasets
-
-    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        if split is None:
-            for candidate in ("validation", "val", "test"):
-                if candidate in dataset:
-                    return dataset[candidate]
-            if len(dataset) == 1:
-                return next(iter(dataset.values()))
-            raise ValueError(f"Choose a split among {list(dataset)} (--split).")
-        if split not in dataset:
-            raise KeyError(f"No split {split!r}; splits: {list(dataset)}.")
-        return dataset[split]
-    return dataset
+        return pick_split(dataset, split, _EVAL_SPLITS)
+    return load_local_dataset(path, split, _EVAL_SPLITS)
 
 
 class _Shard:
@@ -320,7 +238,7 @@ def _semantic_reference(
     reduce_labels: bool = False,
 ):
     if columns.semantic is not None:
-        labels = label_map(row[columns.semantic], "semantic reference")
+        labels = decode_label_map(row[columns.semantic], "semantic reference")
         if reduce_labels:  # label 0 is "other": ignored; the classes are 1 .. K
             labels = np.where(labels == 0, ignore_index, labels - 1)
             labels[labels == ignore_index - 1] = ignore_index
@@ -330,7 +248,7 @@ def _semantic_reference(
         for category, label in category_to_label.items():
             out[labels == category] = label
         return out
-    ids = id_map(row[columns.panoptic], "panoptic reference")
+    ids = decode_panoptic_ids(row[columns.panoptic], "panoptic reference")
     segments = normalize_segments(row[columns.segments_info], "reference segments_info")
     out = np.full(ids.shape, ignore_index, dtype=np.int64)
     for segment in segments:
@@ -361,12 +279,12 @@ def _read_references(rows, indices, columns: DatasetColumns, images) -> tuple[li
         reference = None
         if columns.panoptic is not None:
             reference = {
-                "segmentation": id_map(row[columns.panoptic], f"row {index}: panoptic reference"),
+                "segmentation": decode_panoptic_ids(row[columns.panoptic], f"row {index}: panoptic reference"),
                 "segments_info": normalize_segments(row[columns.segments_info], f"row {index}: segments_info"),
             }
             size = reference["segmentation"].shape
         else:
-            size = label_map(row[columns.semantic], f"row {index}: semantic reference").shape
+            size = decode_label_map(row[columns.semantic], f"row {index}: semantic reference").shape
         image_size = _image_size(image)
         if image_size is not None and tuple(image_size) != tuple(size):
             raise ValueError(
@@ -568,7 +486,7 @@ def _evaluation_categories(categories, model, dataset, ignore_category_ids) -> t
             "The data set stores no categories: evaluating with the model's own vocabulary (config.vocabulary, "
             "ids 0 .. K-1); give the data set's with --vocabulary NAME|FILE."
         )
-    categories = _resolve_categories(categories, model, dataset)
+    categories = resolve_categories(categories, dataset, model.config)
     ignore = {int(c) for c in ignore_category_ids}
     categories = [c for c in categories if c["id"] not in ignore]
     if not categories:

@@ -25,6 +25,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
 
 
+def _read_image(path: str):
+    """An image file read as stored (EXIF orientation not applied), decoded later as the
+    image processor decodes every mode and bit depth (`eovseg.inputs.decode_image`: a 16-bit image scaled, not
+    saturated)."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        image.load()
+        return image
+
+
 def is_coco_panoptic_json(path) -> bool:
     """Whether `path` is a JSON file of COCO-panoptic annotations (looks at the content, not the name)."""
     if not (os.path.isfile(path) and str(path).lower().endswith(".json")):
@@ -112,8 +123,6 @@ class CocoPanopticFolder(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        import PIL.Image
-
         annotation = self.annotations[index]
         image_path = os.path.join(self.image_root, self._image_file(annotation))
         if not os.path.isfile(image_path):
@@ -121,8 +130,7 @@ class CocoPanopticFolder(Sequence):
             if sibling is None:
                 raise FileNotFoundError(f"{self.json_file} annotation {index}: no image {image_path}.")
             image_path = os.path.join(sibling, self._image_file(annotation))
-        with PIL.Image.open(image_path) as image:
-            rgb = image.convert("RGB")
+        rgb = _read_image(image_path)
         return {
             "image": rgb,
             "label": os.path.join(self.panoptic_root, annotation["file_name"]),
@@ -181,9 +189,6 @@ class SemanticLabelFolder(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        import PIL.Image
-
         image_path, label_path = self.pairs[index]
-        with PIL.Image.open(image_path) as image:
-            rgb = image.convert("RGB")
+        rgb = _read_image(image_path)
         return {"image": rgb, "semantic": label_path, "file_name": image_path}

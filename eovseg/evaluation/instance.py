@@ -17,17 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import (
-    StreamingMetric,
-    LabelMapping,
-    as_bool_flag,
-    as_int,
-    get_segments_info,
-    id_map,
-    normalize_categories,
-    normalize_segments,
-    to_numpy,
-)
+from ..data_sources import normalize_categories
+from ..inputs import as_int, decode_panoptic_ids, normalize_segments, segmentation_map_array
+from ._inputs import StreamingMetric, LabelMapping, as_bool_flag, get_segments_info
 
 
 __all__ = ["InstanceSegmentationMetric", "mask_ap"]
@@ -71,12 +63,12 @@ def _masks_and_segments(example: Any, where: str) -> tuple[list, list[Mapping], 
         if len(rles) != len(segments):
             raise ValueError(f"{where}: {len(rles)} RLE masks for {len(segments)} segments_info entries.")
         return rles, segments, size
-    array = to_numpy(segmentation, f"{where} segmentation")
+    array = segmentation_map_array(segmentation, f"{where} segmentation", panoptic=True)
     if array.ndim == 3 and array.shape[-1] not in (3, 4) or (array.ndim == 3 and array.dtype == bool):
         if array.shape[0] != len(segments):
             raise ValueError(f"{where}: {array.shape[0]} masks for {len(segments)} segments_info entries.")
         return [m.astype(bool) for m in array], segments, tuple(array.shape[1:])
-    ids = id_map(array, f"{where} segmentation")
+    ids = decode_panoptic_ids(array, f"{where} segmentation")
     masks = []
     for i, segment in enumerate(segments):
         seg_id = as_int(segment.get("id"), f"{where} segments_info[{i}] id")

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import StreamingMetric, LabelMapping, as_int, get_segments_info, id_map, normalize_categories
+from ..data_sources import normalize_categories
+from ..inputs import as_int, decode_panoptic_ids
+from ._inputs import StreamingMetric, LabelMapping, get_segments_info
 
 
 __all__ = ["PanopticQuality", "panoptic_quality"]
@@ -237,8 +239,8 @@ class PanopticQuality(StreamingMetric):
         "iou_sum"}}` (classes with anything to count only)."""
         pred_map, pred_segments = get_segments_info(prediction, "prediction")
         gt_map, gt_segments = get_segments_info(reference, "reference")
-        pred_ids = id_map(pred_map, "prediction segmentation")
-        gt_ids = id_map(gt_map, "reference segmentation")
+        pred_ids = decode_panoptic_ids(pred_map, "prediction segmentation")
+        gt_ids = decode_panoptic_ids(gt_map, "reference segmentation")
         if pred_ids.shape != gt_ids.shape:
             raise ValueError(
                 f"The prediction map is {pred_ids.shape[0]}x{pred_ids.shape[1]} but the reference map is "

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ._inputs import StreamingMetric, label_map
+from ..inputs import decode_label_map
+from ._inputs import StreamingMetric
 
 
 __all__ = ["SemanticSegmentationMetric", "mean_iou"]
@@ -95,8 +96,8 @@ class SemanticSegmentationMetric(StreamingMetric):
     __iadd__ = merge
 
     def add(self, prediction: Any, reference: Any) -> None:
-        pred = label_map(prediction, "prediction")
-        gt = label_map(reference, "reference")
+        pred = decode_label_map(prediction, "prediction")
+        gt = decode_label_map(reference, "reference")
         if pred.shape != gt.shape:
             raise ValueError(
                 f"The prediction is {pred.shape[0]}x{pred.shape[1]} but the reference is {gt.shape[0]}x{gt.shape[1]}: "

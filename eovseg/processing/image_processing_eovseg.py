@@ -50,6 +50,7 @@ from ..inputs import (
     get_resize_output_shape,
     normalize,
     pad_batch,
+    resize_image,
     resize_nearest,
 )
 
@@ -685,7 +686,7 @@ class EovSegImageProcessor(BaseImageProcessor):
     def _resize_and_normalize(image: np.ndarray, new_size: tuple[int, int], options: SimpleNamespace) -> torch.Tensor:
         """One decoded uint8 image resized by PIL (as detectron2's test transform), rescaled and normalized: (3, h, w)."""
         if options.do_resize:
-            image = np.array(PIL.Image.fromarray(image).resize((new_size[1], new_size[0]), options.resample))
+            image = resize_image(image, new_size, options.resample)
         if not image.flags.writeable:
             image = image.copy()
         tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)

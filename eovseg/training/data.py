@@ -27,8 +27,8 @@ import PIL.Image
 import torch
 
 from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from ..evaluation._inputs import normalize_segments
-from ..inputs import decode_image, get_resize_output_shape, normalize, pad_batch, rgb_to_id
+from .. import inputs
+from ..inputs import decode_image, get_resize_output_shape, normalize, normalize_segments, pad_batch, resize_image, resize_nearest
 
 __all__ = [
     "DatasetFormatError",
@@ -54,10 +54,12 @@ class DatasetFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+def _dataset_error(decode, value: Any, where: str) -> np.ndarray:
+    """`decode(value, where)` (an `eovseg.inputs` decoder) with its errors as `DatasetFormatError`."""
+    try:
+        return decode(value, where)
+    except ValueError as error:
+        raise DatasetFormatError(str(error)) from None
 
 
 def decode_rgb_image(value: Any, where: str) -> np.ndarray:
@@ -65,41 +67,17 @@ def decode_rgb_image(value: Any, where: str) -> np.ndarray:
     depth and array layout: `eovseg.inputs.decode_image`); errors as `DatasetFormatError`."""
     if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         raise DatasetFormatError(f"{where}: expected a PIL image or an array, got {type(value).__name__}.")
-    try:
-        return decode_image(value, where)
-    except ValueError as error:
-        raise DatasetFormatError(str(error)) from None
+    return _dataset_error(decode_image, value, where)
 
 
 def decode_panoptic_ids(value: Any, where: str) -> np.ndarray:
-    """A panoptic annotation as an int64 (H, W) segment-id map: RGB PNGs (or (H, W, 3) uint8 arrays) are decoded
-    with `id = R + 256 G + 256^2 B`; a 2-d map is taken as ids."""
-    if isinstance(value, PIL.Image.Image):
-        array = np.asarray(value.convert("RGB")) if value.mode in ("RGB", "RGBA", "P") else np.asarray(value)
-    elif isinstance(value, (np.ndarray, torch.Tensor)):
-        array = _to_numpy(value)
-    else:
-        raise DatasetFormatError(f"{where}: expected a PIL image or an array, got {type(value).__name__}.")
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        return rgb_to_id(array[..., :3])
-    if array.ndim == 2:
-        return array.astype(np.int64)
-    raise DatasetFormatError(f"{where}: expected an RGB-encoded panoptic map or a 2-d id map, got shape {array.shape}.")
+    """A panoptic annotation as an int64 (H, W) segment-id map (`eovseg.inputs.decode_panoptic_ids`)."""
+    return _dataset_error(inputs.decode_panoptic_ids, value, where)
 
 
 def decode_label_map(value: Any, where: str) -> np.ndarray:
-    """A semantic label map as an int64 (H, W) array."""
-    if isinstance(value, PIL.Image.Image):
-        array = np.asarray(value)
-    elif isinstance(value, (np.ndarray, torch.Tensor)):
-        array = _to_numpy(value)
-    else:
-        raise DatasetFormatError(f"{where}: expected a PIL image or an array, got {type(value).__name__}.")
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise DatasetFormatError(f"{where}: a semantic label map must be 2-d, got shape {array.shape}.")
-    return array.astype(np.int64)
+    """A semantic label map as an int64 (H, W) array (`eovseg.inputs.decode_label_map`)."""
+    return _dataset_error(inputs.decode_label_map, value, where)
 
 
 def normalize_segments_info(value: Any, where: str) -> list[dict]:
@@ -120,21 +98,8 @@ def normalize_segments_info(value: Any, where: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if image.shape[:2] == tuple(size):
-        return image
-    return np.array(PIL.Image.fromarray(image).resize((size[1], size[0]), PIL.Image.BILINEAR))
-
-
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer map (through PIL on 32-bit integers, as detectron2 resizes
-    segmentation maps with PIL's NEAREST)."""
-    if labels.shape == tuple(size):
-        return labels
-    if labels.size and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
-        raise DatasetFormatError("Label values must fit in 32 bits.")
-    resized = PIL.Image.fromarray(labels.astype(np.int32), mode="I").resize((size[1], size[0]), PIL.Image.NEAREST)
-    return np.asarray(resized).astype(np.int64)
+    return _dataset_error(lambda x, where: resize_nearest(x, tuple(size), where), labels, "the label map")
 
 
 @dataclass
@@ -174,7 +139,7 @@ class LargeScaleJitter:
         scale = rng.uniform(self.min_scale, self.max_scale)
         factor = min(scale * crop_h / height, scale * crop_w / width)
         new_h, new_w = max(1, int(np.round(height * factor))), max(1, int(np.round(width * factor)))
-        image = _resize_image(np.ascontiguousarray(image), (new_h, new_w))
+        image = resize_image(np.ascontiguousarray(image), (new_h, new_w))
         labels = _resize_labels(np.ascontiguousarray(labels), (new_h, new_w))
         u = rng.uniform(0.0, 1.0)
         top = int(np.round(max(new_h - crop_h, 0) * u))
@@ -199,7 +164,7 @@ class ResizeShortestEdge:
 
     def __call__(self, image: np.ndarray, labels: np.ndarray, rng=None, label_pad_value: int = 0):
         size = get_resize_output_shape(image.shape[0], image.shape[1], self.shortest_edge, self.longest_edge)
-        return _resize_image(image, size), _resize_labels(labels, size), size
+        return resize_image(image, size), _resize_labels(labels, size), size
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..vocabulary import parse_flag
+from ..data_sources import dataset_categories, load_local_dataset
 
 __all__ = ["build_parser", "main", "train"]
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="save_pretrained directory, or a preset: tiny, tiny_convnext, r50, ...")
     g.add_argument("--config_overrides", default=None, help="JSON object of EovSegConfig fields to change")
     g.add_argument("--dataset", required=True, help="local data set path, or 'synthetic'")
-    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--dataset_split", default=None, help="default: train when a DatasetDict, else its only split")
     g.add_argument("--dataset_type", choices=["panoptic", "semantic"], default="panoptic")
     g.add_argument("--eval_dataset", default=None, help="local data set path or 'synthetic' (panoptic rows)")
     g.add_argument("--eval_split", default=None, help="default: validation/val/test when a DatasetDict")
@@ -175,61 +175,14 @@ def load_model_and_processor(spec: str, overrides: dict | None = None):
     return model, processor, fresh
 
 
-def load_local_dataset(path: str, split: str | None, default_splits: Sequence[str] = ()):
-    """A `datasets.Dataset` from a local path (never downloads): a `save_to_disk` folder, a data file, or a folder
-    `datasets.load_dataset` reads; a `DatasetDict` gives `split` (or the first of `default_splits` present)."""
-    import datasets
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; give a local data set (nothing is downloaded) or 'synthetic'.")
-    if os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json", "dataset_info.json")
-    ) and not any(f.endswith((".parquet", ".jsonl", ".csv")) for f in os.listdir(path)):
-        data = datasets.load_from_disk(path)
-    elif os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lstrip(".").lower()
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "arrow": "arrow", "csv": "csv"}.get(ext)
-        if builder is None:
-            raise ValueError(f"{path}: unsupported data file type {ext!r}.")
-        data = datasets.load_dataset(builder, data_files=path)
-    else:
-        data = datasets.load_dataset(path)
-    if isinstance(data, datasets.DatasetDict):
-        candidates = ([split] if split else []) + list(default_splits)
-        for name in candidates:
-            if name in data:
-                return data[name]
-        if len(data) == 1:
-            return next(iter(data.values()))
-        raise KeyError(f"{path}: no split among {candidates}; splits: {list(data)}.")
-    return data
-
-
 def resolve_categories(args, dataset, model) -> list[dict]:
     """The training classes `[{"id", "name", "isthing"}]`: `--categories`, else the data set's stored ones, else
-    the model's default vocabulary (ids 0 .. K-1)."""
-    from ..synthetic import get_dataset_categories
+    the model's default vocabulary (ids 0 .. K-1); see `eovseg.data_sources.resolve_categories`."""
+    from ..data_sources import resolve_categories as resolve
 
-    if args.categories:
-        from ..vocabularies import load_vocabulary
-
-        categories = load_vocabulary(args.categories).categories()
-    else:
-        categories = get_dataset_categories(dataset)
-        if categories is None:
-            config = model.config
-            if not config.vocabulary:
-                raise ValueError("No categories: pass --categories (the data set and the model give none).")
-            categories = [
-                {"id": i, "name": name, "isthing": int(thing)}
-                for i, (name, thing) in enumerate(zip(config.vocabulary, config.is_thing or [True] * len(config.vocabulary)))
-            ]
-    source = args.categories or "the categories"
-    return [
-        {"id": int(c["id"]), "name": str(c["name"]),
-         "isthing": int(parse_flag(c.get("isthing", c.get("is_thing", 1)), f"{source}: isthing of entry {i}"))}
-        for i, c in enumerate(categories)
-    ]
+    if not args.categories and dataset_categories(dataset) is None and not model.config.vocabulary:
+        raise ValueError("No categories: pass --categories (the data set and the model give none).")
+    return resolve(args.categories or None, dataset, model.config)
 
 
 def store_training_vocabulary(model, processor, categories: list[dict]) -> None:
@@ -284,13 +237,13 @@ def build_datasets(args):
         size = args.synthetic_image_size
         train_rows = make_synthetic_panoptic_dataset(args.synthetic_train_images, size, size, seed=args.seed)
     else:
-        train_rows = load_local_dataset(args.dataset, args.dataset_split, ("train",))
+        train_rows = load_local_dataset(args.dataset, args.dataset_split, ("train",), "--dataset_split")
     eval_rows = None
     if args.eval_dataset == "synthetic":
         size = args.synthetic_image_size
         eval_rows = make_synthetic_panoptic_dataset(args.synthetic_eval_images, size, size, seed=args.seed + 1_000_003)
     elif args.eval_dataset:
-        eval_rows = load_local_dataset(args.eval_dataset, args.eval_split, ("validation", "val", "test"))
+        eval_rows = load_local_dataset(args.eval_dataset, args.eval_split, ("validation", "val", "test"), "--eval_split")
     return train_rows, eval_rows
 
 
@@ -323,7 +276,7 @@ def add_image_label_dataset(args, panoptic_dataset):
         rows = make_synthetic_image_label_dataset(args.synthetic_train_images, size, size, seed=args.seed + 7)
         default_names = list(SYNTHETIC_CLASS_NAMES)
     else:
-        rows = load_local_dataset(args.image_label_dataset, args.dataset_split, ("train",))
+        rows = load_local_dataset(args.image_label_dataset, args.dataset_split, ("train",), "--dataset_split")
         default_names = _image_label_names(rows, args.image_label_column)
     names = list(args.image_label_names) if args.image_label_names else default_names
     transform = None
