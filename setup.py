@@ -19,18 +19,18 @@ setup(
         "torchvision>=0.29,<1",
         "transformers>=5.23,<6",
         "open_clip_torch>=3.3,<4",
-        "timm>=1.0,<2",
+        "timm>=1.0.17,<2",  # open_clip_torch 3.3 needs it
         "huggingface_hub>=1.31,<3",
-        "accelerate>=1.0,<2",
+        "accelerate>=1.15,<2",  # 1.14 resumes a run with another loss; 1.2 lacks what the Trainer calls
         "datasets>=3.0,<6",
         "evaluate>=0.4,<0.5",
         "numpy>=1.24,<3",
         "scipy>=1.10,<2",
-        "pillow>=10,<13",
-        "safetensors>=0.4",
-        "tqdm>=4.60,<5",
+        "pillow>=10.3,<13",  # 16-bit PNGs open as I;16 (before 10.3 as I, unscalable)
+        "safetensors>=0.8",  # transformers 5.23 needs it
+        "tqdm>=4.66.3,<5",  # datasets 3.0 needs it
         "pycocotools>=2.0.7,<3",
-        "regex>=2023.1",  # the CLIP tokenizer's pattern
+        "regex>=2025.10.22",  # the CLIP tokenizer's pattern; transformers 5.23 needs it
         "ftfy>=6.1,<7",  # the CLIP tokenizer's text cleaning
         "av>=12",  # video in and out for `eovseg predict`; its wheels carry FFmpeg
     ],
