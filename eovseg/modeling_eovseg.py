@@ -123,6 +123,12 @@ class EovSegOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor in float32, any other as it is: the float32-sensitive steps must not round a float64
+    model's values to float32 either."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def interpolate_positional_embedding(positional_embedding: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize the square grid of a CLIP positional embedding ((1 + G*G), C) to (height*width, C), bilinearly.
 
@@ -768,7 +774,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         # mask_features: the features the mask logits are computed from (in half precision with
         # `float32_sensitive_ops`: the decoder's float32 copy of `features`, made once for all stages)
         # in half precision a logit near 0 rounds to a sigmoid of exactly 0.5 and flips the hard mask
-        logits = mask_logits.float() if self.float32_sensitive_ops else mask_logits
+        logits = _at_least_float32(mask_logits) if self.float32_sensitive_ops else mask_logits
         hard_masks = (logits.sigmoid() > self.hard_mask_threshold).to(features.dtype)
         gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
         gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
@@ -779,7 +785,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
 
         mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
-        if self.float32_sensitive_ops and features.dtype != torch.float32:
+        if self.float32_sensitive_ops and features.dtype in (torch.float16, torch.bfloat16):
             # the masks' boundaries are where the logits are near 0: half-precision rounding moves them
             mask_features = features.float() if mask_features is None else mask_features
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels.float(), mask_features)
@@ -795,7 +801,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         class_embeddings = self.class_embed(instance_embeddings + kernels)
         embeddings, text, scale = class_embeddings, vocabulary_embeddings, self.logit_scale
         if self.float32_sensitive_ops:  # logits up to 100 (scaled cosines): half precision rounds them by ~0.5
-            embeddings, text, scale = embeddings.float(), text.float(), scale.float()
+            embeddings, text, scale = (_at_least_float32(t) for t in (embeddings, text, scale))
         class_logits = classification_logits(embeddings, text, scale, synonym_index)
         return class_logits, mask_logits, kernels, class_embeddings
 
@@ -1293,7 +1299,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         if text_dtype is None or text_dtype == torch.float32:
             chunks = [self.clip_backbone.encode_text(input_ids[start : start + self.config.text_chunk_size].to(device))
                       for start in range(0, input_ids.shape[0], self.config.text_chunk_size)]
-            return F.normalize(torch.cat(chunks).float(), dim=-1)
+            return F.normalize(_at_least_float32(torch.cat(chunks)), dim=-1)
         unique, inverse = torch.unique(input_ids.to(device), dim=0, return_inverse=True)
         encoded = self.clip_backbone.encode_text_reduced(unique, text_dtype, self.config.text_chunk_size)
         return F.normalize(encoded, dim=-1)[inverse]
@@ -1636,7 +1642,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
         classifier = vocabulary.embeddings_with_void
         if self.config.float32_sensitive_ops:  # the ensemble takes logs of these probabilities
-            clip_embeddings, classifier, logit_scale = clip_embeddings.float(), classifier.float(), logit_scale.float()
+            clip_embeddings, classifier, logit_scale = (
+                _at_least_float32(t) for t in (clip_embeddings, classifier, logit_scale)
+            )
         logits = classification_logits(clip_embeddings, classifier, logit_scale, vocabulary.synonym_index)
         return logits, (masks > 0).flatten(2).any(-1), clip_embeddings
 
@@ -1648,7 +1656,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         probabilities, or OPSNet's Embedding Modulation. Returns (class logits, CLIP logits, domain similarity)."""
         out_vocab_logits, valid, clip_embeddings = self.out_of_vocabulary_logits(clip_dense, mask_logits, vocabulary)
         if self.config.float32_sensitive_ops:
-            class_logits = class_logits.float()
+            class_logits = _at_least_float32(class_logits)
         if class_ensemble == "geometric":
             return self.ensemble(class_logits, out_vocab_logits, vocabulary.seen, valid), out_vocab_logits, None
         if self.config.ensemble_on_valid_mask:
