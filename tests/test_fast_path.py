@@ -144,6 +144,32 @@ def test_bfloat16_model_keeps_sensitive_steps_in_float32(tiny):
         assert half(pixels.to(torch.bfloat16)).class_queries_logits.dtype == torch.bfloat16
 
 
+def test_float64_model_is_not_rounded_to_float32(tiny):
+    """float32_sensitive_ops only raises half precision: a float64 model gives the same numbers with it on and off
+    (the fidelity comparison with the original runs in float64)."""
+    model, processor = tiny
+    text = processor.encode_vocabulary(VOCABULARY)
+    pixels = processor(images=torch.zeros(3, 64, 96, dtype=torch.uint8), return_tensors="pt")["pixel_values"]
+    double = EovSegForPanopticSegmentation(copy.deepcopy(model.config)).eval()
+    double.load_state_dict(model.state_dict())
+    double = double.double()
+    with torch.no_grad():
+        embeddings = double.get_text_embeddings(text["input_ids"])
+        kept = double(pixels.double(), **text)
+        double.config.float32_sensitive_ops = False
+        for layer in double.decoder.layers:
+            layer.float32_sensitive_ops = False
+        plain = double(pixels.double(), **text)
+    assert embeddings.dtype == torch.float64
+    assert not torch.equal(embeddings, embeddings.float().double())  # not float32 values in a float64 tensor
+    for ours, reference in [(kept.class_queries_logits, plain.class_queries_logits),
+                            (kept.out_of_vocabulary_logits, plain.out_of_vocabulary_logits),
+                            *zip(kept.stage_class_queries_logits, plain.stage_class_queries_logits),
+                            *zip(kept.stage_masks_queries_logits, plain.stage_masks_queries_logits)]:
+        assert ours.dtype == torch.float64
+        assert torch.equal(ours, reference)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny, tmp_path_factory):
     model, processor = tiny
