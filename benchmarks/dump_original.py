@@ -66,11 +66,12 @@ def perturbed(key: str, tensor: torch.Tensor, seed: int) -> torch.Tensor:
     return 0.05 * noise  # zero-initialised biases and shifts
 
 
-def random_weights(model, seed: int) -> dict[str, torch.Tensor]:
-    state = {}
+@torch.no_grad()
+def perturb_weights(model, seed: int) -> None:
+    """Every floating-point tensor of the state dict perturbed in place (one tensor's copy at a time in memory)."""
     for key, tensor in model.state_dict().items():
-        state[key] = perturbed(key, tensor, seed) if tensor.is_floating_point() else tensor.clone()
-    return state
+        if tensor.is_floating_point():
+            tensor.copy_(perturbed(key, tensor, seed))
 
 
 class Recorder:
@@ -172,7 +173,7 @@ def make_dump(args) -> dict:
         model = build_original(args.variant)
     except OriginalUnavailable as error:
         raise SystemExit(str(error))
-    model.load_state_dict(random_weights(model, args.seed))
+    perturb_weights(model, args.seed)
     model = model.to(dtype).eval()
     set_vocabulary(model, vocabulary, is_thing, train_vocabulary, f"{args.variant}_{args.seed}")
     values = run_original(model, image, dtype)
