@@ -1,16 +1,8 @@
 """Training EOV-Seg: data adapters and augmentation, a synthetic data set, the original's optimizer and schedule,
 and the Accelerate training script (`python -m eovseg.training.train`)."""
 
-from .data import (
-    DatasetFormatError,
-    EovSegDataCollator,
-    ImageLabelDataset,
-    LargeScaleJitter,
-    MixedSegmentationDataset,
-    PanopticSegmentationDataset,
-    ResizeShortestEdge,
-    SemanticSegmentationDataset,
-)
+from . import data
+from .data import *  # noqa: F401,F403  (the data adapters; their names are data.__all__)
 from ..synthetic import (
     SYNTHETIC_CLASS_NAMES,
     SYNTHETIC_IS_THING,
@@ -22,16 +14,9 @@ from ..synthetic import (
 from .trainer_utils import build_lr_scheduler, build_optimizer, build_param_groups, training_arguments
 
 __all__ = [
-    "DatasetFormatError",
-    "EovSegDataCollator",
-    "ImageLabelDataset",
-    "LargeScaleJitter",
-    "MixedSegmentationDataset",
-    "PanopticSegmentationDataset",
-    "ResizeShortestEdge",
+    *data.__all__,
     "SYNTHETIC_CLASS_NAMES",
     "SYNTHETIC_IS_THING",
-    "SemanticSegmentationDataset",
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
