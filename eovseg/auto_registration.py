@@ -107,6 +107,20 @@ def save_model_folder(model, processor, folder: str | Path) -> None:
     add_remote_code(folder)
 
 
+def load_model_folder(folder: str | Path, config=None):
+    """`(model, processor)` from a saved model folder (`config`, when given, replaces the folder's). A folder saved
+    without a processor (a bare `model.save_pretrained`) gets one built from the model's config."""
+    from .modeling_eovseg import EovSegForPanopticSegmentation
+    from .processing import EovSegProcessor
+
+    model = EovSegForPanopticSegmentation.from_pretrained(folder, **({"config": config} if config is not None else {}))
+    try:
+        processor = EovSegProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        processor = EovSegProcessor.from_config(model.config)
+    return model, processor
+
+
 def push_model_folder(
     folder: str | Path,
     repo_id: str,

@@ -77,13 +77,11 @@ def check_model_folder(model_path) -> Path:
 
 def load_model(model_path: str | None, device: torch.device | str = "cpu"):
     """`(model, processor)` from a saved model folder (the bundled demo model when None), in eval mode on `device`."""
-    from . import EovSegForPanopticSegmentation
-    from .processing import EovSegProcessor
+    from .auto_registration import load_model_folder
 
     path = check_model_folder(model_path if model_path is not None else default_model_path())
-    model = EovSegForPanopticSegmentation.from_pretrained(path).to(device).eval()
-    processor = EovSegProcessor.from_pretrained(path)
-    return model, processor
+    model, processor = load_model_folder(path)
+    return model.to(device).eval(), processor
 
 
 def resolve_vocabulary(config, classes: Sequence[str] | None, stuff: Sequence[str] | None, vocabulary: str | None = None):

@@ -654,6 +654,7 @@ def format_results(results: Mapping, task: str, per_class: bool = False) -> str:
 
 
 def _load_model(spec: str, device: str | None):
+    from ..auto_registration import load_model_folder
     from ..configuration_eovseg import EovSegConfig
     from ..modeling_eovseg import EovSegForPanopticSegmentation
     from ..processing import EovSegProcessor
@@ -668,11 +669,7 @@ def _load_model(spec: str, device: str | None):
     else:
         if not os.path.isdir(spec):
             raise FileNotFoundError(f"--model {spec}: not a local directory (nothing is downloaded).")
-        model = EovSegForPanopticSegmentation.from_pretrained(spec)
-        try:
-            processor = EovSegProcessor.from_pretrained(spec)
-        except (OSError, ValueError, TypeError):
-            processor = EovSegProcessor.from_config(model.config)
+        model, processor = load_model_folder(spec)
     if device is not None:
         model.to(device)
     return model, processor

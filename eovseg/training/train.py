@@ -149,18 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model_and_processor(spec: str, overrides: dict | None = None):
     """A model and its processor from a `save_pretrained` directory, or a fresh model of a preset."""
+    from ..auto_registration import load_model_folder
     from ..configuration_eovseg import PRESETS, EovSegConfig
     from ..modeling_eovseg import EovSegForPanopticSegmentation
     from ..processing import EovSegProcessor
 
     overrides = dict(overrides or {})
     if os.path.isdir(spec):
-        config = EovSegConfig.from_pretrained(spec, **overrides)
-        model = EovSegForPanopticSegmentation.from_pretrained(spec, config=config)
-        try:
-            processor = EovSegProcessor.from_pretrained(spec)
-        except (OSError, ValueError, TypeError):
-            processor = EovSegProcessor.from_config(model.config)
+        model, processor = load_model_folder(spec, EovSegConfig.from_pretrained(spec, **overrides))
         fresh = False
     elif spec in PRESETS:
         config = EovSegConfig.from_variant(spec, **overrides)
