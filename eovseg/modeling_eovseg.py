@@ -855,11 +855,13 @@ class EovSegLightweightDecoder(nn.Module):
         class_logits_per_stage, mask_logits_per_stage = [], []
         # per stage: the updated queries (kernels) and the class embeddings E_q, for OPSNet's options
         queries_per_stage, embeddings_per_stage = [], []
-        mask_features = features.float() if features.dtype in (torch.bfloat16, torch.float16) else None
+        # the float32 copy the stages' mask logits use in half precision, made once and only when a stage uses it
+        half = features.dtype in (torch.bfloat16, torch.float16)
+        mask_features = features.float() if half and any(l.float32_sensitive_ops for l in self.layers) else None
         for layer in self.layers:
             class_logits, mask_logits, kernels, embeddings = layer(
                 spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index,
-                mask_features=mask_features if layer.float32_sensitive_ops else None,
+                mask_features=mask_features,
             )
             class_logits_per_stage.append(class_logits)
             mask_logits_per_stage.append(mask_logits)
