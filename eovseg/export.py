@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from transformers.image_transforms import id_to_rgb
 
-from .synthetic import id_map_to_rgb
 from .visualization import _as_numpy_map
 
 __all__ = ["instances_to_coco", "panoptic_to_coco", "to_detections"]
@@ -67,7 +67,7 @@ def panoptic_to_coco(result: Mapping, is_thing: Sequence[bool],
             "bbox": bbox,
             "score": round(float(info["score"]), 6),
         })
-    return Image.fromarray(id_map_to_rgb(ids)), segments
+    return Image.fromarray(id_to_rgb(ids)), segments
 
 
 def _bytes_rle(rle: Mapping) -> dict:

@@ -28,6 +28,7 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+from transformers.image_transforms import id_to_rgb
 
 __all__ = [
     "SYNTHETIC_CLASS_NAMES",
@@ -294,12 +295,6 @@ def _segments(rng, category, instance, things, crowd_probability):
     return id_map, segments
 
 
-def id_map_to_rgb(id_map: np.ndarray) -> np.ndarray:
-    """COCO panoptic encoding of a segment-id map: (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
-    id_map = id_map.astype(np.int64)
-    return np.stack([id_map % 256, (id_map // 256) % 256, (id_map // 65536) % 256], axis=-1).astype(np.uint8)
-
-
 def make_synthetic_panoptic_dataset(
     num_images: int = 8,
     height: int = 64,
@@ -360,7 +355,7 @@ def make_synthetic_panoptic_dataset(
         rows["height"].append(height)
         rows["width"].append(width)
         rows["image"].append(PIL.Image.fromarray(image))
-        rows["label"].append(PIL.Image.fromarray(id_map_to_rgb(id_map)))
+        rows["label"].append(PIL.Image.fromarray(id_to_rgb(id_map)))
         rows["segments_info"].append(segments)
     features = _panoptic_features()
     description = json.dumps(

@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers.image_transforms import id_to_rgb
 
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
 from eovseg.training import (
@@ -29,7 +30,6 @@ from eovseg.training import (
     synthetic_categories,
     training_arguments,
 )
-from eovseg.synthetic import id_map_to_rgb
 from eovseg.training.trainer_utils import multistep_lr_factor, scaled_lr_steps
 from eovseg.training.train import main as train_main
 
@@ -265,7 +265,7 @@ def test_segment_id_not_in_annotation_names_the_row(rows):
 
 def test_size_mismatch_names_the_row(rows):
     bad = [dict(rows[0]), dict(rows[1]), dict(rows[2])]
-    bad[2]["label"] = PIL.Image.fromarray(id_map_to_rgb(rgb_ids(rows[2]["label"])[:, :40]))
+    bad[2]["label"] = PIL.Image.fromarray(id_to_rgb(rgb_ids(rows[2]["label"])[:, :40]))
     with pytest.raises(DatasetFormatError, match=r"row 2: the image is 64x64 but its panoptic annotation .* 64x40"):
         PanopticSegmentationDataset(bad)[2]
     semantic = SemanticSegmentationDataset([{"image": np.zeros((8, 8, 3), np.uint8), "label": np.zeros((8, 9))}])
