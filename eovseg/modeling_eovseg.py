@@ -830,6 +830,18 @@ class EovSegLayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class EovSegChannelsLastConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed convolution given channels-last input, returning channels-last output.
+
+    oneDNN computes transposed convolutions in channels-last memory; for NCHW input PyTorch converts the input and the
+    output around it: the same numbers (bit for bit) in about twice the time on the decoder's x4 upscaling of the
+    spatial-awareness features. Later layers take either memory layout.
+    """
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last), output_size)
+
+
 class EovSegLightweightDecoder(nn.Module):
     """VAS, initial masks from learned object kernels, x4 upsampling of the spatial-awareness features, then
     `num_stages` [`EovSegLightweightDecoderLayer`]s."""
@@ -842,7 +854,7 @@ class EovSegLightweightDecoder(nn.Module):
             nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
             EovSegLayerNorm2d(spatial_channels),
             nn.GELU(),
-            nn.ConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
+            EovSegChannelsLastConvTranspose2d(spatial_channels, spatial_channels, kernel_size=2, stride=2),
             nn.GELU(),
         )
         self.layers = nn.ModuleList(EovSegLightweightDecoderLayer(config, spatial_channels) for _ in range(config.num_stages))
