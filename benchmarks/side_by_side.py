@@ -1,4 +1,4 @@
-"""The original EOV-Seg and ours, side by side in one process: images per second (alternating A B A B), per-component
+"""The original EOV-Seg and ours, side by side in one run: images per second (alternating A B A B), per-component
 times, peak memory, batch 1 and 8, the first call with a new vocabulary, and cost against vocabulary size.
 
     export EOVSEG_ORIGINAL=/path/EOV-Seg:/path/detectron2:/path/pydeps   # see benchmarks/original_eovseg.py
@@ -11,8 +11,10 @@ times, peak memory, batch 1 and 8, the first call with a new vocabulary, and cos
 Both models get the same deterministic R50 weights (the fixture's `refweights.py`; ours converted by our conversion
 code), the fixture's image resized to 640x960, the ADE20K-150 vocabulary with synonyms (text embeddings cached, as a
 server holds them), and return panoptic results at the image's 400x600 size: model forward plus panoptic
-post-processing. Each round runs every variant once, in turn, so machine load hits all alike; the table gives the
-median over rounds and every round's figure. Peak memory is measured in a fresh process per variant (the growth of
+post-processing. Each variant runs in its own process (allocator state is per process; ours reuses freed memory on
+CPU, see `eovseg/cpu_memory.py`, and the row "original, freed memory reused" gives the original the same setting).
+Each round runs every variant once, in turn, so machine load hits all alike; the table gives the median over rounds
+and every round's figure. Peak memory is measured in a fresh process per variant (the growth of
 the resident set over the loaded model during one call). Set `OMP_NUM_THREADS` / `--threads` to what you compare.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -38,6 +41,7 @@ from original_eovseg import OriginalUnavailable, build_original_r50  # noqa: E40
 
 from eovseg import EovSegConfig  # noqa: E402
 from eovseg.conversion_scripts.convert_original_checkpoint import convert  # noqa: E402
+from eovseg.cpu_memory import reuse_freed_memory  # noqa: E402
 from eovseg.processing import EovSegProcessor  # noqa: E402
 
 ORIGINAL_COMPONENTS = {
@@ -113,21 +117,23 @@ class Original:
         return self.model([{"image": self.image, "height": TARGET_SIZE[0], "width": TARGET_SIZE[1]}] * batch)
 
 
-def make_variants(args, fixture: Fixture) -> dict:
-    device = torch.device(args.device)
-    variants = {}
-    if not args.no_original:
-        try:
-            variants["original"] = Original(fixture)
-        except OriginalUnavailable as error:
-            raise SystemExit(f"{error}\n(or pass --no-original to time ours alone)")
-    variants["ours float32"] = Ours(fixture, torch.float32, device)
-    variants["ours bfloat16"] = Ours(fixture, torch.bfloat16, device)
-    if device.type == "cuda":
-        variants["ours float16"] = Ours(fixture, torch.float16, device)
+def variant_names(args) -> list[str]:
+    names = [] if args.no_original else ["original", "original, freed memory reused"]
+    names += ["ours float32", "ours bfloat16"]
+    if args.device.startswith("cuda"):
+        names.append("ours float16")
     if args.compile:
-        variants["ours float32 compiled"] = Ours(fixture, torch.float32, device, compile_model=True)
-    return variants
+        names.append("ours float32 compiled")
+    return names
+
+
+def build_variant(name: str, fixture: Fixture, device: torch.device):
+    if name.startswith("original"):
+        if name == "original, freed memory reused":
+            reuse_freed_memory()  # the setting our model applies to its own process at its first CPU call
+        return Original(fixture)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name.split()[1]]
+    return Ours(fixture, dtype, device, compile_model=name.endswith("compiled"))
 
 
 def timed_call(variant, batch: int) -> float:
@@ -140,27 +146,71 @@ def timed_call(variant, batch: int) -> float:
     return time.perf_counter() - start
 
 
+def variant_process(name: str, args, connection):
+    """One variant in its own process (malloc settings and caches are per process), timing calls on request."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        variant = build_variant(name, Fixture(args.fixture), torch.device(args.device))
+    except OriginalUnavailable as error:
+        connection.send(("error", f"{error}\n(or pass --no-original to time ours alone)"))
+        return
+    connection.send(("ready", None))
+    while (batch := connection.recv()) is not None:
+        variant.timer.reset()
+        seconds = timed_call(variant, batch)
+        connection.send((seconds, dict(variant.timer.times)))
+
+
+class VariantProcess:
+    def __init__(self, name: str, args):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=variant_process, args=(name, args, child), daemon=True)
+        self.process.start()
+
+    def wait_ready(self):
+        status, message = self.connection.recv()
+        if status == "error":
+            raise SystemExit(message)
+
+    def __call__(self, batch: int):
+        self.connection.send(batch)
+        return self.connection.recv()
+
+    def close(self):
+        self.connection.send(None)
+        self.process.join()
+
+
 def run_images(args):
-    fixture = Fixture(args.fixture)
-    variants = make_variants(args, fixture)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average before: {os.getloadavg()}")
+    """Each variant runs in its own process, the parent asking them in turn (one at a time): the original's process
+    keeps glibc's malloc settings, as where its users run it, while ours applies its freed-memory reuse
+    (`eovseg.cpu_memory`); the row "original, freed memory reused" gives the original that same setting."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = {name: VariantProcess(name, args) for name in variant_names(args)}
+    for variant in variants.values():
+        variant.wait_ready()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, one process per variant, "
+          f"load average before: {os.getloadavg()}")
     for batch in args.batch_sizes:
         for name, variant in variants.items():  # warm-up (and compilation) outside the rounds
-            start = time.perf_counter()
-            timed_call(variant, batch)
-            print(f"  warm-up {name} batch {batch}: {time.perf_counter() - start:.1f} s")
+            print(f"  warm-up {name} batch {batch}: {variant(batch)[0]:.1f} s")
         times = {name: [] for name in variants}
         components = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, variant in variants.items():
-                variant.timer.reset()
-                times[name].append(timed_call(variant, batch) / batch)
-                components[name].append(dict(variant.timer.times))
-        report(batch, times, components)
+                seconds, parts = variant(batch)
+                times[name].append(seconds / batch)
+                components[name].append(parts)
+        report(batch, times, components, overlapped_vit=args.device == "cpu" and torch.get_num_threads() > 1)
+    for variant in variants.values():
+        variant.close()
     print(f"load average after: {os.getloadavg()}")
 
 
-def report(batch: int, times: dict, components: dict):
+def report(batch: int, times: dict, components: dict, overlapped_vit: bool = False):
     print(f"\n== batch {batch}: seconds per image (median of {len(next(iter(times.values())))} alternating rounds; "
           f"every round in brackets) ==")
     reference = statistics.median(times["original"]) if "original" in times else None
@@ -170,10 +220,13 @@ def report(batch: int, times: dict, components: dict):
         rounds = ", ".join(f"{v:.2f}" for v in values)
         print(f"  {name:<24} {median:7.3f} s  ({1 / median:5.2f} images/s) [{rounds}]{ratio}")
     print("  per component (median s per image; the rest is CLIP branch, ensemble and post-processing):")
+    if overlapped_vit:
+        print("  (ours runs the ViT block beside the neck on CPU: its time overlaps the neck's and is not subtracted)")
     for name, rounds in components.items():
         keys = rounds[0].keys()
         parts = {k: statistics.median(r[k] for r in rounds) / batch for k in keys}
-        rest = statistics.median(times[name]) - sum(parts.values())
+        beside = {"vit_block"} if overlapped_vit and name.startswith("ours") else set()
+        rest = statistics.median(times[name]) - sum(v for k, v in parts.items() if k not in beside)
         print(f"    {name:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f"  rest {rest:.3f}")
 
 

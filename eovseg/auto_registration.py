@@ -14,6 +14,7 @@ REMOTE_CODE_FILES = [
     "configuration_eovseg.py",
     "modeling_eovseg.py",
     "classifier_eovseg.py",
+    "cpu_memory.py",
     "inputs.py",
     "loss_eovseg.py",
     "opsnet_eovseg.py",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,6 +40,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .configuration_eovseg import EovSegConfig, EovSegInputError
+from .cpu_memory import reuse_freed_memory
 from .classifier_eovseg import build_synonym_index, classification_logits
 from .loss_eovseg import EovSegLoss
 from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
@@ -1596,6 +1598,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         class_ensemble = self._check_class_ensemble(class_ensemble)
         pixel_values = self._check_pixel_values(pixel_values)
+        if pixel_values.device.type == "cpu":
+            reuse_freed_memory()
         vocabulary = self._resolve_vocabulary(
             input_ids, synonym_counts, class_seen_mask, text_embeddings, pixel_values.dtype
         )
@@ -1633,9 +1637,12 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         neck on the backbone's res2-res5 features."""
         with torch.no_grad():
             clip_features = self.clip_backbone(pixel_values)
-            spatial_features = self.spatial_extractor(pixel_values)
+            # The neck's deformable convolutions sample on one thread on CPU (torchvision's kernel): in inference the
+            # extractor, which does not depend on the neck, runs beside it on another thread and fills the idle cores.
+            # Every operation computes what it computes in sequence (same operations, same thread count).
+            spatial = _Background(self.spatial_extractor, pixel_values, run_here=not _can_overlap(pixel_values))
         aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
-        return _ImageFeatures(clip_features, spatial_features, aggregated)
+        return _ImageFeatures(clip_features, spatial.result(), aggregated)
 
     def _decode(self, image: _ImageFeatures, vocabulary: _Vocabulary) -> _Decoded:
         """The light-weight decoder (Vocabulary-Aware Selection first, then its stages), and with Mask Filtering
@@ -1728,6 +1735,44 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return self.criterion(
             list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels, stage_hook=hook
         )
+
+
+def _can_overlap(pixel_values: torch.Tensor) -> bool:
+    """Inference on CPU with more than one intra-op thread."""
+    return pixel_values.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() > 1
+
+
+class _Background:
+    """`function(*args)` on a worker thread (or at once with `run_here`), with the caller's grad, inference-mode and
+    intra-op thread settings (all per thread in PyTorch); `result()` waits and re-raises its error in the caller."""
+
+    def __init__(self, function, *args, run_here: bool = False):
+        self._value, self._error, self._thread = None, None, None
+        if run_here:
+            self._value = function(*args)
+            return
+        settings = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads())
+        # a plain thread per call, not a pool: a pool's idle workers do not survive a fork (data-loader workers)
+        self._thread = threading.Thread(target=self._run, args=(function, args, settings), daemon=True)
+        self._thread.start()
+
+    def _run(self, function, args, settings):
+        grad, inference, threads = settings
+        try:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self._value = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            self._error = error
+
+    def result(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _Vocabulary(NamedTuple):

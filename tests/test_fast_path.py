@@ -1,6 +1,7 @@
 """The fast paths: each gives the plain computation's numbers (up to float32 round-off) on small models."""
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -232,3 +233,83 @@ def test_gathered_deformable_convolution_matches_torchvision(batch, channels, he
     half = gathered_deform_conv2d(x.bfloat16(), offsets, weight.bfloat16(), mask, 1)
     assert half.dtype == torch.bfloat16
     assert (half.double() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_channels_last_transposed_convolution_is_bit_identical():
+    torch.manual_seed(0)
+    plain = torch.nn.ConvTranspose2d(24, 16, kernel_size=2, stride=2)
+    fast = modeling_eovseg.EovSegChannelsLastConvTranspose2d(24, 16, kernel_size=2, stride=2)
+    assert fast.load_state_dict(plain.state_dict()) is not None  # the same parameter names (checkpoints load)
+    x = torch.randn(2, 24, 9, 13)
+    with torch.no_grad():
+        out = fast(x)
+        assert torch.equal(out, plain(x))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_spatial_extractor_runs_beside_the_neck_with_the_same_numbers(tiny, monkeypatch):
+    """In inference on CPU with two threads the extractor runs on another thread; every output stays bit-identical."""
+    model, _ = tiny
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    threads_seen = []
+    handle = model.spatial_extractor.register_forward_hook(
+        lambda module, args, output: threads_seen.append(threading.get_ident()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            beside = model(pixel_values=pixel_values)
+            monkeypatch.setattr(modeling_eovseg, "_can_overlap", lambda pixel_values: False)
+            sequential = model(pixel_values=pixel_values)
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert threads_seen[0] != threading.get_ident() and threads_seen[1] == threading.get_ident()
+    for name in ("class_queries_logits", "masks_queries_logits", "out_of_vocabulary_logits"):
+        assert torch.equal(getattr(beside, name), getattr(sequential, name)), name
+    for ours, plain in zip(beside.stage_class_queries_logits, sequential.stage_class_queries_logits):
+        assert torch.equal(ours, plain)
+
+
+def test_background_work_hands_its_error_to_the_caller():
+    def fails(value):
+        raise ValueError(f"bad {value}")
+
+    work = modeling_eovseg._Background(fails, 7)
+    with pytest.raises(ValueError, match="bad 7"):
+        work.result()
+    assert modeling_eovseg._Background(lambda a, b: a + b, 2, 3).result() == 5
+
+
+REUSE_PROBE = """
+import resource, torch
+from eovseg.cpu_memory import reuse_freed_memory
+torch.set_num_threads(1)
+applied = reuse_freed_memory() if {call} else None
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(50_000_000)  # 200 MB, above glibc's mmap threshold
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del block
+print(applied, max(faults[-2:]))  # steady state: the first calls grow the heap
+"""
+
+
+@pytest.mark.parametrize("call, env, reused", [(True, "1", True), (True, "0", False), (False, "1", False)])
+def test_freed_memory_is_reused_between_calls(call, env, reused):
+    """A freed 200 MB block is handed out again without page faults once the setting is in effect, and
+    `EOVSEG_CPU_MEMORY_REUSE=0` leaves malloc alone (glibc, as on this project's machines and CI)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", REUSE_PROBE.format(call=call)], capture_output=True, text=True,
+                            env={**os.environ, "EOVSEG_CPU_MEMORY_REUSE": env}, check=True)
+    applied, faults = result.stdout.split()
+    assert applied == {True: {"1": "True", "0": "False"}, False: {"1": "None"}}[call][env]
+    pages = 200_000_000 // 4096
+    if reused:
+        assert int(faults) < pages // 100  # the heap's pages are already mapped
+    else:
+        assert int(faults) > pages // 2  # a fresh mapping: every page faults at first touch
