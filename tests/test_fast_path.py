@@ -313,3 +313,35 @@ def test_freed_memory_is_reused_between_calls(call, env, reused):
         assert int(faults) < pages // 100  # the heap's pages are already mapped
     else:
         assert int(faults) > pages // 2  # a fresh mapping: every page faults at first touch
+
+
+BOUND_PROBE = """
+import torch
+from eovseg import cpu_memory
+
+torch.set_num_threads(1)
+assert cpu_memory.reuse_freed_memory()
+for _ in range(4):  # passes of one size: the heap settles (its first holes are nibbled by small allocations)
+    block = torch.ones(50_000_000); del block
+first = cpu_memory.release_if_grown()  # measures the resident set after such a pass
+same = []
+for _ in range(3):
+    block = torch.ones(50_000_000); del block  # the same pass again: reused, nothing grows
+    same.append(cpu_memory.release_if_grown())
+small, large = torch.ones(50_000_000), torch.ones(150_000_000); del small, large  # a larger pass: 600 MB more
+before = cpu_memory.resident_bytes()
+grown = cpu_memory.release_if_grown()
+print(first, any(same), grown, (before - cpu_memory.resident_bytes()) // 2**20)
+"""
+
+
+def test_kept_memory_is_returned_once_it_grows_past_the_bound():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", BOUND_PROBE], capture_output=True, text=True, check=True,
+                            env={**os.environ, "EOVSEG_CPU_MEMORY_REUSE": "1"})
+    first, same, grown, released_mib = result.stdout.split()
+    assert (first, same, grown) == ("False", "False", "True")
+    assert int(released_mib) > 500  # the 800 MB left free go back to the system
