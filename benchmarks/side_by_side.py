@@ -127,13 +127,14 @@ def variant_names(args) -> list[str]:
     return names
 
 
-def build_variant(name: str, fixture: Fixture, device: torch.device):
+def build_variant(name: str, fixture: Fixture, device: torch.device, **ours_kwargs):
+    """A variant by its row name; `ours_kwargs` (vocabulary, is_thing) go to ours."""
     if name.startswith("original"):
         if name == "original, freed memory reused":
             reuse_freed_memory()  # the setting our model applies to its own process at its first CPU call
         return Original(fixture)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name.split()[1]]
-    return Ours(fixture, dtype, device, compile_model=name.endswith("compiled"))
+    return Ours(fixture, dtype, device, compile_model=name.endswith("compiled"), **ours_kwargs)
 
 
 def timed_call(variant, batch: int) -> float:
@@ -279,13 +280,9 @@ def one_variant(args):
     """In a fresh process: build one variant, run one call, print the time and the peak resident-set growth."""
     fixture = Fixture(args.fixture)
     vocabulary, is_thing = read_vocabulary_file(args.vocabulary_file) if args.vocabulary_file else (None, None)
-    if args.variant == "original":
-        variant = Original(fixture)
-    else:
-        dtype = {"ours float32": torch.float32, "ours bfloat16": torch.bfloat16}[args.variant]
-        start = time.perf_counter()
-        variant = Ours(fixture, dtype, torch.device("cpu"), vocabulary=vocabulary, is_thing=is_thing)
-        text_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    variant = build_variant(args.variant, fixture, torch.device("cpu"), vocabulary=vocabulary, is_thing=is_thing)
+    text_seconds = time.perf_counter() - start
     baseline = rss_bytes()
     seconds = timed_call(variant, args.batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

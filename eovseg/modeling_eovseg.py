@@ -39,9 +39,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
+from .classifier_eovseg import build_synonym_index, classification_logits
 from .configuration_eovseg import EovSegConfig, EovSegInputError
 from .cpu_memory import reuse_freed_memory
-from .classifier_eovseg import build_synonym_index, classification_logits
 from .loss_eovseg import EovSegLoss
 from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
 from .vocabulary import PROMPT_TEMPLATES, build_prompts, display_name, seen_class_mask, validate_vocabulary
@@ -125,10 +125,13 @@ class EovSegOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A half-precision tensor in float32, any other as it is: the float32-sensitive steps must not round a float64
     model's values to float32 either."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    return tensor.float() if tensor.dtype in HALF_DTYPES else tensor
 
 
 def interpolate_positional_embedding(positional_embedding: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -198,7 +201,7 @@ class EovSegClipBackbone(nn.Module):
             # in half precision channels-last lets oneDNN / cuDNN skip their layout reorders (~40% faster on CPU); in
             # float32 it changes the round-off enough for the decoder's hard masks to leave the original's noise
             x = pixel_values
-            if x.dtype in (torch.bfloat16, torch.float16):
+            if x.dtype in HALF_DTYPES:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = visual.act1(visual.bn1(visual.conv1(x)))
             x = visual.act2(visual.bn2(visual.conv2(x)))
@@ -795,7 +798,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
 
         mask_kernels = self.mask_kernel_proj(self.mask_fcs(kernels))
-        if self.float32_sensitive_ops and features.dtype in (torch.float16, torch.bfloat16):
+        if self.float32_sensitive_ops and features.dtype in HALF_DTYPES:
             # the masks' boundaries are where the logits are near 0: half-precision rounding moves them
             mask_features = features.float() if mask_features is None else mask_features
             mask_logits = torch.einsum("bqc,bchw->bqhw", mask_kernels.float(), mask_features)
@@ -870,7 +873,7 @@ class EovSegLightweightDecoder(nn.Module):
         # per stage: the updated queries (kernels) and the class embeddings E_q, for OPSNet's options
         queries_per_stage, embeddings_per_stage = [], []
         # the float32 copy the stages' mask logits use in half precision, made once and only when a stage uses it
-        half = features.dtype in (torch.bfloat16, torch.float16)
+        half = features.dtype in HALF_DTYPES
         mask_features = features.float() if half and any(l.float32_sensitive_ops for l in self.layers) else None
         for layer in self.layers:
             class_logits, mask_logits, kernels, embeddings = layer(
@@ -1635,12 +1638,13 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
     def _encode_image(self, pixel_values: torch.Tensor) -> _ImageFeatures:
         """The frozen CLIP backbone and the spatial-awareness extractor (no gradients), then the light aggregator
         neck on the backbone's res2-res5 features."""
+        # The neck's deformable convolutions sample on one thread on CPU (torchvision's kernel): in inference the
+        # extractor, which does not depend on the neck, runs beside it on another thread and fills the idle cores.
+        # Every operation computes what it computes in sequence (same operations, same thread count).
+        beside_the_neck = _can_overlap(pixel_values)  # asked before no_grad below: in training it runs in sequence
         with torch.no_grad():
             clip_features = self.clip_backbone(pixel_values)
-            # The neck's deformable convolutions sample on one thread on CPU (torchvision's kernel): in inference the
-            # extractor, which does not depend on the neck, runs beside it on another thread and fills the idle cores.
-            # Every operation computes what it computes in sequence (same operations, same thread count).
-            spatial = _Background(self.spatial_extractor, pixel_values, run_here=not _can_overlap(pixel_values))
+            spatial = _Background(self.spatial_extractor, pixel_values, run_here=not beside_the_neck)
         aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
         return _ImageFeatures(clip_features, spatial.result(), aggregated)
 

@@ -263,8 +263,16 @@ def test_spatial_extractor_runs_beside_the_neck_with_the_same_numbers(tiny, monk
             sequential = model(pixel_values=pixel_values)
     finally:
         torch.set_num_threads(threads)
-        handle.remove()
     assert threads_seen[0] != threading.get_ident() and threads_seen[1] == threading.get_ident()
+    # when gradients are recorded (training) the extractor runs in sequence, on the caller's thread
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.undo()
+        model(pixel_values=pixel_values)
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert threads_seen[2] == threading.get_ident()
     for name in ("class_queries_logits", "masks_queries_logits", "out_of_vocabulary_logits"):
         assert torch.equal(getattr(beside, name), getattr(sequential, name)), name
     for ours, plain in zip(beside.stage_class_queries_logits, sequential.stage_class_queries_logits):
