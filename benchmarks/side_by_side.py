@@ -53,13 +53,18 @@ ORIGINAL_COMPONENTS = {
 TARGET_SIZE = (400, 600)
 
 
+def check_fixture(folder: str) -> Path:
+    folder = Path(folder)
+    if not (folder / "refweights.py").is_file():
+        raise SystemExit(f"--fixture {folder}: no refweights.py there (the original-r50 fixture folder).")
+    return folder
+
+
 class Fixture:
     """Weights, image and vocabulary of the original-R50 fixture."""
 
     def __init__(self, folder: str):
-        folder = Path(folder)
-        if not (folder / "refweights.py").is_file():
-            raise SystemExit(f"--fixture {folder}: no refweights.py there (the original-r50 fixture folder).")
+        folder = check_fixture(folder)
         sys.path.insert(0, str(folder))
         from refweights import make_state_dict
 
@@ -156,6 +161,9 @@ def variant_process(name: str, args, connection):
     except OriginalUnavailable as error:
         connection.send(("error", f"{error}\n(or pass --no-original to time ours alone)"))
         return
+    except (SystemExit, Exception) as error:  # a bad --fixture, ...: one line in the parent, not a traceback
+        connection.send(("error", f"{name}: {error}"))
+        return
     connection.send(("ready", None))
     while (batch := connection.recv()) is not None:
         variant.timer.reset()
@@ -165,19 +173,27 @@ def variant_process(name: str, args, connection):
 
 class VariantProcess:
     def __init__(self, name: str, args):
+        self.name = name
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.process = context.Process(target=variant_process, args=(name, args, child), daemon=True)
         self.process.start()
 
+    def _receive(self):
+        try:
+            return self.connection.recv()
+        except EOFError:  # killed (out of memory, ...)
+            self.process.join()
+            raise SystemExit(f"the process of {self.name!r} ended (exit code {self.process.exitcode}).") from None
+
     def wait_ready(self):
-        status, message = self.connection.recv()
+        status, message = self._receive()
         if status == "error":
             raise SystemExit(message)
 
     def __call__(self, batch: int):
         self.connection.send(batch)
-        return self.connection.recv()
+        return self._receive()
 
     def close(self):
         self.connection.send(None)
@@ -306,7 +322,8 @@ def in_fresh_process(args, variant: str, batch: int, vocabulary_file: str | None
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{variant} failed:\n{out.stderr[-2000:]}")
+    last = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+    raise SystemExit(f"{variant} failed in its process: {last[0]}")
 
 
 def run_memory(args):
@@ -410,6 +427,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_fixture(args.fixture)  # before any variant's process is started
     {"images": run_images, "text": run_text, "memory": run_memory, "vocabularies": run_vocabularies,
      "one": one_variant, "one-vocabulary": one_vocabulary}[args.mode](args)
 
