@@ -1008,9 +1008,13 @@ class EovSegPreTrainedModel(PreTrainedModel):
         Built directly, every module keeps what its constructor drew except the neck and the decoder stages, which
         get the original's initialisation as a whole (and in its order, so a seeded model is what it always was).
         Loaded (built on the meta device), whatever the checkpoint lacks gets the same rules module by module.
-        The frozen CLIP towers come from checkpoints; built directly they keep open_clip's initialisation.
+        The frozen CLIP towers come from checkpoints (`from_pretrained` refuses one that lacks a tower weight); built
+        directly they keep open_clip's and timm's initialisation; built on the meta device they get defined values
+        too (`_init_frozen_tower_module`), so that no tensor is ever left as uninitialised memory.
         """
         if getattr(module, "_eovseg_frozen", False):
+            if not getattr(self, "_eovseg_built_directly", False):
+                _init_frozen_tower_module(module)
             return
         if getattr(self, "_eovseg_built_directly", False):
             if isinstance(module, EovSegLightAggregator):
@@ -1106,6 +1110,33 @@ def _init_torch_default(module: nn.Module):
         init.zeros_(module.offset)
     elif isinstance(module, EovSegForPanopticSegmentation) and module.default_text_embeddings is not None:
         init.zeros_(module.default_text_embeddings)
+
+
+_TORCH_DEFAULT_MODULES = (
+    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm2d, nn.MultiheadAttention
+)
+
+
+def _init_frozen_tower_module(module: nn.Module):
+    """Values for one module of a frozen CLIP tower built on the meta device. A real model always loads the towers
+    (they are never trained); these only make every tensor defined: torch's defaults for its layers, CLIP's initial
+    logit scale, timm's initial layer scale, the text tower's causal mask, and the open_clip scale
+    (`normal(0, width ** -0.5)`) for the remaining embeddings and projections."""
+    if isinstance(module, _TORCH_DEFAULT_MODULES):
+        _init_torch_default(module)
+        return
+    for name, param in module.named_parameters(recurse=False):
+        if name == "logit_scale":
+            init.constant_(param, math.log(1 / 0.07))
+        elif name == "gamma":  # timm's ConvNeXt layer scale
+            init.constant_(param, 1e-6)
+        else:
+            init.normal_(param, std=param.shape[-1] ** -0.5)
+    for name, buffer in module.named_buffers(recurse=False):
+        if name == "attn_mask":  # additive causal mask of the text tower
+            init.copy_(buffer, torch.full(buffer.shape, float("-inf")).triu_(1))
+        else:
+            init.zeros_(buffer)
 
 
 def vocabulary_fingerprint(input_ids: torch.Tensor) -> str:
@@ -1225,12 +1256,16 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             module._eovseg_init = "decoder_stage"
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        wants_info = kwargs.get("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "output_loading_info": True})
+        # `from_pretrained(None, config=..., state_dict={})` loads nothing: a build from the configuration
+        if pretrained_model_name_or_path is not None or kwargs.get("state_dict"):
+            _check_towers_loaded(info, pretrained_model_name_or_path)
         # Loading puts new parameters in place (requires_grad=True): the CLIP towers are frozen again here, so that
         # every fine-tuning entry point (our train loop, Trainer, a plain optimizer) sees them frozen.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_clip_towers()
-        return loaded
+        model.freeze_clip_towers()
+        return (model, info) if wants_info else model
 
     def freeze_clip_towers(self) -> None:
         """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""
@@ -1738,6 +1773,22 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 return {"loss_iou": (self.config.iou_loss_weight, iou_loss)}
         return self.criterion(
             list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels, stage_hook=hook
+        )
+
+
+_TOWER_PREFIXES = ("clip_backbone.", "spatial_extractor.")
+
+
+def _check_towers_loaded(loading_info: dict, source) -> None:
+    """A checkpoint must hold every weight of the frozen CLIP towers: they are never trained, so a weight initialised
+    in their place (missing, or of another shape with `ignore_mismatched_sizes`) is never right."""
+    mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in loading_info.get("mismatched_keys", ())]
+    lacking = sorted(key for key in [*loading_info.get("missing_keys", ()), *mismatched] if key.startswith(_TOWER_PREFIXES))
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+        raise EovSegInputError(
+            f"{source}: the checkpoint lacks {len(lacking)} weight(s) of the frozen CLIP towers ({shown}); the towers "
+            "are never trained, so they must come from the checkpoint (convert the original checkpoint again)."
         )
 
 
