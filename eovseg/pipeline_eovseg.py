@@ -12,6 +12,8 @@ threshold 0.0, overlap 0.8, stuff merged).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
@@ -155,8 +157,10 @@ class OpenVocabularySegmentationPipeline(Pipeline):
 def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[bool]]:
     """Class entries and thing flags from a built-in vocabulary name (its own thing flags unless `stuff_labels` is
     given) or a list of labels (things unless in `stuff_labels`)."""
-    from .vocabularies import load_vocabulary
+    from .vocabularies import list_vocabularies, load_vocabulary
 
+    if isinstance(candidate_labels, str) and candidate_labels not in list_vocabularies() and not os.path.isfile(candidate_labels):
+        raise ValueError(_not_a_vocabulary_name_message(candidate_labels, list_vocabularies()))
     vocabulary = load_vocabulary(candidate_labels)
     labels = validate_vocabulary(vocabulary.class_names, "candidate_labels")
     if stuff_labels is None:
@@ -166,6 +170,17 @@ def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[boo
     if unknown:
         raise ValueError(f"stuff_labels {sorted(unknown)} are not among the candidate_labels.")
     return labels, [label not in stuff for label in labels]
+
+
+def _not_a_vocabulary_name_message(text: str, names: list[str]) -> str:
+    # commas separate the synonyms of one class here: splitting the string would be a guess, so only the example does
+    classes = [part.strip() for part in text.split(",") if part.strip()] or ["car"]
+    synonyms = (f" (within one entry commas separate synonyms of one class: {json.dumps([text], ensure_ascii=False)} "
+                "is one class)" if len(classes) > 1 else "")
+    return (
+        f"candidate_labels={text!r} is not a built-in vocabulary name ({', '.join(names)}) nor a vocabulary file. "
+        f"Pass your classes as a list: candidate_labels={json.dumps(classes, ensure_ascii=False)}{synonyms}."
+    )
 
 
 def _select_image(outputs, index: int):

@@ -504,6 +504,21 @@ def test_pipeline_stuff_labels_as_one_string(segmenter):
     assert sum(r["label"] == "sky" for r in result) <= 1  # stuff is merged
 
 
+@pytest.mark.parametrize("text, example", [("red circle, blue sky", '["red circle", "blue sky"]'), ("cup", '["cup"]')])
+def test_pipeline_candidate_labels_string_that_is_no_vocabulary_name(segmenter, text, example):
+    # commas separate synonyms: the string is neither split nor taken as one class, the error shows the list to pass
+    with pytest.raises(ValueError) as error:
+        segmenter(_photo(), candidate_labels=text)
+    message = str(error.value)
+    assert "\n" not in message and "is not a built-in vocabulary name" in message
+    assert f"candidate_labels={example}" in message
+    from eovseg.vocabularies import get_vocabulary
+    from eovseg.vocabulary import display_name
+
+    names = {display_name(name) for name in get_vocabulary("pascal_voc_20").class_names}
+    assert {r["label"] for r in segmenter(_photo(), candidate_labels="pascal_voc_20")} <= names  # a name still works
+
+
 def test_pipeline_stuff_labels_need_candidate_labels(segmenter):
     with pytest.raises(ValueError, match="stuff_labels needs candidate_labels"):
         segmenter(_photo(), stuff_labels=["wall"])
