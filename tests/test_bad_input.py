@@ -354,7 +354,7 @@ def test_config_refuses_string_is_thing():
 
 def _default_vocabulary_text(model):
     with torch.no_grad():
-        return model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).text_embeddings
+        return model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).text_embeddings[0]
 
 
 def test_edited_default_vocabulary_is_re_encoded(tiny, processor, tmp_path):
@@ -399,7 +399,7 @@ def test_text_cache_hands_out_copies_and_follows_weight_changes(processor):
         model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts, output_hidden_states=True
               ).text_embeddings.mul_(0)
         assert torch.equal(model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts,
-                                 output_hidden_states=True).text_embeddings, reference)
+                                 output_hidden_states=True).text_embeddings[0], reference)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["clip_backbone.clip_model.text_projection"] = state["clip_backbone.clip_model.text_projection"] * -1
