@@ -92,7 +92,8 @@ def compare(path: str, through_folder: bool, tolerance: float, reference_text: b
     results["ViT first block"] = difference(outputs.spatial_hidden_state, ref["vit_feats"])
     results["neck"] = difference(outputs.aggregator_hidden_state, ref["neck_feats"])
     results["VAS"] = difference(outputs.vas_hidden_state, ref["vas_feats"])
-    for stage, (cls, mask) in enumerate(zip(outputs.stage_class_queries_logits, outputs.stage_masks_queries_logits)):
+    stages = zip(outputs.stage_class_queries_logits.unbind(1), outputs.stage_masks_queries_logits.unbind(1))
+    for stage, (cls, mask) in enumerate(stages):
         results[f"stage {stage} class logits"] = difference(cls, ref["stage_class_logits"][stage])
         results[f"stage {stage} mask logits"] = difference(mask, ref["stage_mask_logits"][stage])
     results["out-of-vocabulary logits"] = difference(outputs.out_of_vocabulary_logits, ref["out_vocab_logits"])

@@ -141,7 +141,7 @@ def matched_predictions(model, processor, rows, class_names):
             outputs = model(**{k: v for k, v in batch.items() if k not in ("mask_labels", "class_labels")})
             masks = outputs.masks_queries_logits
             indices = criterion.matcher(masks_queries_logits=masks.float(),
-                                        class_queries_logits=outputs.stage_class_queries_logits[-1].float(),
+                                        class_queries_logits=outputs.stage_class_queries_logits[:, -1].float(),
                                         mask_labels=batch["mask_labels"], class_labels=batch["class_labels"])
             true = model.mask_filtering.iou_targets(masks, batch["mask_labels"], indices)
             yield outputs, indices, true, batch["class_labels"]
@@ -205,7 +205,7 @@ def held_out_diagnostic(model, processor, rows, names, hidden_ids) -> dict:
     threshold = model.config.supervision_iou_threshold
     true_iou, predicted, probability, top = [], [], [], []
     for outputs, indices, true, class_labels in matched_predictions(model, processor, rows, names):
-        probs = outputs.stage_class_queries_logits[-1].softmax(-1)
+        probs = outputs.stage_class_queries_logits[:, -1].softmax(-1)
         for image, (pred_index, target_index) in enumerate(indices):
             for p, t in zip(pred_index.tolist(), target_index.tolist()):
                 label = int(class_labels[image][t])

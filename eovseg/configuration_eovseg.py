@@ -313,9 +313,20 @@ class EovSegConfig(PretrainedConfig):
             model whose `vocabulary` no longer matches it re-encodes the vocabulary instead of using stale embeddings.
         kwargs:
             Remaining arguments of [`~transformers.PretrainedConfig`] (`id2label` is derived from `vocabulary`).
+
+    transformers' common names read and write the light-weight decoder's sizes (`attribute_map`), as Mask2Former's
+    configuration maps them to its transformer decoder: `hidden_size` is `hidden_dim` (the object kernels' and
+    aggregated features' channels), `num_hidden_layers` is `num_stages` (decoder stages) and `num_attention_heads` is
+    `decoder_num_heads` (heads of the decoder's self-attention). The frozen CLIP towers keep their own sizes in their
+    open_clip configurations.
     """
 
     model_type = "eovseg"
+    attribute_map = {
+        "hidden_size": "hidden_dim",
+        "num_hidden_layers": "num_stages",
+        "num_attention_heads": "decoder_num_heads",
+    }
 
     def __init__(
         self,

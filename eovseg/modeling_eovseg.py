@@ -55,58 +55,67 @@ class EovSegOutput(ModelOutput):
     """
     Outputs of [`EovSegForPanopticSegmentation`].
 
+    Every field but the two training losses is batch-first (its first dimension is the image), so that a batch can
+    be sliced image by image as transformers' pipelines and the Trainer's evaluation loop do; what is the same for
+    every image (the vocabulary's stuff ids and text embeddings, the domain similarity) is repeated along that
+    dimension as an expanded view, at no copy.
+
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             The training loss (sum over decoder stages of the weighted classification, mask and dice losses),
-            returned when `mask_labels` and `class_labels` are given.
+            returned when `mask_labels` and `class_labels` are given. One number for the whole batch.
         loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
-            The unweighted loss terms, named `s{stage}_loss_ce`, `s{stage}_loss_mask`, `s{stage}_loss_dice`.
+            The unweighted loss terms of the batch, named `s{stage}_loss_ce`, `s{stage}_loss_mask`,
+            `s{stage}_loss_dice`; returned with `loss`.
         class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`):
             In eval mode: the log of the ensembled class probabilities, void last: the in-vocabulary and CLIP
             probabilities combined by the geometric ensemble, re-weighted by (1 - void probability), with
             `log(p + 1e-8)` as the original feeds to its post-processing. In training mode: the last decoder
             stage's cosine-similarity logits (void last), as the losses use them.
         masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 4, width / 4)`):
-            Mask logits of the last decoder stage at a quarter of the padded input resolution.
-        stage_class_queries_logits (`tuple[torch.FloatTensor]`):
-            Class logits (batch_size, num_queries, num_classes + 1) of every decoder stage, void last.
-        stage_masks_queries_logits (`tuple[torch.FloatTensor]`):
-            Mask logits (batch_size, num_queries, height / 4, width / 4) of every decoder stage.
+            Mask logits of the last decoder stage at a quarter of the padded input resolution (a view of the last
+            stage of `stage_masks_queries_logits`).
+        stage_class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_stages, num_queries, num_classes + 1)`):
+            Class logits of every decoder stage, void last (`[:, s]` is stage `s`).
+        stage_masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_stages, num_queries, height / 4, width / 4)`):
+            Mask logits of every decoder stage (`[:, s]` is stage `s`).
         out_of_vocabulary_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_classes + 1)`, *optional*):
             The CLIP branch's logits (mask-pooled dense CLIP features against the text embeddings, void last); eval
             mode only.
         image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
             Height and width of each image's valid (unpadded) region in the input, from `pixel_mask`.
         backbone_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            The CNN CLIP features res2 to res5, returned with `output_hidden_states=True`.
+            The CNN CLIP features res2 to res5, each `(batch_size, channels, height / stride, width / stride)`,
+            returned with `output_hidden_states=True` (a tuple per level, as transformers' hidden states are).
         spatial_hidden_state (`torch.FloatTensor` of shape `(batch_size, vit_width, height / 16, width / 16)`, *optional*):
             The spatial-awareness features of the first ViT block, returned with `output_hidden_states=True`.
         aggregator_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 4, width / 4)`, *optional*):
             The light aggregator's output, returned with `output_hidden_states=True`.
         vas_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 4, width / 4)`, *optional*):
             The aggregated features after Vocabulary-Aware Selection, returned with `output_hidden_states=True`.
-        text_embeddings (`torch.FloatTensor` of shape `(num_synonyms, embed_dim)`, *optional*):
-            The normalized, template-averaged text embedding of every synonym of the vocabulary that was used,
-            returned with `output_hidden_states=True`.
-        stuff_class_ids (`torch.LongTensor` of shape `(num_stuff_classes,)`, *optional*):
-            When the model ran on its default vocabulary: the ids of its stuff classes (from `config.is_thing`), which
-            panoptic post-processing merges when not told otherwise.
+        text_embeddings (`torch.FloatTensor` of shape `(batch_size, num_synonyms, embed_dim)`, *optional*):
+            The normalized, template-averaged text embedding of every synonym of the vocabulary that was used (the
+            same for every image), returned with `output_hidden_states=True`.
+        stuff_class_ids (`torch.LongTensor` of shape `(batch_size, num_stuff_classes)`, *optional*):
+            When the model ran on its default vocabulary: the ids of its stuff classes (from `config.is_thing`, the
+            same for every image), which panoptic post-processing merges when not told otherwise.
         iou_scores (`torch.FloatTensor` of shape `(batch_size, num_queries)`, *optional*):
             With `config.mask_filtering`: the IoU head's predicted IoU of each query's mask with its ground truth
             (last decoder stage, in [0, 1]); post-processing's `"iou"` / `"class_iou"` score modes use it.
-        stage_iou_scores (`tuple[torch.FloatTensor]`, *optional*):
-            With `config.mask_filtering`: the predicted IoUs (batch_size, num_queries) of every decoder stage.
-        domain_similarity (`torch.FloatTensor` of shape `()`, *optional*):
+        stage_iou_scores (`torch.FloatTensor` of shape `(batch_size, num_stages, num_queries)`, *optional*):
+            With `config.mask_filtering`: the predicted IoUs of every decoder stage.
+        domain_similarity (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
             With Embedding Modulation (eval mode): OPSNet's domain similarity s of the test vocabulary to the training
-            vocabulary, `mean_i max_j cos(T_test[i], T_train[j])` (1 when they are the same).
+            vocabulary, `mean_i max_j cos(T_test[i], T_train[j])` (1 when they are the same; the same for every
+            image).
     """
 
     loss: torch.FloatTensor | None = None
     loss_dict: dict | None = None
     class_queries_logits: torch.FloatTensor | None = None
     masks_queries_logits: torch.FloatTensor | None = None
-    stage_class_queries_logits: tuple | None = None
-    stage_masks_queries_logits: tuple | None = None
+    stage_class_queries_logits: torch.FloatTensor | None = None
+    stage_masks_queries_logits: torch.FloatTensor | None = None
     out_of_vocabulary_logits: torch.FloatTensor | None = None
     image_sizes: torch.LongTensor | None = None
     backbone_hidden_states: tuple | None = None
@@ -116,7 +125,7 @@ class EovSegOutput(ModelOutput):
     text_embeddings: torch.FloatTensor | None = None
     stuff_class_ids: torch.LongTensor | None = None
     iou_scores: torch.FloatTensor | None = None
-    stage_iou_scores: tuple | None = None
+    stage_iou_scores: torch.FloatTensor | None = None
     domain_similarity: torch.FloatTensor | None = None
 
 
@@ -1008,9 +1017,13 @@ class EovSegPreTrainedModel(PreTrainedModel):
         Built directly, every module keeps what its constructor drew except the neck and the decoder stages, which
         get the original's initialisation as a whole (and in its order, so a seeded model is what it always was).
         Loaded (built on the meta device), whatever the checkpoint lacks gets the same rules module by module.
-        The frozen CLIP towers come from checkpoints; built directly they keep open_clip's initialisation.
+        The frozen CLIP towers come from checkpoints (`from_pretrained` refuses one that lacks a tower weight); built
+        directly they keep open_clip's and timm's initialisation; built on the meta device they get defined values
+        too (`_init_frozen_tower_module`), so that no tensor is ever left as uninitialised memory.
         """
         if getattr(module, "_eovseg_frozen", False):
+            if not getattr(self, "_eovseg_built_directly", False):
+                _init_frozen_tower_module(module)
             return
         if getattr(self, "_eovseg_built_directly", False):
             if isinstance(module, EovSegLightAggregator):
@@ -1106,6 +1119,33 @@ def _init_torch_default(module: nn.Module):
         init.zeros_(module.offset)
     elif isinstance(module, EovSegForPanopticSegmentation) and module.default_text_embeddings is not None:
         init.zeros_(module.default_text_embeddings)
+
+
+_TORCH_DEFAULT_MODULES = (
+    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm2d, nn.MultiheadAttention
+)
+
+
+def _init_frozen_tower_module(module: nn.Module):
+    """Values for one module of a frozen CLIP tower built on the meta device. A real model always loads the towers
+    (they are never trained); these only make every tensor defined: torch's defaults for its layers, CLIP's initial
+    logit scale, timm's initial layer scale, the text tower's causal mask, and the open_clip scale
+    (`normal(0, width ** -0.5)`) for the remaining embeddings and projections."""
+    if isinstance(module, _TORCH_DEFAULT_MODULES):
+        _init_torch_default(module)
+        return
+    for name, param in module.named_parameters(recurse=False):
+        if name == "logit_scale":
+            init.constant_(param, math.log(1 / 0.07))
+        elif name == "gamma":  # timm's ConvNeXt layer scale
+            init.constant_(param, 1e-6)
+        else:
+            init.normal_(param, std=param.shape[-1] ** -0.5)
+    for name, buffer in module.named_buffers(recurse=False):
+        if name == "attn_mask":  # additive causal mask of the text tower
+            init.copy_(buffer, torch.full(buffer.shape, float("-inf")).triu_(1))
+        else:
+            init.zeros_(buffer)
 
 
 def vocabulary_fingerprint(input_ids: torch.Tensor) -> str:
@@ -1225,12 +1265,16 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             module._eovseg_init = "decoder_stage"
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        wants_info = kwargs.get("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "output_loading_info": True})
+        # `from_pretrained(None, config=..., state_dict={})` loads nothing: a build from the configuration
+        if pretrained_model_name_or_path is not None or kwargs.get("state_dict"):
+            _check_towers_loaded(info, pretrained_model_name_or_path)
         # Loading puts new parameters in place (requires_grad=True): the CLIP towers are frozen again here, so that
         # every fine-tuning entry point (our train loop, Trainer, a plain optimizer) sees them frozen.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_clip_towers()
-        return loaded
+        model.freeze_clip_towers()
+        return (model, info) if wants_info else model
 
     def freeze_clip_towers(self) -> None:
         """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""
@@ -1618,19 +1662,23 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             decoded.class_logits, decoded.mask_logits, decoded.iou, decoded.embeddings[-1], mask_labels, class_labels,
             image_labels, pixel_mask, image_label_input_ids, image_label_synonym_counts,
         )
+        batch_size = pixel_values.shape[0]
+        stage_masks = torch.stack(decoded.mask_logits, dim=1)
+        stage_iou = torch.stack(decoded.iou, dim=1) if decoded.iou is not None else None
+        stuff = self._default_stuff_class_ids(pixel_values.device) if vocabulary.is_default else None
         output = EovSegOutput(
             loss=loss,
             loss_dict=loss_dict,
             class_queries_logits=class_logits,
-            masks_queries_logits=decoded.mask_logits[-1],
-            stage_class_queries_logits=tuple(decoded.class_logits),
-            stage_masks_queries_logits=tuple(decoded.mask_logits),
+            masks_queries_logits=stage_masks[:, -1],
+            stage_class_queries_logits=torch.stack(decoded.class_logits, dim=1),
+            stage_masks_queries_logits=stage_masks,
             out_of_vocabulary_logits=out_vocab_logits,
             image_sizes=_image_sizes(pixel_values, pixel_mask),
-            stuff_class_ids=self._default_stuff_class_ids(pixel_values.device) if vocabulary.is_default else None,
-            iou_scores=decoded.iou[-1] if decoded.iou is not None else None,
-            stage_iou_scores=tuple(decoded.iou) if decoded.iou is not None else None,
-            domain_similarity=domain_similarity,
+            stuff_class_ids=_per_image(stuff, batch_size),
+            iou_scores=stage_iou[:, -1] if stage_iou is not None else None,
+            stage_iou_scores=stage_iou,
+            domain_similarity=_per_image(domain_similarity, batch_size),
             **(_hidden_states(image, decoded, vocabulary) if output_hidden_states else {}),
         )
         return output if return_dict else output.to_tuple()
@@ -1741,6 +1789,22 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         )
 
 
+_TOWER_PREFIXES = ("clip_backbone.", "spatial_extractor.")
+
+
+def _check_towers_loaded(loading_info: dict, source) -> None:
+    """A checkpoint must hold every weight of the frozen CLIP towers: they are never trained, so a weight initialised
+    in their place (missing, or of another shape with `ignore_mismatched_sizes`) is never right."""
+    mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in loading_info.get("mismatched_keys", ())]
+    lacking = sorted(key for key in [*loading_info.get("missing_keys", ()), *mismatched] if key.startswith(_TOWER_PREFIXES))
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+        raise EovSegInputError(
+            f"{source}: the checkpoint lacks {len(lacking)} weight(s) of the frozen CLIP towers ({shown}); the towers "
+            "are never trained, so they must come from the checkpoint (convert the original checkpoint again)."
+        )
+
+
 def _can_overlap(pixel_values: torch.Tensor) -> bool:
     """Inference on CPU with more than one intra-op thread."""
     return pixel_values.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() > 1
@@ -1814,8 +1878,14 @@ def _hidden_states(image: _ImageFeatures, decoded: _Decoded, vocabulary: _Vocabu
         "spatial_hidden_state": image.spatial,
         "aggregator_hidden_state": image.aggregated,
         "vas_hidden_state": decoded.vas,
-        "text_embeddings": vocabulary.text_embeddings.clone(),  # never the cache's own tensor
+        # never the cache's own tensor
+        "text_embeddings": _per_image(vocabulary.text_embeddings.clone(), image.aggregated.shape[0]),
     }
+
+
+def _per_image(value: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """A value shared by every image of the batch, repeated batch-first as an expanded view (no copy)."""
+    return None if value is None else value.unsqueeze(0).expand(batch_size, *value.shape)
 
 
 def _image_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.LongTensor:

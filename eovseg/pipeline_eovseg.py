@@ -12,6 +12,8 @@ threshold 0.0, overlap 0.8, stuff merged).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
@@ -71,29 +73,45 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         return preprocess, {}, postprocess
 
     def __call__(self, inputs, batch_size: int | None = None, **kwargs) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
-        """Segment one image or a list of images. `batch_size` > 1 runs a list through the model that many images
-        at a time (padded to a common size, each cropped back by its own pixel mask); results are the same as one by
-        one up to float round-off."""
+        """Segment one image or a list of images. `batch_size` > 1 runs a list through the model up to that many
+        images at a time. Only images of the same processed (resized and padded) size share a batch: padding an
+        image to another's size changes its features (the interpolated positional embeddings, the borders), so each
+        image is computed as it is alone. Results come in the order of `inputs` and are those of `batch_size=1` but
+        for the float round-off of batched kernels (about 1e-6 on the logits)."""
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if not batch_size or batch_size == 1 or not isinstance(inputs, (list, tuple)):
             return super().__call__(inputs, **kwargs)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
-        results = []
-        for start in range(0, len(inputs), batch_size):
-            model_inputs = self._prepare(list(inputs[start : start + batch_size]), **preprocess_params)
-            with self.device_placement(), torch.inference_mode():
-                model_inputs["inputs"] = self._ensure_tensor_on_device(model_inputs["inputs"], device=self.device)
-                model_outputs = self._forward(model_inputs, **forward_params)
-            results.extend(self._annotate(model_outputs, i, **postprocess_params)
-                           for i in range(len(model_outputs["target_sizes"])))
+        timeout = preprocess_params.pop("timeout")
+        vocabulary = self._vocabulary_inputs(**preprocess_params)
+        results = [None] * len(inputs)
+        pending: dict[tuple, list] = {}  # processed size -> [(index in inputs, image inputs)]
+        for index, image in enumerate(inputs):
+            image_inputs = self._image_inputs(image, timeout)
+            size = tuple(image_inputs[0]["pixel_values"].shape[-2:])
+            pending.setdefault(size, []).append((index, image_inputs))
+            if len(pending[size]) == batch_size:
+                self._run_batch(pending.pop(size), vocabulary, results, forward_params, postprocess_params)
+        for group in pending.values():
+            self._run_batch(group, vocabulary, results, forward_params, postprocess_params)
         return results
 
-    def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
-        return self._prepare([image], candidate_labels, stuff_labels, timeout, class_ensemble)
+    def _run_batch(self, group: list, vocabulary: dict, results: list, forward_params: dict, postprocess_params: dict):
+        model_inputs = self._model_inputs([image_inputs for _, image_inputs in group], vocabulary)
+        with self.device_placement(), torch.inference_mode():
+            model_inputs["inputs"] = self._ensure_tensor_on_device(model_inputs["inputs"], device=self.device)
+            model_outputs = self._forward(model_inputs, **forward_params)
+        for (index, _), annotation in zip(group, self._annotate(model_outputs, **postprocess_params)):
+            results[index] = annotation
 
-    def _prepare(self, images: list, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
-        images = [load_image(image, timeout=timeout) for image in images]
+    def preprocess(self, image, candidate_labels=None, stuff_labels=None, timeout=None, class_ensemble=None):
+        vocabulary = self._vocabulary_inputs(candidate_labels, stuff_labels, class_ensemble)
+        return self._model_inputs([self._image_inputs(image, timeout)], vocabulary)
+
+    def _vocabulary_inputs(self, candidate_labels=None, stuff_labels=None, class_ensemble=None) -> dict:
+        """The call's class entries, thing flags and class scoring, and the text tensors for the model (none for the
+        default vocabulary, whose embeddings the model keeps)."""
         config = self.model.config
         if candidate_labels is None:
             if stuff_labels is not None:
@@ -105,58 +123,83 @@ class OpenVocabularySegmentationPipeline(Pipeline):
         else:
             labels, is_thing = _resolve_labels(candidate_labels, stuff_labels)
         class_ensemble = class_ensemble or config.class_ensemble
-        inputs = self.processor(images=images, text=None if candidate_labels is None else labels, return_tensors="pt",
-                                class_ensemble=class_ensemble)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        target_sizes = [(image.height, image.width) for image in images]
-        return {"inputs": inputs, "target_sizes": target_sizes, "labels": labels, "is_thing": is_thing,
-                "class_ensemble": class_ensemble}
+        if candidate_labels is not None:
+            text = self.processor(text=labels, return_tensors="pt", class_ensemble=class_ensemble)
+        elif class_ensemble == "embedding_modulation":
+            text = self.processor.encode_train_vocabulary(return_tensors="pt")
+        else:
+            text = {}
+        return {"text": dict(text), "labels": labels, "is_thing": is_thing, "class_ensemble": class_ensemble}
+
+    def _image_inputs(self, image, timeout=None) -> tuple[dict, tuple[int, int]]:
+        """One image's model inputs (a batch of one) and its (height, width)."""
+        image = load_image(image, timeout=timeout)
+        pixels = dict(self.image_processor([image], return_tensors="pt"))
+        pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
+        return pixels, (image.height, image.width)
+
+    @staticmethod
+    def _model_inputs(images: list[tuple[dict, tuple[int, int]]], vocabulary: dict) -> dict:
+        """The model inputs of images of one processed size, with the call's vocabulary."""
+        pixels = {key: torch.cat([inputs[key] for inputs, _ in images]) for key in images[0][0]}
+        return {"inputs": {**pixels, **vocabulary["text"]}, "target_sizes": [size for _, size in images],
+                **{key: vocabulary[key] for key in ("labels", "is_thing", "class_ensemble")}}
 
     def _forward(self, model_inputs):
         outputs = self.model(**model_inputs.pop("inputs"), class_ensemble=model_inputs["class_ensemble"])
         return {"outputs": outputs, **model_inputs}
 
     def postprocess(self, model_outputs, **kwargs):
-        return self._annotate(model_outputs, 0, **kwargs)
+        return self._annotate(model_outputs, **kwargs)[0]
 
-    def _annotate(self, model_outputs, index: int, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
-                  mask_threshold=0.5, score_mode="class", iou_threshold=0.0):
-        """The annotation of image `index` of a (possibly batched) model output."""
+    def _annotate(self, model_outputs, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8,
+                  mask_threshold=0.5, score_mode="class", iou_threshold=0.0) -> list[list[dict[str, Any]]]:
+        """The annotation of every image of a model output."""
         outputs, labels, is_thing = model_outputs["outputs"], model_outputs["labels"], model_outputs["is_thing"]
-        outputs = _select_image(outputs, index)
-        target = [model_outputs["target_sizes"][index]]
+        targets = model_outputs["target_sizes"]
         names = [display_name(label) for label in labels]
-        annotation = []
         if subtask == "semantic":
-            segmentation = self.processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0].cpu().numpy()
-            for label_id in np.unique(segmentation):
-                mask = Image.fromarray(((segmentation == label_id) * 255).astype(np.uint8), mode="L")
-                annotation.append({"score": None, "label": names[label_id], "mask": mask})
-            return annotation
+            maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=targets)
+            return [_semantic_annotation(segmentation.cpu().numpy(), names) for segmentation in maps]
         if subtask == "panoptic":
-            result = self.processor.post_process_panoptic_segmentation(
+            results = self.processor.post_process_panoptic_segmentation(
                 outputs, threshold=threshold, mask_threshold=mask_threshold,
                 overlap_mask_area_threshold=overlap_mask_area_threshold,
-                label_ids_to_fuse={i for i, thing in enumerate(is_thing) if not thing}, target_sizes=target,
+                label_ids_to_fuse={i for i, thing in enumerate(is_thing) if not thing}, target_sizes=targets,
                 score_mode=score_mode, iou_threshold=iou_threshold,
-            )[0]
+            )
         else:
-            result = self.processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, mask_threshold=mask_threshold, target_sizes=target,
+            results = self.processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, mask_threshold=mask_threshold, target_sizes=targets,
                 thing_ids=[i for i, thing in enumerate(is_thing) if thing],
-            )[0]
-        segmentation = result["segmentation"].cpu()
-        for segment in result["segments_info"]:
-            mask = Image.fromarray(((segmentation == segment["id"]).numpy() * 255).astype(np.uint8), mode="L")
-            annotation.append({"score": float(segment["score"]), "label": names[segment["label_id"]], "mask": mask})
-        return annotation
+            )
+        return [_segments_annotation(result, names) for result in results]
+
+
+def _semantic_annotation(segmentation: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"score": None, "label": names[label_id],
+         "mask": Image.fromarray(((segmentation == label_id) * 255).astype(np.uint8), mode="L")}
+        for label_id in np.unique(segmentation)
+    ]
+
+
+def _segments_annotation(result: dict, names: list[str]) -> list[dict[str, Any]]:
+    segmentation = result["segmentation"].cpu()
+    return [
+        {"score": float(segment["score"]), "label": names[segment["label_id"]],
+         "mask": Image.fromarray(((segmentation == segment["id"]).numpy() * 255).astype(np.uint8), mode="L")}
+        for segment in result["segments_info"]
+    ]
 
 
 def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[bool]]:
     """Class entries and thing flags from a built-in vocabulary name (its own thing flags unless `stuff_labels` is
     given) or a list of labels (things unless in `stuff_labels`)."""
-    from .vocabularies import load_vocabulary
+    from .vocabularies import list_vocabularies, load_vocabulary
 
+    if isinstance(candidate_labels, str) and candidate_labels not in list_vocabularies() and not os.path.isfile(candidate_labels):
+        raise ValueError(_not_a_vocabulary_name_message(candidate_labels, list_vocabularies()))
     vocabulary = load_vocabulary(candidate_labels)
     labels = validate_vocabulary(vocabulary.class_names, "candidate_labels")
     if stuff_labels is None:
@@ -168,20 +211,15 @@ def _resolve_labels(candidate_labels, stuff_labels) -> tuple[list[str], list[boo
     return labels, [label not in stuff for label in labels]
 
 
-def _select_image(outputs, index: int):
-    """Image `index` of a batched model output, as a batch of one (the vocabulary-wide fields stay whole)."""
-    if outputs.class_queries_logits.shape[0] == 1:
-        return outputs
-    per_image = ("class_queries_logits", "masks_queries_logits", "image_sizes", "out_of_vocabulary_logits",
-                 "iou_scores")
-    fields = {key: value for key, value in outputs.items()}
-    for key in per_image:
-        if fields.get(key) is not None:
-            fields[key] = fields[key][index : index + 1]
-    for key in ("stage_class_queries_logits", "stage_masks_queries_logits", "stage_iou_scores"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(value[index : index + 1] for value in fields[key])
-    return type(outputs)(**fields)
+def _not_a_vocabulary_name_message(text: str, names: list[str]) -> str:
+    # commas separate the synonyms of one class here: splitting the string would be a guess, so only the example does
+    classes = [part.strip() for part in text.split(",") if part.strip()] or ["car"]
+    synonyms = (f" (within one entry commas separate synonyms of one class: {json.dumps([text], ensure_ascii=False)} "
+                "is one class)" if len(classes) > 1 else "")
+    return (
+        f"candidate_labels={text!r} is not a built-in vocabulary name ({', '.join(names)}) nor a vocabulary file. "
+        f"Pass your classes as a list: candidate_labels={json.dumps(classes, ensure_ascii=False)}{synonyms}."
+    )
 
 
 def register_pipeline() -> None:

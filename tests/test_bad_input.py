@@ -354,7 +354,7 @@ def test_config_refuses_string_is_thing():
 
 def _default_vocabulary_text(model):
     with torch.no_grad():
-        return model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).text_embeddings
+        return model(torch.zeros(1, 3, 32, 32), output_hidden_states=True).text_embeddings[0]
 
 
 def test_edited_default_vocabulary_is_re_encoded(tiny, processor, tmp_path):
@@ -399,7 +399,7 @@ def test_text_cache_hands_out_copies_and_follows_weight_changes(processor):
         model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts, output_hidden_states=True
               ).text_embeddings.mul_(0)
         assert torch.equal(model(torch.zeros(1, 3, 32, 32), input_ids=ids, synonym_counts=counts,
-                                 output_hidden_states=True).text_embeddings, reference)
+                                 output_hidden_states=True).text_embeddings[0], reference)
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["clip_backbone.clip_model.text_projection"] = state["clip_backbone.clip_model.text_projection"] * -1
@@ -502,6 +502,21 @@ def test_pipeline_stuff_labels_as_one_string(segmenter):
     expected = segmenter(_photo(), candidate_labels=["cup", "sky"], stuff_labels=["sky"])
     assert [(r["label"], r["score"]) for r in result] == [(r["label"], r["score"]) for r in expected]
     assert sum(r["label"] == "sky" for r in result) <= 1  # stuff is merged
+
+
+@pytest.mark.parametrize("text, example", [("red circle, blue sky", '["red circle", "blue sky"]'), ("cup", '["cup"]')])
+def test_pipeline_candidate_labels_string_that_is_no_vocabulary_name(segmenter, text, example):
+    # commas separate synonyms: the string is neither split nor taken as one class, the error shows the list to pass
+    with pytest.raises(ValueError) as error:
+        segmenter(_photo(), candidate_labels=text)
+    message = str(error.value)
+    assert "\n" not in message and "is not a built-in vocabulary name" in message
+    assert f"candidate_labels={example}" in message
+    from eovseg.vocabularies import get_vocabulary
+    from eovseg.vocabulary import display_name
+
+    names = {display_name(name) for name in get_vocabulary("pascal_voc_20").class_names}
+    assert {r["label"] for r in segmenter(_photo(), candidate_labels="pascal_voc_20")} <= names  # a name still works
 
 
 def test_pipeline_stuff_labels_need_candidate_labels(segmenter):

@@ -3,17 +3,12 @@
 import copy
 import threading
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from transformers import pipeline
 
-import eovseg  # noqa: F401  (registers the Auto classes and pipelines)
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
 from eovseg import modeling_eovseg
-from eovseg.auto_registration import save_model_folder
 from eovseg.modeling_eovseg import EovSegVAS
 
 VOCABULARY = ["cup, mug", "saucer, plate", "table", "spoon", "wall", "floor"]
@@ -176,41 +171,10 @@ def test_float64_model_is_not_rounded_to_float32(tiny):
     assert not torch.equal(embeddings, embeddings.float().double())  # not float32 values in a float64 tensor
     for ours, reference in [(kept.class_queries_logits, plain.class_queries_logits),
                             (kept.out_of_vocabulary_logits, plain.out_of_vocabulary_logits),
-                            *zip(kept.stage_class_queries_logits, plain.stage_class_queries_logits),
-                            *zip(kept.stage_masks_queries_logits, plain.stage_masks_queries_logits)]:
+                            (kept.stage_class_queries_logits, plain.stage_class_queries_logits),
+                            (kept.stage_masks_queries_logits, plain.stage_masks_queries_logits)]:
         assert ours.dtype == torch.float64
         assert torch.equal(ours, reference)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory):
-    model, processor = tiny
-    folder = tmp_path_factory.mktemp("fast") / "eovseg-tiny"
-    save_model_folder(model, processor, str(folder))
-    return folder
-
-
-def test_pipeline_batch_size_gives_the_one_by_one_results(model_dir):
-    segmenter = pipeline("open-vocabulary-segmentation", model=str(model_dir))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)) for _ in range(3)]
-    labels = ["cat", "keyboard, computer keyboard", "sky"]
-    for subtask in ("semantic", "panoptic"):
-        one_by_one = [segmenter(image, candidate_labels=labels, subtask=subtask) for image in images]
-        batched = segmenter(images, candidate_labels=labels, subtask=subtask, batch_size=2)
-        assert len(batched) == len(images)
-        assert all(batched) or subtask == "panoptic"  # random weights: no panoptic segment may survive
-        for single, together in zip(one_by_one, batched):
-            assert [s["label"] for s in single] == [s["label"] for s in together]
-            for a, b in zip(single, together):
-                assert np.mean(np.asarray(a["mask"]) != np.asarray(b["mask"])) < 0.01
-                assert a["score"] == b["score"] or abs(a["score"] - b["score"]) < 1e-3
-    # images of different sizes share a padded batch; each result comes back at its own image's size
-    mixed = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(60, 90), (80, 70)]]
-    for image, result in zip(mixed, segmenter(mixed, candidate_labels=labels, subtask="semantic", batch_size=2)):
-        assert result and all(segment["mask"].size == image.size for segment in result)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        segmenter(images, candidate_labels=labels, batch_size=0)
 
 
 @pytest.mark.parametrize("batch,channels,height,width", [(2, 6, 7, 9), (1, 5, 4, 3)])
@@ -275,8 +239,7 @@ def test_spatial_extractor_runs_beside_the_neck_with_the_same_numbers(tiny, monk
     assert threads_seen[2] == threading.get_ident()
     for name in ("class_queries_logits", "masks_queries_logits", "out_of_vocabulary_logits"):
         assert torch.equal(getattr(beside, name), getattr(sequential, name)), name
-    for ours, plain in zip(beside.stage_class_queries_logits, sequential.stage_class_queries_logits):
-        assert torch.equal(ours, plain)
+    assert torch.equal(beside.stage_class_queries_logits, sequential.stage_class_queries_logits)
 
 
 def test_background_work_hands_its_error_to_the_caller():

@@ -361,7 +361,7 @@ def test_panoptic_stuff_split_in_two_queries_is_merged(processor):
 
     # outputs of the default vocabulary carry its stuff ids: used when the caller passes none (pipeline case)
     outputs = make_outputs([probs], masks)
-    outputs.stuff_class_ids = torch.tensor([2, 3])
+    outputs.stuff_class_ids = torch.tensor([[2, 3]])  # batch-first, as the model gives them
     from_outputs = processor.post_process_panoptic_segmentation(outputs)[0]
     assert torch.equal(from_outputs["segmentation"], result["segmentation"])
     assert from_outputs["segments_info"] == result["segments_info"]

@@ -74,13 +74,16 @@ def test_output_shapes(fixture, request):
     q = config.num_proposals
     assert out.class_queries_logits.shape == (2, q, num_classes + 1)
     assert out.masks_queries_logits.shape == (2, q, 16, 24)
-    assert len(out.stage_class_queries_logits) == config.num_stages == 3
-    assert all(t.shape == (2, q, num_classes + 1) for t in out.stage_class_queries_logits)
-    assert all(t.shape == (2, q, 16, 24) for t in out.stage_masks_queries_logits)
+    # every field batch-first: stages on the second dimension
+    assert config.num_stages == 3
+    assert out.stage_class_queries_logits.shape == (2, 3, q, num_classes + 1)
+    assert out.stage_masks_queries_logits.shape == (2, 3, q, 16, 24)
+    assert torch.equal(out.stage_masks_queries_logits[:, -1], out.masks_queries_logits)
     assert out.out_of_vocabulary_logits.shape == (2, q, num_classes + 1)
     assert out.spatial_hidden_state.shape[-2:] == (4, 6)
     assert out.aggregator_hidden_state.shape == (2, config.hidden_dim, 16, 24)
-    assert out.text_embeddings.shape == (sum(synonym_counts(config.vocabulary)), config.embed_dim)
+    assert out.text_embeddings.shape == (2, sum(synonym_counts(config.vocabulary)), config.embed_dim)
+    assert torch.equal(out.text_embeddings[0], out.text_embeddings[1])
     assert out.image_sizes.tolist() == [[64, 96], [64, 96]]
     # eval-mode class logits are log-probabilities (plus 1e-8 per class) over K classes + void
     probs = out.class_queries_logits.exp()
@@ -133,7 +136,7 @@ def test_default_vocabulary_matches_explicit_vocabulary(tiny):
         explicit = tiny(pixel_values, **inputs)
     assert torch.equal(default.class_queries_logits, explicit.class_queries_logits)
     # the default vocabulary's stuff classes travel with the outputs (for post-processing); not for given text
-    assert default.stuff_class_ids.tolist() == [4, 5, 6, 7]
+    assert default.stuff_class_ids.tolist() == [[4, 5, 6, 7]]
     assert explicit.stuff_class_ids is None
 
 
@@ -159,7 +162,7 @@ def test_frozen_parts_get_no_gradient_and_decoder_does(tiny):
     try:
         assert not model.clip_backbone.training and not model.spatial_extractor.training
         out = model(torch.randn(2, 3, 64, 64), **vocab_inputs(model.config))
-        loss = sum(t.float().pow(2).mean() for t in out.stage_class_queries_logits) + out.masks_queries_logits.pow(2).mean()
+        loss = out.stage_class_queries_logits.float().pow(2).mean() + out.masks_queries_logits.pow(2).mean()
         loss.backward()
         for name, p in model.named_parameters():
             if name.startswith(("clip_backbone.", "spatial_extractor.")):
@@ -384,5 +387,5 @@ def test_model_cast_to_bfloat16_runs(tiny):
         out = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16), **vocab_inputs(tiny.config))
     # the sensitive steps (hard masks, ensemble) stay in float32 by default: see config.float32_sensitive_ops
     assert out.masks_queries_logits.dtype == out.class_queries_logits.dtype == torch.float32
-    assert out.stage_class_queries_logits[0].dtype == torch.float32
+    assert out.stage_class_queries_logits.dtype == torch.float32
     assert torch.isfinite(out.class_queries_logits.float()).all() and torch.isfinite(out.masks_queries_logits.float()).all()

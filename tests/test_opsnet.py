@@ -119,7 +119,7 @@ def test_training_vocabulary_gives_query_only_logits_exactly(tiny):
         out = model(**inputs, class_ensemble="embedding_modulation")
     assert out.domain_similarity.item() == 1.0
     # s = 1: E_m = E_q, no debiasing: the void-filtered probabilities of the decoder's own logits, bit for bit
-    query = out.stage_class_queries_logits[-1]
+    query = out.stage_class_queries_logits[:, -1]
     void = query.softmax(-1)[..., -1:]
     expected = torch.log(torch.cat([query[..., :-1].softmax(-1) * (1 - void), void], -1) + 1e-8)
     assert torch.equal(out.class_queries_logits, expected)
@@ -137,7 +137,7 @@ def test_embedding_modulation_on_a_new_vocabulary(tiny):
     probs = modulated.class_queries_logits.exp()
     assert probs.sum(-1).sub(1).abs().max() < 1e-5
     # the void probability of the in-vocabulary head is kept
-    void = modulated.stage_class_queries_logits[-1].softmax(-1)[..., -1]
+    void = modulated.stage_class_queries_logits[:, -1].softmax(-1)[..., -1]
     assert torch.allclose(probs[..., -1], void + 1e-8, atol=1e-6)
     assert not torch.allclose(modulated.class_queries_logits, geometric.class_queries_logits)
     # the configuration's default selects it too

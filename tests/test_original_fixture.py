@@ -105,15 +105,15 @@ def test_text_embeddings(run, converted, expected, noise):
 
 def test_stage_class_logits(run, expected, noise):
     outputs = run[2]
-    assert len(outputs.stage_class_queries_logits) == len(expected["stage_class_logits"]) == 3
-    for ours, reference in zip(outputs.stage_class_queries_logits, expected["stage_class_logits"]):
+    assert outputs.stage_class_queries_logits.shape[1] == len(expected["stage_class_logits"]) == 3
+    for ours, reference in zip(outputs.stage_class_queries_logits.unbind(1), expected["stage_class_logits"]):
         assert relative_difference(ours[0], reference) < noise["final_class_logits"]
 
 
 def test_stage_mask_logits(run, expected, noise):
     outputs = run[2]
     assert list(outputs.masks_queries_logits.shape) == expected["mask_logits_shape"]
-    for ours, reference in zip(outputs.stage_masks_queries_logits, expected["stage_mask_logits_sub4"]):
+    for ours, reference in zip(outputs.stage_masks_queries_logits.unbind(1), expected["stage_mask_logits_sub4"]):
         assert relative_difference(ours[0, :, ::4, ::4], reference) < noise["last_stage_masks"]
 
 

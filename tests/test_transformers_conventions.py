@@ -64,6 +64,17 @@ def test_one_way_to_a_preset():
     assert custom.variant == "custom"
 
 
+def test_common_size_names_map_to_the_decoder():
+    config = EovSegConfig.from_variant("tiny", decoder_num_heads=4)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 3, 4)
+    config.hidden_size, config.num_hidden_layers, config.num_attention_heads = 32, 2, 2
+    assert (config.hidden_dim, config.num_stages, config.decoder_num_heads) == (32, 2, 2)
+    assert "hidden_size" not in config.to_dict() and config.to_dict()["hidden_dim"] == 32
+    given = EovSegConfig.from_variant("tiny", hidden_size=48, num_hidden_layers=1, num_attention_heads=2)
+    model = EovSegForPanopticSegmentation(given)
+    assert len(model.decoder.layers) == 1 and model.decoder.object_kernels.embedding_dim == 48
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 
@@ -162,6 +173,63 @@ def test_init_weights_leaves_loaded_weights_alone(saved_tiny, tmp_path):
     assert torch.equal(loaded["decoder.layers.0.ffn.fc1.bias"], torch.zeros(model.config.decoder_ffn_dim))
     void = loaded["void_embedding.weight"]
     assert torch.isfinite(void).all() and 0.5 < void.std() < 2  # drawn from N(0, 1), not left empty
+
+
+def _all_tensors(model):
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_convnext"])
+def test_meta_device_build_then_init_defines_every_tensor(variant):
+    config = EovSegConfig.from_variant(variant)
+    with torch.device("meta"):
+        model = EovSegForPanopticSegmentation(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        for _, tensor in _all_tensors(model):
+            tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
+    model.init_weights()
+    undefined = [name for name, t in _all_tensors(model) if (~torch.isfinite(t) if t.is_floating_point() else t == -7).any()
+                 and not name.endswith("attn_mask")]
+    assert undefined == []
+    # buffers are the constructor's (the causal mask's -inf included), as transformers' buffer check asks
+    built = dict(EovSegForPanopticSegmentation(config).named_buffers())
+    assert [name for name, b in model.named_buffers() if not torch.equal(b, built[name])] == []
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 64, 64), **text_inputs(config))
+    assert torch.isfinite(out.class_queries_logits).all() and torch.isfinite(out.masks_queries_logits).all()
+
+
+def test_loading_nothing_is_a_build_from_the_config():
+    config = EovSegConfig.from_variant("tiny")
+    model = EovSegForPanopticSegmentation.from_pretrained(None, config=config, state_dict={})
+    assert all(torch.isfinite(t).all() for name, t in _all_tensors(model) if not name.endswith("attn_mask"))
+    assert not any(p.requires_grad for p in model.clip_backbone.parameters())
+
+
+@pytest.mark.parametrize("key", ["clip_backbone.clip_model.visual.layer1.0.bn1.running_var",
+                                 "clip_backbone.clip_model.text_projection",
+                                 "spatial_extractor.positional_embedding"])
+def test_checkpoint_missing_a_tower_weight_is_an_error(saved_tiny, tmp_path, key):
+    source, folder = saved_tiny
+    state = load_file(folder / "model.safetensors")
+    state.pop(key)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source.config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\) of the frozen CLIP towers \(" + key.replace(".", r"\.")) as error:
+        EovSegForPanopticSegmentation.from_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
+    # nor may one of another shape be replaced by a random one
+    state[key] = torch.zeros(3)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="frozen CLIP towers"):
+        EovSegForPanopticSegmentation.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_loading_info_is_returned_when_asked(saved_tiny):
+    model, info = EovSegForPanopticSegmentation.from_pretrained(saved_tiny[1], output_loading_info=True)
+    assert isinstance(model, EovSegForPanopticSegmentation) and not info["missing_keys"]
+    assert isinstance(EovSegForPanopticSegmentation.from_pretrained(saved_tiny[1]), EovSegForPanopticSegmentation)
 
 
 def test_direct_build_is_initialised_as_documented():

@@ -422,7 +422,7 @@ def _default_label_ids_to_fuse(outputs, label_ids_to_fuse):
     """The classes to merge: those given, else the stuff classes the outputs carry, else none (with a warning,
     since the original merges its stuff classes)."""
     if label_ids_to_fuse is None and getattr(outputs, "stuff_class_ids", None) is not None:
-        label_ids_to_fuse = outputs.stuff_class_ids.tolist()
+        label_ids_to_fuse = outputs.stuff_class_ids.unique().tolist()  # (batch_size, num_stuff), the same rows
     if label_ids_to_fuse is None:
         logger.warning_once(
             "`label_ids_to_fuse` unset: no segments are merged. Pass the stuff class ids to merge them as the "
