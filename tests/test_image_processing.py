@@ -1,4 +1,6 @@
-"""Tests of EovSegImageProcessor: pre-processing rules, training targets and post-processing."""
+"""Tests of the EOV-Seg image processors (PIL and torchvision backends): pre-processing rules, training targets and
+post-processing. The rules are tested on the PIL backend, the default, whose resize is the original's; the
+torchvision backend is tested against it."""
 
 import math
 from types import SimpleNamespace
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from eovseg.processing.image_processing_eovseg import EovSegImageProcessor, get_resize_output_shape
+from eovseg.processing.image_processing_pil_eovseg import EovSegImageProcessorPil
 
 
 MEAN = (123.675, 116.28, 103.53)
@@ -18,7 +21,7 @@ STD = (58.395, 57.12, 57.375)
 
 @pytest.fixture(scope="module")
 def processor():
-    return EovSegImageProcessor()
+    return EovSegImageProcessorPil()
 
 
 def random_image(height, width, seed=0):
@@ -70,7 +73,7 @@ def test_resized_shape_padding_and_mask(processor, size, expected):
 
 
 def test_custom_size_and_no_resize():
-    processor = EovSegImageProcessor(size={"shortest_edge": 100, "longest_edge": 150})
+    processor = EovSegImageProcessorPil(size={"shortest_edge": 100, "longest_edge": 150})
     assert tuple(processor(random_image(50, 100))["pixel_values"].shape) == (1, 3, 96, 160)  # 75x150
     out = EovSegImageProcessor(do_resize=False)(random_image(50, 70))
     assert tuple(out["pixel_values"].shape) == (1, 3, 64, 96)
@@ -521,10 +524,12 @@ def test_instance_segmentation_by_hand(processor):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_save_and_load_round_trip(tmp_path):
-    processor = EovSegImageProcessor(size={"shortest_edge": 512, "longest_edge": 1024}, size_divisibility=64)
+@pytest.mark.parametrize("backend_class", [EovSegImageProcessorPil, EovSegImageProcessor])
+def test_save_and_load_round_trip(tmp_path, backend_class):
+    processor = backend_class(size={"shortest_edge": 512, "longest_edge": 1024}, size_divisibility=64)
     processor.save_pretrained(tmp_path)
-    loaded = EovSegImageProcessor.from_pretrained(tmp_path)
+    loaded = backend_class.from_pretrained(tmp_path)
+    assert type(loaded) is backend_class
     assert loaded.to_dict() == processor.to_dict()
     assert loaded.size == {"shortest_edge": 512, "longest_edge": 1024}
     assert loaded.size_divisibility == 64 and loaded.image_mean == list(MEAN) and loaded.image_std == list(STD)
@@ -532,9 +537,82 @@ def test_save_and_load_round_trip(tmp_path):
     image = random_image(30, 50, seed=9)
     assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
     assert tuple(loaded(image)["pixel_values"].shape) == (1, 3, 512, 896)  # 512x853 padded to 64
-    default = EovSegImageProcessor()
+    default = backend_class()
     default.save_pretrained(tmp_path / "default")
-    assert EovSegImageProcessor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+    assert backend_class.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The two backends
+# ---------------------------------------------------------------------------------------------
+
+
+def test_both_backends_save_the_same_settings():
+    """A folder does not depend on the backend that saved it (transformers strips "Pil" from the saved type)."""
+    torchvision_dict = EovSegImageProcessor(size=320, size_divisibility=16).to_dict()
+    assert torchvision_dict == EovSegImageProcessorPil(size=320, size_divisibility=16).to_dict()
+    assert torchvision_dict["image_processor_type"] == "EovSegImageProcessor"
+
+
+@pytest.mark.parametrize("saved_with", [EovSegImageProcessor, EovSegImageProcessorPil])
+def test_auto_image_processor_selects_the_backend(tmp_path, saved_with, caplog):
+    from transformers import AutoImageProcessor
+
+    import eovseg  # noqa: F401  (registers the classes)
+
+    saved_with(size_divisibility=16).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        default = AutoImageProcessor.from_pretrained(tmp_path)
+        pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+        torchvision = AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")
+    assert "backend" not in caplog.text  # no "Requested torchvision backend is not available" fallback
+    assert type(default) is EovSegImageProcessorPil and type(pil) is EovSegImageProcessorPil
+    assert type(torchvision) is EovSegImageProcessor
+    assert default.size_divisibility == torchvision.size_divisibility == 16
+
+
+def grey_levels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Normalized pixel values back in 0-255 units."""
+    return pixel_values * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+# Upscaled by the same exact factor on both axes (x1.6: the fixture photo's 400x600 -> 640x960; x4; x2).
+EXACT_UPSCALES = [(400, 600), (160, 240), (320, 480)]
+
+
+@pytest.mark.parametrize("size", EXACT_UPSCALES)
+def test_backends_are_equal_when_upscaling(size):
+    image = random_image(*size, seed=11)
+    pil = EovSegImageProcessorPil()(image)
+    torchvision = EovSegImageProcessor()(image)
+    assert pil.keys() == torchvision.keys()
+    for key in pil:
+        assert torch.equal(pil[key], torchvision[key]), key
+
+
+@pytest.mark.parametrize("size", [(300, 400), (480, 640), (900, 1200), (1200, 1800), (700, 2100)])
+def test_backends_differ_by_at_most_two_grey_levels(size):
+    """Downscaling (and upscaling where the two axes' factors round differently, 480x640 -> 640x853) differs by a
+    few grey levels at most, identically normalized; masks and shapes are equal."""
+    image = random_image(*size, seed=12)
+    pil = EovSegImageProcessorPil()(image)
+    torchvision = EovSegImageProcessor()(image)
+    assert torch.equal(pil["pixel_mask"], torchvision["pixel_mask"])
+    difference = (grey_levels(pil["pixel_values"]) - grey_levels(torchvision["pixel_values"])).abs()
+    assert difference.max() <= 2 + 1e-3
+    assert (difference > 0.5).float().mean() < 0.1
+
+
+def test_backends_share_post_processing():
+    """Post-processing is written once (EovSegImageProcessingMixin) and gives the same results on both backends."""
+    for name in ("post_process_semantic_segmentation", "post_process_instance_segmentation",
+                 "post_process_panoptic_segmentation", "_encode_targets", "preprocess"):
+        assert getattr(EovSegImageProcessor, name) is getattr(EovSegImageProcessorPil, name)
+    class_probs = [[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]]
+    outputs = make_outputs(class_probs, torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 4)
+    for a, b in zip(EovSegImageProcessor().post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[1]),
+                    EovSegImageProcessorPil().post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[1])):
+        assert a["segments_info"] == b["segments_info"] and torch.equal(a["segmentation"], b["segmentation"])
 
 
 # --- exactness of the shortcuts against the plain algorithm ---------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 
 from eovseg.configuration_eovseg import EovSegConfig
 from eovseg.processing.image_processing_eovseg import EovSegImageProcessor
+from eovseg.processing.image_processing_pil_eovseg import EovSegImageProcessorPil
 from eovseg.processing.processing_eovseg import EovSegProcessor
 from eovseg.processing.tokenization_eovseg import ClipTokenizerError, build_clip_tokenizer, write_vocab_files
 from eovseg.vocabulary import PROMPT_TEMPLATES, VocabularyError, build_prompts
@@ -185,23 +186,31 @@ def test_image_kwargs_and_segmentation_maps_are_forwarded(processor):
     assert with_maps["synonym_counts"].tolist() == [3, 2, 1, 2, 1]
 
 
-def test_save_load_round_trip(processor, tmp_path):
+@pytest.mark.parametrize("saved_with", [EovSegImageProcessor, EovSegImageProcessorPil])
+@pytest.mark.parametrize("backend", [None, "pil", "torchvision"])
+def test_save_load_round_trip(processor, tmp_path, saved_with, backend, caplog):
     custom = EovSegProcessor(
-        EovSegImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}, size_divisibility=16),
+        saved_with(size={"shortest_edge": 32, "longest_edge": 64}, size_divisibility=16),
         processor.tokenizer,
         train_vocabulary=TRAIN_VOCABULARY,
         context_length=12,
     )
     custom.save_pretrained(tmp_path)
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
-    loaded = EovSegProcessor.from_pretrained(tmp_path)
-    assert isinstance(loaded.image_processor, EovSegImageProcessor)
+    with caplog.at_level("WARNING"):
+        loaded = EovSegProcessor.from_pretrained(tmp_path, **({} if backend is None else {"backend": backend}))
+    assert "backend" not in caplog.text  # no "Requested torchvision backend is not available" fallback
+    # the PIL backend (the original's resize) unless the torchvision one is asked for, whichever saved the folder
+    assert type(loaded.image_processor) is (EovSegImageProcessor if backend == "torchvision" else EovSegImageProcessorPil)
     assert loaded.train_vocabulary == TRAIN_VOCABULARY
     assert loaded.context_length == 12
     assert loaded.image_processor.size_divisibility == 16
     assert loaded.tokenizer.pad_token_id == 0
     vocabulary = VOCABULARY + ["a very long class name " + "with many words " * 10]
     images = [_image(40, 60, 0), _image(70, 50, 1)]
+    assert loaded.image_processor.to_dict() == custom.image_processor.to_dict()
+    # the same settings on the loaded backend (the two backends' downscaled pixels differ slightly)
+    custom.image_processor = type(loaded.image_processor)(**custom.image_processor.to_dict())
     before = custom(images=images, text=vocabulary)
     after = loaded(images=images, text=vocabulary)
     assert before.keys() == after.keys()
@@ -283,7 +292,7 @@ def test_post_process_passes_arguments_through(processor, monkeypatch):
 
 def test_default_construction_is_offline():
     processor = EovSegProcessor()
-    assert isinstance(processor.image_processor, EovSegImageProcessor)
+    assert type(processor.image_processor) is EovSegImageProcessorPil
     assert processor.tokenizer.pad_token_id == 0 and processor.train_vocabulary == []
     ids = processor(text=["dog"])["input_ids"]
     assert ids.shape == (14, 11)  # longest prompt: "this is a photo of a medium dog." -> 9 tokens + start + end
