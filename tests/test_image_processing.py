@@ -469,6 +469,113 @@ def test_semantic_segmentation_by_hand(processor):
     assert torch.equal(small[0], expected)
 
 
+def test_semantic_segmentation_scores(processor):
+    """return_segmentation_scores gives, as Mask2Former's method, the per-class scores the map is the argmax of:
+    sum over queries of class probability (void excluded) x mask probability, at the output size."""
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+
+    outputs = two_query_outputs()
+    for target_sizes, size in ((None, (32, 32)), ([(16, 8)], (16, 8))):
+        maps = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        scored = processor.post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, return_segmentation_scores=True
+        )
+        assert len(scored) == 1 and isinstance(scored[0], SemanticSegmentationPostProcessorOutput)
+        assert torch.equal(scored[0].segmentation, maps[0])
+        masks = resize_all_queries(outputs.masks_queries_logits[0], (32, 32), size).sigmoid()
+        probs = torch.tensor([[0.7, 0.2], [0.1, 0.6]])  # the class probabilities, void dropped
+        expected = (probs[:, :, None, None] * masks[:, None]).sum(0)
+        assert scored[0].segmentation_scores.shape == (2, *size)
+        torch.testing.assert_close(scored[0].segmentation_scores, expected, rtol=1e-5, atol=1e-6)
+        # left half: class 0 scores 0.7 * sigmoid(20); right half: class 1 scores 0.6 * sigmoid(20)
+        assert scored[0].segmentation_scores[0, 0, 0].item() == pytest.approx(0.7 * sig(20) + 0.1 * sig(-20), rel=1e-5)
+
+
+def _post_processing_methods(processor):
+    return (
+        processor.post_process_panoptic_segmentation,
+        processor.post_process_semantic_segmentation,
+        processor.post_process_instance_segmentation,
+    )
+
+
+@pytest.mark.parametrize("field", ["class_queries_logits", "masks_queries_logits"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_post_processing_refuses_non_finite_outputs(processor, field, value):
+    """NaN class logits gave one class everywhere without a word: non-finite outputs are refused, naming them."""
+    from eovseg.configuration_eovseg import EovSegInputError
+
+    outputs = two_query_outputs()
+    getattr(outputs, field)[0, 0, 0, ...] = value
+    for method in _post_processing_methods(processor):
+        with pytest.raises(EovSegInputError, match=f"outputs.{field} holds NaN or infinite values"):
+            method(outputs, label_ids_to_fuse=[]) if method.__name__.endswith("panoptic_segmentation") else method(outputs)
+
+
+@pytest.mark.parametrize("outputs,name", [
+    ({"class_queries_logits": torch.zeros(1, 1, 2), "masks_queries_logits": torch.zeros(1, 1, 4, 4)}, "a dict"),
+    ((torch.zeros(1, 1, 2), torch.zeros(1, 1, 4, 4)), "a tuple .*return_dict=True"),
+    (None, "a None"),
+    ("outputs", "a str"),
+])
+def test_post_processing_refuses_what_is_not_a_model_output(processor, outputs, name):
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match=f"`outputs` must be the model's output .*got {name}"):
+            method(outputs)
+
+
+def test_post_processing_refuses_inconsistent_logits(processor):
+    outputs = two_query_outputs()
+    outputs.masks_queries_logits = outputs.masks_queries_logits[:, :1]
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match="masks_queries_logits must be .* got shape"):
+            method(outputs)
+
+
+@pytest.mark.parametrize("target_sizes,shown", [
+    ("640x480", "'640x480'"),
+    (["640x480"], "'640x480'"),
+    ([("640", "480")], r"\('640', '480'\)"),
+    ([(640, 480, 3)], r"\(640, 480, 3\)"),
+    ([(0, 480)], r"\(0, 480\)"),
+    ([(10.5, 20)], r"\(10.5, 20\)"),
+    (torch.tensor([[640, 480, 1]]), "Tensor of shape"),
+    (640, "640"),
+])
+def test_post_processing_names_bad_target_sizes(processor, target_sizes, shown):
+    outputs = two_query_outputs()
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match=f"target_sizes.* must be .*got {shown}"):
+            method(outputs, target_sizes=target_sizes)
+
+
+def test_target_sizes_as_float_tensor_or_numpy(processor):
+    outputs = two_query_outputs()
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(16, 8)])[0]
+    for target_sizes in (torch.tensor([[16.0, 8.0]]), np.array([[16, 8]]), [torch.tensor([16, 8])]):
+        assert torch.equal(processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)[0], expected)
+
+
+@pytest.mark.parametrize("size", ["640", ["640"], {"shortest_edge": "640"}, {"shortest_edge": 64.5}, 0, True])
+def test_size_named_when_wrong(processor, size):
+    with pytest.raises(ValueError, match=r"`size(\['shortest_edge'\])?` must be"):
+        EovSegImageProcessorPil(size=size)
+    with pytest.raises(ValueError, match=r"`size(\['shortest_edge'\])?` must be"):
+        processor(random_image(8, 8), size=size)
+
+
+@pytest.mark.parametrize("ids", [[2], [-1], [0, 7]])
+def test_label_ids_outside_the_vocabulary_are_refused(processor, ids):
+    """Two classes (ids 0 and 1, void is 2): an id outside can match no segment; it was silently ignored."""
+    outputs = two_query_outputs()
+    with pytest.raises(ValueError, match=r"label_ids_to_fuse holds \[.*\], outside the vocabulary .*2 classes"):
+        processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=ids)
+    with pytest.raises(ValueError, match=r"thing_ids holds \[.*\], outside the vocabulary .*2 classes"):
+        processor.post_process_instance_segmentation(outputs, thing_ids=ids)
+    processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[0, 1])  # inside: accepted
+    processor.post_process_instance_segmentation(outputs, thing_ids=[1])
+
+
 def test_instance_segmentation_by_hand(processor):
     # Upsampled left-half logits, per row: 14 columns at 20, then 15 and 5 next to the boundary.
     mean_sigmoid = (14 * sig(20) + sig(15) + sig(5)) / (16 + 1e-6)

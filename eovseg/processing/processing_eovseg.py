@@ -1,13 +1,12 @@
 """Processor of EOV-Seg: the image processor plus the open_clip-exact tokenization of a class vocabulary."""
 
 import importlib
-import inspect
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, CLIPTokenizer
+from transformers import CLIPTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
@@ -131,21 +130,25 @@ class EovSegProcessor(ProcessorMixin):
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
         # transformers >= 5.25 loads sub-processors here (through AutoTokenizer, which cannot build open_clip's
-        # tokenizer from a folder saved without tokenizer files): hand it ours, already loaded.
+        # tokenizer from a folder saved without tokenizer files): hand it ours, already loaded. `backend` is the
+        # image processor's ("pil", the default, or "torchvision", as AutoImageProcessor's argument), never the
+        # tokenizer's (which reads a `backend` argument of its own).
+        backend = kwargs.pop("backend", None)
         if kwargs.get("image_processor") is None or kwargs.get("tokenizer") is None:
             image_processor, tokenizer = cls._get_arguments_from_pretrained(
-                pretrained_model_name_or_path, processor_dict, **kwargs
+                pretrained_model_name_or_path, processor_dict, backend=backend, **kwargs
             )
-            kwargs.setdefault("image_processor", image_processor)
-            kwargs.setdefault("tokenizer", tokenizer)
+            for name, loaded in (("image_processor", image_processor), ("tokenizer", tokenizer)):
+                if kwargs.get(name) is None:
+                    kwargs[name] = loaded
         return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, backend=None, **kwargs):
         # The sub-processors are loaded with their own classes, so nothing has to be registered with the Auto classes.
         kwargs = {key: value for key, value in kwargs.items() if key not in ("image_processor", "tokenizer")}
         subfolder = kwargs.pop("subfolder", "")
-        image_processor = _image_processor_class().from_pretrained(
+        image_processor = _image_processor_class(backend).from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
         local = os.path.join(str(pretrained_model_name_or_path), subfolder)
@@ -157,27 +160,6 @@ class EovSegProcessor(ProcessorMixin):
         else:
             tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
-
-    @classmethod
-    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
-        # `backend` is the image processor's ("pil", the default, or "torchvision", as AutoImageProcessor's argument);
-        # the tokenizer reads a `backend` argument of its own, so the image processor is loaded here and the name
-        # never reaches the tokenizer.
-        backend = kwargs.pop("backend", None) or DEFAULT_IMAGE_BACKEND
-        consumed = set()
-        if kwargs.get("image_processor") is None:
-            config = processor_dict.get("image_processor")
-            image_processor, unused = AutoImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, processor_config=config if isinstance(config, dict) else None,
-                backend=backend, **{**kwargs, "return_unused_kwargs": True},
-            )
-            signature = inspect.signature(cls.__init__).parameters
-            consumed = {key for key in kwargs if key not in unused and key not in signature}
-            kwargs["image_processor"] = image_processor
-        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
-        for key in consumed:
-            kwargs.pop(key, None)
-        return processor_dict, kwargs
 
     @property
     def model_input_names(self) -> list[str]:
