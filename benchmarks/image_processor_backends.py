@@ -9,8 +9,8 @@ Speed: one call on a batch of 8 random images of different sizes (the processors
 downscaled, two upscaled), median over `--repeats` runs after a warm-up, with the torch threads given.
 Pixels: per image, the largest difference between the backends in grey levels (0-255 units, after un-normalizing)
 and the share of pixels that differ.
-Guard (`--guard`): the fixture checkpoint of tests/fixtures/original-r50 converted as tests/test_original_fixture.py
-converts it, run (2 threads) on the guard's photo (400x600, upscaled x1.6 to 640x960) and on the same photo enlarged
+Guard (`--guard`): the fixture checkpoint of tests/fixtures/original-r50 converted (as side_by_side.py builds it),
+run (2 threads) on the guard's photo (400x600, upscaled x1.6 to 640x960) and on the same photo enlarged
 to 1200x1800 beforehand (so that the processors downscale it to 640x960): the largest difference between the
 backends' class and mask logits, and whether the panoptic results are the same. Takes a few minutes on CPU.
 """
@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -104,65 +103,40 @@ def speed_and_pixels(repeats: int) -> dict:
     return report
 
 
-def converted_guard_model(folder: Path):
-    """The fixture checkpoint converted by our conversion command, as the guard test does."""
-    import importlib.util
-
-    from eovseg import EovSegForPanopticSegmentation
-    from eovseg.conversion_scripts.convert_original_checkpoint import main as convert_main
-
-    spec = importlib.util.spec_from_file_location("refweights", FIXTURE / "refweights.py")
-    refweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(refweights)
-    expected = torch.load(FIXTURE / "expected.pt", weights_only=True)
-    manifest = json.loads((FIXTURE / "manifest.json").read_text())
-    overrides = torch.load(FIXTURE / "overrides.pt", weights_only=True)
-    torch.save({"model": refweights.make_state_dict(manifest, 0, overrides)}, folder / "model_final.pth")
-    thing_ids = set(expected["thing_contiguous_ids"])
-    names = expected["test_class_names"]
-    (folder / "ade20k_150.json").write_text(
-        json.dumps({"classes": names, "is_thing": [i in thing_ids for i in range(len(names))]}))
-    (folder / "coco_panoptic.json").write_text(json.dumps(expected["train_class_names"]))
-    output_dir = folder / "eovseg-r50"
-    code = convert_main(["--checkpoint_path", str(folder / "model_final.pth"), "--variant", "r50",
-                         "--output_dir", str(output_dir), "--vocabulary", str(folder / "ade20k_150.json"),
-                         "--train_vocabulary", str(folder / "coco_panoptic.json")])
-    if code != 0:
-        raise SystemExit("conversion of the fixture checkpoint failed")
-    (folder / "model_final.pth").unlink()
-    return EovSegForPanopticSegmentation.from_pretrained(output_dir).eval(), expected
-
-
 def guard_effect() -> dict:
-    torch.set_num_threads(2)  # the fixture's reference run
+    # The fixture model as side_by_side.py builds it (the conversion's `convert` on the rebuilt checkpoint, the
+    # fixture's vocabulary encoded once), run with 2 threads as the fixture's reference run.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from side_by_side import Fixture, Ours
+
+    torch.set_num_threads(2)
+    fixture = Fixture(str(FIXTURE))
+    ours = Ours(fixture, torch.float32, torch.device("cpu"))
     photo = PIL.Image.open(FIXTURE / "coffee.png").convert("RGB")
     enlarged = photo.resize((1800, 1200), PIL.Image.BICUBIC)
     report = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model, expected = converted_guard_model(Path(tmp))
-        stuff = [i for i, thing in enumerate(model.config.is_thing) if not thing]
-        for name, image in (("guard photo 400x600 (upscaled)", photo), ("photo enlarged to 1200x1800 (downscaled)", enlarged)):
-            runs = {}
-            for backend, processor in (("pil", EovSegImageProcessorPil()), ("torchvision", EovSegImageProcessor())):
-                inputs = processor(image)
-                with torch.no_grad():
-                    outputs = model(pixel_values=inputs["pixel_values"])
-                panoptic = processor.post_process_panoptic_segmentation(
-                    outputs, threshold=expected["object_mask_threshold"],
-                    overlap_mask_area_threshold=expected["overlap_threshold"], label_ids_to_fuse=stuff)[0]
-                semantic = processor.post_process_semantic_segmentation(outputs)[0]
-                runs[backend] = (inputs["pixel_values"], outputs, panoptic, semantic)
-            (pa, oa, qa, sa), (pb, ob, qb, sb) = runs["pil"], runs["torchvision"]
-            report[name] = {
-                "pixel_values_equal": bool(torch.equal(pa, pb)),
-                "max_grey_levels": round(float((grey_levels(pa) - grey_levels(pb)).abs().max()), 3),
-                "class_logits_max_abs_diff": float((oa.class_queries_logits - ob.class_queries_logits).abs().max()),
-                "mask_logits_max_abs_diff": float((oa.masks_queries_logits - ob.masks_queries_logits).abs().max()),
-                "panoptic_segments": [len(qa["segments_info"]), len(qb["segments_info"])],
-                "panoptic_identical": qa["segments_info"] == qb["segments_info"]
-                and bool(torch.equal(qa["segmentation"], qb["segmentation"])),
-                "semantic_percent_pixels_differing": round(100 * float((sa != sb).float().mean()), 4),
-            }
+    for name, image in (("guard photo 400x600 (upscaled)", photo), ("photo enlarged to 1200x1800 (downscaled)", enlarged)):
+        runs = {}
+        for backend, processor in (("pil", EovSegImageProcessorPil()), ("torchvision", EovSegImageProcessor())):
+            inputs = processor(image)
+            with torch.no_grad():
+                outputs = ours.model(pixel_values=inputs["pixel_values"], **ours.vocabulary)
+            panoptic = processor.post_process_panoptic_segmentation(
+                outputs, threshold=fixture.expected["object_mask_threshold"],
+                overlap_mask_area_threshold=fixture.expected["overlap_threshold"], label_ids_to_fuse=ours.stuff)[0]
+            semantic = processor.post_process_semantic_segmentation(outputs)[0]
+            runs[backend] = (inputs["pixel_values"], outputs, panoptic, semantic)
+        (pa, oa, qa, sa), (pb, ob, qb, sb) = runs["pil"], runs["torchvision"]
+        report[name] = {
+            "pixel_values_equal": bool(torch.equal(pa, pb)),
+            "max_grey_levels": round(float((grey_levels(pa) - grey_levels(pb)).abs().max()), 3),
+            "class_logits_max_abs_diff": float((oa.class_queries_logits - ob.class_queries_logits).abs().max()),
+            "mask_logits_max_abs_diff": float((oa.masks_queries_logits - ob.masks_queries_logits).abs().max()),
+            "panoptic_segments": [len(qa["segments_info"]), len(qb["segments_info"])],
+            "panoptic_identical": qa["segments_info"] == qb["segments_info"]
+            and bool(torch.equal(qa["segmentation"], qb["segmentation"])),
+            "semantic_percent_pixels_differing": round(100 * float((sa != sb).float().mean()), 4),
+        }
     return report
 
 

@@ -515,7 +515,7 @@ def test_post_processing_refuses_non_finite_outputs(processor, field, value):
 @pytest.mark.parametrize("outputs,name", [
     ({"class_queries_logits": torch.zeros(1, 1, 2), "masks_queries_logits": torch.zeros(1, 1, 4, 4)}, "a dict"),
     ((torch.zeros(1, 1, 2), torch.zeros(1, 1, 4, 4)), "a tuple .*return_dict=True"),
-    (None, "a None"),
+    (None, "None"),
     ("outputs", "a str"),
 ])
 def test_post_processing_refuses_what_is_not_a_model_output(processor, outputs, name):

@@ -354,11 +354,11 @@ def _checked_logits(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     class_logits = getattr(outputs, "class_queries_logits", None)
     mask_logits = getattr(outputs, "masks_queries_logits", None)
     if not isinstance(class_logits, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
-        got = "None" if outputs is None else describe(outputs)
+        got = "None" if outputs is None else f"a {describe(outputs)}"
         hint = " (from return_dict=False: call the model with return_dict=True)" if isinstance(outputs, tuple) else ""
         raise EovSegInputError(
             f"`outputs` must be the model's output (an EovSegOutput with class_queries_logits and "
-            f"masks_queries_logits tensors), got a {got}{hint}."
+            f"masks_queries_logits tensors), got {got}{hint}."
         )
     if class_logits.dim() != 3 or class_logits.shape[-1] < 2:
         raise EovSegInputError(
