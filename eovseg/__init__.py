@@ -8,7 +8,7 @@ Importing the package registers the model with the Transformers Auto classes (`A
 from .auto_registration import register
 from .configuration_eovseg import EovSegConfig
 from .modeling_eovseg import EovSegForPanopticSegmentation, EovSegOutput, EovSegPreTrainedModel
-from .processing import EovSegImageProcessor, EovSegProcessor
+from .processing import EovSegImageProcessor, EovSegImageProcessorPil, EovSegProcessor
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "EovSegConfig",
     "EovSegForPanopticSegmentation",
     "EovSegImageProcessor",
+    "EovSegImageProcessorPil",
     "EovSegOutput",
     "EovSegPreTrainedModel",
     "EovSegProcessor",

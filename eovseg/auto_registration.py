@@ -20,6 +20,7 @@ REMOTE_CODE_FILES = [
     "opsnet_eovseg.py",
     "vocabulary.py",
     "processing/image_processing_eovseg.py",
+    "processing/image_processing_pil_eovseg.py",
     "processing/processing_eovseg.py",
     "processing/tokenization_eovseg.py",
 ]
@@ -36,7 +37,13 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_eovseg.EovSegProcessor"}
 # AutoImageProcessor (which pipeline("image-segmentation") calls) reads the image processor entry nested in
 # processor_config.json before preprocessor_config.json: the entry there lets it find the remote class where eovseg is
 # not installed, without making the video-processor lookup ask about remote code.
-IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_eovseg.EovSegImageProcessor"}
+# One class per transformers backend; where eovseg is installed its registration below makes PIL the default.
+IMAGE_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": {
+        "torchvision": "image_processing_eovseg.EovSegImageProcessor",
+        "pil": "image_processing_pil_eovseg.EovSegImageProcessorPil",
+    }
+}
 
 _registered = False
 
@@ -58,12 +65,16 @@ def register() -> None:
 
     from .configuration_eovseg import EovSegConfig
     from .modeling_eovseg import EovSegForPanopticSegmentation
-    from .processing import EovSegImageProcessor, EovSegProcessor
+    from .processing import EovSegImageProcessor, EovSegImageProcessorPil, EovSegProcessor
 
     AutoConfig.register("eovseg", EovSegConfig, exist_ok=True)
     for auto_class in (AutoModel, AutoModelForImageSegmentation, AutoModelForUniversalSegmentation):
         auto_class.register(EovSegConfig, EovSegForPanopticSegmentation, exist_ok=True)
-    AutoImageProcessor.register(EovSegConfig, slow_image_processor_class=EovSegImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(
+        EovSegConfig, image_processor_classes={"torchvision": EovSegImageProcessor, "pil": EovSegImageProcessorPil},
+        exist_ok=True,
+    )
+    _default_to_pil_backend(EovSegImageProcessor.__name__)
     AutoProcessor.register(EovSegConfig, EovSegProcessor, exist_ok=True)
     # The image-segmentation pipeline checks the model class against these name tables.
     modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES.setdefault("eovseg", "EovSegForPanopticSegmentation")
@@ -72,6 +83,22 @@ def register() -> None:
 
     register_pipeline()
     _registered = True
+
+
+def _default_to_pil_backend(class_name: str) -> None:
+    """Make the PIL backend what `AutoImageProcessor.from_pretrained` (and so `EovSegProcessor.from_pretrained` and
+    the pipelines) loads for a folder of `class_name` when no `backend=` is given.
+
+    The released weights were trained and evaluated on images resized by PIL, and torchvision's antialiased resize
+    differs from it by up to 2 grey levels when it downscales, so the default keeps the original's numbers;
+    `backend="torchvision"` still selects the torchvision class. transformers keeps the processors it defaults to
+    PIL for the same reason (resizes torchvision does not reproduce) in this list of its auto module.
+    """
+    from transformers.models.auto import image_processing_auto
+
+    defaults = getattr(image_processing_auto, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", None)
+    if isinstance(defaults, list) and class_name not in defaults:
+        defaults.append(class_name)
 
 
 def _flatten_imports(source: str) -> str:

@@ -166,7 +166,9 @@ def test_unexpected_key(source_model, tmp_path, capsys):
 def test_auto_classes(converted_dir):
     assert type(AutoConfig.from_pretrained(converted_dir)).__name__ == "EovSegConfig"
     assert isinstance(AutoModel.from_pretrained(converted_dir), EovSegForPanopticSegmentation)
-    assert type(AutoImageProcessor.from_pretrained(converted_dir)).__name__ == "EovSegImageProcessor"
+    # a converted folder loads the PIL backend (the original's resize) unless the torchvision one is asked for
+    assert type(AutoImageProcessor.from_pretrained(converted_dir)).__name__ == "EovSegImageProcessorPil"
+    assert type(AutoImageProcessor.from_pretrained(converted_dir, backend="torchvision")).__name__ == "EovSegImageProcessor"
     processor = AutoProcessor.from_pretrained(converted_dir)
     assert isinstance(processor, EovSegProcessor)
     assert processor.train_vocabulary == ["cup,mug", "table", "person"]

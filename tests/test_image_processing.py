@@ -1,4 +1,6 @@
-"""Tests of EovSegImageProcessor: pre-processing rules, training targets and post-processing."""
+"""Tests of the EOV-Seg image processors (PIL and torchvision backends): pre-processing rules, training targets and
+post-processing. The rules are tested on the PIL backend, the default, whose resize is the original's; the
+torchvision backend is tested against it."""
 
 import math
 from types import SimpleNamespace
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from eovseg.processing.image_processing_eovseg import EovSegImageProcessor, get_resize_output_shape
+from eovseg.processing.image_processing_pil_eovseg import EovSegImageProcessorPil
 
 
 MEAN = (123.675, 116.28, 103.53)
@@ -18,7 +21,7 @@ STD = (58.395, 57.12, 57.375)
 
 @pytest.fixture(scope="module")
 def processor():
-    return EovSegImageProcessor()
+    return EovSegImageProcessorPil()
 
 
 def random_image(height, width, seed=0):
@@ -70,7 +73,7 @@ def test_resized_shape_padding_and_mask(processor, size, expected):
 
 
 def test_custom_size_and_no_resize():
-    processor = EovSegImageProcessor(size={"shortest_edge": 100, "longest_edge": 150})
+    processor = EovSegImageProcessorPil(size={"shortest_edge": 100, "longest_edge": 150})
     assert tuple(processor(random_image(50, 100))["pixel_values"].shape) == (1, 3, 96, 160)  # 75x150
     out = EovSegImageProcessor(do_resize=False)(random_image(50, 70))
     assert tuple(out["pixel_values"].shape) == (1, 3, 64, 96)
@@ -466,6 +469,113 @@ def test_semantic_segmentation_by_hand(processor):
     assert torch.equal(small[0], expected)
 
 
+def test_semantic_segmentation_scores(processor):
+    """return_segmentation_scores gives, as Mask2Former's method, the per-class scores the map is the argmax of:
+    sum over queries of class probability (void excluded) x mask probability, at the output size."""
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+
+    outputs = two_query_outputs()
+    for target_sizes, size in ((None, (32, 32)), ([(16, 8)], (16, 8))):
+        maps = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        scored = processor.post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, return_segmentation_scores=True
+        )
+        assert len(scored) == 1 and isinstance(scored[0], SemanticSegmentationPostProcessorOutput)
+        assert torch.equal(scored[0].segmentation, maps[0])
+        masks = resize_all_queries(outputs.masks_queries_logits[0], (32, 32), size).sigmoid()
+        probs = torch.tensor([[0.7, 0.2], [0.1, 0.6]])  # the class probabilities, void dropped
+        expected = (probs[:, :, None, None] * masks[:, None]).sum(0)
+        assert scored[0].segmentation_scores.shape == (2, *size)
+        torch.testing.assert_close(scored[0].segmentation_scores, expected, rtol=1e-5, atol=1e-6)
+        # left half: class 0 scores 0.7 * sigmoid(20); right half: class 1 scores 0.6 * sigmoid(20)
+        assert scored[0].segmentation_scores[0, 0, 0].item() == pytest.approx(0.7 * sig(20) + 0.1 * sig(-20), rel=1e-5)
+
+
+def _post_processing_methods(processor):
+    return (
+        processor.post_process_panoptic_segmentation,
+        processor.post_process_semantic_segmentation,
+        processor.post_process_instance_segmentation,
+    )
+
+
+@pytest.mark.parametrize("field", ["class_queries_logits", "masks_queries_logits"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_post_processing_refuses_non_finite_outputs(processor, field, value):
+    """NaN class logits gave one class everywhere without a word: non-finite outputs are refused, naming them."""
+    from eovseg.configuration_eovseg import EovSegInputError
+
+    outputs = two_query_outputs()
+    getattr(outputs, field)[0, 0, 0, ...] = value
+    for method in _post_processing_methods(processor):
+        with pytest.raises(EovSegInputError, match=f"outputs.{field} holds NaN or infinite values"):
+            method(outputs, label_ids_to_fuse=[]) if method.__name__.endswith("panoptic_segmentation") else method(outputs)
+
+
+@pytest.mark.parametrize("outputs,name", [
+    ({"class_queries_logits": torch.zeros(1, 1, 2), "masks_queries_logits": torch.zeros(1, 1, 4, 4)}, "a dict"),
+    ((torch.zeros(1, 1, 2), torch.zeros(1, 1, 4, 4)), "a tuple .*return_dict=True"),
+    (None, "None"),
+    ("outputs", "a str"),
+])
+def test_post_processing_refuses_what_is_not_a_model_output(processor, outputs, name):
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match=f"`outputs` must be the model's output .*got {name}"):
+            method(outputs)
+
+
+def test_post_processing_refuses_inconsistent_logits(processor):
+    outputs = two_query_outputs()
+    outputs.masks_queries_logits = outputs.masks_queries_logits[:, :1]
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match="masks_queries_logits must be .* got shape"):
+            method(outputs)
+
+
+@pytest.mark.parametrize("target_sizes,shown", [
+    ("640x480", "'640x480'"),
+    (["640x480"], "'640x480'"),
+    ([("640", "480")], r"\('640', '480'\)"),
+    ([(640, 480, 3)], r"\(640, 480, 3\)"),
+    ([(0, 480)], r"\(0, 480\)"),
+    ([(10.5, 20)], r"\(10.5, 20\)"),
+    (torch.tensor([[640, 480, 1]]), "Tensor of shape"),
+    (640, "640"),
+])
+def test_post_processing_names_bad_target_sizes(processor, target_sizes, shown):
+    outputs = two_query_outputs()
+    for method in _post_processing_methods(processor):
+        with pytest.raises(ValueError, match=f"target_sizes.* must be .*got {shown}"):
+            method(outputs, target_sizes=target_sizes)
+
+
+def test_target_sizes_as_float_tensor_or_numpy(processor):
+    outputs = two_query_outputs()
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(16, 8)])[0]
+    for target_sizes in (torch.tensor([[16.0, 8.0]]), np.array([[16, 8]]), [torch.tensor([16, 8])]):
+        assert torch.equal(processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)[0], expected)
+
+
+@pytest.mark.parametrize("size", ["640", ["640"], {"shortest_edge": "640"}, {"shortest_edge": 64.5}, 0, True])
+def test_size_named_when_wrong(processor, size):
+    with pytest.raises(ValueError, match=r"`size(\['shortest_edge'\])?` must be"):
+        EovSegImageProcessorPil(size=size)
+    with pytest.raises(ValueError, match=r"`size(\['shortest_edge'\])?` must be"):
+        processor(random_image(8, 8), size=size)
+
+
+@pytest.mark.parametrize("ids", [[2], [-1], [0, 7]])
+def test_label_ids_outside_the_vocabulary_are_refused(processor, ids):
+    """Two classes (ids 0 and 1, void is 2): an id outside can match no segment; it was silently ignored."""
+    outputs = two_query_outputs()
+    with pytest.raises(ValueError, match=r"label_ids_to_fuse holds \[.*\], outside the vocabulary .*2 classes"):
+        processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=ids)
+    with pytest.raises(ValueError, match=r"thing_ids holds \[.*\], outside the vocabulary .*2 classes"):
+        processor.post_process_instance_segmentation(outputs, thing_ids=ids)
+    processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[0, 1])  # inside: accepted
+    processor.post_process_instance_segmentation(outputs, thing_ids=[1])
+
+
 def test_instance_segmentation_by_hand(processor):
     # Upsampled left-half logits, per row: 14 columns at 20, then 15 and 5 next to the boundary.
     mean_sigmoid = (14 * sig(20) + sig(15) + sig(5)) / (16 + 1e-6)
@@ -521,10 +631,12 @@ def test_instance_segmentation_by_hand(processor):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_save_and_load_round_trip(tmp_path):
-    processor = EovSegImageProcessor(size={"shortest_edge": 512, "longest_edge": 1024}, size_divisibility=64)
+@pytest.mark.parametrize("backend_class", [EovSegImageProcessorPil, EovSegImageProcessor])
+def test_save_and_load_round_trip(tmp_path, backend_class):
+    processor = backend_class(size={"shortest_edge": 512, "longest_edge": 1024}, size_divisibility=64)
     processor.save_pretrained(tmp_path)
-    loaded = EovSegImageProcessor.from_pretrained(tmp_path)
+    loaded = backend_class.from_pretrained(tmp_path)
+    assert type(loaded) is backend_class
     assert loaded.to_dict() == processor.to_dict()
     assert loaded.size == {"shortest_edge": 512, "longest_edge": 1024}
     assert loaded.size_divisibility == 64 and loaded.image_mean == list(MEAN) and loaded.image_std == list(STD)
@@ -532,9 +644,82 @@ def test_save_and_load_round_trip(tmp_path):
     image = random_image(30, 50, seed=9)
     assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
     assert tuple(loaded(image)["pixel_values"].shape) == (1, 3, 512, 896)  # 512x853 padded to 64
-    default = EovSegImageProcessor()
+    default = backend_class()
     default.save_pretrained(tmp_path / "default")
-    assert EovSegImageProcessor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+    assert backend_class.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The two backends
+# ---------------------------------------------------------------------------------------------
+
+
+def test_both_backends_save_the_same_settings():
+    """A folder does not depend on the backend that saved it (transformers strips "Pil" from the saved type)."""
+    torchvision_dict = EovSegImageProcessor(size=320, size_divisibility=16).to_dict()
+    assert torchvision_dict == EovSegImageProcessorPil(size=320, size_divisibility=16).to_dict()
+    assert torchvision_dict["image_processor_type"] == "EovSegImageProcessor"
+
+
+@pytest.mark.parametrize("saved_with", [EovSegImageProcessor, EovSegImageProcessorPil])
+def test_auto_image_processor_selects_the_backend(tmp_path, saved_with, caplog):
+    from transformers import AutoImageProcessor
+
+    import eovseg  # noqa: F401  (registers the classes)
+
+    saved_with(size_divisibility=16).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        default = AutoImageProcessor.from_pretrained(tmp_path)
+        pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+        torchvision = AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision")
+    assert "backend" not in caplog.text  # no "Requested torchvision backend is not available" fallback
+    assert type(default) is EovSegImageProcessorPil and type(pil) is EovSegImageProcessorPil
+    assert type(torchvision) is EovSegImageProcessor
+    assert default.size_divisibility == torchvision.size_divisibility == 16
+
+
+def grey_levels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Normalized pixel values back in 0-255 units."""
+    return pixel_values * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+# Upscaled by the same exact factor on both axes (x1.6: the fixture photo's 400x600 -> 640x960; x4; x2).
+EXACT_UPSCALES = [(400, 600), (160, 240), (320, 480)]
+
+
+@pytest.mark.parametrize("size", EXACT_UPSCALES)
+def test_backends_are_equal_when_upscaling(size):
+    image = random_image(*size, seed=11)
+    pil = EovSegImageProcessorPil()(image)
+    torchvision = EovSegImageProcessor()(image)
+    assert pil.keys() == torchvision.keys()
+    for key in pil:
+        assert torch.equal(pil[key], torchvision[key]), key
+
+
+@pytest.mark.parametrize("size", [(300, 400), (480, 640), (900, 1200), (1200, 1800), (700, 2100)])
+def test_backends_differ_by_at_most_two_grey_levels(size):
+    """Downscaling (and upscaling where the two axes' factors round differently, 480x640 -> 640x853) differs by a
+    few grey levels at most, identically normalized; masks and shapes are equal."""
+    image = random_image(*size, seed=12)
+    pil = EovSegImageProcessorPil()(image)
+    torchvision = EovSegImageProcessor()(image)
+    assert torch.equal(pil["pixel_mask"], torchvision["pixel_mask"])
+    difference = (grey_levels(pil["pixel_values"]) - grey_levels(torchvision["pixel_values"])).abs()
+    assert difference.max() <= 2 + 1e-3
+    assert (difference > 0.5).float().mean() < 0.1
+
+
+def test_backends_share_post_processing():
+    """Post-processing is written once (EovSegImageProcessingMixin) and gives the same results on both backends."""
+    for name in ("post_process_semantic_segmentation", "post_process_instance_segmentation",
+                 "post_process_panoptic_segmentation", "_encode_targets", "preprocess"):
+        assert getattr(EovSegImageProcessor, name) is getattr(EovSegImageProcessorPil, name)
+    class_probs = [[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]]
+    outputs = make_outputs(class_probs, torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 4)
+    for a, b in zip(EovSegImageProcessor().post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[1]),
+                    EovSegImageProcessorPil().post_process_panoptic_segmentation(outputs, label_ids_to_fuse=[1])):
+        assert a["segments_info"] == b["segments_info"] and torch.equal(a["segmentation"], b["segmentation"])
 
 
 # --- exactness of the shortcuts against the plain algorithm ---------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 
 from eovseg.configuration_eovseg import EovSegConfig
 from eovseg.processing.image_processing_eovseg import EovSegImageProcessor
+from eovseg.processing.image_processing_pil_eovseg import EovSegImageProcessorPil
 from eovseg.processing.processing_eovseg import EovSegProcessor
 from eovseg.processing.tokenization_eovseg import ClipTokenizerError, build_clip_tokenizer, write_vocab_files
 from eovseg.vocabulary import PROMPT_TEMPLATES, VocabularyError, build_prompts
@@ -185,23 +186,31 @@ def test_image_kwargs_and_segmentation_maps_are_forwarded(processor):
     assert with_maps["synonym_counts"].tolist() == [3, 2, 1, 2, 1]
 
 
-def test_save_load_round_trip(processor, tmp_path):
+@pytest.mark.parametrize("saved_with", [EovSegImageProcessor, EovSegImageProcessorPil])
+@pytest.mark.parametrize("backend", [None, "pil", "torchvision"])
+def test_save_load_round_trip(processor, tmp_path, saved_with, backend, caplog):
     custom = EovSegProcessor(
-        EovSegImageProcessor(size={"shortest_edge": 32, "longest_edge": 64}, size_divisibility=16),
+        saved_with(size={"shortest_edge": 32, "longest_edge": 64}, size_divisibility=16),
         processor.tokenizer,
         train_vocabulary=TRAIN_VOCABULARY,
         context_length=12,
     )
     custom.save_pretrained(tmp_path)
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
-    loaded = EovSegProcessor.from_pretrained(tmp_path)
-    assert isinstance(loaded.image_processor, EovSegImageProcessor)
+    with caplog.at_level("WARNING"):
+        loaded = EovSegProcessor.from_pretrained(tmp_path, **({} if backend is None else {"backend": backend}))
+    assert "backend" not in caplog.text  # no "Requested torchvision backend is not available" fallback
+    # the PIL backend (the original's resize) unless the torchvision one is asked for, whichever saved the folder
+    assert type(loaded.image_processor) is (EovSegImageProcessor if backend == "torchvision" else EovSegImageProcessorPil)
     assert loaded.train_vocabulary == TRAIN_VOCABULARY
     assert loaded.context_length == 12
     assert loaded.image_processor.size_divisibility == 16
     assert loaded.tokenizer.pad_token_id == 0
     vocabulary = VOCABULARY + ["a very long class name " + "with many words " * 10]
     images = [_image(40, 60, 0), _image(70, 50, 1)]
+    assert loaded.image_processor.to_dict() == custom.image_processor.to_dict()
+    # the same settings on the loaded backend (the two backends' downscaled pixels differ slightly)
+    custom.image_processor = type(loaded.image_processor)(**custom.image_processor.to_dict())
     before = custom(images=images, text=vocabulary)
     after = loaded(images=images, text=vocabulary)
     assert before.keys() == after.keys()
@@ -283,8 +292,81 @@ def test_post_process_passes_arguments_through(processor, monkeypatch):
 
 def test_default_construction_is_offline():
     processor = EovSegProcessor()
-    assert isinstance(processor.image_processor, EovSegImageProcessor)
+    assert type(processor.image_processor) is EovSegImageProcessorPil
     assert processor.tokenizer.pad_token_id == 0 and processor.train_vocabulary == []
     ids = processor(text=["dog"])["input_ids"]
     assert ids.shape == (14, 11)  # longest prompt: "this is a photo of a medium dog." -> 9 tokens + start + end
     assert ids[0].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' ProcessingKwargs protocol
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_options_flat_nested_or_common_give_the_same_result(processor):
+    image = _image(40, 60, 0)
+    size = {"shortest_edge": 64, "longest_edge": 128}
+    flat = processor(images=image, size=size)
+    assert flat["pixel_values"].shape == (1, 3, 64, 96)
+    nested = processor(images=image, images_kwargs={"size": size})  # was ignored
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    as_numpy = processor(images=image, text=VOCABULARY, images_kwargs={"size": size}, common_kwargs={"return_tensors": "np"})
+    assert isinstance(as_numpy["pixel_values"], np.ndarray) and isinstance(as_numpy["input_ids"], np.ndarray)
+    np.testing.assert_array_equal(as_numpy["pixel_values"], flat["pixel_values"].numpy())
+
+
+def test_defaults_come_from_the_sub_processors_and_return_tensors_is_pt(processor):
+    out = processor(images=_image(40, 60, 0), text=VOCABULARY)
+    direct = processor.image_processor(_image(40, 60, 0))
+    assert isinstance(out["pixel_values"], torch.Tensor) and isinstance(out["input_ids"], torch.Tensor)
+    assert torch.equal(out["pixel_values"], direct["pixel_values"])  # the image processor's own size (32 / 64)
+    # padding "longest" by default: the last column holds the longest prompt's end token
+    assert torch.equal(out["input_ids"], processor.encode_vocabulary(VOCABULARY)["input_ids"])
+    assert (out["input_ids"][:, -1] == 49407).any()
+    lists = processor(text=VOCABULARY, text_kwargs={"return_tensors": None})
+    assert isinstance(lists["input_ids"], list)
+
+
+def test_text_options_padding_and_max_length(processor, reference):
+    """padding / max_length were ignored with a warning: they now shape the prompt rows, flat or nested."""
+    longest = processor(text=VOCABULARY)["input_ids"]
+    padded = processor(text=VOCABULARY, padding="max_length", max_length=40)["input_ids"]
+    assert padded.shape == (longest.shape[0], 40)
+    assert torch.equal(padded[:, : longest.shape[1]], longest) and (padded[:, longest.shape[1]:] == 0).all()
+    nested = processor(text=VOCABULARY, text_kwargs={"padding": "max_length", "max_length": 40})["input_ids"]
+    assert torch.equal(nested, padded)
+    cut = processor(text=VOCABULARY, max_length=8)["input_ids"]
+    expected = reference(build_prompts(VOCABULARY), context_length=8)  # open_clip's own cut, end token kept
+    assert torch.equal(cut, expected[:, : cut.shape[1]])
+    ragged = processor(text=["dog", "person, child"], padding=False, return_tensors=None)["input_ids"]
+    rows = processor(text=["dog", "person, child"])["input_ids"]
+    assert [len(row) for row in ragged] == (rows != 0).sum(1).tolist()
+    assert len({len(row) for row in ragged}) > 1 and all(row[-1] == 49407 for row in ragged)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"padding": "max_length", "text_kwargs": {"padding": "longest"}}, ValueError, "padding was passed two times"),
+    ({"size": 32, "images_kwargs": {"size": 64}}, ValueError, "size was passed two times"),
+    ({"max_length": 78}, ValueError, "max_length must be an int from 3 to the text tower's context length 77"),
+    ({"padding": False}, ValueError, "padding=False leaves the prompts' rows of different lengths"),
+    ({"padding": "longest_first"}, ValueError, "padding must be"),
+    ({"truncation": False, "max_length": 6}, ValueError, "truncation is off"),
+    ({"stride": 2}, ValueError, r"text options \['stride'\] do not apply"),
+    ({"colour": "red"}, TypeError, r"unexpected keyword argument\(s\) \['colour'\]"),
+    ({"videos_kwargs": {"fps": 2}}, TypeError, r"unexpected keyword argument\(s\) \['videos_kwargs'\]"),
+    ({"images_kwargs": [("size", 32)]}, TypeError, "images_kwargs must be a dict"),
+])
+def test_call_options_refused_with_a_message(processor, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        processor(images=_image(40, 60, 0), text=VOCABULARY, **kwargs)
+
+
+def test_segments_info_reaches_the_image_processor(processor):
+    panoptic = np.zeros((40, 60), dtype=np.int64)
+    panoptic[:, 30:] = 7
+    out = processor(images=_image(40, 60, 0), segmentation_maps=panoptic,
+                    segments_info=[{"id": 7, "category_id": 3}])
+    assert [c.tolist() for c in out["class_labels"]] == [[3]]
+    with pytest.raises(ValueError, match="without images"):
+        processor(text=VOCABULARY, segments_info=[{"id": 7, "category_id": 3}])

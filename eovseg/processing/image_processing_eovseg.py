@@ -29,7 +29,7 @@ valid region and resized bilinearly to the requested output size before any deci
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,12 +37,14 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from ..configuration_eovseg import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD, EovSegInputError
 from ..inputs import (
     decode_image,
     decode_segmentation_map,
@@ -50,14 +52,13 @@ from ..inputs import (
     get_resize_output_shape,
     normalize,
     pad_batch,
-    resize_image,
     resize_nearest,
 )
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["EovSegImageProcessor"]
+__all__ = ["EovSegImageProcessingMixin", "EovSegImageProcessor"]
 
 
 _IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
@@ -312,7 +313,10 @@ def _max_with_first_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return best, count - first.long()
 
 
-def _label_set(label_ids: Iterable[int] | torch.Tensor | None, name: str = "label ids") -> set[int]:
+def _label_set(label_ids: Iterable[int] | torch.Tensor | None, name: str = "label ids",
+               num_classes: int | None = None) -> set[int]:
+    """The class ids of `label_ids` as a set; with `num_classes`, ids outside the vocabulary (0 to num_classes - 1)
+    are refused: such an id can match no segment, so it would be silently ignored."""
     if label_ids is None:
         return set()
     if isinstance(label_ids, torch.Tensor):
@@ -324,7 +328,83 @@ def _label_set(label_ids: Iterable[int] | torch.Tensor | None, name: str = "labe
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)) and not (isinstance(x, float) and x.is_integer()):
             raise ValueError(f"{name} must hold class ids (ints), got {x!r}; give ids, not class names.")
         ids.add(int(x))
+    outside = sorted(i for i in ids if num_classes is not None and not 0 <= i < num_classes)
+    if outside:
+        raise ValueError(
+            f"{name} holds {outside[:5]}{' ...' if len(outside) > 5 else ''}, outside the vocabulary of the outputs "
+            f"({num_classes} classes: ids 0 to {num_classes - 1})."
+        )
     return ids
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _describe_value(value: Any) -> str:
+    """A value for an error message: its repr when short (a string, a number, a small list), else its type."""
+    text = repr(value)
+    return text if len(text) <= 60 else describe(value)
+
+
+def _checked_logits(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class and mask logits of a model output. Refused with a one-line message: anything that is not a model
+    output (a dict, the tuple of `return_dict=False`, None), logits of inconsistent shapes, and logits holding NaN or
+    infinity (a diverged or corrupted model: the argmax over NaN gives one class everywhere, silently)."""
+    class_logits = getattr(outputs, "class_queries_logits", None)
+    mask_logits = getattr(outputs, "masks_queries_logits", None)
+    if not isinstance(class_logits, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
+        got = "None" if outputs is None else f"a {describe(outputs)}"
+        hint = " (from return_dict=False: call the model with return_dict=True)" if isinstance(outputs, tuple) else ""
+        raise EovSegInputError(
+            f"`outputs` must be the model's output (an EovSegOutput with class_queries_logits and "
+            f"masks_queries_logits tensors), got {got}{hint}."
+        )
+    if class_logits.dim() != 3 or class_logits.shape[-1] < 2:
+        raise EovSegInputError(
+            f"outputs.class_queries_logits must be (batch, queries, classes + 1), got shape {tuple(class_logits.shape)}."
+        )
+    if mask_logits.dim() != 4 or mask_logits.shape[:2] != class_logits.shape[:2]:
+        raise EovSegInputError(
+            f"outputs.masks_queries_logits must be (batch, queries, height, width) with the batch and queries of "
+            f"class_queries_logits {tuple(class_logits.shape[:2])}, got shape {tuple(mask_logits.shape)}."
+        )
+    for name, logits in (("class_queries_logits", class_logits), ("masks_queries_logits", mask_logits)):
+        if not bool(torch.isfinite(logits).all()):
+            raise EovSegInputError(
+                f"outputs.{name} holds NaN or infinite values: the model's output is unusable (non-finite weights "
+                "or input?); no segmentation can be made from it."
+            )
+    return class_logits, mask_logits
+
+
+def _checked_target_sizes(target_sizes: Any, batch_size: int) -> list[tuple[int, int]]:
+    """`target_sizes` as one positive (height, width) pair of ints per image, from a list of pairs or a (batch, 2)
+    tensor or array; anything else is refused with a message naming `target_sizes`."""
+    expected = "one (height, width) pair of positive ints per image (a list of pairs or a (batch, 2) tensor)"
+    if isinstance(target_sizes, (torch.Tensor, np.ndarray)):
+        if target_sizes.ndim != 2 or target_sizes.shape[-1] != 2:
+            raise ValueError(f"`target_sizes` must be {expected}, got {describe(target_sizes)}.")
+        target_sizes = target_sizes.tolist()
+    elif isinstance(target_sizes, (str, bytes)) or not isinstance(target_sizes, Sequence):
+        raise ValueError(f"`target_sizes` must be {expected}, got {_describe_value(target_sizes)}.")
+    if len(target_sizes) != batch_size:
+        raise ValueError(
+            f"`target_sizes` has {len(target_sizes)} entries but the batch has {batch_size} images; give one "
+            "(height, width) per image."
+        )
+    targets = []
+    for i, target in enumerate(target_sizes):
+        if isinstance(target, (torch.Tensor, np.ndarray)):
+            target = target.tolist()
+        values = list(target) if isinstance(target, Sequence) and not isinstance(target, (str, bytes)) else None
+        if values is not None:
+            values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+        if values is None or len(values) != 2 or not all(_is_int(v) and v >= 1 for v in values):
+            raise ValueError(f"target_sizes[{i}] must be a positive (height, width) pair of ints, got "
+                             f"{_describe_value(target)}.")
+        targets.append((int(values[0]), int(values[1])))
+    return targets
 
 
 def _check_post_process_arguments(**values) -> None:
@@ -463,9 +543,13 @@ def _binary_mask_to_coco_rle(mask: torch.Tensor) -> dict:
     return rle
 
 
-class EovSegImageProcessor(BaseImageProcessor):
+class EovSegImageProcessingMixin:
     r"""
-    Image processor for EOV-Seg. See the module docstring for the exact pre-processing rules.
+    What the two image processors of EOV-Seg share: their settings, the pre-processing pipeline (decoding, the
+    shortest-edge rule, normalization, padding, training targets) and all the post-processing. A backend class puts
+    it before transformers' backend ([`EovSegImageProcessor`]: `TorchvisionBackend`, [`EovSegImageProcessorPil`]:
+    `PilBackend`), whose `resize` is the one step that differs, and says in `_backend_image` how a decoded uint8
+    `(H, W, 3)` array becomes that backend's channels-first image. See the module docstring for the rules.
 
     Args:
         do_resize (`bool`, *optional*, defaults to `True`):
@@ -534,21 +618,23 @@ class EovSegImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _standardize_size(size: Any) -> dict[str, int]:
+        """`size` as `{"shortest_edge", "longest_edge"}` positive ints; anything else (a string, a list, a float) is
+        refused with a message naming `size`."""
         if size is None:
             return {"shortest_edge": 640, "longest_edge": 2560}
-        if isinstance(size, int):
-            return {"shortest_edge": size, "longest_edge": 2560}
-        size = dict(size)
+        expected = "an int (the shorter side) or a dict {'shortest_edge': int, 'longest_edge': int}"
+        if _is_int(size):
+            size = {"shortest_edge": int(size), "longest_edge": 2560}
+        elif isinstance(size, Mapping):
+            size = {key: size[key] for key in size if size[key] is not None}
+        else:
+            raise ValueError(f"`size` must be {expected}, got {_describe_value(size)}.")
         if "shortest_edge" not in size or set(size) - {"shortest_edge", "longest_edge"}:
-            raise ValueError(
-                f"`size` must be an int or a dict with 'shortest_edge' and optionally 'longest_edge', got {size}."
-            )
-        out = {"shortest_edge": int(size["shortest_edge"])}
-        if size.get("longest_edge") is not None:
-            out["longest_edge"] = int(size["longest_edge"])
-        if out["shortest_edge"] < 1 or out.get("longest_edge", 1) < 1:
-            raise ValueError(f"`size` values must be positive, got {size}.")
-        return out
+            raise ValueError(f"`size` must be {expected}, got {size}.")
+        for key, value in size.items():
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`size['{key}']` must be a positive int, got {_describe_value(value)}.")
+        return {key: int(value) for key, value in size.items()}
 
     @staticmethod
     def _standardize_stats(values: Any, default: tuple[float, ...], name: str) -> list[float]:
@@ -625,7 +711,7 @@ class EovSegImageProcessor(BaseImageProcessor):
         """
         unknown = {k for k, v in kwargs.items() if v is not None} - {"data_format", "device", "image_processor_type"}
         if unknown:
-            logger.warning_once(f"EovSegImageProcessor.preprocess ignores the unknown arguments {sorted(unknown)}.")
+            logger.warning_once(f"{type(self).__name__}.preprocess ignores the unknown arguments {sorted(unknown)}.")
         options = self._call_options(
             do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
             size_divisibility, ignore_index, return_tensors,
@@ -682,19 +768,24 @@ class EovSegImageProcessor(BaseImageProcessor):
             return height, width
         return get_resize_output_shape(height, width, options.size["shortest_edge"], options.size.get("longest_edge"))
 
-    @staticmethod
-    def _resize_and_normalize(image: np.ndarray, new_size: tuple[int, int], options: SimpleNamespace) -> torch.Tensor:
-        """One decoded uint8 image resized by PIL (as detectron2's test transform), rescaled and normalized: (3, h, w)."""
-        if options.do_resize:
-            image = resize_image(image, new_size, options.resample)
-        if not image.flags.writeable:
-            image = image.copy()
-        tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)
+    def _resize_and_normalize(self, image: np.ndarray, new_size: tuple[int, int], options: SimpleNamespace) -> torch.Tensor:
+        """One decoded uint8 (H, W, 3) image resized by the backend's `resize` (bilinear on 8-bit values, as
+        detectron2's test transform), rescaled and normalized: (3, h, w) float32."""
+        backend_image = self._backend_image(image)
+        if options.do_resize and tuple(image.shape[:2]) != tuple(new_size):
+            size = SizeDict(height=int(new_size[0]), width=int(new_size[1]))
+            backend_image = self.resize(backend_image, size, resample=options.resample)
+        # contiguous channels-first: normalizing and padding a channels-last view is several times slower
+        tensor = torch.as_tensor(backend_image).to(torch.float32, memory_format=torch.contiguous_format)
         if options.do_rescale:
             tensor = tensor * options.rescale_factor
         if options.do_normalize:
             tensor = normalize(tensor, options.image_mean, options.image_std)
         return tensor
+
+    def _backend_image(self, image: np.ndarray):
+        """A decoded uint8 (H, W, 3) array as the backend's channels-first (3, H, W) image (no copy)."""
+        raise NotImplementedError(f"{type(self).__name__} must define `_backend_image` (see EovSegImageProcessingMixin).")
 
     def _encode_targets(self, segmentation_maps, segments_info, original_sizes, new_sizes, padded_size, ignore_index):
         batch_size = len(original_sizes)
@@ -793,21 +884,14 @@ class EovSegImageProcessor(BaseImageProcessor):
                     )
         if target_sizes is None:
             return sizes, list(sizes)
-        if isinstance(target_sizes, torch.Tensor):
-            target_sizes = target_sizes.tolist()
-        if len(target_sizes) != batch_size:
-            raise ValueError(
-                f"`target_sizes` has {len(target_sizes)} entries but the batch has {batch_size} images; give one "
-                "(height, width) per image."
-            )
-        targets = []
-        for i, target in enumerate(target_sizes):
-            if len(target) != 2 or int(target[0]) < 1 or int(target[1]) < 1:
-                raise ValueError(f"target_sizes[{i}] must be a positive (height, width), got {target}.")
-            targets.append((int(target[0]), int(target[1])))
-        return sizes, targets
+        return sizes, _checked_target_sizes(target_sizes, batch_size)
 
-    def post_process_semantic_segmentation(self, outputs, target_sizes: list[tuple[int, int]] | None = None):
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         Semantic segmentation maps: per pixel, the argmax over classes of
         `sum_q softmax(class_logits)[q, c] * sigmoid(mask_logits)[q]` (void excluded), with the masks resized to the
@@ -817,19 +901,28 @@ class EovSegImageProcessor(BaseImageProcessor):
             outputs: model output with `class_queries_logits`, `masks_queries_logits` and `image_sizes`.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor`, *optional*):
                 Output (height, width) per image; defaults to each image's `image_sizes` entry.
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`):
+                Also return the per-class scores the map is the argmax of, as Mask2Former's method does.
 
         Returns:
-            `list[torch.Tensor]`: one `(height, width)` int64 map of class indices per image.
+            `list[torch.Tensor]`: one `(height, width)` int64 map of class indices per image; with
+            `return_segmentation_scores`, one [`SemanticSegmentationPostProcessorOutput`] per image instead, with
+            `segmentation` (that map) and `segmentation_scores` (`(num_classes, height, width)`, the summed
+            `class probability * mask probability` of each class, void excluded).
         """
-        class_logits = outputs.class_queries_logits
-        mask_logits = outputs.masks_queries_logits
+        class_logits, mask_logits = _checked_logits(outputs)
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
         results = []
         for i in range(class_logits.shape[0]):
             masks = _MaskResizer(mask_logits[i], image_sizes[i], targets[i])().to(class_logits.dtype)
             class_probs = F.softmax(class_logits[i], dim=-1)[..., :-1]
             semseg = torch.einsum("qc,qhw->chw", class_probs, masks.sigmoid())
-            results.append(semseg.argmax(0))
+            if return_segmentation_scores:
+                results.append(SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": semseg.argmax(0), "segmentation_scores": semseg}
+                ))
+            else:
+                results.append(semseg.argmax(0))
         return results
 
     def post_process_instance_segmentation(
@@ -884,10 +977,10 @@ class EovSegImageProcessor(BaseImageProcessor):
             raise ValueError("`return_binary_maps` and `return_coco_annotation` cannot both be True.")
         _check_post_process_arguments(threshold=threshold, mask_threshold=mask_threshold,
                                       overlap_mask_area_threshold=overlap_mask_area_threshold, top_k=top_k)
-        class_logits = outputs.class_queries_logits
-        mask_logits = outputs.masks_queries_logits
+        class_logits, mask_logits = _checked_logits(outputs)
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
-        keep_labels = None if thing_ids is None else _label_set(thing_ids, "thing_ids")
+        num_classes = class_logits.shape[-1] - 1
+        keep_labels = None if thing_ids is None else _label_set(thing_ids, "thing_ids", num_classes)
         results = []
         for i in range(class_logits.shape[0]):
             cand_scores, cand_labels, cand_queries = _instance_candidates(class_logits[i], top_k, keep_labels)
@@ -963,12 +1056,11 @@ class EovSegImageProcessor(BaseImageProcessor):
             - **segments_info**: one dict per segment: `id`, `label_id`, `was_fused` (True when `label_id` is in
               `label_ids_to_fuse`) and `score`, the class probability of the query that opened the segment.
         """
+        class_logits, mask_logits = _checked_logits(outputs)
         label_ids_to_fuse = _default_label_ids_to_fuse(outputs, label_ids_to_fuse)
         _check_post_process_arguments(threshold=threshold, mask_threshold=mask_threshold,
                                       overlap_mask_area_threshold=overlap_mask_area_threshold)
-        fuse = _label_set(label_ids_to_fuse, "label_ids_to_fuse")
-        class_logits = outputs.class_queries_logits
-        mask_logits = outputs.masks_queries_logits
+        fuse = _label_set(label_ids_to_fuse, "label_ids_to_fuse", class_logits.shape[-1] - 1)
         image_sizes, targets = self._output_geometry(outputs, target_sizes)
         iou_scores = _checked_iou_scores(outputs, score_mode, iou_threshold)
         results = []
@@ -988,3 +1080,23 @@ class EovSegImageProcessor(BaseImageProcessor):
             segmentation = _paint_segments(segmentation, winner, winner_own, segment_of, segments_info)
             results.append({"segmentation": segmentation, "segments_info": segments_info})
         return results
+
+
+class EovSegImageProcessor(EovSegImageProcessingMixin, TorchvisionBackend):
+    r"""
+    Image processor of EOV-Seg on transformers' torchvision backend: images are resized by torchvision (antialiased
+    bilinear on uint8 tensors). Arguments, outputs and post-processing are those of [`EovSegImageProcessingMixin`],
+    shared with [`EovSegImageProcessorPil`].
+
+    The two backends differ in the resize only: equal bit for bit when an image is upscaled, up to 2 grey levels in a
+    few percent of the pixels when it is downscaled (short side above `size["shortest_edge"]`). The released weights
+    were trained and evaluated with PIL's resize, so `AutoImageProcessor.from_pretrained` and
+    `EovSegProcessor.from_pretrained` choose the PIL backend for an EOV-Seg folder unless `backend="torchvision"` is
+    given (see `eovseg.auto_registration`).
+    """
+
+    def _backend_image(self, image: np.ndarray) -> torch.Tensor:
+        if not image.flags.writeable:
+            image = image.copy()
+        # (H, W, 3) viewed as (3, H, W): torchvision's uint8 resize is fastest on this channels-last layout.
+        return torch.from_numpy(image).permute(2, 0, 1)
