@@ -42,7 +42,12 @@ class EovSegImageProcessingTester(ImageProcessingTester):
         shortest, longest = self.size["shortest_edge"], self.size["longest_edge"]
         heights, widths = [], []
         for image in images:
-            width, height = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+            if isinstance(image, Image.Image):
+                width, height = image.size
+            elif isinstance(image, torch.Tensor):  # the mixins' tensors are channels-first
+                height, width = image.shape[-2:]
+            else:  # and their arrays channels-last
+                height, width = image.shape[:2]
             scale = shortest / min(height, width)
             if max(height, width) * scale > longest:
                 scale = longest / max(height, width)
