@@ -35,7 +35,8 @@ setup(
         "av>=12",  # video in and out for `eovseg predict`; its wheels carry FFmpeg
     ],
     extras_require={
-        "test": ["pytest>=8", "supervision>=0.26"],
+        # parameterized: transformers' common test mixins (pytest -m transformers_common) import it
+        "test": ["pytest>=8", "supervision>=0.26", "parameterized>=0.9"],
         "app": ["gradio>=6,<7"],
         "supervision": ["supervision>=0.26"],
         # the web demo's browser test (Chromium itself comes from Debian: apt-get install chromium)

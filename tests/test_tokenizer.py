@@ -205,6 +205,19 @@ def test_save_load_round_trip(tokenizer, reference, tmp_path):
         )
 
 
+def test_added_special_tokens_are_accepted_and_leave_prompt_ids_alone(tokenizer, tmp_path):
+    """`from_pretrained(..., cls_token=...)` (as transformers' processor tests load one) adds tokens after the 49408 of
+    the vocabulary; the prompts' ids come from the vocabulary's merges, so they stay open_clip's."""
+    from transformers import CLIPTokenizer
+
+    build_clip_tokenizer(save_directory=tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path, cls_token="(CLS)", sep_token="(SEP)")
+    assert len(loaded) == len(tokenizer) + 2 and loaded.cls_token == "(CLS)"
+    check_clip_tokenizer(loaded)
+    prompts = build_prompts(["dog", "a (CLS) car", "traffic light"])
+    assert torch.equal(clip_tokenize(loaded, prompts), clip_tokenize(tokenizer, prompts))
+
+
 def test_fast_tokenizer_pitfall_is_avoided(tokenizer, tmp_path):
     """`CLIPTokenizer(vocab_file=..., merges_file=...)` silently ignores the files in transformers 5 and maps text to
     ids like 0, 2, 2, ...; the files must be given as `vocab`/`merges` (or loaded with from_pretrained)."""
