@@ -93,6 +93,9 @@ class OpenVocabularySegmentationPipeline(Pipeline):
             pending.setdefault(size, []).append((index, image_inputs))
             if len(pending[size]) == batch_size:
                 self._run_batch(pending.pop(size), vocabulary, results, forward_params, postprocess_params)
+            elif sum(map(len, pending.values())) >= 2 * batch_size:  # many sizes: bound the images held waiting
+                fullest = max(pending, key=lambda key: len(pending[key]))
+                self._run_batch(pending.pop(fullest), vocabulary, results, forward_params, postprocess_params)
         for group in pending.values():
             self._run_batch(group, vocabulary, results, forward_params, postprocess_params)
         return results

@@ -91,6 +91,20 @@ def test_batch_size_gives_the_one_by_one_results(segmenters, task, subtask):
         _assert_same(segmenter(images, batch_size=batch_size, **kwargs), one_by_one, sizes)
 
 
+def test_images_waiting_for_a_batch_are_bounded(segmenters, monkeypatch):
+    # five processed sizes, twice, at batch_size=2: with 2 x batch_size images of four sizes waiting, the fullest
+    # group (of one) runs before any batch fills; every result is still batch 1's, in input order
+    segmenter = segmenters["open-vocabulary-segmentation"]
+    sizes = [(48, 64), (64, 40), (50, 50), (40, 80), (64, 20), (48, 64), (64, 40), (50, 50), (40, 80), (64, 20)]
+    images = _images(sizes)
+    one_by_one = [segmenter(image) for image in images]
+    run_batch, groups = type(segmenter)._run_batch, []
+    monkeypatch.setattr(type(segmenter), "_run_batch",
+                        lambda self, group, *args: groups.append(len(group)) or run_batch(self, group, *args))
+    _assert_same(segmenter(images, batch_size=2), one_by_one, sizes)
+    assert sum(groups) == len(images) and groups[0] == 1
+
+
 def test_batch_size_must_be_a_positive_integer():
     segmenter = pipeline("open-vocabulary-segmentation", model=str(default_model_path()))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):

@@ -139,6 +139,9 @@ def test_meta_device_loading_on_cpu(saved_tiny, plain_loaded, kwargs):
     for key, value in source.state_dict().items():
         assert torch.equal(state[key], value), key
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    # the non-persistent causal mask is in no checkpoint: initialised, not left as it was allocated
+    for loaded in (model, plain):
+        assert torch.equal(loaded.clip_backbone.clip_model.attn_mask, source.clip_backbone.clip_model.attn_mask)
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ours, reference = model(pixel_values, **text_inputs(model.config)), plain(pixel_values, **text_inputs(model.config))
