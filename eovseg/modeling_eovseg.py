@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .classifier_eovseg import build_synonym_index, classification_logits
-from .configuration_eovseg import EovSegConfig, EovSegInputError
+from .configuration_eovseg import EovSegConfig, EovSegInputError, check_pretrained_source, check_save_directory
 from .cpu_memory import reuse_freed_memory
 from .loss_eovseg import EovSegLoss
 from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
@@ -979,6 +980,22 @@ class EovSegGeometricEnsemble(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _explain_loading_error(err: Exception, source) -> Exception | None:
+    """One line naming the folder and the problem for the errors of loading weights that transformers, torch and
+    safetensors give as tracebacks or advice (None: leave the error as it is)."""
+    message = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in message:
+        # torch's own message advises weights_only=False, which would run whatever code the file holds
+        return OSError(f"{source}: the weights file holds Python objects besides tensors and was refused, since "
+                       "unpickling them could run code; use a model.safetensors of this model instead.")
+    if type(err).__name__ == "SafetensorError" or "deserializing header" in message:
+        return OSError(f"{source}: a safetensors weights file is damaged or incomplete ({message.splitlines()[0]}).")
+    if isinstance(err, RuntimeError) and ("ignore_mismatched_sizes" in message or "size mismatch" in message):
+        return ValueError(f"{source}: the weights do not have the shapes its config describes (the config and the "
+                          "weights are of different models; the report above lists them).")
+    return None
+
+
 class EovSegPreTrainedModel(PreTrainedModel):
     config_class = EovSegConfig
     base_model_prefix = "eovseg"
@@ -1228,9 +1245,21 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         # Loading puts new parameters in place (requires_grad=True): the CLIP towers are frozen again here, so that
         # every fine-tuning entry point (our train loop, Trainer, a plain optimizer) sees them frozen.
-        loaded = super().from_pretrained(*args, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        check_pretrained_source(source)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except Exception as err:  # safetensors' errors derive from Exception only
+            explained = _explain_loading_error(err, source)
+            if explained is None:
+                raise
+            raise explained from err
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_clip_towers()
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        check_save_directory(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def freeze_clip_towers(self) -> None:
         """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""
