@@ -123,6 +123,8 @@ def read_image_file(path: str | os.PathLike, where: str | None = None) -> PIL.Im
     the web page read, so that one file gives one result. Errors are one line naming the file: `FileNotFoundError`
     for a missing file, `ValueError` for one that is no image or holds values the rule refuses."""
     where = where or repr(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where} is a folder, not an image file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {where} not found.")
     try:

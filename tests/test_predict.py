@@ -436,6 +436,8 @@ def test_bad_arguments_write_nothing_and_the_corrected_run_is_not_refused(data, 
     assert "give --classes too" in capsys.readouterr().err
     assert predict_main([str(tmp_path / "missing.png"), "--output_dir", str(output)]) == 1
     assert "nothing to segment" in capsys.readouterr().err
+    assert predict_main(run_args(data, Path(image) / "out", image)) == 1
+    assert f"{image!r} is a file" in capsys.readouterr().err
     assert not output.exists()
     assert predict_main(run_args(data, output, image) + ["--threshold", "0.5"]) == 0
 
