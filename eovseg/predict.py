@@ -215,7 +215,7 @@ def collect_inputs(paths: Sequence[str], output_dir: Path | None = None) -> tupl
     found, bad = [], []
     for arg in paths:
         path = Path(arg)
-        if output_dir is not None and path.exists() and (path.resolve() == output_dir or output_dir in path.resolve().parents):
+        if output_dir is not None and path.exists() and output_dir in (path.resolve(), *path.resolve().parents):
             bad.append((arg, "inside --output_dir (the command's own files are never inputs)"))
         elif path.is_dir():
             files = [p for p in _folder_files(path, output_dir) if _kind(p)]
