@@ -2,12 +2,17 @@
 
     eovseg app [--model DIR] [--port 7860] [--host 127.0.0.1]
 
-Upload an image (or pick the example), write the classes to find, one per line (synonyms by commas; end a line with
+Upload an image file (or pick the example), write the classes to find, one per line (synonyms by commas; end a line with
 `(stuff)` for a class whose regions are merged rather than split into instances), or pick a built-in vocabulary;
 choose the subtask and thresholds. The page shows the image with the segments labelled, a legend of the classes
 found, and offers the segments (COCO panoptic JSON) and the panoptic PNG for download. A class list's text
 embeddings are computed once and reused while it stays the same. It runs on the CPU; nothing is sent anywhere (the
 server listens on 127.0.0.1 unless told otherwise, with Gradio's analytics off).
+
+The page hands the uploaded file itself to the project's one image decoder (`eovseg.inputs.read_image_file`), as
+`eovseg predict` reads it: Gradio never converts it first (a 16-bit PNG would be saturated, a float or int32 TIFF
+read by other rules). The same file gives the same segments as `predict`, and a file `predict` refuses is refused
+here with the same message.
 """
 
 from __future__ import annotations
@@ -95,15 +100,13 @@ class SegmentationApp:
 
     def segment(self, image, class_text: str, subtask: str = "panoptic", threshold: float = 0.0,
                 overlap: float = 0.8, mask_threshold: float = 0.5):
-        """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image."""
+        """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image: an image file's path
+        (what the page gives) or an image in memory."""
         from .export import panoptic_to_coco
-        from .inputs import to_rgb_image
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
-        if image is None:
-            raise ValueError("Upload an image or pick the example first.")
-        image = to_rgb_image(image, "the uploaded image")
+        image = read_upload(image)
         names, is_thing, given = self.vocabulary(class_text)
         predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
                               mask_threshold)
@@ -122,20 +125,45 @@ class SegmentationApp:
         return overlay, legend, str(folder / "segments.json"), str(folder / "panoptic.png")
 
 
+def read_upload(image):
+    """The image of an upload, decoded as `eovseg predict` decodes a file (a path), or an image in memory."""
+    from .inputs import read_image_file, to_rgb_image
+
+    if image is None:
+        raise ValueError("Upload an image or pick the example first.")
+    if isinstance(image, (str, os.PathLike)):
+        return read_image_file(image, f"the uploaded file {Path(image).name!r}")
+    return to_rgb_image(image, "the uploaded image")
+
+
+def page_errors(function):
+    """`function` with the project's one-line error shown in the page (Gradio would show a bare "Error")."""
+    import functools
+
+    import gradio as gr
+
+    @functools.wraps(function)
+    def wrapped(*args):
+        try:
+            return function(*args)
+        except (ValueError, OSError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise gr.Error(message) from None
+
+    return wrapped
+
+
 def build_demo(app: SegmentationApp):
     """The Gradio page around `app`."""
     import gradio as gr
 
+    from .predict import IMAGE_SUFFIXES
     from .vocabularies import list_vocabularies
 
     config = app.model.config
     default_text = format_class_list(config.vocabulary, config.is_thing) if config.vocabulary else ""
 
-    def run(image, class_text, subtask, threshold, overlap, mask_threshold):
-        try:
-            return app.segment(image, class_text, subtask, threshold, overlap, mask_threshold)
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
+    run, preview = page_errors(app.segment), page_errors(read_upload)
 
     def pick(name):
         return gr.update() if name == CUSTOM else vocabulary_text(name)
@@ -144,7 +172,10 @@ def build_demo(app: SegmentationApp):
         gr.Markdown("## EOV-Seg: segment an image with your own class list")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", elem_id="input-image")
+                # The file as uploaded (gr.Image would convert it with PIL first); the preview shows it as decoded.
+                image = gr.File(label="Image file", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                                elem_id="input-image")
+                shown = gr.Image(type="pil", label="The image as read", elem_id="input-preview", interactive=False)
                 gr.Examples([[example_image()]], inputs=[image])
                 vocabulary = gr.Dropdown([CUSTOM, *list_vocabularies()], value=CUSTOM, label="Built-in vocabulary",
                                          elem_id="vocabulary")
@@ -160,6 +191,7 @@ def build_demo(app: SegmentationApp):
                 legend = gr.HTML(elem_id="legend")
                 segments_file = gr.File(label="Segments (COCO panoptic JSON)", elem_id="segments-json")
                 png_file = gr.File(label="Panoptic PNG (id = R + 256 G + 256^2 B)", elem_id="panoptic-png")
+        image.change(lambda path: None if path is None else preview(path), inputs=[image], outputs=[shown])
         vocabulary.change(pick, inputs=[vocabulary], outputs=[classes])
         button.click(run, inputs=[image, classes, subtask, threshold, overlap, mask_threshold],
                      outputs=[result, legend, segments_file, png_file], concurrency_limit=1)
@@ -167,11 +199,13 @@ def build_demo(app: SegmentationApp):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .predict import bounded
+
     parser = argparse.ArgumentParser(prog="eovseg app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=bounded(int, 1, 65535, "a port number 1-65535"), default=7860)
     return parser
 
 
@@ -184,28 +218,30 @@ def launch(demo, host: str, port: int, block: bool = True):
                        prevent_thread_lock=not block, footer_links=[])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .predict import PredictError, load_model
+def _main(argv: Sequence[str] | None = None) -> int:
+    from .predict import load_model
 
     args = build_parser().parse_args(argv)
     # the arguments first: a wrong --model is reported the same way with or without the optional extra
-    try:
-        model, processor = load_model(args.model)
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    model, processor = load_model(args.model)
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print('error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
+        print('eovseg app: error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
         return 1
     print(f"EOV-Seg demo on http://{args.host}:{args.port}")
     try:
         launch(build_demo(SegmentationApp(model, processor)), args.host, args.port)
     except OSError as err:  # the port is taken, or the address is not this machine's
-        print(f"error: cannot serve on {args.host}:{args.port} ({err}); pick another --port.", file=sys.stderr)
-        return 1
+        raise OSError(f"cannot serve on {args.host}:{args.port} ({err}); pick another --port.") from None
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a user error is one line and exit status 1 (console script, `python -m eovseg.app`, a call)."""
+    from .cli import run_main
+
+    return run_main(_main, argv, prog="eovseg app")
 
 
 if __name__ == "__main__":

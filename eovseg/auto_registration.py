@@ -137,16 +137,80 @@ def save_model_folder(model, processor, folder: str | Path) -> None:
 
 def load_model_folder(folder: str | Path, config=None):
     """`(model, processor)` from a saved model folder (`config`, when given, replaces the folder's). A folder saved
-    without a processor (a bare `model.save_pretrained`) gets one built from the model's config."""
+    without a processor (a bare `model.save_pretrained`) gets one built from the model's config.
+
+    The one loader of the commands (demo, predict, app, train, evaluate): a folder that cannot give a working model
+    is refused with one line naming the file and the problem, before anything is built from it: a missing folder,
+    a config.json with a bad value, damaged or incomplete safetensors, weights of other shapes than the config
+    describes, a pickle that is refused, weights that are NaN or infinite, an unreadable processor file."""
+    from .configuration_eovseg import EovSegConfig
     from .modeling_eovseg import EovSegForPanopticSegmentation
     from .processing import EovSegProcessor
 
-    model = EovSegForPanopticSegmentation.from_pretrained(folder, **({"config": config} if config is not None else {}))
-    try:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} not found.")
+    config = config if config is not None else EovSegConfig.from_pretrained(folder)
+    check_weight_files(folder, config)
+    model = EovSegForPanopticSegmentation.from_pretrained(folder, config=config)
+    check_finite_weights(model, folder)
+    if any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         processor = EovSegProcessor.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
+    else:
         processor = EovSegProcessor.from_config(model.config)
     return model, processor
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'): {err}") from None
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def check_weight_files(folder: Path, config) -> None:
+    """Read the headers of a folder's safetensors files: a damaged or incomplete file, or a weight whose shape is not
+    the one `config` gives it (the config of another model), is one line naming the file and the weight."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .modeling_eovseg import EovSegForPanopticSegmentation
+
+    files = _safetensors_files(Path(folder))
+    if not files:
+        return  # no safetensors (pytorch_model.bin, or nothing): from_pretrained says what is wrong
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = {name: tuple(t.shape) for name, t in EovSegForPanopticSegmentation(config).state_dict().items()}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (named by {Path(folder) / 'model.safetensors.index.json'}).")
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise OSError(f"{path} is damaged or incomplete, not a readable safetensors file ({err}).") from None
+        for name, shape in shapes.items():
+            if name in expected and expected[name] != shape:
+                raise ValueError(
+                    f"{path}: weight {name!r} has shape {list(shape)} where the folder's config.json gives "
+                    f"{list(expected[name])}: the config and the weights are of different models."
+                )
+
+
+def check_finite_weights(model, folder) -> None:
+    """Refuse a model with NaN or infinite weights (a diverged training run, a damaged file): it would find no
+    segment in any image (or crash in the deformable convolution) instead of saying so."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(f"model folder {str(folder)!r}: weights hold NaN or infinite values ({bad[0]}{more}); "
+                         "the model is broken (a diverged training run or a damaged file).")
 
 
 def push_model_folder(

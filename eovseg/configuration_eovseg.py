@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 from transformers import PretrainedConfig
 
@@ -151,6 +152,37 @@ PRESETS = {**PUBLISHED_VARIANTS, **TEST_PRESETS}
 
 class EovSegInputError(ValueError):
     """Raised for inputs the model cannot use (wrong image size or channels, inconsistent vocabulary tensors)."""
+
+
+def check_pretrained_source(source) -> None:
+    """Refuse a `from_pretrained` source that is neither an existing path nor a Hub repository id as a missing
+    folder (transformers would say "Repo id must be in the form ...", which names no folder)."""
+    if not isinstance(source, (str, os.PathLike)) or os.path.exists(source):
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(os.fspath(source))
+    except HFValidationError:
+        raise FileNotFoundError(f"model folder {os.fspath(source)!r} not found (nor is it a Hub repository id).") from None
+
+
+def check_save_directory(save_directory) -> None:
+    """Refuse a `save_pretrained` target that is a file (transformers logs an error and saves nothing, or fails
+    half-way)."""
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(
+            f"cannot save into {os.fspath(save_directory)!r}: it is a file; give a folder (created if needed)."
+        )
+
+
+# Fields that size a layer or a loop: a positive int each (a string or a negative number would otherwise fail deep
+# inside torch when the model is built). num_mask_fcs may be 0 (no block before the projection).
+_POSITIVE_INT_FIELDS = (
+    "hidden_dim", "agg_dim", "num_proposals", "num_stages", "conv_kernel_size_1d", "conv_kernel_size_2d",
+    "decoder_ffn_dim", "decoder_num_heads", "class_embed_num_layers", "vas_num_heads", "size_divisibility",
+    "text_chunk_size", "train_num_points",
+)
 
 # Class-scoring rules of eval mode: EOV-Seg's geometric ensemble, or OPSNet's Embedding Modulation.
 CLASS_ENSEMBLES = ("geometric", "embedding_modulation")
@@ -385,6 +417,8 @@ class EovSegConfig(PretrainedConfig):
         default_vocabulary_fingerprint: str | None = None,
         **kwargs,
     ):
+        self._check_sizes({name: value for name, value in locals().items() if name in _POSITIVE_INT_FIELDS},
+                          num_mask_fcs)
         self.variant = self._check_variant(variant, clip_model_config, vit_model_config)
         self._set_towers(clip_model_name, clip_pretrained, clip_model_config, vit_model_name, vit_pretrained,
                          vit_model_config)
@@ -428,6 +462,38 @@ class EovSegConfig(PretrainedConfig):
         self.vocabulary, self.is_thing = self._check_vocabulary(vocabulary, is_thing, kwargs)
         self.default_vocabulary_fingerprint = default_vocabulary_fingerprint
         super().__init__(**kwargs)
+
+    @staticmethod
+    def _check_sizes(sizes: dict, num_mask_fcs) -> None:
+        for name, value in {**sizes, "num_mask_fcs": num_mask_fcs}.items():
+            least = 0 if name == "num_mask_fcs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}.")
+        kernel_dim = sizes["hidden_dim"] * sizes["conv_kernel_size_2d"] ** 2  # the decoder's attention width
+        if kernel_dim % sizes["decoder_num_heads"]:
+            raise ValueError(f"hidden_dim * conv_kernel_size_2d**2 ({kernel_dim}) must be a multiple of "
+                             f"decoder_num_heads ({sizes['decoder_num_heads']}).")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "EovSegConfig":
+        """[`~transformers.PretrainedConfig.from_pretrained`], with errors that name the file: a missing folder is
+        "not found", a config.json that is no object or holds a bad value says which file."""
+        check_pretrained_source(pretrained_model_name_or_path)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (TypeError, ValueError) as err:
+            source = os.fspath(pretrained_model_name_or_path)
+            if not os.path.isdir(source):
+                raise
+            path = os.path.join(source, kwargs.get("subfolder") or "", "config.json")
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if isinstance(err, TypeError) and "mapping" in message:
+                message = "it must hold a JSON object of configuration fields"
+            raise ValueError(f"{path}: {message}") from err
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        check_save_directory(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @staticmethod
     def _check_variant(variant: str | None, clip_model_config, vit_model_config) -> str:

@@ -63,6 +63,26 @@ def overlay(image: Image.Image, segmentation: np.ndarray, alpha: float = 0.55) -
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+class ModelOutputError(ValueError):
+    """The model gave NaN or infinite logits (broken weights, or an overflow): reported, never "0 segments"."""
+
+
+def check_finite_outputs(outputs) -> None:
+    """Refuse NaN or infinite class or mask logits: post-processing them finds no segment, or one class everywhere,
+    and says nothing. The demo, `eovseg predict` and the web page check every forward pass with this."""
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        logits = getattr(outputs, name, None)
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise ModelOutputError(f"the model's {name} hold NaN or infinite values: its weights are broken (or "
+                                   "overflow in this precision), so no segmentation can be trusted.")
+
+
+def has_stored_vocabulary(model) -> bool:
+    """Whether the model holds the text embeddings of its default vocabulary (else that vocabulary is encoded)."""
+    stored = getattr(model, "default_text_embeddings", None)
+    return stored is not None and bool(stored.abs().sum() > 0)
+
+
 DEMO_MARK = "eovseg demo"  # in the files the demo writes: only those are replaced by a later run
 
 
@@ -87,28 +107,21 @@ def check_replaceable(paths: list[Path], overwrite: bool) -> None:
 
 
 def load_model_and_processor(model_path: str | Path | None):
-    """The model and processor of a `save_pretrained` folder (default: the bundled demo model)."""
-    from . import EovSegForPanopticSegmentation
-    from .processing import EovSegProcessor
+    """The model and processor of a `save_pretrained` folder (default: the bundled demo model), through the one
+    model-folder loader (its errors name the file and the problem)."""
+    from .auto_registration import load_model_folder
 
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {str(path)!r} is not a folder with a config.json (a converted model).")
-    model = EovSegForPanopticSegmentation.from_pretrained(path)
-    processor = EovSegProcessor.from_pretrained(path)
+    model, processor = load_model_folder(path)
     return model.eval(), processor
 
 
 def read_image(image_path: Path) -> Image.Image:
-    from .inputs import load_image, to_rgb_image
+    from .inputs import read_image_file
 
-    if not image_path.is_file():
-        raise FileNotFoundError(f"image {str(image_path)!r} does not exist.")
-    try:
-        image = to_rgb_image(load_image(image_path), str(image_path))  # 16-bit and float images scaled, not saturated
-    except Exception as err:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read {str(image_path)!r} as an image ({err}).") from None
-    return image
+    return read_image_file(image_path)  # 16-bit and float images scaled, not saturated
 
 
 def choose_vocabulary(config, vocabulary: str | None, classes: list[str] | None, stuff: list[str] | None):
@@ -118,6 +131,8 @@ def choose_vocabulary(config, vocabulary: str | None, classes: list[str] | None,
 
     if vocabulary and classes:
         raise ValueError("give either --vocabulary or --classes, not both.")
+    if stuff and not classes:
+        raise ValueError("--stuff names some of --classes: give --classes too.")
     if vocabulary or classes:
         chosen = load_vocabulary(vocabulary or classes, stuff=None if vocabulary else stuff)
         return list(chosen.class_names), list(chosen.is_thing)
@@ -132,6 +147,7 @@ def segment(model, processor, image: Image.Image, vocabulary: list[str] | None, 
     inputs = processor(images=image, text=vocabulary, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
+    check_finite_outputs(outputs)
     stuff_ids = {i for i, thing in enumerate(is_thing) if not thing}
     return processor.post_process_panoptic_segmentation(
         outputs, label_ids_to_fuse=stuff_ids, target_sizes=[(image.height, image.width)]
@@ -145,16 +161,18 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
     is_toy = model_path is None
     if image_path is None:
         image_path = default_image_path() if is_toy else BUNDLED_IMAGE
+    overlay_path = output_dir / f"{image_path.stem}_panoptic.png"
+    json_path = output_dir / f"{image_path.stem}_segments.json"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
+    check_replaceable([overlay_path, json_path], overwrite)
     image = read_image(image_path)
     model, processor = load_model_and_processor(model_path)
     names, is_thing = choose_vocabulary(model.config, vocabulary, classes, stuff)
-    uses_default = names == list(model.config.vocabulary or []) and model.default_text_embeddings is not None
+    uses_default = names == list(model.config.vocabulary or []) and has_stored_vocabulary(model)
     result = segment(model, processor, image, None if uses_default else names, is_thing)
     segmentation = result["segmentation"].cpu().numpy()
 
-    overlay_path = output_dir / f"{image_path.stem}_panoptic.png"
-    json_path = output_dir / f"{image_path.stem}_segments.json"
-    check_replaceable([overlay_path, json_path], overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", DEMO_MARK)

@@ -56,6 +56,7 @@ __all__ = [
     "decode_segmentation_map",
     "get_resize_output_shape",
     "load_image",
+    "read_image_file",
     "normalize",
     "normalize_segments",
     "pad_batch",
@@ -90,14 +91,47 @@ def load_image(source: Any, timeout: float | None = None) -> Any:
     transformers' `load_image`.
     """
     if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.isfile(source)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"image file {os.fspath(source)!r} not found.")
         with PIL.Image.open(source) as image:
             image.load()
             return PIL.ImageOps.exif_transpose(image)
+    if isinstance(source, str) and _names_a_file(source):
+        if os.path.isdir(source):
+            raise IsADirectoryError(f"{source!r} is a folder, not an image file.")
+        raise FileNotFoundError(f"image file {source!r} not found.")
     if isinstance(source, str):
         from transformers.image_utils import load_image as load_remote_image
 
         return load_remote_image(source, timeout=timeout)
     return source
+
+
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r")
+
+
+def _names_a_file(source: str) -> bool:
+    """Whether a string that is no existing file was meant as a path: not a URL, not a data URI, and not base64 (a
+    character outside its alphabet, such as the dot of a suffix, or too short to hold an image)."""
+    if source.startswith(("http://", "https://", "data:")):
+        return False
+    return len(source) < 64 or not set(source) <= _BASE64
+
+
+def read_image_file(path: str | os.PathLike, where: str | None = None) -> PIL.Image.Image:
+    """An image file decoded to 8-bit RGB by the rule of the module docstring: what `eovseg predict`, the demo and
+    the web page read, so that one file gives one result. Errors are one line naming the file: `FileNotFoundError`
+    for a missing file, `ValueError` for one that is no image or holds values the rule refuses."""
+    where = where or repr(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where} is a folder, not an image file.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {where} not found.")
+    try:
+        image = load_image(os.fspath(path))
+    except Exception as err:  # PIL raises several types for files that are no image
+        raise ValueError(f"cannot read {where} as an image ({type(err).__name__}: {err}).") from None
+    return to_rgb_image(image, where)
 
 
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:

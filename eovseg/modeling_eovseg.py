@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .classifier_eovseg import build_synonym_index, classification_logits
-from .configuration_eovseg import EovSegConfig, EovSegInputError
+from .configuration_eovseg import EovSegConfig, EovSegInputError, check_pretrained_source, check_save_directory
 from .cpu_memory import reuse_freed_memory
 from .loss_eovseg import EovSegLoss
 from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
@@ -988,6 +989,22 @@ class EovSegGeometricEnsemble(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _explain_loading_error(err: Exception, source) -> Exception | None:
+    """One line naming the folder and the problem for the errors of loading weights that transformers, torch and
+    safetensors give as tracebacks or advice (None: leave the error as it is)."""
+    message = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in message:
+        # torch's own message advises weights_only=False, which would run whatever code the file holds
+        return OSError(f"{source}: the weights file holds Python objects besides tensors and was refused, since "
+                       "unpickling them could run code; use a model.safetensors of this model instead.")
+    if type(err).__name__ == "SafetensorError" or "deserializing header" in message:
+        return OSError(f"{source}: a safetensors weights file is damaged or incomplete ({message.splitlines()[0]}).")
+    if isinstance(err, RuntimeError) and ("ignore_mismatched_sizes" in message or "size mismatch" in message):
+        return ValueError(f"{source}: the weights do not have the shapes its config describes (the config and the "
+                          "weights are of different models; the report above lists them).")
+    return None
+
+
 class EovSegPreTrainedModel(PreTrainedModel):
     config_class = EovSegConfig
     base_model_prefix = "eovseg"
@@ -1266,8 +1283,17 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        check_pretrained_source(pretrained_model_name_or_path)
         wants_info = kwargs.get("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "output_loading_info": True})
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, **{**kwargs, "output_loading_info": True}
+            )
+        except Exception as err:  # safetensors' errors derive from Exception only
+            explained = _explain_loading_error(err, pretrained_model_name_or_path)
+            if explained is None:
+                raise
+            raise explained from err
         # `from_pretrained(None, config=..., state_dict={})` loads nothing: a build from the configuration
         if pretrained_model_name_or_path is not None or kwargs.get("state_dict"):
             _check_towers_loaded(info, pretrained_model_name_or_path)
@@ -1275,6 +1301,10 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         # every fine-tuning entry point (our train loop, Trainer, a plain optimizer) sees them frozen.
         model.freeze_clip_towers()
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        check_save_directory(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def freeze_clip_towers(self) -> None:
         """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""

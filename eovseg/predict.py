@@ -4,7 +4,11 @@
     torchrun --standalone --nproc_per_node 2 -m eovseg.predict photos/ --output_dir out     # split over processes
     accelerate launch -m eovseg.predict photos/ --output_dir out                            # or over GPUs
 
-Folders are searched recursively, in sorted order, for images (`.jpg`, `.png`, ...) and videos (`.mp4`, `.avi`, ...).
+Folders are searched recursively, in sorted order, for images (`.jpg`, `.png`, ...) and videos (`.mp4`, `.avi`, ...),
+leaving out the output folder and any other folder an `eovseg predict` run wrote. Each input gets a unique output
+name: an image's path (`photos/a/b.jpg` -> `panoptic/photos/a/b.png`), a video's name (`clip.mp4` ->
+`panoptic/clip/000000.png`, ...); a name already taken (`v.mp4` beside the folder `v/` holding `000000.png`) gets
+`-2`, `-3`, ..., videos after images, so adding inputs to a resumed run renames nothing already written.
 The output folder gets:
 
 - `panoptic.json`: every image and video frame of the run in the COCO panoptic format (`images`, `annotations` with
@@ -14,8 +18,10 @@ The output folder gets:
 - `videos/NAME.json` per video: the frames' segments and times;
 - with `--instances`, `instances.json`: instance masks as COCO RLE in the COCO results format (pycocotools' loadRes).
 
-An input that cannot be read is skipped with one line and listed at the end; the run goes on. The exit status is
-1 when an input was skipped or the run could not start (one line: `error: ...`), 0 otherwise. Running
+An input that cannot be read is skipped with one line and listed at the end; the run goes on. The arguments, the
+inputs, the model and the vocabulary are checked before anything is written; a model that gives NaN or infinite
+outputs stops the run, and a new run that stops removes what it wrote. The exit status is 1 when an input was
+skipped or the run could not start (one line: `error: ...`), 0 otherwise. Running
 again into the same folder resumes: inputs already written are skipped. The command refuses an output folder that
 holds anything but one of its own runs (with the same model and vocabulary), and it never replaces a file it did not
 write. Under torchrun / `accelerate launch`, the processes share the inputs and one merged output is written; the
@@ -37,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .demo import ModelOutputError, check_finite_outputs, has_stored_vocabulary
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 STATE_DIR = ".eovseg-predict"
@@ -45,7 +53,7 @@ OUTPUT_NAMES = {STATE_DIR, "overlay", "panoptic", "videos", "panoptic.json", "in
 SUBTASKS = ("panoptic", "semantic", "instance")
 
 
-class PredictError(Exception):
+class PredictError(ValueError):
     """A problem that stops the run before it starts (printed as one line)."""
 
 
@@ -115,7 +123,7 @@ class Predictor:
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
         self.subtask, self.threshold = subtask, float(threshold)
         self.overlap, self.mask_threshold = float(overlap_mask_area_threshold), float(mask_threshold)
-        self.text = self._encode_vocabulary() if vocabulary_given else {}
+        self.text = self._encode_vocabulary() if vocabulary_given or not has_stored_vocabulary(model) else {}
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +140,9 @@ class Predictor:
     def _forward(self, images: Sequence[Image.Image]):
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         with torch.no_grad():
-            return self.model(**inputs, **self.text)
+            outputs = self.model(**inputs, **self.text)
+        check_finite_outputs(outputs)
+        return outputs
 
     def __call__(self, images: Sequence[Image.Image], instances: bool = False) -> list[dict]:
         """One result per image; with `instances`, each also has `instances` (an instance result with COCO RLEs)."""
@@ -197,14 +207,18 @@ def _kind(path: Path) -> str | None:
     return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
-def collect_inputs(paths: Sequence[str]) -> tuple[list[Item], list[tuple[str, str]]]:
+def collect_inputs(paths: Sequence[str], output_dir: Path | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """The inputs in order (a folder's files recursively, sorted) with unique output names, and the arguments that
-    are no input (`(path, reason)`)."""
+    are no input (`(path, reason)`). Nothing inside `output_dir`, nor inside any other folder an `eovseg predict`
+    run wrote, is an input: a second run into `photos/out` must not segment the first run's overlays."""
+    output_dir = output_dir.resolve() if output_dir is not None else None
     found, bad = [], []
     for arg in paths:
         path = Path(arg)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) and STATE_DIR not in p.parts)
+        if output_dir is not None and path.exists() and output_dir in (path.resolve(), *path.resolve().parents):
+            bad.append((arg, "inside --output_dir (the command's own files are never inputs)"))
+        elif path.is_dir():
+            files = [p for p in _folder_files(path, output_dir) if _kind(p)]
             if not files:
                 bad.append((arg, "a folder with no image or video files"))
             found += [(p, Path(path.resolve().name or "input") / p.relative_to(path).with_suffix("")) for p in files]
@@ -215,24 +229,57 @@ def collect_inputs(paths: Sequence[str]) -> tuple[list[Item], list[tuple[str, st
                 found.append((path, Path(path.stem)))
         else:
             bad.append((arg, "no such file or folder"))
-    items, used = [], set()
-    for path, name in found:
-        key, n = name.as_posix(), 1
-        while key in used:  # same name from two inputs: number the later ones
-            n += 1
-            key = f"{name.as_posix()}-{n}"
-        used.add(key)
-        items.append(Item(str(path), _kind(path), key))
-    return items, bad
+    keys = _output_keys([(name.as_posix(), _kind(path)) for path, name in found])
+    return [Item(str(path), _kind(path), key) for (path, _), key in zip(found, keys)], bad
+
+
+def _folder_files(folder: Path, output_dir: Path | None) -> list[Path]:
+    """The files under `folder`, sorted, leaving out `output_dir` and every folder holding an `eovseg predict` state
+    folder (an earlier run's output)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        root = Path(root)
+        dirs[:] = [d for d in dirs if d != STATE_DIR and not (root / d / STATE_DIR).is_dir()
+                   and (output_dir is None or (root / d).resolve() != output_dir)]
+        files += [root / name for name in names if (root / name).is_file()]
+    return sorted(files)
+
+
+def _output_keys(names: Sequence[tuple[str, str]]) -> list[str]:
+    """A unique output name for each `(name, kind)` of the inputs. An image named K writes `panoptic/K.png`, a video
+    named V writes `panoptic/V/000000.png`, ...: a video's name may be neither another input's name nor a folder
+    holding an image's (`v.mp4` beside the folder `v/` holding `000000.png`). A name already taken gets `-2`, `-3`,
+    ...; images are named first, so they keep the names that mirror their paths and adding a video to a run renames
+    nothing already written. Names are compared ignoring case (case-insensitive file systems)."""
+    keys: list[str | None] = [None] * len(names)
+    used, image_folders = set(), set()
+    for kind_now in ("image", "video"):
+        for index, (name, kind) in enumerate(names):
+            if kind != kind_now:
+                continue
+            key, n = name, 1
+            while key.casefold() in used or (kind == "video" and key.casefold() in image_folders):
+                n += 1
+                key = f"{name}-{n}"
+            used.add(key.casefold())
+            if kind == "image":
+                image_folders.update(folder.casefold() for folder in _parents(key))
+            keys[index] = key
+    return keys
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def read_image(path: str) -> Image.Image:
-    from .inputs import load_image, to_rgb_image
+    from .inputs import read_image_file
 
     try:
-        return to_rgb_image(load_image(path), path)  # 16-bit and float images scaled, not saturated
-    except Exception as err:  # PIL raises several types for files that are no image
-        raise BadInput(f"cannot read it as an image ({type(err).__name__}: {err})") from None
+        return read_image_file(path)  # 16-bit and float images scaled, not saturated
+    except (OSError, ValueError) as err:
+        raise BadInput(str(err).rstrip(".")) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,13 +291,21 @@ def check_output_dir(output_dir: Path, settings: dict) -> bool:
     """Whether the run resumes an earlier one; raises PredictError for a folder this command may not write to."""
     if output_dir.exists() and not output_dir.is_dir():
         raise PredictError(f"--output_dir {str(output_dir)!r} is a file.")
+    in_file = [parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()]
+    if in_file:
+        raise PredictError(f"--output_dir {str(output_dir)!r} cannot be made: {str(in_file[0])!r} is a file.")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return False
     run_file = output_dir / STATE_DIR / RUN_FILE
     if not run_file.is_file():
         raise PredictError(f"--output_dir {str(output_dir)!r} holds other files; give an empty or new folder "
                            "(or one of an earlier `eovseg predict` run to resume it).")
-    earlier = json.loads(run_file.read_text(encoding="utf-8"))
+    try:
+        earlier = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PredictError(f"{run_file} cannot be read ({err}); give a new --output_dir.") from None
+    if not isinstance(earlier, dict):
+        raise PredictError(f"{run_file} is not the run file of an `eovseg predict` run; give a new --output_dir.")
     changed = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
     if changed:
         raise PredictError(f"--output_dir {str(output_dir)!r} holds a run with other settings ({', '.join(changed)}); "
@@ -282,8 +337,11 @@ def read_record(output_dir: Path, item: Item) -> dict | None:
     path = _record_path(output_dir, item.key)
     if not path.is_file():
         return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record if record.get("source") == item.source else None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # written atomically, so only damaged from outside: segment that input again
+    return record if isinstance(record, dict) and record.get("source") == item.source else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -393,6 +451,8 @@ def run_unit(writer: Writer, unit: list[Item], batch_size: int) -> None:
             writer.video(unit[0], batch_size)
         else:
             writer.images(unit)
+    except ModelOutputError:
+        raise  # the model's fault, not the input's: every other input would fail the same way
     except Exception as err:  # an input the libraries cannot handle must not end the run
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         for item in unit:
@@ -424,6 +484,26 @@ def merge(output_dir: Path, items: Sequence[Item], categories: list[dict], insta
     return skipped
 
 
+def bounded(kind: type, low, high, what: str):
+    """An argparse type: a `kind` (int or float) in [low, high], refused when the arguments are parsed (before
+    anything is written) with `expected WHAT` (NaN is outside every range)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+probability = bounded(float, 0.0, 1.0, "a number in [0, 1]")
+positive_int = bounded(int, 1, float("inf"), "a positive integer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eovseg predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -435,10 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
     parser.add_argument("--vocabulary", default=None,
                         help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file, instead of --classes")
-    parser.add_argument("--batch_size", type=int, default=1, help="images (or video frames) per forward pass")
-    parser.add_argument("--threshold", type=float, default=0.0, help="least class probability of a segment")
-    parser.add_argument("--overlap_mask_area_threshold", type=float, default=0.8)
-    parser.add_argument("--mask_threshold", type=float, default=0.5)
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="images (or video frames) per forward pass")
+    parser.add_argument("--threshold", type=probability, default=0.0, help="least class probability of a segment")
+    parser.add_argument("--overlap_mask_area_threshold", type=probability, default=0.8)
+    parser.add_argument("--mask_threshold", type=probability, default=0.5)
     parser.add_argument("--instances", action="store_true", help="also write instance masks (COCO RLE) to instances.json")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where an accelerator is present")
     return parser
@@ -452,33 +532,66 @@ def _settings(args, model_path: str, class_names, is_thing) -> dict:
     }
 
 
+def prepare(args: argparse.Namespace, accelerator):
+    """Every check of the run, before anything is written: the inputs, the model (loaded), the vocabulary (encoded)
+    and the output folder. Returns `(items, arguments that are no input, predictor, settings, resuming)`."""
+    if args.stuff and not args.classes:
+        raise PredictError("--stuff names some of --classes: give --classes too.")
+    items, bad_args = collect_inputs(args.inputs, args.output_dir)
+    if not items:
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in bad_args)
+        raise PredictError(f"nothing to segment ({reasons}).")
+    model_path = str(check_model_folder(args.model if args.model is not None else default_model_path()))
+    model, processor = load_model(model_path, accelerator.device)
+    class_names, is_thing, given = resolve_vocabulary(model.config, args.classes, args.stuff, args.vocabulary)
+    predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
+                          args.overlap_mask_area_threshold, args.mask_threshold)
+    settings = _settings(args, model_path, class_names, is_thing)
+    return items, bad_args, predictor, settings, check_output_dir(args.output_dir, settings)
+
+
 def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Run the command described by `args`; returns the skipped inputs `(path, reason)`."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from . import EovSegConfig
     from .launch import launched_on_cpu_only
 
-    if args.batch_size < 1:
-        raise PredictError(f"--batch_size must be at least 1, got {args.batch_size}.")
-    items, bad_args = collect_inputs(args.inputs)
-    model_path = str(check_model_folder(args.model if args.model is not None else default_model_path()))
-    class_names, is_thing, given = resolve_vocabulary(EovSegConfig.from_pretrained(model_path), args.classes, args.stuff,
-                                                   args.vocabulary)
-    settings = _settings(args, model_path, class_names, is_thing)
     accelerator = Accelerator(cpu=args.cpu or launched_on_cpu_only())
-    resuming = check_output_dir(args.output_dir, settings)
+    items, bad_args, predictor, settings, resuming = prepare(args, accelerator)
     accelerator.wait_for_everyone()  # every process has checked the folder before anything is written to it
-    if accelerator.is_main_process and not resuming:
-        write_json(args.output_dir / STATE_DIR / RUN_FILE, settings)
+    created = [] if resuming else _new_entries(args.output_dir)
+    try:
+        if accelerator.is_main_process and not resuming:
+            write_json(args.output_dir / STATE_DIR / RUN_FILE, settings)
+        return _run(args, accelerator, items, bad_args, predictor, resuming)
+    except ModelOutputError:
+        if accelerator.num_processes == 1:  # a new run that cannot go on leaves the folder as it found it
+            _remove(created)
+        raise
+
+
+def _new_entries(output_dir: Path) -> list[Path]:
+    """What a new run into `output_dir` creates (to remove when it fails): the folder itself or its entries."""
+    return [output_dir] if not output_dir.exists() else [output_dir / name for name in OUTPUT_NAMES]
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    import shutil
+
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _run(args, accelerator, items, bad_args, predictor, resuming) -> list[tuple[str, str]]:
+    from tqdm.auto import tqdm
+
     pending = [item for item in items if not _is_done(read_record(args.output_dir, item))]
     if resuming:
         accelerator.print(f"resuming {args.output_dir}: {len(items) - len(pending)} of {len(items)} inputs already done")
     accelerator.print(f"{len(pending)} inputs to segment in {accelerator.num_processes} process(es)")
-    model, processor = load_model(model_path, accelerator.device)
-    predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
-                          args.overlap_mask_area_threshold, args.mask_threshold)
     writer = Writer(args.output_dir, predictor, args.instances)
     units = work_units(pending, args.batch_size)[accelerator.process_index :: accelerator.num_processes]
     for unit in tqdm(units, desc="eovseg predict", unit="batch", disable=not accelerator.is_local_main_process):
@@ -486,6 +599,7 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     accelerator.wait_for_everyone()
     skipped = list(bad_args)
     if accelerator.is_main_process:
+        class_names, is_thing = predictor.class_names, predictor.is_thing
         categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(class_names, is_thing))]
         skipped += merge(args.output_dir, items, categories, args.instances)
         for path, reason in skipped:
@@ -494,17 +608,21 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     return skipped
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        skipped = predict(args)
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    skipped = predict(args)
     done = "wrote" if not skipped else f"{len(skipped)} input(s) skipped (listed above); wrote"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{done} {args.output_dir / 'panoptic.json'} and the PNGs in {args.output_dir}")
     return 1 if skipped else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a user error (bad argument, input, model or output folder) is one line and exit status 1, from
+    the console script, `python -m eovseg.predict` and a direct call alike."""
+    from .cli import run_main
+
+    return run_main(_main, argv, prog="eovseg predict")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ CLASS_TEXT = "cup, mug\ntable\nwall (stuff)"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    folder = make_tiny_model_folder(tmp_path_factory.mktemp("app") / "model")
-    return SegmentationApp(*load_model(str(folder)))
+def model_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("app") / "model")
+
+
+@pytest.fixture(scope="module")
+def app(model_folder):
+    return SegmentationApp(*load_model(str(model_folder)))
 
 
 def test_class_list_parsing_round_trips():
@@ -70,6 +74,86 @@ def test_bad_input_is_one_clear_error(app):
         app.segment(Image.open(example_image()), "cup\ncup")
 
 
+def write_upload(path, kind):
+    """Files Gradio's own conversion reads otherwise than the project: a 16-bit PNG (saturated by convert("RGB")), a
+    float TIFF in [0, 255] (clipped by PIL), an int32 TIFF out of 0-255 (refused by `predict`), a file that is no image."""
+    rng = np.random.default_rng(0)
+    scene = np.asarray(Image.open(example_image()).convert("L"), dtype=np.float64)
+    if kind == "png16":
+        Image.fromarray((scene * 257).astype(np.uint16)).save(path)
+    elif kind == "float_tiff":
+        Image.fromarray((scene + rng.uniform(0, 0.4, scene.shape)).astype(np.float32), mode="F").save(path)
+    elif kind == "int32_tiff":
+        Image.fromarray((scene * 300).astype(np.int32), mode="I").save(path)
+    else:
+        path.write_bytes(b"not an image at all")
+    return path
+
+
+def predict_files(model_folder, image, output):
+    from eovseg.predict import main as predict_main
+
+    names, is_thing = parse_class_list(CLASS_TEXT)
+    stuff = [n for n, thing in zip(names, is_thing) if not thing]
+    return predict_main([str(image), "--output_dir", str(output), "--model", str(model_folder), "--classes", *names,
+                         "--stuff", *stuff])
+
+
+@pytest.mark.parametrize("kind, suffix", [("png16", ".png"), ("float_tiff", ".tif")])
+def test_an_upload_gives_the_segments_predict_writes_for_the_file(kind, suffix, app, model_folder, tmp_path):
+    image = write_upload(tmp_path / f"upload{suffix}", kind)
+    _, _, json_path, png_path = app.segment(str(image), CLASS_TEXT)
+    assert predict_files(model_folder, image, tmp_path / "out") == 0
+    coco = json.loads((tmp_path / "out" / "panoptic.json").read_text())
+    assert json.loads(open(json_path).read())["segments_info"] == coco["annotations"][0]["segments_info"]
+    assert np.array_equal(np.asarray(Image.open(png_path)),
+                          np.asarray(Image.open(tmp_path / "out" / "panoptic" / coco["annotations"][0]["file_name"])))
+
+
+def test_the_page_hands_the_uploaded_file_itself_to_the_decoder(app, tmp_path):
+    # Before the fix the page's gr.Image(type="pil") converted the upload with PIL: a 16-bit PNG came saturated, an
+    # int32 TIFF that predict refuses was accepted.
+    pytest.importorskip("gradio")
+    from gradio.data_classes import FileData
+
+    from eovseg.app import build_demo
+
+    demo = build_demo(app)
+    upload = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "input-image")
+    for kind, suffix in (("png16", ".png"), ("int32_tiff", ".tif")):
+        path = write_upload(tmp_path / f"{kind}{suffix}", kind)
+        assert upload.preprocess(FileData(path=str(path), orig_name=path.name)) == str(path)
+
+
+@pytest.mark.parametrize("kind, suffix, message", [
+    ("int32_tiff", ".tif", "has dtype int32 with values in [19800, 61200]; integer images other than uint16"),
+    ("garbage", ".png", "as an image (UnidentifiedImageError: cannot identify image file"),
+])
+def test_the_page_shows_the_projects_message_for_a_file_predict_refuses(kind, suffix, message, app, model_folder,
+                                                                         tmp_path, capsys):
+    gr = pytest.importorskip("gradio")
+    from eovseg.app import page_errors
+
+    image = write_upload(tmp_path / f"upload{suffix}", kind)
+    with pytest.raises(gr.Error) as error:
+        page_errors(app.segment)(str(image), CLASS_TEXT, "panoptic", 0.0, 0.8, 0.5)
+    shown = error.value.message
+    assert message in shown and f"the uploaded file 'upload{suffix}'" in shown and "\n" not in shown
+    assert predict_files(model_folder, image, tmp_path / "out") == 1
+    assert message in capsys.readouterr().err  # predict refuses the same file for the same reason
+    with pytest.raises(gr.Error, match="Upload an image"):
+        page_errors(app.segment)(None, CLASS_TEXT, "panoptic", 0.0, 0.8, 0.5)
+
+
+def test_bad_port_is_refused_when_the_arguments_are_parsed(capsys):
+    from eovseg.app import main as app_main
+
+    for port in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_info:
+            app_main(["--port", port])
+        assert exit_info.value.code == 2 and "expected a port number 1-65535" in capsys.readouterr().err
+
+
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
@@ -100,7 +184,7 @@ def test_page_in_headless_chromium(app, tmp_path):
             page.on("request", lambda request: requested.append(request.url))
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             page.locator("#input-image input[type=file]").set_input_files(example_image())
-            page.locator("#input-image img").wait_for(timeout=30000)
+            page.locator("#input-preview img").wait_for(timeout=30000)
             page.locator("#classes textarea").fill(CLASS_TEXT)
             page.locator("#run").click()
             result = page.locator("#result img")

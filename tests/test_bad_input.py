@@ -183,7 +183,7 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
          "--config_overrides is not valid JSON"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
           '{"num_proposalz": 3}'], "'num_proposalz' is not an EovSegConfig field (did you mean 'num_proposals'?)"),
-        (["demo", "--image", "missing.jpg"], "image 'missing.jpg' does not exist"),
+        (["demo", "--image", "missing.jpg"], "image file 'missing.jpg' not found"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "cats.json"],
          "Vocabulary file 'cats.json' is not valid JSON"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "flags.json",
@@ -572,3 +572,55 @@ def test_demo_replaces_only_its_own_outputs(tmp_path, capsys):
     (out / "photo_segments.json").unlink()
     assert cli_main(args) == 0 and cli_main(args) == 0  # its own earlier outputs are replaced
     assert json.loads((out / "photo_segments.json").read_text())["written_by"] == "eovseg demo"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Python API: missing folders and files, pickles, saving into a file
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("load", [EovSegForPanopticSegmentation.from_pretrained, EovSegConfig.from_pretrained,
+                                  EovSegProcessor.from_pretrained])
+def test_a_missing_local_folder_is_not_found(load, tmp_path):
+    # before: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which names no folder
+    for missing in (tmp_path / "model", str(tmp_path / "model"), "./my-model/", "../x/y/z"):
+        with pytest.raises(FileNotFoundError, match="model folder .* not found"):
+            load(missing)
+
+
+def test_a_missing_image_path_is_file_not_found(segmenter, tmp_path):
+    from eovseg.inputs import decode_image, load_image
+
+    missing = str(tmp_path / "photo.jpg")
+    # before: transformers' "Incorrect image source ... Failed with Incorrect padding" (read as base64)
+    for call in (lambda: load_image(missing), lambda: load_image("photo.jpg"), lambda: decode_image(missing),
+                 lambda: segmenter(missing, candidate_labels=["cup", "table"])):
+        with pytest.raises(FileNotFoundError, match=r"image file '.*photo.jpg' not found"):
+            call()
+    with pytest.raises(IsADirectoryError, match="is a folder, not an image file"):
+        load_image(str(tmp_path))
+
+
+def test_a_refused_pickle_gives_no_advice_to_unpickle(tiny, tmp_path):
+    import argparse
+
+    tiny.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.torch import load_file
+
+    state = dict(load_file(tmp_path / "model.safetensors"), extra=argparse.Namespace(code=1))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError) as error:
+        EovSegForPanopticSegmentation.from_pretrained(tmp_path)
+    assert "unpickling them could run code" in str(error.value) and str(tmp_path) in str(error.value)
+    assert "weights_only" not in str(error.value)
+
+
+def test_save_pretrained_into_a_file_raises(tiny, processor, tmp_path):
+    # before: the model logged an error and saved nothing, the others raised an assertion or errno message
+    target = tmp_path / "model"
+    target.write_text("the user's file\n")
+    for obj in (tiny, tiny.config, processor):
+        with pytest.raises(NotADirectoryError, match="it is a file; give a folder"):
+            obj.save_pretrained(target)
+    assert target.read_text() == "the user's file\n"

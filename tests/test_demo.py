@@ -86,3 +86,38 @@ def test_demo_finds_the_scenes_ground_truth_classes(demo_model):
     predicted = sorted(s["label_id"] for s in result["segments_info"])
     truth = sorted(s["category_id"] for s in row["segments_info"])
     assert predicted == truth
+
+
+def test_non_finite_outputs_are_an_error_not_zero_segments(tmp_path, capsys, monkeypatch):
+    # Before the fix a model whose logits were NaN printed "0 segments" and exited 0.
+    from eovseg.cli import main as cli_main
+
+    forward = EovSegForPanopticSegmentation.forward
+
+    def broken(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        outputs.class_queries_logits.fill_(float("nan"))
+        return outputs
+
+    monkeypatch.setattr(EovSegForPanopticSegmentation, "forward", broken)
+    assert cli_main(["demo", "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("class_queries_logits hold NaN or infinite values: its weights are broken (or overflow in "
+                            "this precision), so no segmentation can be trusted.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_reads_a_model_without_stored_embeddings_and_refuses_stuff_alone(tmp_path, capsys):
+    # A folder whose config has a vocabulary but whose weights hold no text embeddings for it: the demo encoded
+    # nothing and the model refused ("no stored default-vocabulary embeddings"); now the vocabulary is encoded.
+    from eovseg import EovSegConfig
+    from eovseg.cli import main as cli_main
+
+    config = EovSegConfig.from_variant("tiny", vocabulary=["circle", "sky"], is_thing=[True, False])
+    EovSegForPanopticSegmentation(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert cli_main(["demo", "--model", str(tmp_path / "model"), "--image", str(default_image_path()),
+                     "--output_dir", str(out)]) == 0
+    assert json.loads((out / "shapes_scene_segments.json").read_text())["vocabulary"] == ["circle", "sky"]
+    assert cli_main(["demo", "--stuff", "sky", "--output_dir", str(tmp_path / "other")]) == 1
+    assert "give --classes too" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -1,7 +1,9 @@
 """`eovseg predict`: folders, videos, the run's COCO panoptic output, resume, bad inputs, torchrun splitting."""
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +266,185 @@ def test_a_built_in_vocabulary_by_name(data, tmp_path, capsys):
     assert predict_main([image, "--output_dir", str(tmp_path / "y"), "--model", model, "--vocabulary", "cityscapes",
                          "--classes", "car"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output names, the output folder, broken models, validation before writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def png_ids(path: Path) -> np.ndarray:
+    png = np.asarray(Image.open(path), dtype=np.int64)
+    return png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+
+
+def test_a_video_and_a_folder_of_its_name_write_distinct_files(data, tmp_path, capsys):
+    # Before the fix both wrote panoptic/v/000000.png: the image's segments were replaced by the first frame's.
+    (tmp_path / "v").mkdir()
+    Image.open(data["paths"][0]).save(tmp_path / "v" / "000000.png")
+    (tmp_path / "v.mp4").write_bytes(data["video"].read_bytes())
+    args = run_args(data, tmp_path / "out", str(tmp_path / "v.mp4"), str(tmp_path / "v"))
+    assert predict_main(args) == 0
+    output = tmp_path / "out"
+    coco = json.loads((output / "panoptic.json").read_text())
+    names = [a["file_name"] for a in coco["annotations"]]
+    assert len(names) == len(set(names)) == VIDEO_FRAMES + 1
+    assert "v/000000.png" in names and json.loads((output / "videos" / "v-2.json").read_text())["video"] == str(tmp_path / "v.mp4")
+    for annotation in coco["annotations"]:  # every file holds the segments its annotation lists
+        ids = png_ids(output / "panoptic" / annotation["file_name"])
+        assert {s["id"] for s in annotation["segments_info"]} == set(np.unique(ids)) - {0}
+    before = tree(output)
+    capsys.readouterr()
+    assert predict_main(args) == 0  # resumed: the same names, nothing segmented again
+    assert "2 of 2 inputs already done" in capsys.readouterr().out
+    assert {k: v for k, v in tree(output).items() if k != "panoptic.json"} == {
+        k: v for k, v in before.items() if k != "panoptic.json"}
+
+
+def test_output_names_are_unique_whatever_the_inputs():
+    from eovseg.predict import _output_keys
+
+    names = [("v", "video"), ("v/000000", "image"), ("clip", "image"), ("clip", "video"), ("Clip", "image"),
+             ("a/b", "image"), ("a", "video"), ("v-2", "image")]
+    keys = _output_keys(names)
+    assert keys == ["v-3", "v/000000", "clip", "clip-3", "Clip-2", "a/b", "a-2", "v-2"]
+    # no two inputs write the same panoptic PNG (an image K: K.png; a video V: V/NNNNNN.png)
+    pngs = [f"{k}.png" if kind == "image" else f"{k}/000000.png" for k, (_, kind) in zip(keys, names)]
+    assert len({p.casefold() for p in pngs}) == len(pngs)
+    assert _output_keys([("x", "image"), ("x", "image"), ("x-2", "image")]) == ["x", "x-2", "x-2-2"]
+
+
+def test_the_output_folder_is_never_an_input(data, tmp_path, capsys):
+    # Before the fix the second run (the README's way to resume) segmented the first run's overlays.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in data["paths"][:2]:
+        Image.open(path).save(photos / path.name)
+    output = photos / "out"
+    args = run_args(data, output, str(photos))
+    assert predict_main(args) == 0 and predict_main(args) == 0
+    assert "2 of 2 inputs already done" in capsys.readouterr().out
+    coco = json.loads((output / "panoptic.json").read_text())
+    assert [im["file_name"] for im in coco["images"]] == [str(photos / p.name) for p in data["paths"][:2]]
+    # another run's folder inside an input folder is left out too; the output folder given as an input is refused
+    assert predict_main(run_args(data, tmp_path / "second", str(photos))) == 0
+    assert len(json.loads((tmp_path / "second" / "panoptic.json").read_text())["images"]) == 2
+    overlay = next((output / "overlay").rglob("*.png"))
+    assert predict_main(run_args(data, output, str(photos), str(overlay))) == 1
+    assert f"skipped {overlay}: inside --output_dir" in capsys.readouterr().err
+
+
+def broken_model(data, tmp_path, case) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / case
+    shutil.copytree(data["model"], folder)
+    weights = folder / "model.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    if case == "nan_weights":
+        tensors = load_file(weights)
+        for name in tensors:
+            if name.startswith("decoder."):
+                tensors[name] = torch.full_like(tensors[name], float("nan"))
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "garbage":
+        weights.write_bytes(bytes(range(256)) * 40)
+    elif case == "pickle":
+        tensors = dict(load_file(weights), extra=argparse.Namespace(x=1))
+        weights.unlink()
+        torch.save(tensors, folder / "pytorch_model.bin")
+    elif case == "shapes":
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_dim": 96}))
+    elif case == "config_string":
+        (folder / "config.json").write_text(json.dumps({**config, "num_proposals": "ten"}))
+    elif case == "config_negative":
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_dim": -5}))
+    elif case == "config_list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif case == "processor":
+        (folder / "processor_config.json").write_text("{bad")
+    return folder
+
+
+BROKEN_MODELS = {
+    "nan_weights": "weights hold NaN or infinite values (decoder.",
+    "truncated": "model.safetensors is damaged or incomplete",
+    "garbage": "model.safetensors is damaged or incomplete",
+    "pickle": "was refused, since unpickling them could run code",
+    "shapes": "has shape [64] where the folder's config.json gives [96]",
+    "config_string": "config.json: num_proposals must be an integer of at least 1, got 'ten'",
+    "config_negative": "config.json: hidden_dim must be an integer of at least 1, got -5",
+    "config_list": "config.json: it must hold a JSON object",
+    "processor": "processor_config.json' is not a valid JSON file",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_MODELS))
+def test_a_broken_model_folder_is_one_line_and_nothing_is_written(case, data, tmp_path, capsys):
+    # Before: tracebacks from torch, safetensors or transformers (the pickle one advising weights_only=False), a
+    # run.json left behind, the broken processor file silently replaced by defaults, and NaN weights giving
+    # "0 segments" with exit 0.
+    from eovseg.cli import main as cli_main
+
+    folder = broken_model(data, tmp_path, case)
+    capsys.readouterr()
+    for command in (["predict", str(data["paths"][0]), "--output_dir", str(tmp_path / "out")],
+                    ["demo", "--image", str(data["paths"][0]), "--output_dir", str(tmp_path / "out")]):
+        assert cli_main([*command, "--model", str(folder), "--classes", *CLASSES]) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+        assert len(lines) == 1 and BROKEN_MODELS[case] in lines[0] and str(folder) in lines[0], lines
+        assert "weights_only" not in lines[0]
+        assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_outputs_stop_the_run_and_leave_no_files(data, tmp_path, capsys, monkeypatch):
+    # Finite weights that overflow: before the fix every input was segmented into nothing, exit 0.
+    from eovseg import EovSegForPanopticSegmentation
+
+    forward = EovSegForPanopticSegmentation.forward
+
+    def overflowing(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        outputs.masks_queries_logits[..., 0, 0] = float("inf")
+        return outputs
+
+    monkeypatch.setattr(EovSegForPanopticSegmentation, "forward", overflowing)
+    output = tmp_path / "out"
+    assert predict_main(run_args(data, output, *map(str, data["paths"][:2]))) == 1
+    err = capsys.readouterr().err
+    assert "masks_queries_logits hold NaN or infinite values" in err and "Traceback" not in err
+    assert not output.exists()
+    output.mkdir()  # an empty folder the user made stays, empty
+    assert predict_main(run_args(data, output, *map(str, data["paths"][:2]))) == 1
+    assert output.is_dir() and list(output.iterdir()) == []
+
+
+def test_bad_arguments_write_nothing_and_the_corrected_run_is_not_refused(data, tmp_path, capsys):
+    # Before the fix a bad --threshold or --model left run.json, and the corrected run was refused ("other settings").
+    output = tmp_path / "out"
+    image = str(data["paths"][0])
+    for bad in (["--threshold", "5"], ["--threshold", "nan"], ["--mask_threshold", "-1"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            predict_main(run_args(data, output, image) + bad)
+        assert exit_info.value.code == 2 and "expected" in capsys.readouterr().err
+        assert not output.exists()
+    bad_model = broken_model(data, tmp_path, "config_negative")
+    assert predict_main([image, "--output_dir", str(output), "--model", str(bad_model), "--classes", "a"]) == 1
+    assert predict_main([image, "--output_dir", str(output), "--stuff", "road"]) == 1
+    assert "give --classes too" in capsys.readouterr().err
+    assert predict_main([str(tmp_path / "missing.png"), "--output_dir", str(output)]) == 1
+    assert "nothing to segment" in capsys.readouterr().err
+    assert predict_main(run_args(data, Path(image) / "out", image)) == 1
+    assert f"{image!r} is a file" in capsys.readouterr().err
+    assert not output.exists()
+    assert predict_main(run_args(data, output, image) + ["--threshold", "0.5"]) == 0
+
+
+def test_python_m_eovseg_predict_gives_one_line(data, tmp_path):
+    folder = broken_model(data, tmp_path, "config_string")
+    run = subprocess.run([sys.executable, "-m", "eovseg.predict", str(data["paths"][0]), "--output_dir",
+                          str(tmp_path / "out"), "--model", str(folder)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].endswith("num_proposals must be an integer of at least 1, got 'ten'.")

@@ -108,6 +108,18 @@ def test_build_vocabulary_things_by_default():
         build_vocabulary(["a", "b"], stuff=["c"])
 
 
+def test_build_vocabulary_reads_flags_by_the_rule_of_vocabulary_files(tmp_path):
+    # bool("no") is True: before the fix build_vocabulary(is_thing=["no", "no"]) gave [True, True].
+    assert build_vocabulary(["a", "b", "c"], is_thing=["false", 0, True]).is_thing == [False, False, True]
+    listing = tmp_path / "flags.json"
+    for flags in (["no", "no"], ["yes", "false"], [2, 1], "tt"):
+        with pytest.raises(VocabularyError, match="a flag must be true/false or 1/0|must be a list"):
+            build_vocabulary(["a", "b"], is_thing=flags)
+        listing.write_text(json.dumps({"classes": ["a", "b"], "is_thing": flags}))
+        with pytest.raises(VocabularyError, match="a flag must be true/false or 1/0|must be a list"):
+            load_vocabulary(str(listing))
+
+
 def test_returned_lists_are_copies():
     first = get_vocabulary("cityscapes")
     first.class_names.append("x")

@@ -11,6 +11,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
 
+from ..configuration_eovseg import check_pretrained_source, check_save_directory
 from ..vocabulary import VocabularyError, build_prompts, seen_class_mask, synonym_counts, validate_vocabulary
 from .image_processing_eovseg import EovSegImageProcessorKwargs
 from .tokenization_eovseg import DEFAULT_CONTEXT_LENGTH, build_clip_tokenizer, check_clip_tokenizer, clip_token_ids
@@ -126,6 +127,15 @@ class EovSegProcessor(ProcessorMixin):
             train_vocabulary=list(getattr(config, "train_vocabulary", None) or []),
             context_length=context_length,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "EovSegProcessor":
+        check_pretrained_source(pretrained_model_name_or_path)  # "not found", not "Repo id must be in the form ..."
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        check_save_directory(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):

@@ -146,9 +146,11 @@ def build_vocabulary(
             raise VocabularyError(f"Stuff classes {unknown} are not in the vocabulary {class_names}.")
         marked = {s.strip() for s in stuff}
         is_thing = [n.strip() not in marked and display_name(n) not in marked for n in class_names]
-    elif len(is_thing) != len(class_names):
-        raise VocabularyError(f"is_thing has {len(is_thing)} flags for {len(class_names)} classes.")
-    return Vocabulary(name, class_names, [bool(t) for t in is_thing], list(range(len(class_names))))
+    else:
+        is_thing = parse_flags(is_thing, "is_thing")  # the rule of vocabulary files: "no" is refused, not True
+        if len(is_thing) != len(class_names):
+            raise VocabularyError(f"is_thing has {len(is_thing)} flags for {len(class_names)} classes.")
+    return Vocabulary(name, class_names, list(is_thing), list(range(len(class_names))))
 
 
 def read_vocabulary_file(path: str | os.PathLike) -> Vocabulary:
