@@ -23,10 +23,11 @@ class EovSegModelTester:
     """Configurations and inputs under the mixins' limits (fewer than 1M parameters, at most 2 layers): the `tiny`
     preset with a 512-token text vocabulary (the inputs carry text embeddings, not token ids), 2 decoder stages and
     narrower decoder and neck, on 64x64 images (the smallest size its stride-32 backbone takes). The vocabulary is
-    shared by the batch (not batch-first): 5 classes, so the mixins' batch slicing (tensors whose first dimension is
-    a multiple of the batch size) leaves it whole."""
+    shared by the batch (not batch-first): 7 classes of one synonym each, so the mixins that resize every input to a
+    batch leave it whole (test_batching_equivalence slices tensors whose first dimension is a multiple of 2; the
+    eager-against-sdpa test cuts or extends every input to 7 rows)."""
 
-    def __init__(self, parent, batch_size=2, image_size=64, num_labels=3, num_classes=5, is_training=True):
+    def __init__(self, parent, batch_size=2, image_size=64, num_labels=3, num_classes=7, is_training=True):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -82,6 +83,8 @@ class EovSegForPanopticSegmentationTest(ModelTesterMixin, PipelineTesterMixin, u
     test_head_masking = False
     test_missing_keys = False
     test_torch_exportable = False
+    # kept beside pixel_values where a mixin builds its own inputs (eager against sdpa): the vocabulary
+    additional_model_inputs = ["text_embeddings", "synonym_counts"]
 
     def setUp(self):
         self.model_tester = EovSegModelTester(self)
