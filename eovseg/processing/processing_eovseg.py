@@ -107,8 +107,21 @@ class EovSegProcessor(ProcessorMixin):
         )
 
     @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        # transformers >= 5.25 loads sub-processors here (through AutoTokenizer, which cannot build open_clip's
+        # tokenizer from a folder saved without tokenizer files): hand it ours, already loaded.
+        if kwargs.get("image_processor") is None or kwargs.get("tokenizer") is None:
+            image_processor, tokenizer = cls._get_arguments_from_pretrained(
+                pretrained_model_name_or_path, processor_dict, **kwargs
+            )
+            kwargs.setdefault("image_processor", image_processor)
+            kwargs.setdefault("tokenizer", tokenizer)
+        return super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # The sub-processors are loaded with their own classes, so nothing has to be registered with the Auto classes.
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("image_processor", "tokenizer")}
         subfolder = kwargs.pop("subfolder", "")
         image_processor = _image_processor_class().from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
