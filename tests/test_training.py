@@ -455,6 +455,9 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
     calls = []
 
     class RecordingApi:
+        def whoami(self):  # the login is checked before training
+            return {"name": "someone"}
+
         def create_repo(self, repo_id, exist_ok=False):
             calls.append(("create_repo", repo_id, exist_ok))
 
@@ -466,6 +469,7 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
             return f"https://hub.example/{repo_id}/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)  # the tests' HF_HUB_OFFLINE=1
     out = tmp_path / "run"
     train_main(COMMON + ["--synthetic_train_images", "2", "--no_augmentation", "--max_steps", "2", "--save_steps", "1",
                          "--output_dir", str(out), "--push_to_hub", "someone/eovseg-synthetic"])
