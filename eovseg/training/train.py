@@ -828,13 +828,13 @@ def train(args: argparse.Namespace) -> dict:
 
     from ..launch import launched_on_cpu_only
 
+    set_seed(args.seed)  # before a preset's random weights are drawn
     resume, model, processor, fresh, train_rows, eval_rows, categories = _prepare(args)
     accelerator = Accelerator(
         cpu=args.cpu or launched_on_cpu_only(),
         mixed_precision=args.mixed_precision,
         project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
     )
-    set_seed(args.seed)
     is_main = accelerator.is_main_process
     class_names = [c["name"] for c in categories]
     _set_train_vocabulary(model, processor, class_names, fresh)
@@ -846,6 +846,7 @@ def train(args: argparse.Namespace) -> dict:
     # Stepped by hand once per optimizer step (a prepared scheduler would step once per process), saved with the state.
     accelerator.register_for_checkpointing(scheduler)
     global_step, micro_step = _resume_state(resume, accelerator)
+    accelerator.wait_for_everyone()  # every process has checked the folder before it is written to
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)  # the first write, once every input was checked
     accelerator.wait_for_everyone()
