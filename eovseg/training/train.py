@@ -197,9 +197,17 @@ def load_model_and_processor(spec: str, overrides: dict | None = None):
         model, processor = load_model_folder(spec, EovSegConfig.from_pretrained(spec, **overrides))
         fresh = False
     elif spec in PRESETS:
-        config = EovSegConfig.from_variant(spec, **overrides)
-        model = EovSegForPanopticSegmentation(config)
-        processor = EovSegProcessor.from_config(config)
+        try:
+            config = EovSegConfig.from_variant(spec, **overrides)
+            model = EovSegForPanopticSegmentation(config)
+            processor = EovSegProcessor.from_config(config)
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as err:
+            if not overrides:
+                raise
+            raise TrainingArgumentError(
+                f"--config_overrides {json.dumps(overrides)}: no {spec} model can be built with these values "
+                f"({error_line(err)})"
+            ) from None
         fresh = True
     else:
         raise FileNotFoundError(
@@ -239,13 +247,29 @@ def parse_config_overrides(text: str | None) -> dict | None:
         raise TrainingArgumentError(f"--config_overrides is not valid JSON ({err}): {text!r}") from None
     if not isinstance(overrides, dict):
         raise TrainingArgumentError(f"--config_overrides must be a JSON object of config fields, got {text!r}")
-    known = set(EovSegConfig.from_variant("tiny").to_dict())
-    for key in overrides:
+    known = EovSegConfig.from_variant("tiny").to_dict()
+    for key, value in overrides.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TrainingArgumentError(f"--config_overrides: {key!r} is not an EovSegConfig field{hint}")
+        default = known[key]
+        # a value of another JSON type than the field's (a string for a number, ...) is a typo, never a setting
+        if default is not None and value is not None and _json_kind(value) != _json_kind(default):
+            raise TrainingArgumentError(
+                f"--config_overrides: {key!r} must be {_json_kind(default)} like its default {default!r}, got {value!r}"
+            )
     return overrides
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, (list, tuple)) else "an object"
 
 
 def build_datasets(args):
