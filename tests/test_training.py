@@ -620,6 +620,12 @@ def test_corrupt_state_file_is_named(tmp_path, capsys):
     code, err = train_status(TINY + ["--max_steps", "4", "--output_dir", out, "--resume_from_checkpoint", "latest"],
                              capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"eovseg train: error: {state} is not a state file")
+    # a readable state file beside damaged Accelerate files: the checkpoint is named, no traceback
+    state.write_text(json.dumps({"global_step": 2, "micro_step": 2}))
+    code, err = train_status(TINY + ["--max_steps", "4", "--output_dir", out, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"eovseg train: error: cannot load the checkpoint {out / 'checkpoint-2'}: ")
 
 
 def test_data_set_without_categories_is_refused_by_train_and_evaluate(tmp_path, capsys):

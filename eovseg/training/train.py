@@ -12,16 +12,21 @@ What it does (defaults are the original's, `configs/Base-COCO-PanopticSegmentati
   downloaded) or `synthetic` ([`make_synthetic_panoptic_dataset`]), COCO-panoptic rows by default or semantic ones
   (`--dataset_type semantic`), augmented with large-scale jitter (crop 1024, scale 0.1-2.0, flip);
 * the classes: `--categories categories.json` (`[{"id", "name", "isthing"}]`, or a COCO panoptic JSON), else the
-  categories stored with the data set (the synthetic one has them), else the model's default vocabulary;
+  categories stored with the data set (the synthetic one has them); a data set with none asks for `--categories`;
 * AdamW (lr 1e-4, weight decay 0.05; none for normalization layers and embeddings), the whole model's gradient norm
   clipped at 0.01, multi-step decay x0.1 at the original's steps scaled to `--max_steps`, warmup factor 1.0 over 10
   steps; mixed precision (`--mixed_precision bf16|fp16`) and gradient accumulation;
 * every `--save_steps`: `OUT/checkpoint-STEP` (Accelerate state: model, optimizer, scheduler, RNG, plus the data
-  position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped;
+  position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped. One folder holds one run
+  ([`check_output_dir`]): a new run refuses a folder with another run's checkpoints, a resume needs a checkpoint and
+  never trains over a finished run's model;
+* every argument and input (the data sets' columns and categories too) is checked before anything is written; a
+  non-finite loss, gradient or deformable-convolution offset stops the run with one line naming the step;
 * every `--eval_steps`: panoptic quality on `--eval_dataset` (`eovseg.evaluation.evaluate_model`);
 * a tqdm bar, `OUT/metrics.jsonl` (one JSON object per logging step / evaluation), and at the end
-  `save_pretrained` of the model and the processor in OUT (`--push_to_hub REPO_ID` to upload them), with the training
-  classes as the model's default vocabulary (text embeddings stored) and among its training vocabulary.
+  `save_pretrained` of the model and the processor in OUT (atomically, before the final evaluation; `--push_to_hub
+  REPO_ID` to upload them, the login checked before training), with the training classes as the model's default
+  vocabulary (text embeddings stored) and among its training vocabulary.
 
 Every training step reseeds torch's generator from (seed, step, process): the random point sampling of the loss
 then depends only on them, which is what makes a resumed run reproduce the uninterrupted one exactly.
@@ -34,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -614,7 +618,7 @@ def _resume_state(resume: str | None, accelerator) -> tuple[int, int]:
     state = read_state(os.path.join(resume, STATE_FILE))
     try:
         accelerator.load_state(resume)
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+    except Exception as err:  # torch's, safetensors' or pickle's own errors on a damaged file: all mean the same
         raise TrainingArgumentError(f"cannot load the checkpoint {resume}: {error_line(err)}") from None
     accelerator.print(f"Resumed from {resume} at step {state['global_step']}.")
     return int(state["global_step"]), int(state.get("micro_step", 0))
