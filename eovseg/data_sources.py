@@ -81,6 +81,8 @@ def pick_split(data, split: str | None, default_splits: Sequence[str] = (), spli
     import datasets
 
     if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split is not None:  # a split asked of a data set without splits would be ignored without a word
+            raise ValueError(f"{split_option} {split}: the data set has no splits (it is a single data set).")
         return data
     if split is not None:
         if split not in data:

@@ -192,6 +192,10 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
           '{"num_proposals": "many"}'], "'num_proposals' must be a number like its default 10, got 'many'"),
         (["evaluate", "--model", "random:tiny", "--dataset", "missing_folder"], "missing_folder does not exist"),
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--split", "nope"],
+         "--split nope: the data set has no splits"),  # was ignored: exit 0
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--device", "nosuchdevice"],
+         "--device nosuchdevice: "),  # was a traceback
     ],
 )
 def test_command_user_errors_exit_1_with_one_line(args, message, tmp_path, monkeypatch, capsys):
@@ -224,6 +228,7 @@ CONVERT = ["convert", "--checkpoint_path", "model_final.pth", "--variant", "tiny
         (TRAIN + ["--eval_steps", "5"], "--eval_steps and --eval_max_samples need --eval_dataset"),
         (TRAIN + ["--save_steps", "0", "--save_total_limit", "1"], "--save_total_limit needs --save_steps"),
         (TRAIN + ["--test_longest_edge", "800"], "--test_longest_edge needs --test_shortest_edge"),
+        (TRAIN + ["--dataset_split", "nope"], "--dataset_split chooses a split of a local data set; synthetic has none"),
         (TRAIN + ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass one of them"),
         (EVALUATE + ["--shortest_edge", "0"], "argument --shortest_edge: must be a positive integer, got '0'"),
         (EVALUATE + ["--shortest_edge", "-64"], "argument --shortest_edge: must be a positive integer, got '-64'"),

@@ -702,6 +702,7 @@ def test_full_disk_at_the_final_save_replaces_nothing_and_says_so(tmp_path, caps
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("an older model's config\n")
+    (out / "training_finished.json").write_text('{"global_step": 5}')  # the older run's end mark: no longer true
     monkeypatch.setattr(registration, "save_model_folder", disk_full)
     code, err = train_status(TINY + ["--max_steps", "1", "--save_steps", "1", "--output_dir", out,
                                      "--overwrite_output_dir"], capsys)
@@ -711,6 +712,11 @@ def test_full_disk_at_the_final_save_replaces_nothing_and_says_so(tmp_path, caps
     ]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
     assert (out / "config.json").read_text() == "an older model's config\n"
+    # with room again, the run resumes from its checkpoint (the older run's end mark no longer stands in the way)
+    monkeypatch.undo()
+    assert train_main(TINY + ["--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
+                              "--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((out / "training_finished.json").read_text())["global_step"] == 2
 
 
 def test_push_to_hub_offline_is_refused_before_training(tmp_path, capsys):

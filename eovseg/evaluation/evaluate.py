@@ -158,7 +158,7 @@ def load_eval_dataset(
         from ..synthetic import make_synthetic_panoptic_dataset
 
         dataset = make_synthetic_panoptic_dataset(num_images=num_synthetic, seed=seed)
-        return pick_split(dataset, split, _EVAL_SPLITS)
+        return pick_split(dataset, split, _EVAL_SPLITS, "--split")
     return load_local_dataset(path, split, _EVAL_SPLITS)
 
 
@@ -673,7 +673,10 @@ def _load_model(spec: str, device: str | None):
             raise FileNotFoundError(f"--model {spec}: not a local directory (nothing is downloaded).")
         model, processor = load_model_folder(spec)
     if device is not None:
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as err:  # no such device, or torch built without it
+            raise ValueError(f"--device {device}: {str(err).strip().splitlines()[0]}") from None
     return model, processor
 
 

@@ -177,6 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--test_longest_edge needs --test_shortest_edge")
     if (args.eval_steps or args.eval_max_samples) and not args.eval_dataset:
         parser.error("--eval_steps and --eval_max_samples need --eval_dataset")
+    for option, split, data in (("--dataset_split", args.dataset_split, args.dataset),
+                                ("--eval_split", args.eval_split, args.eval_dataset)):
+        if split is not None and data in (None, "synthetic"):
+            parser.error(f"{option} chooses a split of a local data set; {data or 'no data set'} has none")
     if args.save_total_limit and not args.save_steps:
         parser.error("--save_total_limit needs --save_steps (no checkpoint is saved with --save_steps 0)")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
@@ -877,6 +881,9 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()  # every process has checked the folder before it is written to
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)  # the first write, once every input was checked
+        if resume is None and os.path.exists(os.path.join(args.output_dir, FINISHED_FILE)):
+            # --overwrite_output_dir: the earlier run's end mark is this script's file, and no longer true
+            os.remove(os.path.join(args.output_dir, FINISHED_FILE))
     accelerator.wait_for_everyone()
 
     run = _TrainingRun(args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
