@@ -192,8 +192,12 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
           '{"num_proposals": "many"}'], "'num_proposals' must be a number like its default 10, got 'many'"),
         (["evaluate", "--model", "random:tiny", "--dataset", "missing_folder"], "missing_folder does not exist"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--dataset_type", "semantic"],
+         "('label') is a 3-channel map"),  # was found at the first step, after the folder was written
         (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--split", "nope"],
          "--split nope: the data set has no splits"),  # was ignored: exit 0
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--panoptic_column", "zzz"],
+         "--panoptic_column 'zzz': the data set has no such column"),  # was replaced by 'label' without a word
         (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--device", "nosuchdevice"],
          "--device nosuchdevice: "),  # was a traceback
     ],

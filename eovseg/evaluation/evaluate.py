@@ -771,6 +771,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         args.dataset, args.split, num_synthetic=args.num_synthetic, panoptic_root=args.panoptic_root,
         image_root=args.image_root, label_root=args.label_root, split_file=args.split_file,
     )
+    _check_named_columns(args, dataset)
     folder = isinstance(dataset, SemanticLabelFolder)
     # The command's one rule with training: the data set's stored classes, else --vocabulary (never a guess).
     categories = categories_for_command(args.vocabulary, dataset, model.config, "--vocabulary")
@@ -806,6 +807,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if accelerator is None or accelerator.is_main_process:
         _report(args, results)
     return results
+
+
+def _check_named_columns(args, dataset) -> None:
+    """A column named on the command line must exist: the usual names tried in its place (`DatasetColumns`) are for
+    the defaults, never for a name the user typed."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        return
+    parser = build_parser()
+    for option in ("image_column", "panoptic_column", "segments_info_column"):
+        value = getattr(args, option)
+        if value != parser.get_default(option) and value not in names:
+            raise ValueError(f"--{option} {value!r}: the data set has no such column (its columns: {list(names)}).")
 
 
 def _report(args, results) -> None:

@@ -594,6 +594,9 @@ def _build_train_loader(args, processor, model, train_rows, categories, class_na
     )
     if len(loader) == 0:
         raise ValueError(f"The data set has {len(train_dataset)} rows, fewer than one batch ({args.per_device_batch_size}).")
+    # One example made before anything is written: a data set of the wrong kind (a panoptic set given as semantic,
+    # undecodable images) is refused then. Examples depend only on (seed, epoch, row): this changes nothing.
+    collator([train_dataset[0]])
     return train_dataset, loader
 
 
@@ -879,6 +882,7 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     global_step, micro_step = _resume_state(resume, accelerator)
     accelerator.wait_for_everyone()  # every process has checked the folder before it is written to
+    created = not os.path.exists(args.output_dir)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)  # the first write, once every input was checked
         if resume is None and os.path.exists(os.path.join(args.output_dir, FINISHED_FILE)):
@@ -889,15 +893,18 @@ def train(args: argparse.Namespace) -> dict:
     run = _TrainingRun(args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
                        global_step, micro_step)
     bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
-    with _non_finite_guard(accelerator.unwrap_model(model)):
-        run.run(loader, train_dataset, bar)
-    bar.close()
-
-    # The trained model is saved before the final evaluation: an evaluation that fails never loses it.
-    _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args, run.global_step)
-    last_eval = run.evaluate_now() or run.last_eval
-    if run.metrics_file is not None:
-        run.metrics_file.close()
+    try:
+        with _non_finite_guard(accelerator.unwrap_model(model)):
+            run.run(loader, train_dataset, bar)
+        bar.close()
+        # The trained model is saved before the final evaluation: an evaluation that fails never loses it.
+        _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args, run.global_step)
+        last_eval = run.evaluate_now() or run.last_eval
+    finally:
+        if run.metrics_file is not None:
+            run.metrics_file.close()
+        if is_main and created and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # a run that wrote nothing leaves no folder behind
     _push(accelerator, args)
     accelerator.end_training()
     return {"global_step": run.global_step, "micro_step": run.micro_step, "eval": last_eval,
