@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 __all__ = [
     "CommandError",
+    "EXIT_BAD_INPUT",
+    "EXIT_USAGE",
     "USER_ERRORS",
     "command_main",
     "error_line",
