@@ -438,3 +438,24 @@ def test_push_to_hub_offline_is_refused_before_converting(checkpoint_files, tmp_
         "upload; unset it or drop --push_to_hub."
     )
     assert "converted" not in captured.out and not out.exists()
+
+
+def test_full_disk_while_writing_replaces_nothing_and_says_so(checkpoint_files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import eovseg.auto_registration as registration
+
+    def disk_full(model, processor, folder):
+        (folder / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registration, "save_model_folder", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier conversion")
+    code = convert_main(["--checkpoint_path", str(checkpoint_files[0]), "--variant", "tiny", "--output_dir", str(out),
+                         "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"eovseg convert: error: could not write the model into {str(out)!r} ([Errno 28] No "
+                                 "space left on device); nothing there was replaced"]
+    assert os.listdir(out) == ["model.safetensors"] and (out / "model.safetensors").read_bytes() == b"an earlier conversion"
