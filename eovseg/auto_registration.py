@@ -135,6 +135,45 @@ def save_model_folder(model, processor, folder: str | Path) -> None:
     add_remote_code(folder)
 
 
+def save_model_folder_atomically(
+    model, processor, folder: str | Path, extra_files: dict[str, str] | None = None, checkpoint: Path | None = None
+) -> list[str]:
+    """[`save_model_folder`] into `folder` all or nothing: written to a hidden staging folder inside it (same file
+    system), then each file moved in by `os.replace`, replacing files of the same names only (every other file
+    stays). A failure while writing (a full disk) leaves `folder` as it was. `extra_files` are written beside (name:
+    text); `checkpoint` (a conversion's source) is never replaced. Returns the names moved in."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".eovseg-saving-", dir=folder))
+    try:
+        save_model_folder(model, processor, staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+        names = sorted(p.name for p in staging.iterdir())
+        for name in names:
+            target = folder / name
+            if checkpoint is not None and target.exists() and target.resolve() == Path(checkpoint).resolve():
+                raise ValueError(f"saving writes {name!r}, which would replace the checkpoint {str(checkpoint)!r}: "
+                                 "choose another output folder")
+            if (staging / name).is_dir() or target.is_dir() or target.is_symlink():
+                raise ValueError(f"{str(target)!r} is a folder or a link; saving would replace it with a file of its "
+                                 "own: choose another folder")
+        for name in names:
+            os.replace(staging / name, folder / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
 def load_model_folder(folder: str | Path, config=None):
     """`(model, processor)` from a saved model folder (`config`, when given, replaces the folder's). A folder saved
     without a processor (a bare `model.save_pretrained`) gets one built from the model's config.
@@ -235,3 +274,24 @@ def push_model_folder(
             **only,
         )
     )
+
+
+def check_push_access(repo_id: str, option: str = "--push_to_hub") -> None:
+    """Refuse at once, before any training or conversion, an upload that cannot happen: a malformed repository id,
+    offline mode (`HF_HUB_OFFLINE=1`), no login, or no connection. Raises ValueError (one line)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise ValueError(f"{option} {repo_id!r} is not a repository id (user/name): {str(err).splitlines()[0]}") from None
+    if constants.is_offline_mode():
+        raise ValueError(f"{option} {repo_id}: offline mode (HF_HUB_OFFLINE=1) forbids the upload; unset it or drop "
+                         f"{option}.")
+    try:
+        HfApi().whoami()
+    except Exception as err:  # no token, a refused token, no connection: whatever stops the upload later
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{option} {repo_id}: cannot upload ({type(err).__name__}: {first}); log in with "
+                         "`hf auth login` and check the connection, or drop the option.") from None

@@ -21,6 +21,7 @@ from typing import Any
 from .inputs import as_int
 
 __all__ = [
+    "categories_for_command",
     "categories_from_config",
     "dataset_categories",
     "load_local_dataset",
@@ -80,6 +81,8 @@ def pick_split(data, split: str | None, default_splits: Sequence[str] = (), spli
     import datasets
 
     if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split is not None:  # a split asked of a data set without splits would be ignored without a word
+            raise ValueError(f"{split_option} {split}: the data set has no splits (it is a single data set).")
         return data
     if split is not None:
         if split not in data:
@@ -141,6 +144,18 @@ def resolve_categories(categories, dataset=None, config=None) -> list[dict]:
     elif isinstance(categories, Sequence) and categories and all(isinstance(c, str) for c in categories):
         categories = _categories_from_names(list(categories), config)
     return normalize_categories(categories)
+
+
+def categories_for_command(categories, dataset, config, option: str = "--categories") -> list[dict]:
+    """The classes of the `train` and `evaluate` commands: the ones given with `option`, else the data set's stored
+    ones. A data set that stores none is refused: the model's vocabulary (a preset's placeholder names, ids
+    0 .. K-1) would be taken for the data set's classes, with its thing / stuff flags, without a word."""
+    if categories is None and not (dataset_categories(dataset) if dataset is not None else None):
+        raise ValueError(
+            f"The data set stores no categories: give its classes with {option} NAME|FILE (a built-in vocabulary "
+            "such as coco_panoptic, or a JSON file of [{id, name, isthing}] whose ids are the data set's category_id)."
+        )
+    return resolve_categories(categories, dataset, config)
 
 
 def _categories_from_names(names: list[str], config) -> list[dict]:

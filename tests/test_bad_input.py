@@ -145,8 +145,7 @@ def test_conversion_user_errors_are_one_line(case, message, checkpoint, tmp_path
 
 
 def test_overwrite_has_help_text(capsys):
-    with pytest.raises(SystemExit):
-        convert_main(["--help"])
+    assert convert_main(["--help"]) == 0  # every command's main returns its exit status
     help_text = capsys.readouterr().out
     overwrite = help_text[help_text.index("--overwrite"):]
     assert "leave every other file" in " ".join(overwrite.split())
@@ -172,7 +171,7 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
     result = eovseg_command("convert", "--checkpoint_path", "missing.pth", "--variant", "tiny", "--output_dir", "o",
                             cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        "error: checkpoint 'missing.pth' does not exist"
+        "eovseg convert: error: checkpoint 'missing.pth' does not exist"
     ]
 
 
@@ -186,8 +185,21 @@ def test_evaluate_exits_0_after_success_and_errors_are_one_line(tmp_path):
         (["demo", "--image", "missing.jpg"], "image file 'missing.jpg' not found"),
         (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "cats.json"],
          "Vocabulary file 'cats.json' is not valid JSON"),
-        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "flags.json",
-          "--max_steps", "0"], "flags.json: class 'sky' isthing is 'no'"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--categories", "flags.json"],
+         "flags.json: class 'sky' isthing is 'no'"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
+          '{"num_proposals": -3}'], 'overrides {"num_proposals": -3}: no tiny model can be built with these values'),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--config_overrides",
+          '{"num_proposals": "many"}'], "'num_proposals' must be a number like its default 10, got 'many'"),
+        (["evaluate", "--model", "random:tiny", "--dataset", "missing_folder"], "missing_folder does not exist"),
+        (["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o", "--dataset_type", "semantic"],
+         "('label') is a 3-channel map"),  # was found at the first step, after the folder was written
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--split", "nope"],
+         "--split nope: the data set has no splits"),  # was ignored: exit 0
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--panoptic_column", "zzz"],
+         "--panoptic_column 'zzz': the data set has no such column"),  # was replaced by 'label' without a word
+        (["evaluate", "--model", "random:tiny", "--dataset", "synthetic", "--device", "nosuchdevice"],
+         "--device nosuchdevice: "),  # was a traceback
     ],
 )
 def test_command_user_errors_exit_1_with_one_line(args, message, tmp_path, monkeypatch, capsys):
@@ -201,6 +213,57 @@ def test_command_user_errors_exit_1_with_one_line(args, message, tmp_path, monke
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
 
 
+TRAIN = ["train", "--model", "tiny", "--dataset", "synthetic", "--output_dir", "o"]
+EVALUATE = ["evaluate", "--model", "random:tiny", "--dataset", "synthetic"]
+CONVERT = ["convert", "--checkpoint_path", "model_final.pth", "--variant", "tiny", "--output_dir", "o"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (TRAIN + ["--max_steps", "0"], "argument --max_steps: must be a positive integer, got '0'"),
+        (TRAIN + ["--max_steps", "-5"], "argument --max_steps: must be a positive integer, got '-5'"),
+        (TRAIN + ["--flip_probability", "2"], "argument --flip_probability: must be a probability between 0 and 1"),
+        (TRAIN + ["--gradient_accumulation_steps", "0"], "argument --gradient_accumulation_steps: must be a positive"),
+        (TRAIN + ["--warmup_iters", "-3"], "argument --warmup_iters: must be 0 or a positive integer, got '-3'"),
+        (TRAIN + ["--learning_rate", "nan"], "argument --learning_rate: expected a finite number, got 'nan'"),
+        (TRAIN + ["--per_device_batch_size", "two"], "argument --per_device_batch_size: expected an integer, got 'two'"),
+        (TRAIN + ["--min_scale", "2", "--max_scale", "1"], "--min_scale 2.0 is above --max_scale 1.0"),
+        (TRAIN + ["--eval_steps", "5"], "--eval_steps and --eval_max_samples need --eval_dataset"),
+        (TRAIN + ["--save_steps", "0", "--save_total_limit", "1"], "--save_total_limit needs --save_steps"),
+        (TRAIN + ["--test_longest_edge", "800"], "--test_longest_edge needs --test_shortest_edge"),
+        (TRAIN + ["--dataset_split", "nope"], "--dataset_split chooses a split of a local data set; synthetic has none"),
+        (TRAIN + ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass one of them"),
+        (EVALUATE + ["--shortest_edge", "0"], "argument --shortest_edge: must be a positive integer, got '0'"),
+        (EVALUATE + ["--shortest_edge", "-64"], "argument --shortest_edge: must be a positive integer, got '-64'"),
+        (EVALUATE + ["--max_samples", "0"], "argument --max_samples: must be a positive integer, got '0'"),
+        (EVALUATE + ["--overlap_threshold", "-0.1"], "argument --overlap_threshold: must be a probability"),
+        (CONVERT + ["--stuff_ids", "-1"], "argument --stuff_ids: must be 0 or a positive integer, got '-1'"),
+        (["nonsense"], "unknown command 'nonsense'"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors_refused_at_parse_time(args, message, tmp_path, monkeypatch, capsys):
+    # Before: --max_steps 0 saved an untrained model, --flip_probability 2 always flipped, --warmup_iters -3 and
+    # --gradient_accumulation_steps 0 were taken silently, evaluate --shortest_edge 0 reported PQ 0.0 (exit 0).
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"eovseg{' ' + args[0] if args[0] != 'nonsense' else ''}: error: ") and message in error
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_module_entry_points_follow_the_same_convention(tmp_path):
+    # `python -m eovseg.X` and the console script: the same line and status for the same error.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for module, args in [("eovseg.evaluation.evaluate", EVALUATE[1:] + ["--output", "r.json"]),
+                         ("eovseg.conversion_scripts.convert_original_checkpoint", CONVERT[1:])]:
+        (tmp_path / "r.json").write_text("mine")
+        run = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and len(lines) == 1 and lines[0].startswith("eovseg "), run.stderr[-2000:]
+
+
 def test_cli_returns_int_status_for_any_main_result():
     from eovseg.cli import run_main
 
@@ -212,6 +275,11 @@ def test_cli_returns_int_status_for_any_main_result():
         raise ValueError("the file x.json is broken\nsecond line")
 
     assert run_main(fails) == 1
+
+    def usage(argv):
+        raise SystemExit(2)  # argparse's way
+
+    assert run_main(usage) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------

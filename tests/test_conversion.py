@@ -275,6 +275,9 @@ def test_push_to_hub_uploads_the_converted_folder(checkpoint_files, tmp_path, mo
     uploads = []
 
     class RecordingApi:
+        def whoami(self):  # the login is checked before converting
+            return {"name": "someone"}
+
         def create_repo(self, repo_id, exist_ok=False):
             assert exist_ok
 
@@ -284,6 +287,7 @@ def test_push_to_hub_uploads_the_converted_folder(checkpoint_files, tmp_path, mo
             return "https://hub.example/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)  # the tests' HF_HUB_OFFLINE=1
     ckpt, vocab, _ = checkpoint_files
     out = tmp_path / "eovseg-tiny"
     assert convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out),
@@ -364,3 +368,96 @@ def test_image_segmentation_pipeline_with_remote_code_only(converted_with_defaul
     model_module, processor_module, count = result.stdout.splitlines()[0].split()
     assert model_module.startswith("transformers_modules") and processor_module.startswith("transformers_modules")
     assert int(count) > 0
+
+
+# --------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _member_data_offset(path, name):
+    """Where the bytes of the (stored, uncompressed) zip member `name` start in the file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def test_checkpoint_with_flipped_bytes_in_a_tensor_is_refused(source_model, tmp_path, capsys):
+    # Before the check, 500 flipped bytes inside a tensor converted with exit 0 (torch's reader ignores the CRCs).
+    import zipfile
+
+    state = original_checkpoint(source_model, extra_vit_keys=False)
+    key = max(state["model"], key=lambda k: state["model"][k].numel())  # the largest tensor
+    ckpt = tmp_path / "model_final.pth"
+    torch.save(state, ckpt)
+    with zipfile.ZipFile(ckpt) as archive:
+        sizes = {i.filename: i.file_size for i in archive.infolist() if "/data/" in i.filename}
+    member = max(sizes, key=sizes.get)
+    assert sizes[member] == state["model"][key].untyped_storage().nbytes()
+    start, size = _member_data_offset(ckpt, member)
+    data = bytearray(ckpt.read_bytes())
+    data[start + size // 2 : start + size // 2 + 500] = bytes(b ^ 0x5A for b in data[start + size // 2 : start + size // 2 + 500])
+    ckpt.write_bytes(bytes(data))
+    loaded = torch.load(ckpt, weights_only=True)["model"][key]  # torch reads it without a word ...
+    assert torch.isfinite(loaded).all() and not torch.equal(loaded, state["model"][key])
+    out = tmp_path / "out"
+    code = convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err  # ... the conversion refuses it, naming the file, the member and the tensor
+    assert str(ckpt) in err[0] and f"{member!r} (tensor {key!r}) do not match their stored checksum" in err[0]
+    assert not out.exists()
+
+
+def test_checkpoint_with_a_non_finite_tensor_is_refused(source_model, tmp_path, capsys):
+    state = original_checkpoint(source_model, extra_vit_keys=False)
+    key = sorted(state["model"])[3]
+    state["model"][key] = state["model"][key].clone()
+    state["model"][key].view(-1)[0] = float("inf")
+    ckpt = tmp_path / "model_final.pth"
+    torch.save(state, ckpt)
+    out = tmp_path / "out"
+    code = convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"eovseg convert: error: {str(ckpt)!r}: the tensor {key!r} holds 1 NaN or infinite "
+                                 "value(s); the checkpoint is damaged"]
+    assert not out.exists()
+
+
+def test_push_to_hub_offline_is_refused_before_converting(checkpoint_files, tmp_path, capsys):
+    # HF_HUB_OFFLINE=1 (set for every test): refused at once, nothing converted or written, no network reached.
+    ckpt = checkpoint_files[0]
+    out = tmp_path / "out"
+    code = convert_main(["--checkpoint_path", str(ckpt), "--variant", "tiny", "--output_dir", str(out),
+                         "--push_to_hub", "someone/eovseg-tiny"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err.strip() == (
+        "eovseg convert: error: --push_to_hub someone/eovseg-tiny: offline mode (HF_HUB_OFFLINE=1) forbids the "
+        "upload; unset it or drop --push_to_hub."
+    )
+    assert "converted" not in captured.out and not out.exists()
+
+
+def test_full_disk_while_writing_replaces_nothing_and_says_so(checkpoint_files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import eovseg.auto_registration as registration
+
+    def disk_full(model, processor, folder):
+        (folder / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registration, "save_model_folder", disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier conversion")
+    code = convert_main(["--checkpoint_path", str(checkpoint_files[0]), "--variant", "tiny", "--output_dir", str(out),
+                         "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"eovseg convert: error: could not write the model into {str(out)!r} ([Errno 28] No "
+                                 "space left on device); nothing there was replaced"]
+    assert os.listdir(out) == ["model.safetensors"] and (out / "model.safetensors").read_bytes() == b"an earlier conversion"

@@ -823,12 +823,17 @@ def test_evaluate_model_scores_an_oracle_100():
 def test_command_line_writes_json(tmp_path, capsys):
     from eovseg.evaluation.evaluate import main
 
+    from eovseg import EovSegConfig
+    from eovseg.data_sources import categories_from_config
+
     _tiny_dataset(2).save_to_disk(str(tmp_path / "data"))
+    # the data set stores no categories: the command asks for them (ids 0 .. K-1 of the tiny preset's vocabulary)
+    (tmp_path / "categories.json").write_text(json.dumps(categories_from_config(EovSegConfig.from_variant("tiny"))))
     output = tmp_path / "out" / "results.json"
-    main([
+    assert main([
         "--model", "random:tiny", "--dataset", str(tmp_path / "data"), "--task", "panoptic", "--batch_size", "2", "--shortest_edge", "32", "--longest_edge", "64",
-        "--output", str(output), "--no_progress",
-    ])
+        "--vocabulary", str(tmp_path / "categories.json"), "--output", str(output), "--no_progress",
+    ]) == 0
     printed = capsys.readouterr().out
     assert "PQ" in printed and "Things" in printed
     document = json.loads(output.read_text())

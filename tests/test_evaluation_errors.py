@@ -47,7 +47,7 @@ def test_existing_output_is_never_replaced(tmp_path, capsys):
     output.write_text("my own notes")
     args = ["--model", "random:tiny", "--dataset", "synthetic", "--num_synthetic", "1", "--shortest_edge", "32",
             "--longest_edge", "32", "--no_progress", "--output", str(output)]
-    assert main(args) == 2
+    assert main(args) == 1  # bad input: 1, as every command (2 is for usage errors)
     error = capsys.readouterr().err.strip()
     assert error == f"eovseg evaluate: error: --output {output} exists; give a new file name or --overwrite to replace it."
     assert output.read_text() == "my own notes"
@@ -73,14 +73,14 @@ def test_vocabulary_matching_no_ground_truth_category_is_an_error(tiny, tmp_path
     with pytest.raises(ValueError, match="Nothing was evaluated: no ground-truth pixel of the vocabulary's classes"):
         evaluate_model(model, processor, semantic_rows, "semantic", categories=_categories([1, 2]),
                        columns={"semantic": "semantic"}, progress=False)
-    # On the command line: one line, status 2, nothing written.
+    # On the command line: one line, status 1, nothing written.
     vocabulary = tmp_path / "vocabulary.json"
     vocabulary.write_text(json.dumps(_categories([500, 501])))
     output = tmp_path / "out.json"
     code = main(["--model", "random:tiny", "--dataset", "synthetic", "--num_synthetic", "2", "--vocabulary",
                  str(vocabulary), "--no_progress", "--output", str(output)])
     error = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in error and "None of the 2 vocabulary ids" in error and not output.exists()
+    assert code == 1 and "\n" not in error and "None of the 2 vocabulary ids" in error and not output.exists()
 
 
 def test_data_set_without_categories_says_which_vocabulary_is_used(tiny, caplog):
@@ -94,3 +94,16 @@ def test_data_set_without_categories_says_which_vocabulary_is_used(tiny, caplog)
     with caplog.at_level(logging.WARNING, logger="eovseg.evaluation.evaluate"):
         evaluate_model(model, processor, rows, "panoptic", categories=_categories([0, 1]), progress=False)
     assert "stores no categories" not in caplog.text
+
+
+@pytest.mark.parametrize("option, value", [("--shortest_edge", "0"), ("--shortest_edge", "-64"),
+                                           ("--longest_edge", "0"), ("--batch_size", "0"), ("--max_samples", "0"),
+                                           ("--threshold", "1.5"), ("--num_synthetic", "-1")])
+def test_out_of_range_values_are_usage_errors(option, value, tmp_path, capsys):
+    # Before: --shortest_edge 0 (or -64) reported PQ 0.0 with exit 0.
+    output = tmp_path / "out.json"
+    code = main(["--model", "random:tiny", "--dataset", "synthetic", "--num_synthetic", "1", "--no_progress",
+                 "--output", str(output), option, value])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"eovseg evaluate: error: argument {option}: must be ")
+    assert not output.exists()

@@ -455,6 +455,9 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
     calls = []
 
     class RecordingApi:
+        def whoami(self):  # the login is checked before training
+            return {"name": "someone"}
+
         def create_repo(self, repo_id, exist_ok=False):
             calls.append(("create_repo", repo_id, exist_ok))
 
@@ -466,6 +469,7 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
             return f"https://hub.example/{repo_id}/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)  # the tests' HF_HUB_OFFLINE=1
     out = tmp_path / "run"
     train_main(COMMON + ["--synthetic_train_images", "2", "--no_augmentation", "--max_steps", "2", "--save_steps", "1",
                          "--output_dir", str(out), "--push_to_hub", "someone/eovseg-synthetic"])
@@ -479,3 +483,245 @@ def test_push_to_hub_uploads_the_saved_folder_with_remote_code(tmp_path, monkeyp
     assert not any(name.startswith("checkpoint-") for name in files)  # resume states stay local
     with open(out / "config.json") as f:
         assert json.load(f)["auto_map"]["AutoModel"] == "modeling_eovseg.EovSegForPanopticSegmentation"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Failures: the folder as it was found, one line, the trained model never lost (issue 20)
+# ----------------------------------------------------------------------------------------------------------------------
+
+TINY = COMMON + ["--synthetic_train_images", "2", "--no_augmentation"]
+
+
+def train_status(args, capsys):
+    """`eovseg train ARGS` in this process: its exit status and its stderr lines (progress bars left out)."""
+    code = train_main([str(a) for a in args])
+    return code, [line for line in capsys.readouterr().err.strip().splitlines() if line.strip() and "%|" not in line]
+
+
+def folder_state(path):
+    """Every file under `path` with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def fake_checkpoint(folder, step):
+    """A checkpoint folder of another run, as this script recognises them."""
+    path = Path(folder) / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "training_state.json").write_text(json.dumps({"global_step": step, "micro_step": step}))
+    (path / "model.safetensors").write_bytes(b"another run's weights")
+    return path
+
+
+def saved_dataset(path, rows=None, categories=True):
+    rows = rows if rows is not None else make_synthetic_panoptic_dataset(2, SIZE, SIZE, seed=3)
+    if not categories:
+        rows.info.description = ""
+    rows.save_to_disk(str(path))
+    return str(path)
+
+
+def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
+    # Before: a segmentation fault (exit 139, no message) in torchvision's CPU deform_conv2d at step 2.
+    out = tmp_path / "run"
+    args = TINY + ["--learning_rate", "1e30", "--max_steps", "4", "--save_steps", "1", "--output_dir", str(out)]
+    run = subprocess.run([sys.executable, "-m", "eovseg.training.train", *args], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in run.stderr.strip().splitlines() if "%|" not in line]
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and len(lines) == 1, lines
+    assert lines[0].startswith("eovseg train: error: step 2: ") and "the training diverged" in lines[0]
+    assert f"the last checkpoint, {out / 'checkpoint-1'}, is kept" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]  # no model saved
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, capsys, monkeypatch):
+    # A loss that turns NaN (here: made so) stops the run before its backward pass, naming the step.
+    from eovseg.training.train import _TrainingRun
+
+    original = _TrainingRun.forward_backward
+    calls = []
+
+    def nan_at_step_2(self, batch, accumulation):
+        calls.append(self.global_step)
+        if self.global_step == 1:
+            forward = self.model.forward
+
+            def nan_loss(**kwargs):
+                outputs = forward(**kwargs)
+                outputs.loss = outputs.loss * float("nan")
+                return outputs
+
+            monkeypatch.setattr(self.model, "forward", nan_loss)
+        return original(self, batch, accumulation)
+
+    monkeypatch.setattr(_TrainingRun, "forward_backward", nan_at_step_2)
+    code, err = train_status(TINY + ["--max_steps", "3", "--save_steps", "0", "--output_dir", tmp_path / "run"], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("eovseg train: error: step 2: the loss is not finite (nan)")
+    assert "no checkpoint was saved before it" in err[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_resume_needs_a_checkpoint_and_never_touches_the_users_metrics(tmp_path, capsys):
+    # Before: "starting afresh", and the user's metrics.jsonl truncated.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 7, "loss": 1.5}\n')
+    (out / "notes.txt").write_text("mine\n")
+    before = folder_state(out)
+    code, err = train_status(TINY + ["--max_steps", "2", "--output_dir", out, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and err == [f"eovseg train: error: --resume_from_checkpoint latest: {out} holds no checkpoint "
+                                 "(checkpoint-STEP); nothing to resume. Start a new run in another --output_dir."]
+    assert folder_state(out) == before
+
+
+def test_a_finished_run_is_never_trained_over(tmp_path, capsys):
+    # Before: `latest` on a run saved with --save_steps 0 retrained over its model; a run with checkpoints retrained
+    # the steps after its last one. A finished run's folder is refused; continuing past its end is not.
+    done = tmp_path / "done"
+    assert train_main(TINY + ["--max_steps", "1", "--save_steps", "0", "--output_dir", str(done)]) == 0
+    before = folder_state(done)
+    code, err = train_status(TINY + ["--max_steps", "1", "--output_dir", done, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and len(err) == 1 and "(the run there finished at step 1 and kept none)" in err[0]
+    assert folder_state(done) == before
+    # the same run with a checkpoint older than its end (as --save_steps 3 and --max_steps 5 leave it)
+    fake = fake_checkpoint(done, 0)
+    before = folder_state(done)
+    code, err = train_status(TINY + ["--max_steps", "1", "--output_dir", done, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and len(err) == 1 and f"finished at step 1 and saved its model; resuming from {fake}" in err[0]
+    assert folder_state(done) == before
+
+
+def test_a_new_run_never_shares_a_folder_with_another_runs_checkpoints(tmp_path, capsys):
+    # Before: --overwrite_output_dir --save_total_limit 1 deleted the new run's checkpoint-1 and kept the old run's
+    # checkpoint-3, which `latest` then resumed.
+    out = tmp_path / "old-run"
+    fake_checkpoint(out, 3)
+    (out / "metrics.jsonl").write_text('{"step": 3}\n')
+    before = folder_state(out)
+    code, err = train_status(TINY + ["--max_steps", "2", "--save_steps", "1", "--save_total_limit", "1",
+                                     "--overwrite_output_dir", "--output_dir", out], capsys)
+    assert code == 1 and len(err) == 1 and "holds another run's checkpoints (checkpoint-3)" in err[0]
+    assert folder_state(out) == before
+    # resuming a checkpoint of another folder into it is the same mix-up
+    other = fake_checkpoint(tmp_path / "elsewhere", 1)
+    code, err = train_status(TINY + ["--max_steps", "2", "--output_dir", out, "--resume_from_checkpoint", other], capsys)
+    assert code == 1 and len(err) == 1 and "holds another run's checkpoints (checkpoint-3)" in err[0]
+    assert folder_state(out) == before
+
+
+def test_corrupt_state_file_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    state = fake_checkpoint(out, 2) / "training_state.json"
+    state.write_text('{"global_step": ')
+    code, err = train_status(TINY + ["--max_steps", "4", "--output_dir", out, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"eovseg train: error: {state} is not a state file")
+    # a readable state file beside damaged Accelerate files: the checkpoint is named, no traceback
+    state.write_text(json.dumps({"global_step": 2, "micro_step": 2}))
+    code, err = train_status(TINY + ["--max_steps", "4", "--output_dir", out, "--resume_from_checkpoint", "latest"],
+                             capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"eovseg train: error: cannot load the checkpoint {out / 'checkpoint-2'}: ")
+
+
+def test_data_set_without_categories_is_refused_by_train_and_evaluate(tmp_path, capsys):
+    # Before: training went on under the preset's placeholder names (person, car, ...) and their thing flags;
+    # evaluation warned. One rule for both: give the classes.
+    from eovseg.evaluation.evaluate import main as evaluate_main
+
+    data = saved_dataset(tmp_path / "data", categories=False)
+    out = tmp_path / "run"
+    code, err = train_status(TINY[:4] + ["--dataset", data, "--max_steps", "1", "--output_dir", out], capsys)
+    assert code == 1 and err == [
+        "eovseg train: error: The data set stores no categories: give its classes with --categories NAME|FILE (a "
+        "built-in vocabulary such as coco_panoptic, or a JSON file of [{id, name, isthing}] whose ids are the data "
+        "set's category_id)."
+    ]
+    assert not out.exists()
+    assert evaluate_main(["--model", "random:tiny", "--dataset", data, "--no_progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["eovseg evaluate: error: The data set stores no categories: give its classes with --vocabulary "
+                   "NAME|FILE (a built-in vocabulary such as coco_panoptic, or a JSON file of [{id, name, isthing}] "
+                   "whose ids are the data set's category_id)."]
+    # with the classes given, both run
+    categories = tmp_path / "categories.json"
+    categories.write_text(json.dumps(synthetic_categories()))
+    assert train_main(TINY[:4] + ["--dataset", data, "--categories", str(categories), "--no_augmentation",
+                                  "--per_device_batch_size", "2", "--max_steps", "1", "--save_steps", "0",
+                                  "--no_progress", "--output_dir", str(out)]) == 0
+
+
+@pytest.mark.parametrize("broken", ["no_segments_info", "unknown_category"])
+def test_broken_eval_dataset_is_found_before_the_first_step(broken, tmp_path, capsys):
+    # Before: found after training, and the trained model was never saved.
+    rows = make_synthetic_panoptic_dataset(2, SIZE, SIZE, seed=5)
+    if broken == "no_segments_info":
+        rows = rows.remove_columns("segments_info")
+        message = "no segments_info column"
+    else:
+        def shift(row):
+            row["segments_info"][0]["category_id"] = 99
+            return row
+
+        rows = rows.map(shift)
+        message = "--eval_dataset row 0: category_id 99 is not one of the run's 5 classes"
+    data = saved_dataset(tmp_path / "eval", rows)
+    out = tmp_path / "run"
+    code, err = train_status(TINY + ["--eval_dataset", data, "--max_steps", "1", "--output_dir", out], capsys)
+    assert code == 1 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_model_is_saved_before_the_final_evaluation(tmp_path, capsys, monkeypatch):
+    import eovseg.training.train as train_module
+
+    def failing_evaluation(*args, **kwargs):
+        raise ValueError("the evaluation failed")
+
+    monkeypatch.setattr(train_module, "run_evaluation", failing_evaluation)
+    out = tmp_path / "run"
+    code, err = train_status(TINY + ["--eval_dataset", "synthetic", "--synthetic_eval_images", "1", "--max_steps", "1",
+                                     "--save_steps", "0", "--output_dir", out], capsys)
+    assert code == 1 and err == ["eovseg train: error: the evaluation failed"]
+    assert EovSegForPanopticSegmentation.from_pretrained(out).config.vocabulary == NAMES  # the trained model is kept
+
+
+def test_full_disk_at_the_final_save_replaces_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import eovseg.auto_registration as registration
+
+    def disk_full(model, processor, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("an older model's config\n")
+    (out / "training_finished.json").write_text('{"global_step": 5}')  # the older run's end mark: no longer true
+    monkeypatch.setattr(registration, "save_model_folder", disk_full)
+    code, err = train_status(TINY + ["--max_steps", "1", "--save_steps", "1", "--output_dir", out,
+                                     "--overwrite_output_dir"], capsys)
+    assert code == 1 and err == [
+        f"eovseg train: error: could not save the trained model in {out} ([Errno 28] No space left on device); "
+        f"nothing there was replaced; resume from {out / 'checkpoint-1'} once there is room"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "metrics.jsonl"]
+    assert (out / "config.json").read_text() == "an older model's config\n"
+    # with room again, the run resumes from its checkpoint (the older run's end mark no longer stands in the way)
+    monkeypatch.undo()
+    assert train_main(TINY + ["--max_steps", "2", "--save_steps", "1", "--output_dir", str(out),
+                              "--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((out / "training_finished.json").read_text())["global_step"] == 2
+
+
+def test_push_to_hub_offline_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = train_status(TINY + ["--max_steps", "1", "--output_dir", out, "--push_to_hub", "someone/model"], capsys)
+    assert code == 1 and err == ["eovseg train: error: --push_to_hub someone/model: offline mode (HF_HUB_OFFLINE=1) "
+                                 "forbids the upload; unset it or drop --push_to_hub."]
+    assert not out.exists()

@@ -15,22 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import shutil
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from ..auto_registration import push_model_folder, save_model_folder
+from ..auto_registration import check_push_access, push_model_folder, save_model_folder_atomically
+from ..command_line import CommandError, command_main, non_negative_int
 from ..configuration_eovseg import PRESETS, EovSegConfig
 from ..vocabularies import Vocabulary, load_vocabulary
 from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
 
 
-class ConversionError(ValueError):
+class ConversionError(CommandError):
     """A conversion problem, reported as one line."""
 
 
@@ -54,10 +53,68 @@ def read_vocabulary(spec: str, what: str) -> Vocabulary:
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
+def damaged_member(path: Path) -> zipfile.ZipInfo | None:
+    """The first member of a checkpoint in torch's zip format whose bytes do not match their stored CRC-32 (torch's
+    reader does not check them), else None. The legacy format has no checksums."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            return archive.getinfo(bad) if bad is not None else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # zlib errors are caught as BadZipFile
+        raise ConversionError(f"cannot read {str(path)!r}: a damaged archive ({err})") from None
+
+
+def _tensor_of(member: zipfile.ZipInfo, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The key of the tensor stored in `member`: the one whose bytes have the member's size but not its CRC."""
+    import zlib
+
+    for key, value in state_dict.items():
+        storage = value.untyped_storage()
+        if storage.nbytes() != member.file_size:
+            continue
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy().tobytes()
+        if zlib.crc32(data) != member.CRC:
+            return key
+    return None
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Every floating-point tensor of the checkpoint must be finite (a corrupted one often is not)."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ConversionError(f"{str(path)!r}: the tensor {key!r} holds {bad} NaN or infinite value(s); the "
+                                  "checkpoint is damaged")
+
+
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The original state dict of a checkpoint file, refused in one line naming the file (and the tensor) when it is
+    not one, is damaged (a CRC-32 mismatch in torch's zip format) or holds a non-finite value."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint {str(path)!r} does not exist")
+    damaged = damaged_member(path)
+    try:
+        checkpoint = _read_checkpoint(path)
+    except ConversionError:
+        if damaged is not None:
+            raise _damaged(path, damaged, None) from None
+        raise
+    if damaged is not None:
+        raise _damaged(path, damaged, _tensor_of(damaged, checkpoint))
+    check_finite(checkpoint, path)
+    return checkpoint
+
+
+def _damaged(path: Path, member: zipfile.ZipInfo, key: str | None) -> ConversionError:
+    tensor = f" (tensor {key!r})" if key else ""
+    return ConversionError(f"{str(path)!r} is damaged: the bytes of {member.filename!r}{tensor} do not match their "
+                           "stored checksum; download or copy the checkpoint again")
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -205,30 +262,13 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
                               "conversion's own files in it and leaves every other file alone)")
 
 
-def move_into(staging: Path, output_dir: Path, checkpoint_path: Path) -> list[str]:
-    """Move the staged files into `output_dir`, replacing only files of the same names; returns the names moved.
-    Nothing is moved when one of them would replace the source checkpoint or a folder."""
-    names = sorted(p.name for p in staging.iterdir())
-    if any((staging / name).is_dir() for name in names):
-        raise ConversionError("internal: the staged model folder holds a sub-folder")
-    for name in names:
-        target = output_dir / name
-        if target.exists() and target.resolve() == checkpoint_path.resolve():
-            raise ConversionError(f"the conversion writes {name!r}, which would replace the checkpoint "
-                                  f"{str(checkpoint_path)!r}: choose another --output_dir")
-        if target.is_dir() or target.is_symlink():
-            raise ConversionError(f"{str(target)!r} is a folder or a link; the conversion would replace it with its "
-                                  "own file: choose another --output_dir")
-    for name in names:
-        (staging / name).replace(output_dir / name)
-    return names
-
-
 def run_conversion(args) -> Path:
     from ..processing import EovSegProcessor
 
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, args.overwrite)
+    if args.push_to_hub:
+        check_push_access(args.push_to_hub)
     config = build_config(args)
     original = load_original_state_dict(args.checkpoint_path)
     model, dropped = convert(original, config)
@@ -242,25 +282,19 @@ def run_conversion(args) -> Path:
 
     sanity_run(model, processor)
 
-    # Staged in a hidden folder inside the output folder (same file system: the final moves are renames; and a
-    # folder the user may write to), then only the staged files are moved in: nothing else there is touched.
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".eovseg-conversion-", dir=output_dir))
+    # Staged in a hidden folder inside the output folder, then only the staged files are moved in: nothing else
+    # there is touched, and the checkpoint is never replaced.
+    card = model_card(config, num_params, Path(args.checkpoint_path).name, str(args.vocabulary), str(args.train_vocabulary))
     try:
-        save_model_folder(model, processor, staging)
-        (staging / "README.md").write_text(
-            model_card(config, num_params, Path(args.checkpoint_path).name, str(args.vocabulary),
-                       str(args.train_vocabulary))
+        names = save_model_folder_atomically(
+            model, processor, output_dir, {"README.md": card, "dropped_keys.txt": "\n".join(dropped) + "\n"},
+            checkpoint=Path(args.checkpoint_path),
         )
-        (staging / "dropped_keys.txt").write_text("\n".join(dropped) + "\n")
-        names = move_into(staging, output_dir, Path(args.checkpoint_path))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    except OSError as err:  # a full disk: the staged files are gone, the folder is as it was
+        raise ConversionError(f"could not write the model into {str(output_dir)!r} ({err}); nothing there was "
+                              "replaced") from None
     others = len([p for p in output_dir.iterdir() if p.name not in set(names)])
     print(f"wrote {len(names)} files to {output_dir}" + (f" (left its {others} other entries alone)" if others else ""))
     if args.push_to_hub:
@@ -290,7 +324,8 @@ def sanity_run(model, processor) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="eovseg convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", required=True, help="the original model_final.pth")
     parser.add_argument("--variant", required=True, choices=list(PRESETS))
     parser.add_argument("--output_dir", required=True)
@@ -298,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default vocabulary stored with its text embeddings: a built-in name (ade20k_150, ...) or "
                              "a .json ({classes, is_thing}) / .txt (one 'id:name,synonym' per line) file "
                              f"(default: {DEFAULT_VOCABULARY})")
-    parser.add_argument("--stuff_ids", type=int, nargs="*", default=None, help="indices of stuff classes of --vocabulary")
+    parser.add_argument("--stuff_ids", type=non_negative_int, nargs="*", default=None, help="indices of stuff classes of --vocabulary")
     parser.add_argument("--train_vocabulary", default=DEFAULT_TRAIN_VOCABULARY, metavar="NAME|FILE",
                         help="the vocabulary the checkpoint was trained on, for the seen/unseen ensemble weights "
                              f"(default: {DEFAULT_TRAIN_VOCABULARY}, that of every released checkpoint)")
@@ -309,14 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run_conversion(args)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+def _convert_command(argv: list[str] | None = None) -> None:
+    run_conversion(build_parser().parse_args(argv))
+
+
+main = command_main(_convert_command, "convert")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from ..command_line import command_main, non_negative_int, positive_int, probability
 from ..data_sources import (
+    categories_for_command,
     categories_from_config,
     dataset_categories,
     load_local_dataset,
@@ -156,7 +158,7 @@ def load_eval_dataset(
         from ..synthetic import make_synthetic_panoptic_dataset
 
         dataset = make_synthetic_panoptic_dataset(num_images=num_synthetic, seed=seed)
-        return pick_split(dataset, split, _EVAL_SPLITS)
+        return pick_split(dataset, split, _EVAL_SPLITS, "--split")
     return load_local_dataset(path, split, _EVAL_SPLITS)
 
 
@@ -671,13 +673,16 @@ def _load_model(spec: str, device: str | None):
             raise FileNotFoundError(f"--model {spec}: not a local directory (nothing is downloaded).")
         model, processor = load_model_folder(spec)
     if device is not None:
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as err:  # no such device, or torch built without it
+            raise ValueError(f"--device {device}: {str(err).strip().splitlines()[0]}") from None
     return model, processor
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eovseg.evaluation.evaluate",
+        prog="eovseg evaluate",
         description="Evaluate an EOV-Seg model (panoptic PQ, semantic mIoU, instance mask AP; scores in percent). "
         "Under torchrun / accelerate launch the data set is split between the processes and the results merged.",
     )
@@ -697,16 +702,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="semantic label maps hold vocabulary indices (default for --label_root) or category ids",
     )
     parser.add_argument("--reduce_labels", action="store_true", help="semantic: label 0 is ignored, others lowered by one")
-    parser.add_argument("--ignore_index", type=int, default=255, help="semantic: ignored label (65535 in 16-bit maps)")
+    parser.add_argument("--ignore_index", type=non_negative_int, default=255, help="semantic: ignored label (65535 in 16-bit maps)")
     parser.add_argument(
         "--vocabulary", "--categories", dest="vocabulary", default=None,
         help="built-in vocabulary name (ade20k_150, ...) or JSON file of categories [{id, name, isthing}] (or a COCO "
         "panoptic JSON); default: the data set's stored categories, else the model's vocabulary",
     )
     parser.add_argument("--task", default="panoptic", choices=[*TASKS, "all"])
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--num_synthetic", type=int, default=8, help="images of the synthetic data set")
+    parser.add_argument("--batch_size", type=positive_int, default=1)
+    parser.add_argument("--max_samples", type=positive_int, default=None)
+    parser.add_argument("--num_synthetic", type=positive_int, default=8, help="images of the synthetic data set")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--panoptic_column", default="label", help="panoptic annotation column (RGB-encoded PNG)")
     parser.add_argument("--segments_info_column", default="segments_info")
@@ -714,10 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore_category_ids", type=int, nargs="*", default=[])
     parser.add_argument("--pq_conventions", choices=["panopticapi", "clean"], default="panopticapi")
     parser.add_argument("--miou_convention", choices=["detectron2", "mmseg"], default="detectron2")
-    parser.add_argument("--threshold", type=float, default=None, help="panoptic: class score threshold")
-    parser.add_argument("--overlap_threshold", type=float, default=None, help="panoptic: overlap area threshold")
-    parser.add_argument("--shortest_edge", type=int, default=None, help="test resize: shorter side (processor's: 640)")
-    parser.add_argument("--longest_edge", type=int, default=None, help="test resize: longer side cap (2560)")
+    parser.add_argument("--threshold", type=probability, default=None, help="panoptic: class score threshold")
+    parser.add_argument("--overlap_threshold", type=probability, default=None, help="panoptic: overlap area threshold")
+    parser.add_argument("--shortest_edge", type=positive_int, default=None, help="test resize: shorter side (processor's: 640)")
+    parser.add_argument("--longest_edge", type=positive_int, default=None, help="test resize: longer side cap (2560)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default=None, help="write the results here as JSON (a new file)")
     parser.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
@@ -766,7 +771,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         args.dataset, args.split, num_synthetic=args.num_synthetic, panoptic_root=args.panoptic_root,
         image_root=args.image_root, label_root=args.label_root, split_file=args.split_file,
     )
+    _check_named_columns(args, dataset)
     folder = isinstance(dataset, SemanticLabelFolder)
+    # The command's one rule with training: the data set's stored classes, else --vocabulary (never a guess).
+    categories = categories_for_command(args.vocabulary, dataset, model.config, "--vocabulary")
     columns = DatasetColumns(
         image=args.image_column,
         panoptic=args.panoptic_column,
@@ -783,7 +791,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         processor,
         dataset,
         args.task,
-        categories=args.vocabulary,
+        categories=categories,
         columns=columns,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
@@ -799,6 +807,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if accelerator is None or accelerator.is_main_process:
         _report(args, results)
     return results
+
+
+def _check_named_columns(args, dataset) -> None:
+    """A column named on the command line must exist: the usual names tried in its place (`DatasetColumns`) are for
+    the defaults, never for a name the user typed."""
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        return
+    parser = build_parser()
+    for option in ("image_column", "panoptic_column", "segments_info_column"):
+        value = getattr(args, option)
+        if value != parser.get_default(option) and value not in names:
+            raise ValueError(f"--{option} {value!r}: the data set has no such column (its columns: {list(names)}).")
 
 
 def _report(args, results) -> None:
@@ -822,16 +843,9 @@ def _report(args, results) -> None:
         print(f"\nResults written to {args.output}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m eovseg.evaluation.evaluate` / `eovseg evaluate`: 0 on success; bad input (missing files, a
-    vocabulary that matches nothing, an existing --output, ...) ends with a one-line error and status 2."""
-    try:
-        run(argv)
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"eovseg evaluate: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+# `python -m eovseg.evaluation.evaluate` / `eovseg evaluate`: 0 on success, 1 and one line for bad input (missing
+# files, a vocabulary that matches nothing, an existing --output, ...), 2 for a usage error.
+main = command_main(run, "evaluate")
 
 
 def _stringify_keys(value):

@@ -12,16 +12,21 @@ What it does (defaults are the original's, `configs/Base-COCO-PanopticSegmentati
   downloaded) or `synthetic` ([`make_synthetic_panoptic_dataset`]), COCO-panoptic rows by default or semantic ones
   (`--dataset_type semantic`), augmented with large-scale jitter (crop 1024, scale 0.1-2.0, flip);
 * the classes: `--categories categories.json` (`[{"id", "name", "isthing"}]`, or a COCO panoptic JSON), else the
-  categories stored with the data set (the synthetic one has them), else the model's default vocabulary;
+  categories stored with the data set (the synthetic one has them); a data set with none asks for `--categories`;
 * AdamW (lr 1e-4, weight decay 0.05; none for normalization layers and embeddings), the whole model's gradient norm
   clipped at 0.01, multi-step decay x0.1 at the original's steps scaled to `--max_steps`, warmup factor 1.0 over 10
   steps; mixed precision (`--mixed_precision bf16|fp16`) and gradient accumulation;
 * every `--save_steps`: `OUT/checkpoint-STEP` (Accelerate state: model, optimizer, scheduler, RNG, plus the data
-  position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped;
+  position); `--resume_from_checkpoint PATH|latest` continues exactly where it stopped. One folder holds one run
+  ([`check_output_dir`]): a new run refuses a folder with another run's checkpoints, a resume needs a checkpoint and
+  never trains over a finished run's model;
+* every argument and input (the data sets' columns and categories too) is checked before anything is written; a
+  non-finite loss, gradient or deformable-convolution offset stops the run with one line naming the step;
 * every `--eval_steps`: panoptic quality on `--eval_dataset` (`eovseg.evaluation.evaluate_model`);
 * a tqdm bar, `OUT/metrics.jsonl` (one JSON object per logging step / evaluation), and at the end
-  `save_pretrained` of the model and the processor in OUT (`--push_to_hub REPO_ID` to upload them), with the training
-  classes as the model's default vocabulary (text embeddings stored) and among its training vocabulary.
+  `save_pretrained` of the model and the processor in OUT (atomically, before the final evaluation; `--push_to_hub
+  REPO_ID` to upload them, the login checked before training), with the training classes as the model's default
+  vocabulary (text embeddings stored) and among its training vocabulary.
 
 Every training step reseeds torch's generator from (seed, step, process): the random point sampling of the loss
 then depends only on them, which is what makes a resumed run reproduce the uninterrupted one exactly.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,18 +47,35 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data_sources import dataset_categories, load_local_dataset
+from ..command_line import (
+    CommandError,
+    command_main,
+    error_line,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from ..configuration_eovseg import EovSegInputError
+from ..data_sources import categories_for_command, load_local_dataset
 
-__all__ = ["build_parser", "main", "train"]
+__all__ = ["build_parser", "main", "parse_args", "train"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-class TrainingArgumentError(ValueError):
+class TrainingArgumentError(CommandError):
     """A command-line argument or file the training cannot use, reported as one line by the `eovseg` command."""
 
 
+class TrainingDivergedError(CommandError):
+    """A non-finite loss, gradient or activation: the run stops there, its last checkpoint kept."""
+
+
+# In each checkpoint: the step, the data position and the arguments. In OUT, once the run saved its final model: its step.
 STATE_FILE = "training_state.json"
+FINISHED_FILE = "training_finished.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -63,7 +86,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m eovseg.training.train", description="Train EOV-Seg (Accelerate; the original's recipe)."
+        prog="eovseg train", description="Train EOV-Seg (Accelerate; the original's recipe)."
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="save_pretrained directory, or a preset: tiny, tiny_convnext, r50, ...")
@@ -81,47 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segments_info_column", default="segments_info")
     g.add_argument("--label_column", default="label", help="semantic label maps (--dataset_type semantic)")
     g.add_argument("--ignore_index", type=int, default=255, help="unlabeled value of semantic label maps")
-    g.add_argument("--synthetic_train_images", type=int, default=64)
-    g.add_argument("--synthetic_eval_images", type=int, default=16)
-    g.add_argument("--synthetic_image_size", type=int, default=64)
+    g.add_argument("--synthetic_train_images", type=positive_int, default=64)
+    g.add_argument("--synthetic_eval_images", type=positive_int, default=16)
+    g.add_argument("--synthetic_image_size", type=positive_int, default=64)
     g.add_argument("--image_label_dataset", default=None,
                    help="Decoupled Supervision (config decoupled_supervision): image-level data, a local path or "
                         "'synthetic' (images with a list of label names or ids)")
     g.add_argument("--image_label_column", default="labels")
     g.add_argument("--image_label_names", nargs="*", default=None,
                    help="the image-level vocabulary (default: the column's ClassLabel names, else its label names)")
-    g.add_argument("--image_label_ratio", type=float, default=0.5, help="fraction of image-level examples")
+    g.add_argument("--image_label_ratio", type=probability, default=0.5, help="fraction of image-level examples")
 
     g = p.add_argument_group("augmentation")
-    g.add_argument("--image_size", type=int, default=1024, help="large-scale-jitter crop size")
-    g.add_argument("--min_scale", type=float, default=0.1)
-    g.add_argument("--max_scale", type=float, default=2.0)
-    g.add_argument("--flip_probability", type=float, default=0.5)
+    g.add_argument("--image_size", type=positive_int, default=1024, help="large-scale-jitter crop size")
+    g.add_argument("--min_scale", type=positive_float, default=0.1)
+    g.add_argument("--max_scale", type=positive_float, default=2.0)
+    g.add_argument("--flip_probability", type=probability, default=0.5)
     g.add_argument("--no_augmentation", action="store_true", help="train on the images as they are")
     g.add_argument(
-        "--test_shortest_edge", type=int, default=None, help="evaluation resize (default: the processor's, 640)"
+        "--test_shortest_edge", type=positive_int, default=None, help="evaluation resize (default: the processor's, 640)"
     )
-    g.add_argument("--test_longest_edge", type=int, default=None)
+    g.add_argument("--test_longest_edge", type=positive_int, default=None)
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--max_steps", type=int, default=200_000)
-    g.add_argument("--per_device_batch_size", type=int, default=2, help="the original: 16 images over 8 GPUs")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--weight_decay_norm", type=float, default=0.0)
-    g.add_argument("--weight_decay_embed", type=float, default=0.0)
-    g.add_argument("--backbone_multiplier", type=float, default=0.1)
-    g.add_argument("--max_grad_norm", type=float, default=0.01, help="0 disables clipping")
-    g.add_argument("--lr_steps", type=int, nargs="*", default=None, help="default: (163889, 187546) x max_steps/200000")
-    g.add_argument("--lr_gamma", type=float, default=0.1)
-    g.add_argument("--warmup_factor", type=float, default=1.0)
-    g.add_argument("--warmup_iters", type=int, default=10)
+    g.add_argument("--max_steps", type=positive_int, default=200_000)
+    g.add_argument("--per_device_batch_size", type=positive_int, default=2, help="the original: 16 images over 8 GPUs")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--learning_rate", type=positive_float, default=1e-4)
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    g.add_argument("--weight_decay_norm", type=non_negative_float, default=0.0)
+    g.add_argument("--weight_decay_embed", type=non_negative_float, default=0.0)
+    g.add_argument("--backbone_multiplier", type=non_negative_float, default=0.1)
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=0.01, help="0 disables clipping")
+    g.add_argument("--lr_steps", type=positive_int, nargs="*", default=None, help="default: (163889, 187546) x max_steps/200000")
+    g.add_argument("--lr_gamma", type=positive_float, default=0.1)
+    g.add_argument("--warmup_factor", type=non_negative_float, default=1.0)
+    g.add_argument("--warmup_iters", type=non_negative_int, default=10)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--cpu", action="store_true", help="run on the CPU (several CPU processes under torchrun: gloo)")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--num_workers", type=int, default=0)
-    g.add_argument("--max_train_seconds", type=float, default=None, help="stop after this wall time")
+    g.add_argument("--seed", type=non_negative_int, default=42)
+    g.add_argument("--num_workers", type=non_negative_int, default=0)
+    g.add_argument("--max_train_seconds", type=positive_float, default=None, help="stop after this wall time")
 
     g = p.add_argument_group("logging, checkpoints, evaluation")
     g.add_argument("--output_dir", required=True,
@@ -130,16 +153,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="train into a non-empty --output_dir: replace the run's own files there (the model, processor "
                         "and a fresh metrics.jsonl) and leave every other file alone")
-    g.add_argument("--logging_steps", type=int, default=20)
-    g.add_argument("--save_steps", type=int, default=5000, help="0: no intermediate checkpoints")
-    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--logging_steps", type=positive_int, default=20)
+    g.add_argument("--save_steps", type=non_negative_int, default=5000, help="0: no intermediate checkpoints")
+    g.add_argument("--save_total_limit", type=positive_int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest'")
-    g.add_argument("--eval_steps", type=int, default=0, help="0: evaluate only at the end (with --eval_dataset)")
-    g.add_argument("--eval_batch_size", type=int, default=1)
-    g.add_argument("--eval_max_samples", type=int, default=None)
+    g.add_argument("--eval_steps", type=non_negative_int, default=0, help="0: evaluate only at the end (with --eval_dataset)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=1)
+    g.add_argument("--eval_max_samples", type=positive_int, default=None)
     g.add_argument("--no_progress", action="store_true")
     g.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the final model and processor")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the combinations that cannot work refused as usage errors (exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.min_scale > args.max_scale:
+        parser.error(f"--min_scale {args.min_scale} is above --max_scale {args.max_scale}")
+    if args.image_label_dataset and not 0 < args.image_label_ratio < 1:
+        parser.error(f"--image_label_ratio must be between 0 and 1 (exclusive), got {args.image_label_ratio}")
+    if args.test_longest_edge is not None and args.test_shortest_edge is None:
+        parser.error("--test_longest_edge needs --test_shortest_edge")
+    if (args.eval_steps or args.eval_max_samples) and not args.eval_dataset:
+        parser.error("--eval_steps and --eval_max_samples need --eval_dataset")
+    for option, split, data in (("--dataset_split", args.dataset_split, args.dataset),
+                                ("--eval_split", args.eval_split, args.eval_dataset)):
+        if split is not None and data in (None, "synthetic"):
+            parser.error(f"{option} chooses a split of a local data set; {data or 'no data set'} has none")
+    if args.save_total_limit and not args.save_steps:
+        parser.error("--save_total_limit needs --save_steps (no checkpoint is saved with --save_steps 0)")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts a new run; --resume_from_checkpoint continues one: pass one of them")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,9 +205,17 @@ def load_model_and_processor(spec: str, overrides: dict | None = None):
         model, processor = load_model_folder(spec, EovSegConfig.from_pretrained(spec, **overrides))
         fresh = False
     elif spec in PRESETS:
-        config = EovSegConfig.from_variant(spec, **overrides)
-        model = EovSegForPanopticSegmentation(config)
-        processor = EovSegProcessor.from_config(config)
+        try:
+            config = EovSegConfig.from_variant(spec, **overrides)
+            model = EovSegForPanopticSegmentation(config)
+            processor = EovSegProcessor.from_config(config)
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as err:
+            if not overrides:
+                raise
+            raise TrainingArgumentError(
+                f"--config_overrides {json.dumps(overrides)}: no {spec} model can be built with these values "
+                f"({error_line(err)})"
+            ) from None
         fresh = True
     else:
         raise FileNotFoundError(
@@ -172,13 +226,9 @@ def load_model_and_processor(spec: str, overrides: dict | None = None):
 
 
 def resolve_categories(args, dataset, model) -> list[dict]:
-    """The training classes `[{"id", "name", "isthing"}]`: `--categories`, else the data set's stored ones, else
-    the model's default vocabulary (ids 0 .. K-1); see `eovseg.data_sources.resolve_categories`."""
-    from ..data_sources import resolve_categories as resolve
-
-    if not args.categories and dataset_categories(dataset) is None and not model.config.vocabulary:
-        raise ValueError("No categories: pass --categories (the data set and the model give none).")
-    return resolve(args.categories or None, dataset, model.config)
+    """The training classes `[{"id", "name", "isthing"}]`: `--categories`, else the data set's stored ones
+    (`eovseg.data_sources.categories_for_command`: a data set with none asks for `--categories`)."""
+    return categories_for_command(args.categories or None, dataset, model.config, "--categories")
 
 
 def store_training_vocabulary(model, processor, categories: list[dict]) -> None:
@@ -205,25 +255,29 @@ def parse_config_overrides(text: str | None) -> dict | None:
         raise TrainingArgumentError(f"--config_overrides is not valid JSON ({err}): {text!r}") from None
     if not isinstance(overrides, dict):
         raise TrainingArgumentError(f"--config_overrides must be a JSON object of config fields, got {text!r}")
-    known = set(EovSegConfig.from_variant("tiny").to_dict())
-    for key in overrides:
+    known = EovSegConfig.from_variant("tiny").to_dict()
+    for key, value in overrides.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TrainingArgumentError(f"--config_overrides: {key!r} is not an EovSegConfig field{hint}")
+        default = known[key]
+        # a value of another JSON type than the field's (a string for a number, ...) is a typo, never a setting
+        if default is not None and value is not None and _json_kind(value) != _json_kind(default):
+            raise TrainingArgumentError(
+                f"--config_overrides: {key!r} must be {_json_kind(default)} like its default {default!r}, got {value!r}"
+            )
     return overrides
 
 
-def check_output_dir(args) -> None:
-    """A non-empty --output_dir holds someone's files: train into it only when told how (overwrite or resume)."""
-    path = args.output_dir
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TrainingArgumentError(f"--output_dir {path} is a file, not a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        raise TrainingArgumentError(
-            f"--output_dir {path} is not empty: pass --overwrite_output_dir to replace this run's files in it (other "
-            "files stay) or --resume_from_checkpoint to continue a run."
-        )
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, (list, tuple)) else "an object"
 
 
 def build_datasets(args):
@@ -259,6 +313,61 @@ def make_train_dataset(args, rows, categories):
         rows, transform, image_column=args.image_column, panoptic_column=args.panoptic_column,
         segments_info_column=args.segments_info_column, category_id_to_label=id_to_label, seed=args.seed, shuffle=True,
     )
+
+
+def _column_names(rows) -> list[str] | None:
+    names = getattr(rows, "column_names", None)
+    if names is None and isinstance(rows, Sequence) and len(rows) and isinstance(rows[0], dict):
+        names = list(rows[0])
+    return list(names) if names is not None else None
+
+
+def check_rows(args, rows, categories: list[dict], option: str, kind: str) -> None:
+    """Check a panoptic data set before the first step, without decoding its images: its columns, and that every
+    segment of its `segments_info` has an id and a category among the run's classes (a broken evaluation set would
+    otherwise be found only after training). Semantic label maps are checked as they are read."""
+    from ..evaluation import DatasetColumns
+    from ..inputs import normalize_segments
+
+    if kind != "panoptic":
+        return
+    names = _column_names(rows)
+    if names is None:  # an iterable data set: read as it streams
+        return
+    if option == "--eval_dataset":  # the evaluation's column resolution (with its usual fallback names)
+        try:
+            column = DatasetColumns(
+                image=args.image_column, panoptic=args.panoptic_column, segments_info=args.segments_info_column
+            ).resolve(names, need_panoptic=True).segments_info
+        except KeyError as err:
+            raise TrainingArgumentError(f"{option} {args.eval_dataset}: {error_line(err)}") from None
+    else:
+        column = args.segments_info_column
+        for argument, name in (("--image_column", args.image_column), ("--panoptic_column", args.panoptic_column),
+                               ("--segments_info_column", column)):
+            if name not in names:
+                raise TrainingArgumentError(
+                    f"{option} {args.dataset}: no column {name!r} ({argument}); its columns are {names}."
+                )
+    known = {int(c["id"]) for c in categories}
+    values = rows[column] if hasattr(rows, "column_names") else [row.get(column) for row in rows]
+    for index, value in enumerate(values):
+        where = f"{option} row {index}"
+        try:
+            segments = normalize_segments(value, f"{where}: {column}")
+        except (TypeError, ValueError) as err:
+            raise TrainingArgumentError(error_line(err)) from None
+        for segment in segments:
+            if "id" not in segment or "category_id" not in segment:
+                raise TrainingArgumentError(f"{where}: every segment of {column!r} needs 'id' and 'category_id'.")
+            if int(segment.get("iscrowd", 0) or 0):
+                continue
+            if int(segment["category_id"]) not in known:
+                raise TrainingArgumentError(
+                    f"{where}: category_id {segment['category_id']} is not one of the run's {len(known)} classes "
+                    f"(ids {sorted(known)[:8]}{' ...' if len(known) > 8 else ''}); give the data set's classes with "
+                    "--categories."
+                )
 
 
 def add_image_label_dataset(args, panoptic_dataset):
@@ -333,15 +442,109 @@ def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _resolve_resume(spec: str | None, output_dir: str) -> str | None:
-    if not spec:
+def read_state(path: str) -> dict:
+    """A state file (`STATE_FILE` of a checkpoint, `FINISHED_FILE` of a run), refused in one line naming it when it
+    is not the JSON object this script writes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["global_step"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingArgumentError(
+            f"{path} is not a state file of this script ({type(err).__name__}: {str(err).strip()[:120]}): restore it "
+            "or move the folder away."
+        ) from None
+
+
+def finished_step(output_dir: str) -> int | None:
+    """The step at which the run in `output_dir` finished and saved its model (`FINISHED_FILE`), or None."""
+    path = os.path.join(output_dir, FINISHED_FILE)
+    return int(read_state(path)["global_step"]) if os.path.exists(path) else None
+
+
+def check_output_dir(args) -> str | None:
+    """Refuse, before anything is written, an --output_dir this run must not write into; returns the checkpoint
+    to resume from (None for a new run).
+
+    One folder, one run: a new run (with --overwrite_output_dir) never shares a folder with another run's
+    checkpoints (`--save_total_limit` would delete its own and keep those, `latest` would resume the wrong run); a
+    resume needs a checkpoint of the run in the folder, and never trains over the model that run finished with.
+    """
+    path = args.output_dir
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainingArgumentError(f"--output_dir {path} is a file, not a folder.")
+    if os.path.isdir(path) and os.listdir(path) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise TrainingArgumentError(
+            f"--output_dir {path} is not empty: pass --overwrite_output_dir to replace this run's files in it (other "
+            "files stay) or --resume_from_checkpoint to continue a run."
+        )
+    existing = _checkpoints(path)
+    if not args.resume_from_checkpoint:
+        if existing:
+            raise TrainingArgumentError(
+                f"--output_dir {path} holds another run's checkpoints ({os.path.basename(existing[-1][1])}): a new run "
+                "never shares a folder with them; move them away, choose another --output_dir, or continue that run "
+                "with --resume_from_checkpoint latest."
+            )
         return None
+    return _checked_resume(args, existing)
+
+
+def _checked_resume(args, existing: list[tuple[int, str]]) -> str:
+    path, spec = args.output_dir, args.resume_from_checkpoint
+    finished = finished_step(path) if os.path.isdir(path) else None
     if spec == "latest":
-        found = _checkpoints(output_dir)
-        return found[-1][1] if found else None
-    if not os.path.exists(os.path.join(spec, STATE_FILE)):
-        raise TrainingArgumentError(f"--resume_from_checkpoint {spec} is not a checkpoint of this script (no {STATE_FILE}).")
-    return spec
+        if not existing:
+            done = f" (the run there finished at step {finished} and kept none)" if finished is not None else ""
+            raise TrainingArgumentError(
+                f"--resume_from_checkpoint latest: {path} holds no checkpoint ({CHECKPOINT_PREFIX}STEP){done}; "
+                "nothing to resume. Start a new run in another --output_dir."
+            )
+        resume = existing[-1][1]
+    else:
+        resume = spec
+        if not os.path.exists(os.path.join(resume, STATE_FILE)):
+            raise TrainingArgumentError(
+                f"--resume_from_checkpoint {resume} is not a checkpoint of this script (no {STATE_FILE})."
+            )
+        own = {os.path.realpath(p) for _, p in existing}
+        if existing and os.path.realpath(resume) not in own:
+            raise TrainingArgumentError(
+                f"--output_dir {path} holds another run's checkpoints ({os.path.basename(existing[-1][1])}); resume "
+                f"{resume} into a folder of its own."
+            )
+    step = int(read_state(os.path.join(resume, STATE_FILE))["global_step"])
+    if finished is not None and step < finished:
+        raise TrainingArgumentError(
+            f"the run in {path} finished at step {finished} and saved its model; resuming from {resume} (step {step}) "
+            "would train over it. Resume into another --output_dir (copy the checkpoint there)."
+        )
+    if step >= args.max_steps:
+        raise TrainingArgumentError(
+            f"{resume} is at step {step} and --max_steps is {args.max_steps}: nothing to train (raise --max_steps to "
+            "continue the run)."
+        )
+    return resume
+
+
+@contextlib.contextmanager
+def _non_finite_guard(model):
+    """While training, stop at a non-finite offset of a deformable convolution: torchvision's CPU kernel crashes the
+    process on one (a diverging run reaches it before its loss turns non-finite)."""
+    from ..modeling_eovseg import EovSegModulatedDeformConv
+
+    def check(module, inputs, output):
+        if not bool(torch.isfinite(output).all()):
+            raise FloatingPointError("a deformable convolution's offsets are not finite")
+
+    handles = [m.offset_conv.register_forward_hook(check) for m in model.modules()
+               if isinstance(m, EovSegModulatedDeformConv)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _step_seed(seed: int, micro_step: int, process_index: int) -> int:
@@ -391,6 +594,9 @@ def _build_train_loader(args, processor, model, train_rows, categories, class_na
     )
     if len(loader) == 0:
         raise ValueError(f"The data set has {len(train_dataset)} rows, fewer than one batch ({args.per_device_batch_size}).")
+    # One example made before anything is written: a data set of the wrong kind (a panoptic set given as semantic,
+    # undecodable images) is refused then. Examples depend only on (seed, epoch, row): this changes nothing.
+    collator([train_dataset[0]])
     return train_dataset, loader
 
 
@@ -412,19 +618,17 @@ def _build_optimizer(args, model):
     return optimizer, scheduler
 
 
-def _resume_state(args, accelerator) -> tuple[str | None, int, int]:
-    """Load the checkpoint asked for (if any) into the prepared objects; returns it and its (global, micro) step."""
-    global_step, micro_step = 0, 0
-    resume = _resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if args.resume_from_checkpoint == "latest" and resume is None:
-        accelerator.print(f"No checkpoint in {args.output_dir} to resume from: starting afresh.")
-    if resume:
+def _resume_state(resume: str | None, accelerator) -> tuple[int, int]:
+    """Load the checkpoint (if any) into the prepared objects; returns its (global, micro) step."""
+    if not resume:
+        return 0, 0
+    state = read_state(os.path.join(resume, STATE_FILE))
+    try:
         accelerator.load_state(resume)
-        with open(os.path.join(resume, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        global_step, micro_step = int(state["global_step"]), int(state["micro_step"])
-        accelerator.print(f"Resumed from {resume} at step {global_step}.")
-    return resume, global_step, micro_step
+    except Exception as err:  # torch's, safetensors' or pickle's own errors on a damaged file: all mean the same
+        raise TrainingArgumentError(f"cannot load the checkpoint {resume}: {error_line(err)}") from None
+    accelerator.print(f"Resumed from {resume} at step {state['global_step']}.")
+    return int(state["global_step"]), int(state.get("micro_step", 0))
 
 
 class _TrainingRun:
@@ -441,9 +645,11 @@ class _TrainingRun:
         self.global_step, self.micro_step = global_step, micro_step
         self.is_main = accelerator.is_main_process
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        metrics_path = os.path.join(args.output_dir, METRICS_FILE)
-        # A resumed run appends to its log; a new run starts a fresh one (with --overwrite_output_dir too).
-        self.metrics_file = open(metrics_path, "a" if resume else "w", encoding="utf-8") if self.is_main else None
+        # A resumed run appends to its log; a new run starts a fresh one (with --overwrite_output_dir too), at its
+        # first record: a run that stops before it leaves the folder's files as they were.
+        self.metrics_mode = "a" if resume else "w"
+        self.metrics_file = None
+        self.last_checkpoint = resume
         self.interval: dict[str, float] = {}
         self.interval_steps, self.interval_start = 0, time.time()
         self.step_losses: dict[str, float] = {}
@@ -451,9 +657,12 @@ class _TrainingRun:
 
     def log(self, record: dict):
         """Append one JSON line to `metrics.jsonl` (main process only), flushed so a crash keeps what was logged."""
-        if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+        if not self.is_main:
+            return
+        if self.metrics_file is None:
+            self.metrics_file = open(os.path.join(self.args.output_dir, METRICS_FILE), self.metrics_mode, encoding="utf-8")
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
 
     def evaluate_now(self) -> dict | None:
         """Panoptic quality on the evaluation rows, computed by the main process while the others wait."""
@@ -476,10 +685,29 @@ class _TrainingRun:
             with open(os.path.join(path, STATE_FILE), "w", encoding="utf-8") as f:
                 state = {"global_step": self.global_step, "micro_step": self.micro_step, "args": vars(args)}
                 json.dump(state, f, indent=2)
-            if args.save_total_limit:
-                for _, old in _checkpoints(args.output_dir)[: -args.save_total_limit]:
+            if args.save_total_limit:  # the folder holds this run's checkpoints only (check_output_dir)
+                older = [p for step, p in _checkpoints(args.output_dir) if step < self.global_step]
+                for old in older[: max(0, len(older) - (args.save_total_limit - 1))]:
                     shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = path
         accelerator.wait_for_everyone()
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The one-line error of a run that met a non-finite value in its next step."""
+        kept = (f"the last checkpoint, {self.last_checkpoint}, is kept" if self.last_checkpoint
+                else "no checkpoint was saved before it")
+        return TrainingDivergedError(
+            f"step {self.global_step + 1}: {what}: the training diverged (try a lower --learning_rate); the step and "
+            f"the model were not saved, {kept}."
+        )
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        """Stop every process together when `value` is not finite on any of them."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad.item()):
+            raise self.diverged(f"{what} is not finite ({float(value.detach().float().flatten()[0])})")
 
     def forward_backward(self, batch, accumulation: int) -> bool:
         """One micro-batch, reseeded from (seed, micro step, process) for exact resume; True when the step syncs."""
@@ -489,7 +717,13 @@ class _TrainingRun:
         sync = self.micro_step % accumulation == 0
         context = contextlib.nullcontext() if sync else accelerator.no_sync(self.model)
         with context:
-            outputs = self.model(**batch)
+            try:
+                outputs = self.model(**batch)
+            except (FloatingPointError, EovSegInputError) as err:
+                if isinstance(err, EovSegInputError) and "finite" not in str(err).lower():
+                    raise
+                raise self.diverged(error_line(err)) from None
+            self.check_finite(outputs.loss, "the loss")
             accelerator.backward(outputs.loss / accumulation)
         for key, value in [("loss", outputs.loss), *outputs.loss_dict.items()]:
             self.step_losses[key] = self.step_losses.get(key, 0.0) + float(value.detach()) / accumulation
@@ -501,6 +735,14 @@ class _TrainingRun:
         grad_norm = None
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm, norm_type=2.0))
+        # fp16's loss scaler meets infinite gradients by design: it skips those steps and lowers the scale itself.
+        if args.mixed_precision != "fp16":
+            norm = grad_norm
+            if norm is None:  # gradients are synchronized: every process sees the same norm
+                norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
+            if not math.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise self.diverged(f"the gradient norm is not finite ({norm})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -537,9 +779,10 @@ class _TrainingRun:
             self.log_interval(lr, batches_per_epoch)
         if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps:
             self.last_eval = self.evaluate_now() or self.last_eval
-        if args.save_steps and global_step % args.save_steps == 0:
-            self.save_checkpoint()
         out_of_time = args.max_train_seconds is not None and time.time() - start_time > args.max_train_seconds
+        # A run stopped by --max_train_seconds keeps a checkpoint of where it stopped, to be resumed.
+        if args.save_steps and (global_step % args.save_steps == 0 or (out_of_time and global_step < args.max_steps)):
+            self.save_checkpoint()
         return global_step >= args.max_steps or out_of_time
 
     def run(self, loader, train_dataset, bar):
@@ -565,18 +808,51 @@ class _TrainingRun:
                     break
 
 
-def _save_final(accelerator, model, processor, categories, args) -> None:
-    """Save the model and processor in OUT with the training classes as vocabulary, and upload them if asked."""
-    from ..auto_registration import push_model_folder, save_model_folder
+def _save_final(accelerator, model, processor, categories, args, global_step: int) -> None:
+    """Save the model and processor in OUT with the training classes as vocabulary, atomically (a failure, such as
+    a full disk, leaves the folder as it was and says so), with the step it finished at (`FINISHED_FILE`)."""
+    from ..auto_registration import save_model_folder_atomically
 
     if accelerator.is_main_process:
         store_training_vocabulary(model, processor, categories)
-        save_model_folder(model, processor, args.output_dir)
-        if args.push_to_hub:
-            url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
-                                    ignore_patterns=[f"{CHECKPOINT_PREFIX}*"])  # the model, not the resume states
-            print(f"uploaded: {url}")
+        finished = json.dumps({"global_step": global_step, "max_steps": args.max_steps}, indent=2) + "\n"
+        try:
+            save_model_folder_atomically(model, processor, args.output_dir, {FINISHED_FILE: finished})
+        except OSError as err:
+            kept = [p for _, p in _checkpoints(args.output_dir)]
+            raise TrainingArgumentError(
+                f"could not save the trained model in {args.output_dir} ({error_line(err)}); nothing there was "
+                "replaced" + (f"; resume from {kept[-1]} once there is room" if kept else "")
+            ) from None
     accelerator.wait_for_everyone()
+
+
+def _push(accelerator, args) -> None:
+    from ..auto_registration import push_model_folder
+
+    if accelerator.is_main_process and args.push_to_hub:
+        url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
+                                ignore_patterns=[f"{CHECKPOINT_PREFIX}*", METRICS_FILE, FINISHED_FILE])  # the model only
+        print(f"uploaded: {url}")
+    accelerator.wait_for_everyone()
+
+
+def _prepare(args):
+    """Every check before anything is written: the arguments, the output folder, the upload, the model, the data
+    sets (their columns and categories) and the classes. Returns what the run needs."""
+    from ..auto_registration import check_push_access
+
+    resume = check_output_dir(args)
+    overrides = parse_config_overrides(args.config_overrides)
+    if args.push_to_hub:
+        check_push_access(args.push_to_hub)
+    model, processor, fresh = load_model_and_processor(args.model, overrides)
+    train_rows, eval_rows = build_datasets(args)
+    categories = resolve_categories(args, train_rows, model)
+    check_rows(args, train_rows, categories, "--dataset", args.dataset_type)
+    if eval_rows is not None:
+        check_rows(args, eval_rows, categories, "--eval_dataset", "panoptic")
+    return resume, model, processor, fresh, train_rows, eval_rows, categories
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -587,22 +863,14 @@ def train(args: argparse.Namespace) -> dict:
 
     from ..launch import launched_on_cpu_only
 
-    check_output_dir(args)
-    overrides = parse_config_overrides(args.config_overrides)
-
+    set_seed(args.seed)  # before a preset's random weights are drawn
+    resume, model, processor, fresh, train_rows, eval_rows, categories = _prepare(args)
     accelerator = Accelerator(
         cpu=args.cpu or launched_on_cpu_only(),
         mixed_precision=args.mixed_precision,
         project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=False),
     )
-    set_seed(args.seed)
     is_main = accelerator.is_main_process
-    if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    model, processor, fresh = load_model_and_processor(args.model, overrides)
-    train_rows, eval_rows = build_datasets(args)
-    categories = resolve_categories(args, train_rows, model)
     class_names = [c["name"] for c in categories]
     _set_train_vocabulary(model, processor, class_names, fresh)
     _apply_test_size(args, processor)
@@ -612,32 +880,46 @@ def train(args: argparse.Namespace) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # Stepped by hand once per optimizer step (a prepared scheduler would step once per process), saved with the state.
     accelerator.register_for_checkpointing(scheduler)
+    global_step, micro_step = _resume_state(resume, accelerator)
+    accelerator.wait_for_everyone()  # every process has checked the folder before it is written to
+    created = not os.path.exists(args.output_dir)
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)  # the first write, once every input was checked
+        if resume is None and os.path.exists(os.path.join(args.output_dir, FINISHED_FILE)):
+            # --overwrite_output_dir: the earlier run's end mark is this script's file, and no longer true
+            os.remove(os.path.join(args.output_dir, FINISHED_FILE))
+    accelerator.wait_for_everyone()
 
-    resume, global_step, micro_step = _resume_state(args, accelerator)
     run = _TrainingRun(args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
                        global_step, micro_step)
     bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
-    run.run(loader, train_dataset, bar)
-    bar.close()
-
-    last_eval = run.evaluate_now() or run.last_eval
-    _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args)
-    if run.metrics_file is not None:
-        run.metrics_file.close()
+    try:
+        with _non_finite_guard(accelerator.unwrap_model(model)):
+            run.run(loader, train_dataset, bar)
+        bar.close()
+        # The trained model is saved before the final evaluation: an evaluation that fails never loses it.
+        _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args, run.global_step)
+        last_eval = run.evaluate_now() or run.last_eval
+    finally:
+        if run.metrics_file is not None:
+            run.metrics_file.close()
+        if is_main and created and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # a run that wrote nothing leaves no folder behind
+    _push(accelerator, args)
     accelerator.end_training()
     return {"global_step": run.global_step, "micro_step": run.micro_step, "eval": last_eval,
             "output_dir": args.output_dir}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = train(args)
+def _train_command(argv: Sequence[str] | None = None) -> int:
+    summary = train(parse_args(argv))
     if summary["eval"]:
         print(json.dumps({"step": summary["global_step"], **summary["eval"]}))
     return 0
 
 
-if __name__ == "__main__":
-    from ..cli import run_main
+main = command_main(_train_command, "train")
 
-    sys.exit(run_main(main, prog="python -m eovseg.training.train"))
+
+if __name__ == "__main__":
+    sys.exit(main())

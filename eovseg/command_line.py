@@ -1,0 +1,125 @@
+"""The one error path and exit-status convention of every `eovseg` command, and the argument types they share.
+
+Exit status of every command (`eovseg COMMAND ...`, `python -m eovseg.MODULE ...`, or its `main(argv)` called from
+Python):
+
+* 0: success;
+* 2: a usage error, found while the arguments are parsed (an unknown option, a missing one, a value out of range:
+  argparse's `usage: ...` and `eovseg COMMAND: error: ...`);
+* 1: bad input found after parsing (a file, a data set, a model folder or a value the command cannot use), printed as
+  one line `eovseg COMMAND: error: MESSAGE` on stderr. Set `EOVSEG_TRACEBACK=1` to see the traceback instead.
+
+A command's `main` is `command_main(run, "train")`: `run(argv)` does the work and raises; this module's
+[`run_command`] is the single place that catches the project's error types ([`USER_ERRORS`]) and prints the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = [
+    "CommandError",
+    "EXIT_BAD_INPUT",
+    "EXIT_USAGE",
+    "USER_ERRORS",
+    "command_main",
+    "error_line",
+    "finite_float",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "probability",
+    "run_command",
+]
+
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2
+
+
+class CommandError(ValueError):
+    """Bad input a command cannot use: reported as one line, exit status 1. The package's other one-line errors
+    derive from `ValueError` (or are `OSError`s for missing or unreadable files) and are reported the same way."""
+
+
+# What a user's input can cause: anything else is a bug and keeps its traceback. KeyError and TypeError come from
+# malformed data-set rows and category lists (a missing key, a value of the wrong type).
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of an error's message (a KeyError's key without its quotes), or its type's name."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    text = str(message).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_command(run: Callable, argv: Sequence[str] | None = None, prog: str = "eovseg") -> int:
+    """Call `run(argv)` and turn its outcome into an exit status: its own status when it returns an int (not a
+    bool), else 0; 2 when argparse stops on a usage error; 1 and one line `PROG: error: ...` on stderr for a user
+    error."""
+    try:
+        result = run(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
+        if stop.code is None or isinstance(stop.code, int):
+            return int(stop.code or 0)
+        print(f"{prog}: error: {stop.code}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except USER_ERRORS as error:
+        if os.environ.get("EOVSEG_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {error_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if isinstance(result, bool) or not isinstance(result, int):
+        return 0
+    return result
+
+
+def command_main(run: Callable, command: str) -> Callable[[Sequence[str] | None], int]:
+    """The `main(argv) -> exit status` of the command `eovseg COMMAND` whose work is `run(argv)`."""
+
+    @functools.wraps(run)
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_command(run, argv, prog=f"eovseg {command}")
+
+    main.__doc__ = f"`eovseg {command}`: exit status 0, 1 for bad input (one line), 2 for a usage error."
+    return main
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument types: out-of-range values are usage errors, refused while the arguments are parsed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _number(kind: type, text: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _bounded(kind: type, name: str, accept: Callable[[float], bool], what: str):
+    def parse(text: str):
+        value = _number(kind, text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _bounded(int, "positive_int", lambda v: v > 0, "a positive integer")
+non_negative_int = _bounded(int, "non_negative_int", lambda v: v >= 0, "0 or a positive integer")
+finite_float = _bounded(float, "finite_float", lambda v: True, "a finite number")
+positive_float = _bounded(float, "positive_float", lambda v: v > 0, "a positive number")
+non_negative_float = _bounded(float, "non_negative_float", lambda v: v >= 0, "0 or a positive number")
+probability = _bounded(float, "probability", lambda v: 0 <= v <= 1, "a probability between 0 and 1")
