@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .command_line import command_main
+
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -237,11 +239,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command; a user error is one line and exit status 1 (console script, `python -m eovseg.app`, a call)."""
-    from .cli import run_main
-
-    return run_main(_main, argv, prog="eovseg app")
+main = command_main(_main, "app")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,6 @@ COMMANDS = {
     "app": "eovseg.app",
 }
 
-# The single error path, under the name the command modules' `__main__` blocks and older callers use.
-run_main = run_command
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

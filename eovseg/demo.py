@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from .command_line import command_main
+
 _ASSETS = Path(__file__).with_name("assets")
 # A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
 BUNDLED_IMAGE = _ASSETS / "coffee.jpg"
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.vocabulary, args.overwrite)
     if report["toy_model"]:
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from .cli import run_main
+main = command_main(_main, "demo")
 
-    sys.exit(run_main(main, prog="python -m eovseg.demo"))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .command_line import command_main
 from .demo import ModelOutputError, check_finite_outputs, has_stored_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -617,12 +618,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 1 if skipped else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command; a user error (bad argument, input, model or output folder) is one line and exit status 1, from
-    the console script, `python -m eovseg.predict` and a direct call alike."""
-    from .cli import run_main
-
-    return run_main(_main, argv, prog="eovseg predict")
+# a user error (bad argument, input, model or output folder) is one line and exit status 1, from the console script,
+# `python -m eovseg.predict` and a direct call alike
+main = command_main(_main, "predict")
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_module_entry_points_follow_the_same_convention(tmp_path):
 
 
 def test_cli_returns_int_status_for_any_main_result():
-    from eovseg.cli import run_main
+    from eovseg.command_line import run_command as run_main
 
     assert run_main(lambda argv: {"PQ": 1.0}) == 0
     assert run_main(lambda argv: None) == 0
