@@ -448,6 +448,7 @@ class _TrainingRun:
         self.interval_steps, self.interval_start = 0, time.time()
         self.step_losses: dict[str, float] = {}
         self.last_eval = None
+        self.last_loss = None  # the last logged interval's mean loss, for the model card
 
     def log(self, record: dict):
         """Append one JSON line to `metrics.jsonl` (main process only), flushed so a crash keeps what was logged."""
@@ -526,6 +527,7 @@ class _TrainingRun:
         if accelerator.num_processes > 1:  # averaged over processes
             values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
         record.update({k: float(v) for k, v in zip(keys, values)})
+        self.last_loss = record.get("loss", self.last_loss)
         record["seconds_per_step"] = elapsed / self.interval_steps
         self.log(record)
         self.interval, self.interval_steps, self.interval_start = {}, 0, time.time()
@@ -565,13 +567,18 @@ class _TrainingRun:
                     break
 
 
-def _save_final(accelerator, model, processor, categories, args) -> None:
-    """Save the model and processor in OUT with the training classes as vocabulary, and upload them if asked."""
+def _save_final(accelerator, model, processor, categories, args, figures: dict) -> None:
+    """Save the model and processor in OUT with the training classes as vocabulary, and a model card with the run's
+    `figures` (unless OUT has a README.md of the user's), and upload them if asked."""
     from ..auto_registration import push_model_folder, save_model_folder
+    from ..model_card import write_model_card
 
     if accelerator.is_main_process:
         store_training_vocabulary(model, processor, categories)
         save_model_folder(model, processor, args.output_dir)
+        made_by = [f"- Trained with `eovseg train` from `{args.model}` on `{args.dataset}` "
+                   f"({len(categories)} classes, the default vocabulary)."]
+        write_model_card(args.output_dir, model.config, model.num_parameters(), made_by=made_by, figures=figures)
         if args.push_to_hub:
             url = push_model_folder(args.output_dir, args.push_to_hub, "Upload fine-tuned EOV-Seg model",
                                     ignore_patterns=[f"{CHECKPOINT_PREFIX}*"])  # the model, not the resume states
@@ -621,7 +628,10 @@ def train(args: argparse.Namespace) -> dict:
     bar.close()
 
     last_eval = run.evaluate_now() or run.last_eval
-    _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args)
+    figures = {"training steps": run.global_step, "final training loss (last logged interval)": run.last_loss,
+               **{f"evaluation {key}": value for key, value in (last_eval or {}).items()}}
+    _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args,
+                {name: value for name, value in figures.items() if value is not None})
     if run.metrics_file is not None:
         run.metrics_file.close()
     accelerator.end_training()
