@@ -122,6 +122,11 @@ def _flatten_imports(source: str) -> str:
                   source, flags=re.MULTILINE)
 
 
+# First line of every code file copied into a folder: only a file carrying it is written again (save_pretrained into a
+# folder that holds a file of the user's of the same name, an `inputs.py`, leaves that file alone).
+COPIED_CODE_MARKER = "# Copied by eovseg into this model folder for trust_remote_code; edit the eovseg package instead."
+
+
 def _flat_name(relative: str) -> str:
     path = Path(relative)
     return f"{path.parent.name}.py" if path.name == "__init__.py" else path.name
@@ -131,13 +136,31 @@ def add_remote_code(folder: str | Path) -> None:
     """Copy the code files into a saved model folder and add `auto_map` entries (and the custom pipelines) to its
     config and processor files, those of them that are there."""
     folder = Path(folder)
+    kept = []
     for relative in REMOTE_CODE_FILES:
+        target = folder / _flat_name(relative)
+        if target.exists() and not _is_copied_code(target):
+            kept.append(target.name)
+            continue
         source = (_PACKAGE_DIR / relative).read_text(encoding="utf-8")
-        (folder / _flat_name(relative)).write_text(_flatten_imports(source), encoding="utf-8")
+        target.write_text(f"{COPIED_CODE_MARKER}\n{_flatten_imports(source)}", encoding="utf-8")
+    if kept:
+        import warnings
+
+        warnings.warn(f"{folder}: left the files {', '.join(kept)} alone (not written by eovseg); "
+                      "trust_remote_code=True will not work from this folder.", stacklevel=3)
     if (folder / "config.json").is_file():
         _add_auto_map(folder / "config.json", MODEL_AUTO_MAP, custom_pipelines=CUSTOM_PIPELINES)
     if (folder / "processor_config.json").is_file():
         _add_auto_map(folder / "processor_config.json", PROCESSOR_AUTO_MAP, IMAGE_PROCESSOR_AUTO_MAP)
+
+
+def _is_copied_code(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == COPIED_CODE_MARKER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _add_auto_map(path: Path, auto_map: dict[str, str], image_processor_auto_map: dict[str, str] | None = None,

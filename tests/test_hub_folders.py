@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments, pipeline
 
 import eovseg  # noqa: F401  (registers the Auto classes and the pipeline)
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
+from eovseg.auto_registration import COPIED_CODE_MARKER
 from eovseg.configuration_eovseg import TINY_TRAIN_VOCABULARY, TINY_VOCABULARY
 from eovseg.model_card import CARD_MARKER
 from eovseg.training.train import main as train_main
@@ -143,13 +144,21 @@ def test_training_folder_works_in_both_pipelines_and_its_card_has_the_run(tmp_pa
                        "evaluation PQ": f"{pq:.4g}"})
 
 
-def test_a_readme_of_the_user_is_never_replaced(tmp_path):
+def test_files_of_the_user_are_never_replaced(tmp_path):
     folder = tmp_path / "saved"
     folder.mkdir()
     (folder / "README.md").write_text("my notes\n")
+    (folder / "inputs.py").write_text("MINE = 1\n")  # the name of a code file copied for trust_remote_code
     config = EovSegConfig.from_variant("tiny")
-    trainer_save_model(EovSegForPanopticSegmentation(config), EovSegProcessor.from_config(config), folder)
-    assert (folder / "README.md").read_text() == "my notes\n"
+    with pytest.warns(UserWarning, match="left the files inputs.py alone"):
+        trainer_save_model(EovSegForPanopticSegmentation(config), EovSegProcessor.from_config(config), folder)
+    assert (folder / "README.md").read_text() == "my notes\n" and (folder / "inputs.py").read_text() == "MINE = 1\n"
+    assert (folder / "modeling_eovseg.py").is_file()
+    # a file eovseg copied (its first line says so) is written again by the next save
+    (folder / "inputs.py").write_text(f"{COPIED_CODE_MARKER}\nSTALE = 1\n")
+    EovSegForPanopticSegmentation(config).save_pretrained(folder)
+    copied = (folder / "inputs.py").read_text()
+    assert copied.startswith(COPIED_CODE_MARKER + "\n") and "def load_image" in copied and "STALE" not in copied
     out = tmp_path / "run"
     out.mkdir()
     (out / "README.md").write_text("my run\n")
