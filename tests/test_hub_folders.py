@@ -18,6 +18,8 @@ from transformers import Trainer, TrainingArguments, pipeline
 import eovseg  # noqa: F401  (registers the Auto classes and the pipeline)
 from eovseg import EovSegConfig, EovSegForPanopticSegmentation, EovSegProcessor
 from eovseg.auto_registration import COPIED_CODE_MARKER
+from eovseg.conversion_scripts.convert_original_checkpoint import main as convert_main
+from eovseg.conversion_scripts.key_mapping import ours_to_original_key
 from eovseg.configuration_eovseg import TINY_TRAIN_VOCABULARY, TINY_VOCABULARY
 from eovseg.model_card import CARD_MARKER
 from eovseg.training.train import main as train_main
@@ -211,3 +213,26 @@ def test_open_vocabulary_pipeline_runs_from_the_folder_code_where_eovseg_cannot_
     assert result["default"] == sorted(s["label"] for s in segmenter(image, subtask="semantic"))
     given = sorted(s["label"] for s in segmenter(image, candidate_labels=["car", "sky"], subtask="semantic"))
     assert result["given"] == given and set(given) <= {"car", "sky"}
+
+
+def test_converted_folder_works_in_both_pipelines_and_keeps_the_users_readme(tmp_path, image):
+    torch.manual_seed(0)
+    source = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny"))
+    checkpoint = tmp_path / "model_final.pth"
+    state = {ours_to_original_key(k): v for k, v in source.state_dict().items() if k != "default_text_embeddings"}
+    torch.save({"model": state}, checkpoint)
+    (tmp_path / "vocab.json").write_text(json.dumps({"classes": ["cup, mug", "table", "wall"],
+                                                     "is_thing": [True, True, False]}))
+    convert = ["--checkpoint_path", str(checkpoint), "--variant", "tiny", "--vocabulary", str(tmp_path / "vocab.json")]
+    out = tmp_path / "converted"
+    assert convert_main([*convert, "--output_dir", str(out)]) == 0
+    for task, found in run_both_pipelines(out, image).items():
+        assert found and set(found) <= {"cup", "table", "wall"}, (task, found)
+    card = check_card(out)
+    assert "Converted from the authors' checkpoint `model_final.pth`" in card.content
+    # converting again into the folder replaces eovseg's card but never a README.md of the user's
+    assert convert_main([*convert, "--output_dir", str(out), "--overwrite"]) == 0
+    check_card(out)
+    (out / "README.md").write_text("my notes\n")
+    assert convert_main([*convert, "--output_dir", str(out), "--overwrite"]) == 0
+    assert (out / "README.md").read_text() == "my notes\n"
