@@ -26,6 +26,17 @@ from eovseg.training.train import main as train_main
 from eovseg.vocabulary import display_name
 
 
+_THREADS = torch.get_num_threads()
+
+
+def setup_module():
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster, much faster on a busy machine
+
+
+def teardown_module():
+    torch.set_num_threads(_THREADS)
+
+
 @pytest.fixture(scope="module")
 def image():
     return Image.fromarray(np.random.RandomState(0).randint(0, 255, (48, 64, 3), dtype=np.uint8))
