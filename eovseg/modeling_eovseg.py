@@ -1446,8 +1446,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         they are not: a model built from a preset has zeros, an edited config.vocabulary other names). A model with
         no default vocabulary takes its training vocabulary (`config.train_vocabulary`, every class a thing), else
         the built-in `coco_panoptic` (the training vocabulary of every released checkpoint). Returns whether the
-        embeddings changed; a model without a text tower is left as it is."""
-        if not self._has_text_tower():
+        embeddings changed; a model that cannot encode the vocabulary (no text tower, weights not materialised, a
+        text tower smaller than CLIP's tokenizer) is left as it is."""
+        if not self._has_text_tower() or self.void_embedding.weight.is_meta:
             return False
         vocabulary = list(self.config.vocabulary or [])
         if not vocabulary:
@@ -1458,14 +1459,22 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
 
                 default = get_vocabulary("coco_panoptic")
                 names, is_thing = list(default.class_names), list(default.is_thing)
-            self.set_default_vocabulary(names, is_thing, self._default_vocabulary_input_ids(names))
+            input_ids = self._default_vocabulary_input_ids(names)
+            if not self._can_encode(input_ids):
+                return False
+            self.set_default_vocabulary(names, is_thing, input_ids)
             return True
         input_ids = self._default_vocabulary_input_ids(vocabulary)
+        if not self._can_encode(input_ids):
+            return False
         stored = getattr(self.config, "default_vocabulary_fingerprint", None)
         if stored is not None and stored == vocabulary_fingerprint(input_ids):
             return False
         self.set_default_vocabulary_embeddings(input_ids)
         return True
+
+    def _can_encode(self, input_ids: torch.LongTensor) -> bool:
+        return int(input_ids.max()) < self.clip_backbone.clip_model.token_embedding.num_embeddings
 
     def _default_vocabulary_input_ids(self, vocabulary) -> torch.LongTensor:
         context = self.clip_backbone.clip_model.positional_embedding.shape[0]
