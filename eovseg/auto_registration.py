@@ -23,6 +23,8 @@ REMOTE_CODE_FILES = [
     "processing/image_processing_pil_eovseg.py",
     "processing/processing_eovseg.py",
     "processing/tokenization_eovseg.py",
+    "pipeline_eovseg.py",
+    "vocabularies/__init__.py",  # copied as vocabularies.py; the built-in vocabularies' data files are not copied
 ]
 
 MODEL_AUTO_MAP = {
@@ -34,6 +36,15 @@ MODEL_AUTO_MAP = {
 # Only AutoProcessor: an "AutoImageProcessor" entry makes transformers' AutoVideoProcessor (which pipelines try)
 # look for a remote video processor and prompt the user about remote code even when eovseg is installed.
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_eovseg.EovSegProcessor"}
+# transformers' custom pipelines (read from config.json; needed only where eovseg is not imported, see
+# `EovSegConfig`): pipeline("open-vocabulary-segmentation", model=DIR, trust_remote_code=True) builds this class.
+CUSTOM_PIPELINES = {
+    "open-vocabulary-segmentation": {
+        "impl": "pipeline_eovseg.OpenVocabularySegmentationPipeline",
+        "pt": ["AutoModelForUniversalSegmentation"],
+        "type": "multimodal",
+    }
+}
 # AutoImageProcessor (which pipeline("image-segmentation") calls) reads the image processor entry nested in
 # processor_config.json before preprocessor_config.json: the entry there lets it find the remote class where eovseg is
 # not installed, without making the video-processor lookup ask about remote code.
@@ -79,9 +90,11 @@ def register() -> None:
     # The image-segmentation pipeline checks the model class against these name tables.
     modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES.setdefault("eovseg", "EovSegForPanopticSegmentation")
 
+    from .configuration_eovseg import set_saved_folder_hook
     from .pipeline_eovseg import register_pipeline
 
     register_pipeline()
+    set_saved_folder_hook(complete_model_folder)
     _registered = True
 
 
@@ -102,37 +115,95 @@ def _default_to_pil_backend(class_name: str) -> None:
 
 
 def _flatten_imports(source: str) -> str:
-    # `from ..vocabulary import x` (in processing/) and `from .processing import x` become flat `from .module import x`.
+    # `from ..vocabulary import x` (in processing/) becomes flat `from .vocabulary import x`, and the processing
+    # package's `from .processing import EovSegProcessor` its module's.
     source = re.sub(r"^(\s*)from \.\.(\w+) import", r"\1from .\2 import", source, flags=re.MULTILINE)
-    return source
+    return re.sub(r"^(\s*)from \.processing import EovSegProcessor$", r"\1from .processing_eovseg import EovSegProcessor",
+                  source, flags=re.MULTILINE)
+
+
+# First line of every code file copied into a folder: only a file carrying it is written again (save_pretrained into a
+# folder that holds a file of the user's of the same name, an `inputs.py`, leaves that file alone).
+COPIED_CODE_MARKER = "# Copied by eovseg into this model folder for trust_remote_code; edit the eovseg package instead."
+
+
+def _flat_name(relative: str) -> str:
+    path = Path(relative)
+    return f"{path.parent.name}.py" if path.name == "__init__.py" else path.name
 
 
 def add_remote_code(folder: str | Path) -> None:
-    """Copy the code files into a saved model folder and add `auto_map` entries to its config and processor files."""
+    """Copy the code files into a saved model folder and add `auto_map` entries (and the custom pipelines) to its
+    config and processor files, those of them that are there."""
     folder = Path(folder)
+    kept = []
     for relative in REMOTE_CODE_FILES:
+        target = folder / _flat_name(relative)
+        if target.exists() and not _is_copied_code(target):
+            kept.append(target.name)
+            continue
         source = (_PACKAGE_DIR / relative).read_text(encoding="utf-8")
-        (folder / Path(relative).name).write_text(_flatten_imports(source), encoding="utf-8")
-    _add_auto_map(folder / "config.json", MODEL_AUTO_MAP)
+        target.write_text(f"{COPIED_CODE_MARKER}\n{_flatten_imports(source)}", encoding="utf-8")
+    if kept:
+        import warnings
+
+        warnings.warn(f"{folder}: left the files {', '.join(kept)} alone (not written by eovseg); "
+                      "trust_remote_code=True will not work from this folder.", stacklevel=3)
+    if (folder / "config.json").is_file():
+        _add_auto_map(folder / "config.json", MODEL_AUTO_MAP, custom_pipelines=CUSTOM_PIPELINES)
     if (folder / "processor_config.json").is_file():
         _add_auto_map(folder / "processor_config.json", PROCESSOR_AUTO_MAP, IMAGE_PROCESSOR_AUTO_MAP)
 
 
-def _add_auto_map(path: Path, auto_map: dict[str, str], image_processor_auto_map: dict[str, str] | None = None) -> None:
+def _is_copied_code(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == COPIED_CODE_MARKER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _users_file(path: Path) -> bool:
+    """A README.md or code file of a name eovseg writes, that eovseg did not write."""
+    from .model_card import is_eovseg_card
+
+    if not path.is_file():
+        return False
+    if path.name == "README.md":
+        return not is_eovseg_card(path)
+    return path.name in {_flat_name(relative) for relative in REMOTE_CODE_FILES} and not _is_copied_code(path)
+
+
+def _add_auto_map(path: Path, auto_map: dict[str, str], image_processor_auto_map: dict[str, str] | None = None,
+                  custom_pipelines: dict | None = None) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("auto_map", {}).update(auto_map)
     if image_processor_auto_map and isinstance(data.get("image_processor"), dict):
         data["image_processor"].setdefault("auto_map", {}).update(image_processor_auto_map)
+    if custom_pipelines:
+        data.setdefault("custom_pipelines", {}).update(custom_pipelines)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def complete_model_folder(folder: str | Path, model=None) -> None:
+    """What every folder a model or processor of eovseg is saved into gets after `save_pretrained` (the Trainer's
+    too): the code files and entries for `trust_remote_code` and the pipelines, and, when the model is saved, a
+    model card unless the folder has a README.md (the training command and the conversion write theirs with the
+    figures of their run)."""
+    add_remote_code(folder)
+    if model is not None:
+        from .model_card import write_model_card
+
+        write_model_card(folder, model.config, model.num_parameters(), replace=False)
+
+
 def save_model_folder(model, processor, folder: str | Path) -> None:
-    """`save_pretrained` of model and processor into `folder`, plus the stand-alone image processor file (which
-    AutoImageProcessor and older readers look for) and what `trust_remote_code=True` needs."""
+    """`save_pretrained` of model and processor into `folder` (which add what `trust_remote_code=True` and the
+    pipelines need, and a model card), plus the stand-alone image processor file (which AutoImageProcessor and older
+    readers look for)."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
-    add_remote_code(folder)
 
 
 def save_model_folder_atomically(
@@ -154,7 +225,8 @@ def save_model_folder_atomically(
         save_model_folder(model, processor, staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
-        names = sorted(p.name for p in staging.iterdir())
+        # the user's README.md and files of the code files' names stay (eovseg writes its own only)
+        names = sorted(p.name for p in staging.iterdir() if not _users_file(folder / p.name))
         for name in names:
             target = folder / name
             if checkpoint is not None and target.exists() and target.resolve() == Path(checkpoint).resolve():

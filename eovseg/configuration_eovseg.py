@@ -167,6 +167,28 @@ def check_pretrained_source(source) -> None:
         raise FileNotFoundError(f"model folder {os.fspath(source)!r} not found (nor is it a Hub repository id).") from None
 
 
+def _open_vocabulary_pipeline_registered() -> bool:
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    return "open-vocabulary-segmentation" in PIPELINE_REGISTRY.get_supported_tasks()
+
+
+# Completes a folder after `save_pretrained` of the model or the processor (the code files for trust_remote_code, the
+# pipelines, the model card), called as `hook(folder, model_or_None)`. Set by `eovseg.auto_registration.register`
+# (run on `import eovseg`); unset in the code copied into a model folder, which saves what transformers saves.
+_saved_folder_hook = None
+
+
+def set_saved_folder_hook(hook) -> None:
+    global _saved_folder_hook
+    _saved_folder_hook = hook
+
+
+def complete_saved_folder(save_directory, model=None) -> None:
+    if _saved_folder_hook is not None:
+        _saved_folder_hook(save_directory, model)
+
+
 def check_save_directory(save_directory) -> None:
     """Refuse a `save_pretrained` target that is a file (transformers logs an error and saves nothing, or fails
     half-way)."""
@@ -461,6 +483,10 @@ class EovSegConfig(PretrainedConfig):
         self.train_vocabulary = list(train_vocabulary or [])
         self.vocabulary, self.is_thing = self._check_vocabulary(vocabulary, is_thing, kwargs)
         self.default_vocabulary_fingerprint = default_vocabulary_fingerprint
+        if kwargs.get("custom_pipelines") and _open_vocabulary_pipeline_registered():
+            # A saved folder names its pipeline for where eovseg is not imported; where it is (registered), that
+            # entry would make transformers refuse the pipeline without trust_remote_code.
+            kwargs.pop("custom_pipelines")
         super().__init__(**kwargs)
 
     @staticmethod

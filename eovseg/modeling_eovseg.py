@@ -41,7 +41,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .classifier_eovseg import build_synonym_index, classification_logits
-from .configuration_eovseg import EovSegConfig, EovSegInputError, check_pretrained_source, check_save_directory
+from .configuration_eovseg import (
+    EovSegConfig,
+    EovSegInputError,
+    check_pretrained_source,
+    check_save_directory,
+    complete_saved_folder,
+)
 from .cpu_memory import reuse_freed_memory
 from .loss_eovseg import EovSegLoss
 from .opsnet_eovseg import EovSegDecoupledSupervision, EovSegEmbeddingModulation, EovSegMaskFiltering
@@ -1247,8 +1253,8 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         if config.vocabulary:
             num_synonyms = sum(count_synonyms(config.vocabulary))
             self.register_buffer("default_text_embeddings", torch.zeros(num_synonyms, config.embed_dim))
-        else:
-            self.default_text_embeddings = None
+        else:  # a buffer slot all the same, so that `set_default_vocabulary` can fill it
+            self.register_buffer("default_text_embeddings", None)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._verified_vocabulary: tuple | None = None
         self.embedding_modulation = EovSegEmbeddingModulation(
@@ -1303,8 +1309,18 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the default vocabulary's text embeddings brought up to date first
+        (see [`~EovSegForPanopticSegmentation.store_default_vocabulary`]), so that every saved folder (the
+        Trainer's too) runs in the pipelines with no class list; then the folder gets the code files for
+        `trust_remote_code`, the pipelines' entries and a model card (where `eovseg` is imported)."""
         check_save_directory(save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if self.store_default_vocabulary() and kwargs.get("state_dict") is not None:
+            # the Trainer hands over a state dict taken before this call
+            kwargs["state_dict"] = {**kwargs["state_dict"], "default_text_embeddings": self.default_text_embeddings}
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            complete_saved_folder(save_directory, self)
+        return result
 
     def freeze_clip_towers(self) -> None:
         """No gradients for the frozen CLIP towers (the CNN CLIP and the ViT block), as in the original."""
@@ -1424,6 +1440,46 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.config.default_vocabulary_fingerprint = vocabulary_fingerprint(input_ids)
         self._verified_vocabulary = tuple(self.config.vocabulary)
 
+    @torch.no_grad()
+    def store_default_vocabulary(self) -> bool:
+        """Make sure the stored default-vocabulary embeddings are those of `config.vocabulary` (encoding them when
+        they are not: a model built from a preset has zeros, an edited config.vocabulary other names). A model with
+        no default vocabulary takes its training vocabulary (`config.train_vocabulary`, every class a thing), else
+        the built-in `coco_panoptic` (the training vocabulary of every released checkpoint). Returns whether the
+        embeddings changed; a model that cannot encode the vocabulary (no text tower, weights not materialised, a
+        text tower smaller than CLIP's tokenizer) is left as it is."""
+        if not self._has_text_tower() or self.void_embedding.weight.is_meta:
+            return False
+        vocabulary = list(self.config.vocabulary or [])
+        if not vocabulary:
+            if self.config.train_vocabulary:
+                names, is_thing = list(self.config.train_vocabulary), [True] * len(self.config.train_vocabulary)
+            else:
+                from .vocabularies import get_vocabulary
+
+                default = get_vocabulary("coco_panoptic")
+                names, is_thing = list(default.class_names), list(default.is_thing)
+            input_ids = self._default_vocabulary_input_ids(names)
+            if not self._can_encode(input_ids):
+                return False
+            self.set_default_vocabulary(names, is_thing, input_ids)
+            return True
+        input_ids = self._default_vocabulary_input_ids(vocabulary)
+        if not self._can_encode(input_ids):
+            return False
+        stored = getattr(self.config, "default_vocabulary_fingerprint", None)
+        if stored is not None and stored == vocabulary_fingerprint(input_ids):
+            return False
+        self.set_default_vocabulary_embeddings(input_ids)
+        return True
+
+    def _can_encode(self, input_ids: torch.LongTensor) -> bool:
+        return int(input_ids.max()) < self.clip_backbone.clip_model.token_embedding.num_embeddings
+
+    def _default_vocabulary_input_ids(self, vocabulary) -> torch.LongTensor:
+        context = self.clip_backbone.clip_model.positional_embedding.shape[0]
+        return open_clip.tokenize(build_prompts(vocabulary), context_length=context)
+
     def _has_text_tower(self) -> bool:
         return getattr(self.clip_backbone.clip_model, "transformer", None) is not None
 
@@ -1434,8 +1490,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         stored = getattr(self.config, "default_vocabulary_fingerprint", None)
         if stored is None or self._verified_vocabulary == vocabulary:
             return self.default_text_embeddings
-        context = self.clip_backbone.clip_model.positional_embedding.shape[0]
-        input_ids = open_clip.tokenize(build_prompts(vocabulary), context_length=context)
+        input_ids = self._default_vocabulary_input_ids(vocabulary)
         if vocabulary_fingerprint(input_ids) != stored:
             if not self._has_text_tower():
                 raise EovSegInputError(

@@ -84,6 +84,11 @@ def test_pipeline_snippets_import_eovseg():
             )
 
 
+def test_snippets_use_dtype_not_the_deprecated_torch_dtype():
+    # transformers 5 reads `dtype=`; `torch_dtype=` still works but warns that it is deprecated
+    assert not [b["line"] for b in BLOCKS if re.search(r"\btorch_dtype\s*=", b["code"])]
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"line{b['line']}" for b in RUNNABLE])
 def test_python_block_runs(block, workdir):
     result = subprocess.run([sys.executable, "-c", block["code"]], cwd=workdir, env=_environment(),

@@ -7,7 +7,8 @@
 The training vocabulary defaults to the built-in `coco_panoptic` (that of every released checkpoint, so the seen /
 unseen ensemble weights are the original's), and so does the default vocabulary. The folder gets `config.json`,
 `model.safetensors` (with the default vocabulary's text embeddings, so inference needs no class list and no text
-pass), the processor and tokenizer files, a model card, and the code files for `trust_remote_code`. is written to `--output_dir` unless the whole conversion succeeds.
+pass), the processor and tokenizer files, a model card, and the code files for `trust_remote_code`. Nothing
+is written to `--output_dir` unless the whole conversion succeeds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from ..auto_registration import check_push_access, push_model_folder, save_model_folder_atomically
 from ..command_line import CommandError, command_main, non_negative_int
 from ..configuration_eovseg import PRESETS, EovSegConfig
+from ..model_card import model_card
 from ..vocabularies import Vocabulary, load_vocabulary
 from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
@@ -179,58 +181,24 @@ def convert(original: dict[str, torch.Tensor], config: EovSegConfig):
 # --------------------------------------------------------------------------------------------------- model card
 
 
-def model_card(
-    config: EovSegConfig, num_params: int, checkpoint_name: str, vocabulary_source: str, train_source: str
-) -> str:
+def conversion_card_lines(config: EovSegConfig, checkpoint_name: str, train_source: str) -> list[str]:
+    """The model card's lines on how a converted folder was made (see `eovseg.model_card`)."""
     # The authors' model-zoo table (ADE20K open-vocabulary panoptic, trained on COCO panoptic; RTX 3090 FPS).
     reported = {
         "r50": "PQ 15.1, SQ 57.0, RQ 18.9, AP 7.2, mIoU 21.9, 23.8 FPS, 71M parameters (EOV-Seg (S))",
         "r50x4": "PQ 18.7, SQ 63.5, RQ 23.2, AP 8.5, mIoU 25.5, 18.4 FPS, 127M parameters (EOV-Seg (M))",
         "convnext_l": "PQ 24.5, SQ 70.2, RQ 30.1, AP 13.7, mIoU 32.1, 11.6 FPS, 225M parameters (EOV-Seg (L))",
     }.get(config.variant, "none (not a published variant)")
-    num_classes = len(config.vocabulary or [])
-    return f"""---
-library_name: transformers
-pipeline_tag: image-segmentation
-tags: [eovseg, open-vocabulary, panoptic-segmentation]
----
+    return [
+        f"- Training vocabulary from `{train_source}` (that of the released checkpoints, so the seen / unseen "
+        "ensemble weights are the original's); another default vocabulary: convert again with "
+        "`--vocabulary NAME|FILE`.",
+        f"- Converted from the authors' checkpoint `{checkpoint_name}` with `eovseg convert`; every original key was "
+        "mapped or listed as dropped (ViT blocks after the first and the ViT model's text tower and head are not used "
+        "by EOV-Seg).",
+        f"- Reported by the authors on ADE20K (their figures, not measured here): {reported}.",
+    ]
 
-# EOV-Seg ({config.variant})
-
-EOV-Seg (Niu et al., *EOV-Seg: Efficient Open-Vocabulary Panoptic Segmentation*, AAAI 2025), converted to a
-Transformers model with the `eovseg` package.
-
-- Variant: `{config.variant}`: CNN CLIP `{config.clip_model_name}` ({config.clip_pretrained}), spatial-awareness
-  extractor: first block of `{config.vit_model_name}` ({config.vit_pretrained}).
-- Parameters in this folder: {num_params / 1e6:.1f}M (all tensors, including the frozen CLIP text tower used to encode
-  new vocabularies).
-- Default vocabulary: `{vocabulary_source}` ({num_classes} classes); its text embeddings are stored with the weights,
-  so `pipeline("image-segmentation", model=<this folder>)` needs no class list and no text pass. To use other classes,
-  give them at call time (`pipeline("open-vocabulary-segmentation", ...)(image, candidate_labels=[...])` or a built-in
-  name such as `candidate_labels="ade20k_150"`; `processor(images=..., text=...)`), store another default with
-  `eovseg.vocabularies.set_default_vocabulary(model, processor, "ade20k_150")` and `save_pretrained`, or convert
-  again with `--vocabulary NAME|FILE`.
-- Training vocabulary: `{train_source}` ({len(config.train_vocabulary)} classes): a test class sharing a synonym with it
-  is *seen* and gets the ensemble weight alpha ({config.geometric_ensemble_alpha}), other classes beta
-  ({config.geometric_ensemble_beta}), as in the original.
-- Converted from the authors' checkpoint `{checkpoint_name}` with
-  `python -m eovseg.conversion_scripts.convert_original_checkpoint`; every original key was mapped or listed as
-  dropped (ViT blocks after the first and the ViT model's text tower and head are not used by EOV-Seg).
-- Reported by the authors on ADE20K (their figures, not measured here): {reported}.
-
-## Use
-
-```python
-import eovseg  # registers the Auto classes (or pass trust_remote_code=True where eovseg is not installed)
-from transformers import pipeline
-
-segmenter = pipeline("image-segmentation", model="<this folder>")   # default vocabulary
-segments = segmenter("street.jpg", subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.8)
-
-ov = pipeline("open-vocabulary-segmentation", model="<this folder>")
-segments = ov("street.jpg", candidate_labels="ade20k_150")          # a built-in vocabulary, or a list of classes
-```
-"""
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -284,7 +252,8 @@ def run_conversion(args) -> Path:
 
     # Staged in a hidden folder inside the output folder, then only the staged files are moved in: nothing else
     # there is touched, and the checkpoint is never replaced.
-    card = model_card(config, num_params, Path(args.checkpoint_path).name, str(args.vocabulary), str(args.train_vocabulary))
+    made_by = conversion_card_lines(config, Path(args.checkpoint_path).name, str(args.train_vocabulary))
+    card = model_card(config, num_params, vocabulary_source=str(args.vocabulary), made_by=made_by)
     try:
         names = save_model_folder_atomically(
             model, processor, output_dir, {"README.md": card, "dropped_keys.txt": "\n".join(dropped) + "\n"},

@@ -11,7 +11,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
 
-from ..configuration_eovseg import check_pretrained_source, check_save_directory
+from ..configuration_eovseg import check_pretrained_source, check_save_directory, complete_saved_folder
 from ..vocabulary import VocabularyError, build_prompts, seen_class_mask, synonym_counts, validate_vocabulary
 from .image_processing_eovseg import EovSegImageProcessorKwargs
 from .tokenization_eovseg import DEFAULT_CONTEXT_LENGTH, build_clip_tokenizer, check_clip_tokenizer, clip_token_ids
@@ -135,7 +135,9 @@ class EovSegProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         check_save_directory(save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        complete_saved_folder(save_directory)  # the auto_map entries, whichever of model and processor came first
+        return result
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):

@@ -654,6 +654,7 @@ class _TrainingRun:
         self.interval_steps, self.interval_start = 0, time.time()
         self.step_losses: dict[str, float] = {}
         self.last_eval = None
+        self.last_loss = None  # the last logged interval's mean loss, for the model card
 
     def log(self, record: dict):
         """Append one JSON line to `metrics.jsonl` (main process only), flushed so a crash keeps what was logged."""
@@ -768,6 +769,7 @@ class _TrainingRun:
         if accelerator.num_processes > 1:  # averaged over processes
             values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
         record.update({k: float(v) for k, v in zip(keys, values)})
+        self.last_loss = record.get("loss", self.last_loss)
         record["seconds_per_step"] = elapsed / self.interval_steps
         self.log(record)
         self.interval, self.interval_steps, self.interval_start = {}, 0, time.time()
@@ -808,16 +810,18 @@ class _TrainingRun:
                     break
 
 
-def _save_final(accelerator, model, processor, categories, args, global_step: int) -> None:
+def _save_final(accelerator, model, processor, categories, args, run) -> None:
     """Save the model and processor in OUT with the training classes as vocabulary, atomically (a failure, such as
-    a full disk, leaves the folder as it was and says so), with the step it finished at (`FINISHED_FILE`)."""
+    a full disk, leaves the folder as it was and says so), with the step it finished at (`FINISHED_FILE`) and a
+    model card with the run's figures (unless OUT has a README.md of the user's)."""
     from ..auto_registration import save_model_folder_atomically
 
     if accelerator.is_main_process:
         store_training_vocabulary(model, processor, categories)
-        finished = json.dumps({"global_step": global_step, "max_steps": args.max_steps}, indent=2) + "\n"
+        finished = json.dumps({"global_step": run.global_step, "max_steps": args.max_steps}, indent=2) + "\n"
+        card = _training_card(model, categories, args, run, run.last_eval)
         try:
-            save_model_folder_atomically(model, processor, args.output_dir, {FINISHED_FILE: finished})
+            save_model_folder_atomically(model, processor, args.output_dir, {FINISHED_FILE: finished, "README.md": card})
         except OSError as err:
             kept = [p for _, p in _checkpoints(args.output_dir)]
             raise TrainingArgumentError(
@@ -825,6 +829,27 @@ def _save_final(accelerator, model, processor, categories, args, global_step: in
                 "replaced" + (f"; resume from {kept[-1]} once there is room" if kept else "")
             ) from None
     accelerator.wait_for_everyone()
+
+
+def _training_card(model, categories, args, run, evaluation: dict | None) -> str:
+    from ..model_card import model_card
+
+    figures = {"training steps": run.global_step, "final training loss (last logged interval)": run.last_loss,
+               **{f"evaluation {key}": value for key, value in (evaluation or {}).items()}}
+    made_by = [f"- Trained with `eovseg train` from `{args.model}` on `{args.dataset}` "
+               f"({len(categories)} classes, the default vocabulary)."]
+    return model_card(model.config, model.num_parameters(), made_by=made_by,
+                      figures={name: value for name, value in figures.items() if value is not None})
+
+
+def _card_with_evaluation(accelerator, model, categories, args, run, evaluation: dict | None) -> None:
+    """The final evaluation's figures join the card saved with the model (a card the user wrote stays)."""
+    from ..model_card import is_eovseg_card
+
+    card_path = os.path.join(args.output_dir, "README.md")
+    if accelerator.is_main_process and evaluation and is_eovseg_card(card_path):
+        with open(card_path, "w", encoding="utf-8") as card:
+            card.write(_training_card(model, categories, args, run, evaluation))
 
 
 def _push(accelerator, args) -> None:
@@ -898,8 +923,9 @@ def train(args: argparse.Namespace) -> dict:
             run.run(loader, train_dataset, bar)
         bar.close()
         # The trained model is saved before the final evaluation: an evaluation that fails never loses it.
-        _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args, run.global_step)
+        _save_final(accelerator, accelerator.unwrap_model(model), processor, categories, args, run)
         last_eval = run.evaluate_now() or run.last_eval
+        _card_with_evaluation(accelerator, accelerator.unwrap_model(model), categories, args, run, last_eval)
     finally:
         if run.metrics_file is not None:
             run.metrics_file.close()
