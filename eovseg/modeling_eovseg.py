@@ -213,6 +213,9 @@ class EovSegClipBackbone(nn.Module):
             self.channels = [visual.conv3.out_channels] + [layer[-1].conv3.out_channels for layer in layers]
         for p in self.parameters():
             p.requires_grad = False
+        # inside the backbone's block, as it runs the vision tower's heads: a module passed to a forward across a
+        # block boundary would be moved by accelerate's device hook (`device_map`)
+        self.out_of_vocabulary = EovSegOutOfVocabularyEmbedder()
 
     @staticmethod
     def _stage_channels(stage: nn.Module) -> int:
@@ -254,6 +257,11 @@ class EovSegClipBackbone(nn.Module):
                 features[f"res{i + 2}"] = x
             features["clip_dense"] = x
         return features
+
+    def embed_masks(self, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """The out-of-vocabulary branch: the CLIP embedding (B, Q, D) of each mask (B, Q, h, w) from the dense CLIP
+        features (B, C, h, w) ([`EovSegOutOfVocabularyEmbedder`])."""
+        return self.out_of_vocabulary(self, dense, mask_logits.to(dense.device))
 
     @property
     def embed_dim(self) -> int:
@@ -705,11 +713,16 @@ class EovSegLightAggregator(nn.Module):
     @staticmethod
     def coordinate_features(x: torch.Tensor) -> torch.Tensor:
         """CoordConv features: x and y in [-1, 1] over the feature map, (B, 2, H, W)."""
+        if _tracing():
+            # `torch.linspace` takes its length as a plain int, so tracing would fix the image size; the traced program
+            # calls it through an operator of its own (same values), whose output size follows the input's
+            return torch.ops.eovseg.coordinate_features(x)
         batch, _, height, width = x.shape
         ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         return torch.stack([grid_x, grid_y]).expand(batch, -1, -1, -1)
+
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         # features: res2..res5. Walk from the coarsest level down.
@@ -731,6 +744,25 @@ class EovSegLightAggregator(nn.Module):
         fused = fused + self.fuse_bias
         x = self.output_conv(fused)
         return self.coord_proj(torch.cat([x, self.coordinate_features(x)], dim=1))
+
+
+def _register_coordinate_features_operator():
+    """`torch.ops.eovseg.coordinate_features(x)`: [`EovSegLightAggregator.coordinate_features`] as one operator for
+    traced programs (torch.export, torch.compile), whose output shape (B, 2, H, W) follows x's symbolic shape. Defined
+    once per process (the code may be imported twice: as a package and as a model folder's remote code)."""
+    if hasattr(torch.ops.eovseg, "coordinate_features"):
+        return
+
+    @torch.library.custom_op("eovseg::coordinate_features", mutates_args=())
+    def coordinate_features(x: torch.Tensor) -> torch.Tensor:
+        return EovSegLightAggregator.coordinate_features(x).contiguous()
+
+    @coordinate_features.register_fake
+    def _(x):
+        return x.new_empty(x.shape[0], 2, x.shape[2], x.shape[3])
+
+
+_register_coordinate_features_operator()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1343,7 +1375,6 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.aggregator = EovSegLightAggregator(config, self.clip_backbone.channels[1:])
         self.decoder = EovSegLightweightDecoder(config, self.spatial_extractor.width)
         self.void_embedding = nn.Embedding(1, config.embed_dim)
-        self.out_of_vocabulary = EovSegOutOfVocabularyEmbedder()
         self.ensemble = EovSegGeometricEnsemble(
             config.geometric_ensemble_alpha, config.geometric_ensemble_beta, config.ensemble_on_valid_mask
         )
@@ -1567,45 +1598,47 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return _Vocabulary(
             text_embeddings=embeddings,
             embeddings_with_void=torch.cat([embeddings, void], dim=0),
-            synonym_index=build_synonym_index(counts),
+            synonym_index=build_synonym_index(counts, device=embeddings.device),
             seen=seen,
             is_default=input_ids is None and text_embeddings is None,
         )
 
     def _vocabulary_tensors(self, input_ids, synonym_counts, class_seen_mask, text_embeddings):
-        """(synonym embeddings, synonyms per class, seen flags) from the inputs, or from the default vocabulary."""
+        """(synonym embeddings, synonyms per class as a list of ints, seen flags) from the inputs, or from the default
+        vocabulary."""
         device = self.void_embedding.weight.device
         if input_ids is not None and text_embeddings is not None:
             raise EovSegInputError("Give either input_ids or text_embeddings, not both.")
         if input_ids is None and text_embeddings is None:
-            if self.default_text_embeddings is None or not bool(self.default_text_embeddings.abs().sum() > 0):
+            stored = self.default_text_embeddings
+            # (while tracing, the stored values are unknown: a model without them is refused in eager mode)
+            if stored is None or (not _tracing() and not bool(stored.abs().sum() > 0)):
                 raise EovSegInputError(
                     "No vocabulary was given and this model has no stored default-vocabulary embeddings: pass the "
                     "processor's text outputs (processor(images=..., text=class_names)) or text_embeddings."
                 )
             embeddings = self._checked_default_embeddings()
             vocab = self.config.vocabulary
-            counts = torch.tensor(count_synonyms(vocab), device=device)
             seen = torch.tensor(seen_class_mask(vocab, self.config.train_vocabulary), device=device)
-            return embeddings, counts, seen
+            return embeddings, count_synonyms(vocab), seen
         if synonym_counts is None:
             raise EovSegInputError("synonym_counts (the number of synonyms of each class) must come with the vocabulary.")
-        counts = torch.as_tensor(synonym_counts, device=device).to(torch.long).flatten()
-        if counts.numel() == 0 or bool((counts <= 0).any()):
+        counts = _synonym_counts_list(synonym_counts)
+        if not counts or min(counts) <= 0:
             raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
         if input_ids is not None:
             embeddings = self._cached_text_embeddings(input_ids)
         else:
             embeddings = self._check_text_embeddings(text_embeddings)
-        if embeddings.shape[0] != int(counts.sum()):
+        if embeddings.shape[0] != sum(counts):
             raise EovSegInputError(
-                f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {int(counts.sum())}."
+                f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {sum(counts)}."
             )
         if class_seen_mask is None:
-            return embeddings, counts, torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
+            return embeddings, counts, torch.zeros(len(counts), dtype=torch.bool, device=device)
         seen = torch.as_tensor(class_seen_mask, device=device).to(torch.bool).flatten()
-        if seen.shape[0] != counts.shape[0]:
-            raise EovSegInputError(f"class_seen_mask has {seen.shape[0]} entries for {counts.shape[0]} classes.")
+        if seen.shape[0] != len(counts):
+            raise EovSegInputError(f"class_seen_mask has {seen.shape[0]} entries for {len(counts)} classes.")
         return embeddings, counts, seen
 
     # ------------------------------------------------------------------ OPSNet options
@@ -1855,7 +1888,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         against the vocabulary with CLIP's logit scale. Returns the logits (B, Q, K + 1), which queries have a mask
         with at least one positive pixel at the CLIP feature resolution, and the CLIP embeddings (B, Q, D)."""
         masks = F.interpolate(mask_logits, size=clip_dense.shape[-2:], mode="bilinear", align_corners=False)
-        clip_embeddings = self.out_of_vocabulary(self.clip_backbone, clip_dense, masks)
+        clip_embeddings = self.clip_backbone.embed_masks(clip_dense, masks)
         with offloaded_weights_loaded([self.clip_backbone.clip_model]):
             logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
         classifier = vocabulary.embeddings_with_void
@@ -1925,6 +1958,19 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return self.criterion(
             list(stage_class_logits), list(stage_mask_logits), mask_labels, class_labels, stage_hook=hook
         )
+
+
+def _synonym_counts_list(synonym_counts) -> list[int]:
+    """Synonyms per class as Python ints. While torch.export or torch.compile traces the model a tensor's values are
+    unknown, and the vocabulary's structure must be known: it is then given as a list of ints."""
+    if isinstance(synonym_counts, (list, tuple)) and all(isinstance(c, int) for c in synonym_counts):
+        return [int(c) for c in synonym_counts]
+    if _tracing():
+        raise EovSegInputError(
+            "While torch.export or torch.compile traces the model, give synonym_counts as a list of ints (the "
+            "vocabulary's structure is fixed in the traced program), not as a tensor."
+        )
+    return torch.as_tensor(synonym_counts).to(torch.long).flatten().tolist()
 
 
 def _can_overlap(pixel_values: torch.Tensor) -> bool:
@@ -2012,7 +2058,8 @@ def _hidden_states(image: _ImageFeatures, decoded: _Decoded, vocabulary: _Vocabu
 def _image_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.LongTensor:
     """(B, 2) height and width of each image's valid region: from `pixel_mask`, else the whole input."""
     if pixel_mask is None:
-        return torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
+        size = torch.tensor(list(pixel_values.shape[-2:]), device=pixel_values.device)
+        return size.repeat(pixel_values.shape[0], 1)  # (not a list times the batch size, which tracing would fix)
     rows = pixel_mask.any(dim=2).sum(dim=1)
     cols = pixel_mask.any(dim=1).sum(dim=1)
     return torch.stack([rows, cols], dim=1).to(torch.long)
