@@ -1043,9 +1043,10 @@ class EovSegLightweightDecoder(nn.Module):
         """Returns the VAS features, then per stage the class logits, mask logits, queries, class embeddings and (with
         `output_attentions`, else None) the self-attention weights."""
         features = self.vas(features, vocabulary_embeddings)
-        # the object kernels through the embedding's own forward (not its weight), where offloading hooks load them
-        every_kernel = torch.arange(self.object_kernels.num_embeddings, device=features.device)
-        kernels = self.object_kernels(every_kernel).unsqueeze(0).expand(features.shape[0], -1, -1)
+        # the weight itself, not a lookup's copy: BLAS rounds by the memory's alignment, and the decoder's hard masks
+        # amplify that past the original's noise (the guard); loaded here when offloaded
+        with offloaded_weights_loaded([self.object_kernels]):
+            kernels = self.object_kernels.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
         mask_logits = torch.einsum("bnc,bchw->bnhw", kernels, features)
         spatial_features = self.spatial_upscaling(spatial_features)
         class_logits_per_stage, mask_logits_per_stage = [], []
