@@ -27,7 +27,7 @@ COMPONENTS = {
     "vit_block": "spatial_extractor",
     "neck": "aggregator",
     "decoder": "decoder",
-    "clip_branch": ("out_of_vocabulary", "ensemble"),
+    "clip_branch": ("clip_backbone.out_of_vocabulary", "ensemble"),
 }
 
 
@@ -58,7 +58,7 @@ class ComponentTimer:
         self._handles = []
         for name, attrs in (components or COMPONENTS).items():
             for attr in attrs if isinstance(attrs, tuple) else (attrs,):
-                module = getattr(model, attr)
+                module = model.get_submodule(attr)
                 self._handles.append(module.register_forward_pre_hook(self._pre(name)))
                 self._handles.append(module.register_forward_hook(self._post(name)))
 

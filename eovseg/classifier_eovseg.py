@@ -3,14 +3,23 @@ cosine similarity of embeddings with every synonym's text embedding, the best sy
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["build_synonym_index", "classification_logits"]
 
 
-def build_synonym_index(counts: torch.LongTensor) -> torch.LongTensor:
-    """The synonym index: (K, max_synonyms) rows of each class's synonyms in the synonym axis, padded with -1."""
+def build_synonym_index(counts: torch.LongTensor | list[int], device=None) -> torch.LongTensor:
+    """The synonym index: (K, max_synonyms) rows of each class's synonyms in the synonym axis, padded with -1.
+
+    `counts` (synonyms per class) may be a list of ints: the index is then made from Python numbers, so torch.export
+    and torch.compile know its size without reading tensor values."""
+    if isinstance(counts, list):
+        width, starts = max(counts), [0, *itertools.accumulate(counts)][:-1]
+        rows = [[start + j if j < count else -1 for j in range(width)] for start, count in zip(starts, counts)]
+        return torch.tensor(rows, dtype=torch.long, device=device)
     counts = counts.to(torch.long)
     starts = torch.cumsum(counts, 0) - counts
     offsets = torch.arange(int(counts.max().item()), device=counts.device)

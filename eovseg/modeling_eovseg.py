@@ -25,6 +25,7 @@ import math
 import pickle
 import threading
 from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ from torchvision.ops import deform_conv2d
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward, logging
 
 from .classifier_eovseg import build_synonym_index, classification_logits
@@ -115,6 +117,13 @@ class EovSegOutput(ModelOutput):
             With Embedding Modulation (eval mode): OPSNet's domain similarity s of the test vocabulary to the training
             vocabulary, `mean_i max_j cos(T_test[i], T_train[j])` (1 when they are the same; the same for every
             image).
+        attentions (`tuple[torch.FloatTensor]`, *optional*):
+            The self-attention weights of every decoder stage, each of shape `(batch_size, decoder_num_heads,
+            num_queries, num_queries)` (softmax over the last axis), returned with `output_attentions=True`.
+        spatial_attentions (`tuple[torch.FloatTensor]`, *optional*):
+            The attention weights of the spatial-awareness extractor's ViT block, one tensor of shape `(batch_size,
+            vit_heads, 1 + patches, 1 + patches)` (the class token first, then the patches of the `height / 16` x
+            `width / 16` grid row by row), returned with `output_attentions=True`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -134,6 +143,8 @@ class EovSegOutput(ModelOutput):
     iou_scores: torch.FloatTensor | None = None
     stage_iou_scores: torch.FloatTensor | None = None
     domain_similarity: torch.FloatTensor | None = None
+    attentions: tuple | None = None
+    spatial_attentions: tuple | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,6 +159,36 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A half-precision tensor in float32, any other as it is: the float32-sensitive steps must not round a float64
     model's values to float32 either."""
     return tensor.float() if tensor.dtype in HALF_DTYPES else tensor
+
+
+def _tracing() -> bool:
+    """Whether torch.export or torch.compile is tracing the model: values are not known then, only shapes."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def require_finite(tensor: torch.Tensor, message: str) -> None:
+    """Refuse NaN or infinite values in `tensor` with `message`: an [`EovSegInputError`] in eager mode; while torch.export
+    or torch.compile traces the model, an assertion kept in the traced program (the values are unknown when tracing),
+    which raises `RuntimeError(message)` when the program meets them."""
+    finite = torch.isfinite(tensor).all()
+    if _tracing():
+        torch._assert_async(finite, message)
+    elif not bool(finite):
+        raise EovSegInputError(message)
+
+
+@contextmanager
+def offloaded_weights_loaded(modules):
+    """Within the block, the weights of `modules` that accelerate offloads (`device_map` with "cpu" or "disk") are on
+    the execution device, for code that reads a module's weights outside that module's own forward (offloading hooks
+    load a module's weights only for its forward); modules without offloading are left as they are."""
+    with ExitStack() as stack:
+        for module in modules:
+            if getattr(module, "_hf_hook", None) is not None:
+                from accelerate.utils import align_module_device
+
+                stack.enter_context(align_module_device(module))
+        yield
 
 
 def interpolate_positional_embedding(positional_embedding: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -188,6 +229,9 @@ class EovSegClipBackbone(nn.Module):
             self.channels = [visual.conv3.out_channels] + [layer[-1].conv3.out_channels for layer in layers]
         for p in self.parameters():
             p.requires_grad = False
+        # inside the backbone's block, as it runs the vision tower's heads: a module passed to a forward across a
+        # block boundary would be moved by accelerate's device hook (`device_map`)
+        self.out_of_vocabulary = EovSegOutOfVocabularyEmbedder()
 
     @staticmethod
     def _stage_channels(stage: nn.Module) -> int:
@@ -230,6 +274,11 @@ class EovSegClipBackbone(nn.Module):
             features["clip_dense"] = x
         return features
 
+    def embed_masks(self, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """The out-of-vocabulary branch: the CLIP embedding (B, Q, D) of each mask (B, Q, h, w) from the dense CLIP
+        features (B, C, h, w) ([`EovSegOutOfVocabularyEmbedder`])."""
+        return self.out_of_vocabulary(self, dense, mask_logits.to(dense.device))
+
     @property
     def embed_dim(self) -> int:
         return self.clip_model.text_projection.shape[-1]
@@ -244,19 +293,28 @@ class EovSegClipBackbone(nn.Module):
         eot = input_ids.argmax(dim=-1)
         length = int(eot.max().item()) + 1
         ids = input_ids[:, :length]
-        x = model.token_embedding(ids) + model.positional_embedding[:length]
-        causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        x = model.transformer(x, attn_mask=causal)
-        x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        return x @ model.text_projection
+        with self.text_weights_loaded():
+            x = model.token_embedding(ids) + model.positional_embedding[:length]
+            causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+            x = model.transformer(x, attn_mask=causal)
+            x = model.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), eot]
+            return x @ model.text_projection
+
+    def text_weights_loaded(self):
+        """A context in which the text tower's weights are in place even when offloaded: the text pass reads the CLIP
+        model's positional embedding and projection, and torch's attention the output projections, outside those
+        modules' own forwards."""
+        model = self.clip_model
+        return offloaded_weights_loaded([model, *model.transformer.modules(), model.ln_final])
 
     def encode_text_reduced(self, input_ids: torch.LongTensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
         """Un-normalized float32 embeddings (P, D) of distinct prompts (P, L), with the text tower's matrix products
         in `dtype`: through [`EovSegPrefixSharingTextEncoder`], or, for a tower it does not know, under autocast in
         chunks of `chunk_size` prompts of equal length."""
         if EovSegPrefixSharingTextEncoder.supports(self.clip_model):
-            return EovSegPrefixSharingTextEncoder(self.clip_model, dtype).encode(input_ids, chunk_size)
+            with self.text_weights_loaded():
+                return EovSegPrefixSharingTextEncoder(self.clip_model, dtype).encode(input_ids, chunk_size)
         encoded = torch.empty(input_ids.shape[0], self.embed_dim, device=input_ids.device)
         order = torch.argsort(input_ids.argmax(dim=-1), stable=True)  # by end-of-text position
         for start in range(0, input_ids.shape[0], chunk_size):
@@ -396,6 +454,95 @@ class EovSegPrefixSharingTextEncoder:
         return encoded
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, the `"eager"` entry of transformers' attention interface: queries, keys and values
+    (batch, heads, tokens, head_dim) give the output (batch, tokens, heads, head_dim) and the weights (batch, heads,
+    tokens, tokens). The softmax runs in float32 for half-precision inputs, in the inputs' precision otherwise (a float64
+    model is not rounded)."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32 if query.dtype in HALF_DTYPES else None).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class EovSegAttention(nn.Module):
+    """Multi-head self-attention over batch-first tokens (batch, tokens, channels), computed by the function that
+    `config._attn_implementation` names in transformers' attention interface (`"eager"`: [`eager_attention_forward`];
+    `"sdpa"`: torch's `scaled_dot_product_attention`, which `nn.MultiheadAttention` calls too).
+
+    The parameters are `nn.MultiheadAttention`'s, under its names (packed `in_proj_weight` and `in_proj_bias`,
+    `out_proj`), so the original's checkpoints and converted ones load unchanged; built directly they are drawn in its
+    order. Each weight is read inside this module's or `out_proj`'s own forward, where offloading hooks load it.
+    """
+
+    def __init__(self, config: EovSegConfig, embed_dim: int, num_heads: int):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"The attention width {embed_dim} is not a multiple of its {num_heads} heads.")
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attended tokens (batch, tokens, channels) and, with `output_attentions` (computed by the
+        `"eager"` function then, whatever the configured one: the others do not form the weights), the attention
+        weights (batch, heads, tokens, tokens)."""
+        batch, length, channels = hidden_states.shape
+        packed = F.linear(hidden_states, self.in_proj_weight, self.in_proj_bias)
+        query, key, value = packed.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attended, weights = attention(
+            self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False
+        )
+        attended = self.out_proj(attended.reshape(batch, length, channels))
+        return attended, weights if output_attentions else None
+
+
+class EovSegViTBlock(nn.Module):
+    """A residual block of a CLIP ViT under open_clip's parameter names (`ln_1`, `attn`, `ln_2`, `mlp.c_fc`,
+    `mlp.c_proj`): pre-norm self-attention, then a pre-norm MLP.
+
+    It takes and returns sequence-first tokens (tokens, batch, channels), the original's layout: the features it hands
+    the decoder keep the original's memory layout, hence its convolutions' round-off."""
+
+    def __init__(self, config: EovSegConfig, width: int, heads: int, mlp_ratio: float, act_layer: type[nn.Module]):
+        super().__init__()
+        self.ln_1 = ClipLayerNorm(width)
+        self.attn = EovSegAttention(config, width, heads)
+        self.ln_2 = ClipLayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, hidden), gelu=act_layer(), c_proj=nn.Linear(hidden, width))
+        )
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.ln_1(x).transpose(0, 1), output_attentions)
+        x = x + attended.transpose(0, 1)
+        return x + self.mlp(self.ln_2(x)), weights
+
+
 class EovSegSpatialAwarenessExtractor(nn.Module):
     """The first residual block of a frozen CLIP ViT (patch embedding, interpolated positional embedding, `ln_pre`),
     giving the spatial-awareness features F_s at the patch stride (16 for ViT-B/16)."""
@@ -416,19 +563,19 @@ class EovSegSpatialAwarenessExtractor(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = ClipLayerNorm(width)
-        # sequence-first, as the original calls it: torch's attention then takes its fused kernel (scaled dot product
-        # attention) instead of the batch-first fast path, which on CPU builds the (heads, N, N) score matrix
-        self.block = ResidualAttentionBlock(
-            width, heads, mlp_ratio=vision.get("mlp_ratio", 4.0), act_layer=act_layer, norm_layer=ClipLayerNorm,
-            batch_first=False,
-        )
+        self.block = EovSegViTBlock(config, width, heads, vision.get("mlp_ratio", 4.0), act_layer)
         for p in self.parameters():
             p.requires_grad = False
 
     def train(self, mode: bool = True):
         return super().train(False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The features F_s (batch, width, height / patch, width / patch) and, with `output_attentions`, the block's
+        attention weights (batch, heads, 1 + patches, 1 + patches), the class token first, then the patches row by
+        row."""
         x = self.conv1(pixel_values)
         batch, channels, height, width = x.shape
         x = x.flatten(2).transpose(1, 2)
@@ -436,8 +583,8 @@ class EovSegSpatialAwarenessExtractor(nn.Module):
         x = torch.cat([cls, x], dim=1)
         pos = interpolate_positional_embedding(self.positional_embedding.to(x.dtype), height, width)
         x = x + torch.cat([self.positional_embedding[:1].to(x.dtype), pos], dim=0)
-        x = self.block(self.ln_pre(x).transpose(0, 1))
-        return x[1:].permute(1, 2, 0).reshape(batch, channels, height, width)
+        x, attention = self.block(self.ln_pre(x).transpose(0, 1), output_attentions)
+        return x[1:].permute(1, 2, 0).reshape(batch, channels, height, width), attention
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -464,6 +611,12 @@ class EovSegModulatedDeformConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset_y_x_mask = self.offset_conv(x)
         offsets, modulation = offset_y_x_mask.split([offset_y_x_mask.shape[1] * 2 // 3, offset_y_x_mask.shape[1] // 3], 1)
+        # torchvision's CPU kernel reads out of bounds (a crash, no error) at a NaN offset: finite pixels give NaN
+        # offsets only through non-finite weights (a diverged training step, an uninitialised tensor)
+        require_finite(
+            offsets, "The light aggregator's deformable-convolution offsets are NaN or infinite: the model's weights "
+            "hold non-finite values (a diverged training step or a corrupt checkpoint?)."
+        )
         if x.dtype == offsets.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
             return deform_conv2d(x, offsets, self.weight, padding=self.padding, mask=modulation.sigmoid())
         if x.dtype == offsets.dtype == self.weight.dtype and x.device.type == "cpu":
@@ -576,11 +729,16 @@ class EovSegLightAggregator(nn.Module):
     @staticmethod
     def coordinate_features(x: torch.Tensor) -> torch.Tensor:
         """CoordConv features: x and y in [-1, 1] over the feature map, (B, 2, H, W)."""
+        if _tracing():
+            # `torch.linspace` takes its length as a plain int, so tracing would fix the image size; the traced program
+            # calls it through an operator of its own (same values), whose output size follows the input's
+            return torch.ops.eovseg.coordinate_features(x)
         batch, _, height, width = x.shape
         ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         return torch.stack([grid_x, grid_y]).expand(batch, -1, -1, -1)
+
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         # features: res2..res5. Walk from the coarsest level down.
@@ -602,6 +760,25 @@ class EovSegLightAggregator(nn.Module):
         fused = fused + self.fuse_bias
         x = self.output_conv(fused)
         return self.coord_proj(torch.cat([x, self.coordinate_features(x)], dim=1))
+
+
+def _register_coordinate_features_operator():
+    """`torch.ops.eovseg.coordinate_features(x)`: [`EovSegLightAggregator.coordinate_features`] as one operator for
+    traced programs (torch.export, torch.compile), whose output shape (B, 2, H, W) follows x's symbolic shape. Defined
+    once per process (the code may be imported twice: as a package and as a model folder's remote code)."""
+    if hasattr(torch.ops.eovseg, "coordinate_features"):
+        return
+
+    @torch.library.custom_op("eovseg::coordinate_features", mutates_args=())
+    def coordinate_features(x: torch.Tensor) -> torch.Tensor:
+        return EovSegLightAggregator.coordinate_features(x).contiguous()
+
+    @coordinate_features.register_fake
+    def _(x):
+        return x.new_empty(x.shape[0], 2, x.shape[2], x.shape[3])
+
+
+_register_coordinate_features_operator()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -777,9 +954,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         self.feature_attention_norm = nn.LayerNorm(kernel_dim)
         self.kernel_attention = EovSegDynamicDepthwiseConvAttention(hidden, config.conv_kernel_size_1d)
         self.kernel_attention_norm = nn.LayerNorm(kernel_dim)
-        # sequence-first, as the original: the batch-first module takes torch's fused inference path, whose float32
-        # round-off differs (and the next stage's hard masks amplify round-off)
-        self.self_attention = nn.MultiheadAttention(kernel_dim, config.decoder_num_heads)
+        self.self_attention = EovSegAttention(config, kernel_dim, config.decoder_num_heads)
         self.self_attention_norm = nn.LayerNorm(kernel_dim)
         self.ffn = nn.Sequential(
             OrderedDict(fc1=nn.Linear(hidden, config.decoder_ffn_dim), act=nn.ReLU(), fc2=nn.Linear(config.decoder_ffn_dim, hidden))
@@ -798,7 +973,8 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(
-        self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index, mask_features=None
+        self, spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index, mask_features=None,
+        output_attentions=False,
     ):
         # mask_features: the features the mask logits are computed from (in half precision with
         # `float32_sensitive_ops`: the decoder's float32 copy of `features`, made once for all stages)
@@ -808,8 +984,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         gathered = torch.einsum("bnhw,bchw->bnc", hard_masks, features)
         gathered = self.feature_attention_norm(gathered + self.feature_attention(kernels, gathered))
         kernels = self.kernel_attention_norm(gathered + self.kernel_attention(kernels, gathered))
-        queries = kernels.transpose(0, 1)
-        attended = self.self_attention(queries, queries, queries, need_weights=False)[0].transpose(0, 1)
+        attended, attention = self.self_attention(kernels, output_attentions)
         kernels = self.self_attention_norm(kernels + attended)
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
 
@@ -832,7 +1007,7 @@ class EovSegLightweightDecoderLayer(GradientCheckpointingLayer):
         if self.float32_sensitive_ops:  # logits up to 100 (scaled cosines): half precision rounds them by ~0.5
             embeddings, text, scale = (_at_least_float32(t) for t in (embeddings, text, scale))
         class_logits = classification_logits(embeddings, text, scale, synonym_index)
-        return class_logits, mask_logits, kernels, class_embeddings
+        return class_logits, mask_logits, kernels, class_embeddings, attention
 
 
 class EovSegLayerNorm2d(nn.Module):
@@ -880,27 +1055,34 @@ class EovSegLightweightDecoder(nn.Module):
         )
         self.layers = nn.ModuleList(EovSegLightweightDecoderLayer(config, spatial_channels) for _ in range(config.num_stages))
 
-    def forward(self, spatial_features, features, vocabulary_embeddings, synonym_index):
+    def forward(self, spatial_features, features, vocabulary_embeddings, synonym_index, output_attentions=False):
+        """Returns the VAS features, then per stage the class logits, mask logits, queries, class embeddings and (with
+        `output_attentions`, else None) the self-attention weights."""
         features = self.vas(features, vocabulary_embeddings)
-        kernels = self.object_kernels.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
+        # the weight itself, not a lookup's copy: BLAS rounds by the memory's alignment, and the decoder's hard masks
+        # amplify that past the original's noise (the guard); loaded here when offloaded
+        with offloaded_weights_loaded([self.object_kernels]):
+            kernels = self.object_kernels.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
         mask_logits = torch.einsum("bnc,bchw->bnhw", kernels, features)
         spatial_features = self.spatial_upscaling(spatial_features)
         class_logits_per_stage, mask_logits_per_stage = [], []
         # per stage: the updated queries (kernels) and the class embeddings E_q, for OPSNet's options
-        queries_per_stage, embeddings_per_stage = [], []
+        queries_per_stage, embeddings_per_stage, attentions_per_stage = [], [], []
         # the float32 copy the stages' mask logits use in half precision, made once and only when a stage uses it
         half = features.dtype in HALF_DTYPES
         mask_features = features.float() if half and any(l.float32_sensitive_ops for l in self.layers) else None
         for layer in self.layers:
-            class_logits, mask_logits, kernels, embeddings = layer(
+            class_logits, mask_logits, kernels, embeddings, attention = layer(
                 spatial_features, features, kernels, mask_logits, vocabulary_embeddings, synonym_index,
-                mask_features=mask_features,
+                mask_features=mask_features, output_attentions=output_attentions,
             )
             class_logits_per_stage.append(class_logits)
             mask_logits_per_stage.append(mask_logits)
             queries_per_stage.append(kernels)
             embeddings_per_stage.append(embeddings)
-        return features, class_logits_per_stage, mask_logits_per_stage, queries_per_stage, embeddings_per_stage
+            attentions_per_stage.append(attention)
+        attentions = tuple(attentions_per_stage) if output_attentions else None
+        return features, class_logits_per_stage, mask_logits_per_stage, queries_per_stage, embeddings_per_stage, attentions
 
 
 class EovSegOutOfVocabularyEmbedder(nn.Module):
@@ -924,7 +1106,8 @@ class EovSegOutOfVocabularyEmbedder(nn.Module):
             x = visual.trunk.head(pooled.reshape(batch * queries, channels, 1, 1))
             x = visual.head(x)
             return x.reshape(batch, queries, -1)
-        return self._masked_attention_pool(visual.attnpool, dense, mask_logits)
+        with offloaded_weights_loaded([visual.attnpool]):  # its positional embedding is read here
+            return self._masked_attention_pool(visual.attnpool, dense, mask_logits)
 
     @staticmethod
     def _masked_attention_pool(attnpool: nn.Module, dense: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -1031,6 +1214,11 @@ class EovSegPreTrainedModel(PreTrainedModel):
     # `num_items_in_batch` and must divide the loss by the gradient-accumulation steps itself (`forward` takes
     # `**kwargs`, from which the Trainer would otherwise infer the opposite).
     accepts_loss_kwargs = False
+    # The ViT block's and the decoder stages' self-attention go through transformers' attention interface
+    # (`EovSegAttention`): unmasked, non-causal attention over all tokens, which "eager" and torch's sdpa compute (the
+    # original's nn.MultiheadAttention calls sdpa), as does any function registered with the interface.
+    _supports_sdpa = True
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -1108,7 +1296,7 @@ def _init_decoder_stage_module(module: nn.Module, attention: bool = True):
         init.zeros_(module.bias)
     elif isinstance(module, EovSegLightweightDecoderLayer):
         init.constant_(module.logit_scale, math.log(1 / 0.07))
-    elif isinstance(module, nn.MultiheadAttention) and attention:
+    elif isinstance(module, (nn.MultiheadAttention, EovSegAttention)) and attention:
         init.xavier_uniform_(module.in_proj_weight)
         init.zeros_(module.in_proj_bias)
 
@@ -1134,7 +1322,7 @@ def _init_torch_default(module: nn.Module):
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
-    elif isinstance(module, nn.MultiheadAttention):
+    elif isinstance(module, (nn.MultiheadAttention, EovSegAttention)):
         init.xavier_uniform_(module.in_proj_weight)
         init.zeros_(module.in_proj_bias)
     elif isinstance(module, EovSegVAS):
@@ -1204,6 +1392,11 @@ _FORWARD_INPUTS_DOCSTRING = r"""
         output_hidden_states (`bool`, *optional*):
             Also return backbone, spatial, aggregator and VAS features and the text embeddings; defaults to
             `config.output_hidden_states`.
+        output_attentions (`bool`, *optional*):
+            Also return the attention weights of the decoder stages' self-attention (`attentions`) and of the ViT
+            block (`spatial_attentions`); defaults to `config.output_attentions`. The weights are formed by the
+            `"eager"` attention function for this call whatever `attn_implementation` the model uses (`"sdpa"` never
+            forms them); the outputs then carry eager's float32 round-off.
         return_dict (`bool`, *optional*):
             Return an [`EovSegOutput`] (default) or a tuple.
         class_ensemble (`str`, *optional*):
@@ -1246,7 +1439,6 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         self.aggregator = EovSegLightAggregator(config, self.clip_backbone.channels[1:])
         self.decoder = EovSegLightweightDecoder(config, self.spatial_extractor.width)
         self.void_embedding = nn.Embedding(1, config.embed_dim)
-        self.out_of_vocabulary = EovSegOutOfVocabularyEmbedder()
         self.ensemble = EovSegGeometricEnsemble(
             config.geometric_ensemble_alpha, config.geometric_ensemble_beta, config.ensemble_on_valid_mask
         )
@@ -1536,45 +1728,47 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return _Vocabulary(
             text_embeddings=embeddings,
             embeddings_with_void=torch.cat([embeddings, void], dim=0),
-            synonym_index=build_synonym_index(counts),
+            synonym_index=build_synonym_index(counts, device=embeddings.device),
             seen=seen,
             is_default=input_ids is None and text_embeddings is None,
         )
 
     def _vocabulary_tensors(self, input_ids, synonym_counts, class_seen_mask, text_embeddings):
-        """(synonym embeddings, synonyms per class, seen flags) from the inputs, or from the default vocabulary."""
+        """(synonym embeddings, synonyms per class as a list of ints, seen flags) from the inputs, or from the default
+        vocabulary."""
         device = self.void_embedding.weight.device
         if input_ids is not None and text_embeddings is not None:
             raise EovSegInputError("Give either input_ids or text_embeddings, not both.")
         if input_ids is None and text_embeddings is None:
-            if self.default_text_embeddings is None or not bool(self.default_text_embeddings.abs().sum() > 0):
+            stored = self.default_text_embeddings
+            # (while tracing, the stored values are unknown: a model without them is refused in eager mode)
+            if stored is None or (not _tracing() and not bool(stored.abs().sum() > 0)):
                 raise EovSegInputError(
                     "No vocabulary was given and this model has no stored default-vocabulary embeddings: pass the "
                     "processor's text outputs (processor(images=..., text=class_names)) or text_embeddings."
                 )
             embeddings = self._checked_default_embeddings()
             vocab = self.config.vocabulary
-            counts = torch.tensor(count_synonyms(vocab), device=device)
             seen = torch.tensor(seen_class_mask(vocab, self.config.train_vocabulary), device=device)
-            return embeddings, counts, seen
+            return embeddings, count_synonyms(vocab), seen
         if synonym_counts is None:
             raise EovSegInputError("synonym_counts (the number of synonyms of each class) must come with the vocabulary.")
-        counts = torch.as_tensor(synonym_counts, device=device).to(torch.long).flatten()
-        if counts.numel() == 0 or bool((counts <= 0).any()):
+        counts = _synonym_counts_list(synonym_counts)
+        if not counts or min(counts) <= 0:
             raise EovSegInputError("synonym_counts must be a non-empty list of positive integers (an empty vocabulary?).")
         if input_ids is not None:
             embeddings = self._cached_text_embeddings(input_ids)
         else:
             embeddings = self._check_text_embeddings(text_embeddings)
-        if embeddings.shape[0] != int(counts.sum()):
+        if embeddings.shape[0] != sum(counts):
             raise EovSegInputError(
-                f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {int(counts.sum())}."
+                f"The vocabulary has {embeddings.shape[0]} synonym embeddings but synonym_counts sums to {sum(counts)}."
             )
         if class_seen_mask is None:
-            return embeddings, counts, torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
+            return embeddings, counts, torch.zeros(len(counts), dtype=torch.bool, device=device)
         seen = torch.as_tensor(class_seen_mask, device=device).to(torch.bool).flatten()
-        if seen.shape[0] != counts.shape[0]:
-            raise EovSegInputError(f"class_seen_mask has {seen.shape[0]} entries for {counts.shape[0]} classes.")
+        if seen.shape[0] != len(counts):
+            raise EovSegInputError(f"class_seen_mask has {seen.shape[0]} entries for {len(counts)} classes.")
         return embeddings, counts, seen
 
     # ------------------------------------------------------------------ OPSNet options
@@ -1670,7 +1864,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"pixel_values has dtype {pixel_values.dtype}; the model takes normalized floating-point images "
                 "(EovSegImageProcessor rescales and normalizes raw pixels)."
             )
-        if not bool(torch.isfinite(pixel_values).all()):
+        if _tracing():  # the values are unknown: the check goes into the traced program
+            require_finite(pixel_values, "pixel_values holds NaN or infinite values; every pixel must be finite.")
+        elif not bool(torch.isfinite(pixel_values).all()):
             bad = int((~torch.isfinite(pixel_values)).sum())
             raise EovSegInputError(f"pixel_values holds {bad} NaN or infinite value(s); every pixel must be finite.")
         height, width = pixel_values.shape[-2:]
@@ -1687,6 +1883,19 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             pixel_values = pixel_values.to(dtype)
         return pixel_values
 
+    @staticmethod
+    def _check_pixel_mask(pixel_mask, pixel_values: torch.Tensor) -> None:
+        """A pixel mask must cover pixel_values pixel for pixel: (batch, height, width)."""
+        if pixel_mask is None:
+            return
+        expected = (pixel_values.shape[0], *pixel_values.shape[-2:])
+        if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != expected:
+            shape = tuple(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
+            raise EovSegInputError(
+                f"pixel_mask has shape {shape} but pixel_values has shape {tuple(pixel_values.shape)}: the mask must be "
+                f"(batch, height, width) = {expected}, as EovSegImageProcessor makes it."
+            )
+
     def _check_text_embeddings(self, text_embeddings) -> torch.Tensor:
         if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.dim() != 2:
             shape = tuple(text_embeddings.shape) if isinstance(text_embeddings, torch.Tensor) else type(text_embeddings).__name__
@@ -1696,8 +1905,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"text_embeddings are {text_embeddings.shape[1]} wide; this model's text embeddings are "
                 f"{self.config.embed_dim} wide (make them with this model's get_text_embeddings)."
             )
-        if not text_embeddings.is_floating_point() or not bool(torch.isfinite(text_embeddings).all()):
+        if not text_embeddings.is_floating_point():
             raise EovSegInputError("text_embeddings must be finite floating-point values.")
+        require_finite(text_embeddings, "text_embeddings must be finite floating-point values.")
         return text_embeddings.to(self.void_embedding.weight.device)
 
     @add_start_docstrings_to_model_forward(_FORWARD_INPUTS_DOCSTRING)
@@ -1712,6 +1922,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         mask_labels: list[torch.Tensor] | None = None,
         class_labels: list[torch.Tensor] | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         class_ensemble: str | None = None,
         train_input_ids: torch.LongTensor | None = None,
@@ -1728,16 +1939,19 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         class_ensemble = self._check_class_ensemble(class_ensemble)
         pixel_values = self._check_pixel_values(pixel_values)
-        if pixel_values.device.type == "cpu":
+        self._check_pixel_mask(pixel_mask, pixel_values)
+        if pixel_values.device.type == "cpu" and not _tracing():
             reuse_freed_memory()
         vocabulary = self._resolve_vocabulary(
             input_ids, synonym_counts, class_seen_mask, text_embeddings, pixel_values.dtype
         )
 
-        image = self._encode_image(pixel_values)
-        decoded = self._decode(image, vocabulary)
+        image = self._encode_image(pixel_values, output_attentions)
+        decoded = self._decode(image, vocabulary, output_attentions)
         class_logits, out_vocab_logits, domain_similarity = decoded.class_logits[-1], None, None
         if not self.training:
             class_logits, out_vocab_logits, domain_similarity = self._classify(
@@ -1765,10 +1979,12 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             stage_iou_scores=stage_iou,
             domain_similarity=_per_image(domain_similarity, batch_size),
             **(_hidden_states(image, decoded, vocabulary) if output_hidden_states else {}),
+            attentions=decoded.attentions,
+            spatial_attentions=(image.spatial_attention,) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
-    def _encode_image(self, pixel_values: torch.Tensor) -> _ImageFeatures:
+    def _encode_image(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> _ImageFeatures:
         """The frozen CLIP backbone and the spatial-awareness extractor (no gradients), then the light aggregator
         neck on the backbone's res2-res5 features."""
         # The neck's deformable convolutions sample on one thread on CPU (torchvision's kernel): in inference the
@@ -1777,18 +1993,20 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         beside_the_neck = _can_overlap(pixel_values)  # asked before no_grad below: in training it runs in sequence
         with torch.no_grad():
             clip_features = self.clip_backbone(pixel_values)
-            spatial = _Background(self.spatial_extractor, pixel_values, run_here=not beside_the_neck)
+            spatial = _Background(self.spatial_extractor, pixel_values, output_attentions, run_here=not beside_the_neck)
         aggregated = self.aggregator([clip_features[f"res{i}"] for i in range(2, 6)])
-        return _ImageFeatures(clip_features, spatial.result(), aggregated)
+        spatial_features, spatial_attention = spatial.result()
+        return _ImageFeatures(clip_features, spatial_features, aggregated, spatial_attention)
 
-    def _decode(self, image: _ImageFeatures, vocabulary: _Vocabulary) -> _Decoded:
+    def _decode(self, image: _ImageFeatures, vocabulary: _Vocabulary, output_attentions: bool = False) -> _Decoded:
         """The light-weight decoder (Vocabulary-Aware Selection first, then its stages), and with Mask Filtering
         each stage's IoU scores."""
-        vas_features, class_logits, mask_logits, queries, embeddings = self.decoder(
-            image.spatial, image.aggregated, vocabulary.embeddings_with_void, vocabulary.synonym_index
+        vas_features, class_logits, mask_logits, queries, embeddings, attentions = self.decoder(
+            image.spatial, image.aggregated, vocabulary.embeddings_with_void, vocabulary.synonym_index,
+            output_attentions=output_attentions,
         )
         iou = self.mask_filtering(queries) if self.mask_filtering is not None else None
-        return _Decoded(vas_features, class_logits, mask_logits, embeddings, iou)
+        return _Decoded(vas_features, class_logits, mask_logits, embeddings, iou, attentions)
 
     def _classify(self, image, decoded, vocabulary, class_ensemble, train_input_ids, train_synonym_counts):
         """Eval-mode class scores: the out-of-vocabulary head on the last stage's masks, ensembled with the decoder's
@@ -1804,8 +2022,9 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         against the vocabulary with CLIP's logit scale. Returns the logits (B, Q, K + 1), which queries have a mask
         with at least one positive pixel at the CLIP feature resolution, and the CLIP embeddings (B, Q, D)."""
         masks = F.interpolate(mask_logits, size=clip_dense.shape[-2:], mode="bilinear", align_corners=False)
-        clip_embeddings = self.out_of_vocabulary(self.clip_backbone, clip_dense, masks)
-        logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
+        clip_embeddings = self.clip_backbone.embed_masks(clip_dense, masks)
+        with offloaded_weights_loaded([self.clip_backbone.clip_model]):
+            logit_scale = self.clip_backbone.clip_model.logit_scale.to(clip_embeddings.device)
         classifier = vocabulary.embeddings_with_void
         if self.config.float32_sensitive_ops:  # the ensemble takes logs of these probabilities
             clip_embeddings, classifier, logit_scale = (
@@ -1829,10 +2048,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             clip_embeddings = clip_embeddings * valid.unsqueeze(-1).to(clip_embeddings.dtype)
         train_text, train_index = self._train_vocabulary(train_input_ids, train_synonym_counts)
         classifier = vocabulary.embeddings_with_void
-        class_logits, domain_similarity = self.embedding_modulation(
-            query_embeddings, clip_embeddings, classifier, vocabulary.synonym_index, train_text.to(classifier.dtype),
-            train_index, self.decoder.layers[-1].logit_scale, class_logits,
-        )
+        with offloaded_weights_loaded([self.decoder.layers[-1]]):  # its logit scale is read here
+            class_logits, domain_similarity = self.embedding_modulation(
+                query_embeddings, clip_embeddings, classifier, vocabulary.synonym_index,
+                train_text.to(classifier.dtype), train_index, self.decoder.layers[-1].logit_scale, class_logits,
+            )
         return class_logits, out_vocab_logits, domain_similarity
 
     def _training_loss(
@@ -1890,9 +2110,25 @@ def _check_towers_loaded(loading_info: dict, source) -> None:
         )
 
 
+def _synonym_counts_list(synonym_counts) -> list[int]:
+    """Synonyms per class as Python ints. While torch.export or torch.compile traces the model a tensor's values are
+    unknown, and the vocabulary's structure must be known: it is then given as a list of ints."""
+    if isinstance(synonym_counts, (list, tuple)) and all(isinstance(c, int) for c in synonym_counts):
+        return [int(c) for c in synonym_counts]
+    if _tracing():
+        raise EovSegInputError(
+            "While torch.export or torch.compile traces the model, give synonym_counts as a list of ints (the "
+            "vocabulary's structure is fixed in the traced program), not as a tensor."
+        )
+    return torch.as_tensor(synonym_counts).to(torch.long).flatten().tolist()
+
+
 def _can_overlap(pixel_values: torch.Tensor) -> bool:
     """Inference on CPU with more than one intra-op thread."""
-    return pixel_values.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() > 1
+    return (
+        pixel_values.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() > 1
+        and not _tracing()
+    )
 
 
 class _Background:
@@ -1944,6 +2180,7 @@ class _ImageFeatures(NamedTuple):
     clip: dict[str, torch.Tensor]  # the CLIP backbone's res2-res5 and its dense features ("clip_dense")
     spatial: torch.Tensor  # the spatial-awareness extractor's features
     aggregated: torch.Tensor  # the light aggregator neck's output
+    spatial_attention: torch.Tensor | None = None  # the ViT block's attention weights, with `output_attentions`
 
 
 class _Decoded(NamedTuple):
@@ -1954,6 +2191,7 @@ class _Decoded(NamedTuple):
     mask_logits: list[torch.Tensor]
     embeddings: list[torch.Tensor]
     iou: list[torch.Tensor] | None  # with Mask Filtering only
+    attentions: tuple[torch.Tensor, ...] | None = None  # each stage's self-attention weights, with `output_attentions`
 
 
 def _hidden_states(image: _ImageFeatures, decoded: _Decoded, vocabulary: _Vocabulary) -> dict:
@@ -1976,7 +2214,8 @@ def _per_image(value: torch.Tensor | None, batch_size: int) -> torch.Tensor | No
 def _image_sizes(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.LongTensor:
     """(B, 2) height and width of each image's valid region: from `pixel_mask`, else the whole input."""
     if pixel_mask is None:
-        return torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], device=pixel_values.device)
+        size = torch.tensor(list(pixel_values.shape[-2:]), device=pixel_values.device)
+        return size.repeat(pixel_values.shape[0], 1)  # (not a list times the batch size, which tracing would fix)
     rows = pixel_mask.any(dim=2).sum(dim=1)
     cols = pixel_mask.any(dim=1).sum(dim=1)
     return torch.stack([rows, cols], dim=1).to(torch.long)

@@ -389,3 +389,233 @@ def test_model_cast_to_bfloat16_runs(tiny):
     assert out.masks_queries_logits.dtype == out.class_queries_logits.dtype == torch.float32
     assert out.stage_class_queries_logits.dtype == torch.float32
     assert torch.isfinite(out.class_queries_logits.float()).all() and torch.isfinite(out.masks_queries_logits.float()).all()
+
+
+# ------------------------------------------------------------------------------------------------ attention interface
+
+
+def _attention_reference(attention):
+    """torch's nn.MultiheadAttention holding `attention`'s parameters (the module the original and earlier versions
+    of this model used)."""
+    embed_dim = attention.out_proj.in_features
+    reference = torch.nn.MultiheadAttention(embed_dim, attention.num_heads)
+    reference.load_state_dict(attention.state_dict())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("where", ["vit_block", "decoder"])
+def test_attention_functions_match_torch_multihead_attention(tiny, where):
+    """sdpa gives nn.MultiheadAttention's numbers bit for bit (it calls the same kernel); eager, written out, agrees to
+    float32 round-off and forms the weights nn.MultiheadAttention returns with need_weights=True."""
+    attention = tiny.spatial_extractor.block.attn if where == "vit_block" else tiny.decoder.layers[0].self_attention
+    reference = _attention_reference(attention)
+    width = attention.out_proj.in_features
+    tokens = torch.randn(2, 13, width, generator=torch.Generator().manual_seed(4))
+    implementation = tiny.config._attn_implementation
+    try:
+        with torch.no_grad():
+            expected, expected_weights = reference(*[tokens.transpose(0, 1)] * 3, average_attn_weights=False)
+            plain = reference(*[tokens.transpose(0, 1)] * 3, need_weights=False)[0].transpose(0, 1)
+            tiny.set_attn_implementation("sdpa")
+            sdpa, no_weights = attention(tokens)
+            tiny.set_attn_implementation("eager")
+            eager, _ = attention(tokens)
+            _, weights = attention(tokens, output_attentions=True)
+    finally:
+        tiny.set_attn_implementation(implementation)
+    assert torch.equal(sdpa, plain) and no_weights is None
+    torch.testing.assert_close(eager, expected.transpose(0, 1), atol=2e-6, rtol=0)
+    assert weights.shape == (2, attention.num_heads, 13, 13)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=0)
+
+
+def test_attn_implementation_through_from_pretrained_and_config(tiny, tmp_path):
+    """sdpa by default, eager on request; converted checkpoints' keys load into either (the names of
+    nn.MultiheadAttention and open_clip's block)."""
+    tiny.save_pretrained(tmp_path)
+    default = EovSegForPanopticSegmentation.from_pretrained(tmp_path).eval()
+    eager = EovSegForPanopticSegmentation.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sdpa = EovSegForPanopticSegmentation._from_config(tiny.config, attn_implementation="sdpa")
+    assert default.config._attn_implementation == sdpa.config._attn_implementation == "sdpa"
+    assert eager.config._attn_implementation == "eager"
+    assert eager.decoder.layers[0].self_attention.config._attn_implementation == "eager"
+    for key in ("spatial_extractor.block.attn.in_proj_weight", "spatial_extractor.block.attn.out_proj.weight",
+                "spatial_extractor.block.mlp.c_fc.weight", "decoder.layers.0.self_attention.in_proj_bias",
+                "decoder.layers.2.self_attention.out_proj.bias"):
+        assert torch.equal(eager.state_dict()[key], tiny.state_dict()[key]), key
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = default(pixel_values, **vocab_inputs(tiny.config))
+        b = eager(pixel_values, **vocab_inputs(tiny.config))
+    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=0)
+
+
+def test_output_attentions_returns_the_weights(tiny):
+    """`attentions`: one (batch, heads, queries, queries) tensor per decoder stage; `spatial_attentions`: the ViT
+    block's (batch, heads, 1 + patches, 1 + patches); both the weights nn.MultiheadAttention forms on the same
+    inputs, batch first."""
+    config = tiny.config
+    seen = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0])  # (returns None: the arguments go on unchanged)
+        return hook
+
+    hooks = [tiny.decoder.layers[0].self_attention.register_forward_pre_hook(keep_input("decoder")),
+             tiny.spatial_extractor.block.attn.register_forward_pre_hook(keep_input("vit"))]
+    pixel_values = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    try:
+        with torch.no_grad():
+            out = tiny(pixel_values, **vocab_inputs(config), output_attentions=True)
+            plain = tiny(pixel_values, **vocab_inputs(config))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert plain.attentions is None and plain.spatial_attentions is None
+    assert isinstance(out.attentions, tuple) and len(out.attentions) == config.num_stages
+    for weights in out.attentions:
+        assert weights.shape == (2, config.decoder_num_heads, config.num_proposals, config.num_proposals)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    (vit,) = out.spatial_attentions
+    heads = tiny.spatial_extractor.block.attn.num_heads
+    assert vit.shape == (2, heads, 1 + 4 * 6, 1 + 4 * 6)  # class token + the 64/16 x 96/16 patches
+    for name, weights, attention in (("decoder", out.attentions[0], tiny.decoder.layers[0].self_attention),
+                                     ("vit", vit, tiny.spatial_extractor.block.attn)):
+        tokens = seen[name].transpose(0, 1)
+        with torch.no_grad():
+            _, expected = _attention_reference(attention)(tokens, tokens, tokens, average_attn_weights=False)
+        torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
+    # the returned weights are what the model used (eager for this call): the outputs are eager's
+    torch.testing.assert_close(out.class_queries_logits, plain.class_queries_logits, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ offloading
+
+
+@pytest.mark.parametrize("block", ["clip_backbone", "spatial_extractor", "aggregator", "decoder"])
+def test_each_block_offloaded_to_disk(tiny, tmp_path, block):
+    """A device_map that puts any one of the `_no_split_modules` blocks on disk (accelerate's hooks load its weights
+    for each forward) gives the outputs of the model in memory, the text pass included."""
+    assert {type(getattr(tiny, block)).__name__ for block in ("clip_backbone", "spatial_extractor", "aggregator",
+                                                               "decoder")} == set(tiny._no_split_modules)
+    tiny.save_pretrained(tmp_path / "model")
+    in_memory = EovSegForPanopticSegmentation.from_pretrained(tmp_path / "model").eval()
+    device_map = {name: "cpu" for name, _ in in_memory.named_children()}
+    device_map.update({name: "cpu" for name in [*in_memory._parameters, *in_memory._buffers]})
+    device_map[block] = "disk"
+    offloaded = EovSegForPanopticSegmentation.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload").eval()
+    assert any(p.is_meta for p in getattr(offloaded, block).parameters())  # really offloaded
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = in_memory(pixel_values, **vocab_inputs(tiny.config))
+        out = offloaded(pixel_values, **vocab_inputs(tiny.config))
+    for name in ("class_queries_logits", "masks_queries_logits", "out_of_vocabulary_logits"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ torch.export
+
+
+class _ImagePath(torch.nn.Module):
+    """The image path with a given vocabulary: pixel values and text embeddings in, class and mask logits out."""
+
+    def __init__(self, model, synonym_counts):
+        super().__init__()
+        self.model, self.synonym_counts = model, synonym_counts
+
+    def forward(self, pixel_values, text_embeddings):
+        out = self.model(pixel_values, text_embeddings=text_embeddings, synonym_counts=self.synonym_counts)
+        return out.class_queries_logits, out.masks_queries_logits, out.image_sizes
+
+
+@pytest.fixture(scope="module")
+def image_path(tiny):
+    inputs = vocab_inputs(tiny.config)
+    text = tiny.get_text_embeddings(inputs["input_ids"])
+    return _ImagePath(tiny, inputs["synonym_counts"].tolist()).eval(), text
+
+
+def test_export_with_static_image_size(image_path):
+    module, text = image_path
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    program = torch.export.export(module, (pixel_values, text))
+    with torch.no_grad():
+        for ours, eager in zip(program.module()(pixel_values, text), module(pixel_values, text)):
+            assert torch.equal(ours, eager)
+    # the finiteness checks stay in the exported program
+    with pytest.raises(RuntimeError, match="pixel_values holds NaN or infinite values"):
+        program.module()(torch.full_like(pixel_values, float("nan")), text)
+
+
+def test_export_with_dynamic_image_sizes(image_path):
+    """Batch, height and width as torch.export.Dim (height and width multiples of 32, at least 64: tracing treats a
+    size-1 feature map as a special case): the program runs at sizes it was not traced at, with eager's outputs
+    (symbolic shapes may pick other matrix kernels: float32 round-off)."""
+    module, text = image_path
+    batch, height, width = torch.export.Dim("batch", max=8), torch.export.Dim("h", min=2, max=32), \
+        torch.export.Dim("w", min=2, max=32)
+    program = torch.export.export(
+        module, (torch.randn(2, 3, 64, 96), text),
+        dynamic_shapes=({0: batch, 2: 32 * height, 3: 32 * width}, None))
+    for shape in [(1, 3, 96, 64), (3, 3, 128, 160)]:
+        pixel_values = torch.randn(*shape, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            ours, eager = program.module()(pixel_values, text), module(pixel_values, text)
+        for a, b in zip(ours, eager):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_pixel_mask_of_another_size_is_refused(tiny):
+    with pytest.raises(EovSegInputError, match=r"pixel_mask has shape \(1, 10, 10\) but pixel_values has shape "
+                                               r"\(1, 3, 64, 64\)"):
+        tiny(torch.randn(1, 3, 64, 64), pixel_mask=torch.ones(1, 10, 10, dtype=torch.long), **vocab_inputs(tiny.config))
+    with pytest.raises(EovSegInputError, match="pixel_mask has shape"):  # a mask per image, not one for the batch
+        tiny(torch.randn(2, 3, 64, 64), pixel_mask=torch.ones(1, 64, 64, dtype=torch.long), **vocab_inputs(tiny.config))
+
+
+_NON_FINITE_WEIGHTS = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_modeling import make_model, vocab_inputs
+from eovseg.modeling_eovseg import EovSegInputError
+model = make_model("tiny")
+with torch.no_grad():
+    {poison}
+try:
+    model(torch.randn(1, 3, 64, 64), **vocab_inputs(model.config))
+except EovSegInputError as error:
+    print("refused:", error)
+"""
+
+
+@pytest.mark.parametrize("poison", [
+    "model.clip_backbone.clip_model.visual.conv1.weight[0, 0, 0, 0] = float('nan')",  # a NaN backbone weight
+    "model.aggregator.deform_layers[0].deform_conv.offset_conv.bias[3] = float('nan')",  # a NaN offset
+    "model.aggregator.lateral_convs[0].weight.fill_(float('inf'))",  # infinite weights before the offsets
+])
+def test_non_finite_weights_never_reach_deform_conv2d(poison, tmp_path):
+    """torchvision's CPU deform_conv2d crashes the process on NaN offsets: the model refuses them with one line.
+    Run in a subprocess, so that a crash fails the test instead of ending pytest."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _NON_FINITE_WEIGHTS.format(tests=str(Path(__file__).parent), poison=poison)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused: The light aggregator's deformable-convolution offsets are NaN or infinite" in done.stdout
+
+
+def test_non_finite_pixels_are_refused(tiny):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    pixel_values[0, 1, 5, 7] = float("nan")
+    pixel_values[0, 2, 0, 0] = float("inf")
+    with pytest.raises(EovSegInputError, match="pixel_values holds 2 NaN or infinite value"):
+        tiny(pixel_values, **vocab_inputs(tiny.config))
