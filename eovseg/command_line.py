@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 EXIT_BAD_INPUT = 1
+FLOAT32_MAX = 3.4028234663852886e38
 EXIT_USAGE = 2
 
 
@@ -101,8 +102,9 @@ def _number(kind: type, text: str):
         value = kind(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    # the model computes in float32 (or narrower): a value past float32's range is infinite there
+    if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(f"expected a finite number within float32's range, got {text!r}")
     return value
 
 

@@ -564,8 +564,11 @@ def predict(args: argparse.Namespace) -> list[tuple[str, str]]:
     try:
         if accelerator.is_main_process and not resuming:
             write_json(args.output_dir / STATE_DIR / RUN_FILE, settings)
-        return _run(args, accelerator, items, bad_args, predictor, resuming)
-    except ModelOutputError:
+        skipped = _run(args, accelerator, items, bad_args, predictor, resuming)
+        if not resuming and len(skipped) >= len(items) + len(bad_args):
+            raise PredictError("nothing segmented: every input was skipped (listed above)")
+        return skipped
+    except (ModelOutputError, PredictError):
         if accelerator.num_processes == 1:  # a new run that cannot go on leaves the folder as it found it
             _remove(created)
         raise

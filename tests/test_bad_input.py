@@ -226,7 +226,7 @@ CONVERT = ["convert", "--checkpoint_path", "model_final.pth", "--variant", "tiny
         (TRAIN + ["--flip_probability", "2"], "argument --flip_probability: must be a probability between 0 and 1"),
         (TRAIN + ["--gradient_accumulation_steps", "0"], "argument --gradient_accumulation_steps: must be a positive"),
         (TRAIN + ["--warmup_iters", "-3"], "argument --warmup_iters: must be 0 or a positive integer, got '-3'"),
-        (TRAIN + ["--learning_rate", "nan"], "argument --learning_rate: expected a finite number, got 'nan'"),
+        (TRAIN + ["--learning_rate", "nan"], "argument --learning_rate: expected a finite number within float32's range, got 'nan'"),
         (TRAIN + ["--per_device_batch_size", "two"], "argument --per_device_batch_size: expected an integer, got 'two'"),
         (TRAIN + ["--min_scale", "2", "--max_scale", "1"], "--min_scale 2.0 is above --max_scale 1.0"),
         (TRAIN + ["--eval_steps", "5"], "--eval_steps and --eval_max_samples need --eval_dataset"),

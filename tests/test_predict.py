@@ -421,6 +421,20 @@ def test_non_finite_outputs_stop_the_run_and_leave_no_files(data, tmp_path, caps
     assert output.is_dir() and list(output.iterdir()) == []
 
 
+def test_a_run_that_segments_nothing_fails_and_leaves_no_files(data, tmp_path, capsys):
+    # Every input unreadable: before the fix an empty panoptic.json and the run's state were left, exit 1.
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a picture")
+    output = tmp_path / "out"
+    assert predict_main(run_args(data, output, str(garbage))) == 1
+    err = capsys.readouterr().err
+    assert "nothing segmented: every input was skipped" in err and "Traceback" not in err
+    assert not output.exists()
+    # a good input beside it: the run succeeds for it and names the skipped one
+    assert predict_main(run_args(data, output, str(garbage), str(data["paths"][0]))) == 1
+    assert (output / "panoptic.json").is_file()
+
+
 def test_bad_arguments_write_nothing_and_the_corrected_run_is_not_refused(data, tmp_path, capsys):
     # Before the fix a bad --threshold or --model left run.json, and the corrected run was refused ("other settings").
     output = tmp_path / "out"

@@ -535,6 +535,36 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1]
 
 
+def test_an_overflowing_optimizer_step_stops_the_run(tmp_path):
+    # torch's Adam divides the rate by 1 - beta1 at the first step: 3e38 overflows float32 there. Before the fix:
+    # a RuntimeError traceback from inside torch.optim.
+    out = tmp_path / "run"
+    args = TINY + ["--learning_rate", "3e38", "--max_steps", "1", "--output_dir", str(out)]
+    run = subprocess.run([sys.executable, "-m", "eovseg.training.train", *args], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in run.stderr.strip().splitlines() if "%|" not in line]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert lines[-1].startswith("eovseg train: error: step 1: the optimizer step overflowed")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_weight_made_infinite_by_the_last_step_is_never_saved(tmp_path, capsys, monkeypatch):
+    # Finite loss and gradients, but a step that leaves a weight infinite (made so here): before the fix the model
+    # was saved with it, exit 0.
+    step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    code, err = train_status(TINY + ["--max_steps", "1", "--save_steps", "0", "--output_dir", tmp_path / "run"], capsys)
+    assert code == 1 and err[-1].startswith("eovseg train: error: step 1: a weight is not finite after the optimizer step")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_non_finite_loss_stops_the_run(tmp_path, capsys, monkeypatch):
     # A loss that turns NaN (here: made so) stops the run before its backward pass, naming the step.
     from eovseg.training.train import _TrainingRun

@@ -744,8 +744,16 @@ class _TrainingRun:
             if not math.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise self.diverged(f"the gradient norm is not finite ({norm})")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # torch's Adam scales the step by 1 / (1 - beta1^t): a huge rate overflows it
+            if "overflow" not in str(err):
+                raise
+            raise self.diverged(f"the optimizer step overflowed ({error_line(err)})") from None
         self.optimizer.zero_grad(set_to_none=True)
+        # finite gradients times a huge learning rate can still overflow a weight: never train on (or save) one
+        if not all(bool(torch.isfinite(p).all()) for p in self.trainable):
+            raise self.diverged("a weight is not finite after the optimizer step")
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.global_step += 1
