@@ -107,3 +107,14 @@ def test_out_of_range_values_are_usage_errors(option, value, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error.startswith(f"eovseg evaluate: error: argument {option}: must be ")
     assert not output.exists()
+
+
+def test_ignored_category_ids_outside_the_vocabulary_are_refused(tmp_path, capsys):
+    # Before: a typo (-1, 99) ignored nothing, silently, exit 0.
+    output = tmp_path / "out.json"
+    args = ["--model", "random:tiny", "--dataset", "synthetic", "--num_synthetic", "1", "--shortest_edge", "32",
+            "--longest_edge", "32", "--no_progress", "--output", str(output)]
+    assert main([*args, "--ignore_category_ids", "99", "-1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("eovseg evaluate: error: ignore_category_ids [-1, 99] are not category ids")
+    assert not output.exists()

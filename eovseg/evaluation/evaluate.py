@@ -490,6 +490,10 @@ def _evaluation_categories(categories, model, dataset, ignore_category_ids) -> t
         )
     categories = resolve_categories(categories, dataset, model.config)
     ignore = {int(c) for c in ignore_category_ids}
+    unknown = sorted(ignore - {c["id"] for c in categories})
+    if unknown:  # a typo would otherwise ignore nothing, silently
+        raise ValueError(f"ignore_category_ids {unknown} are not category ids of the vocabulary evaluated "
+                         f"(ids {min(c['id'] for c in categories)}..{max(c['id'] for c in categories)}).")
     categories = [c for c in categories if c["id"] not in ignore]
     if not categories:
         raise ValueError("Every category is ignored: nothing to evaluate.")
