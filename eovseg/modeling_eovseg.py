@@ -102,6 +102,9 @@ class EovSegOutput(ModelOutput):
             The light aggregator's output, returned with `output_hidden_states=True`.
         vas_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 4, width / 4)`, *optional*):
             The aggregated features after Vocabulary-Aware Selection, returned with `output_hidden_states=True`.
+        decoder_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+            The light-weight decoder's query features (the dynamic kernels) after each stage, each of shape
+            `(batch_size, num_queries, hidden_dim)`, returned with `output_hidden_states=True`.
         text_embeddings (`torch.FloatTensor` of shape `(batch_size, num_synonyms, embed_dim)`, *optional*):
             The normalized, template-averaged text embedding of every synonym of the vocabulary that was used (the
             same for every image), returned with `output_hidden_states=True`.
@@ -138,6 +141,7 @@ class EovSegOutput(ModelOutput):
     spatial_hidden_state: torch.FloatTensor | None = None
     aggregator_hidden_state: torch.FloatTensor | None = None
     vas_hidden_state: torch.FloatTensor | None = None
+    decoder_hidden_states: tuple | None = None
     text_embeddings: torch.FloatTensor | None = None
     stuff_class_ids: torch.LongTensor | None = None
     iou_scores: torch.FloatTensor | None = None
@@ -2006,7 +2010,7 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
             output_attentions=output_attentions,
         )
         iou = self.mask_filtering(queries) if self.mask_filtering is not None else None
-        return _Decoded(vas_features, class_logits, mask_logits, embeddings, iou, attentions)
+        return _Decoded(vas_features, class_logits, mask_logits, embeddings, queries, iou, attentions)
 
     def _classify(self, image, decoded, vocabulary, class_ensemble, train_input_ids, train_synonym_counts):
         """Eval-mode class scores: the out-of-vocabulary head on the last stage's masks, ensembled with the decoder's
@@ -2190,6 +2194,7 @@ class _Decoded(NamedTuple):
     class_logits: list[torch.Tensor]
     mask_logits: list[torch.Tensor]
     embeddings: list[torch.Tensor]
+    queries: list[torch.Tensor]  # the decoder's query features (kernels) after each stage
     iou: list[torch.Tensor] | None  # with Mask Filtering only
     attentions: tuple[torch.Tensor, ...] | None = None  # each stage's self-attention weights, with `output_attentions`
 
@@ -2201,6 +2206,7 @@ def _hidden_states(image: _ImageFeatures, decoded: _Decoded, vocabulary: _Vocabu
         "spatial_hidden_state": image.spatial,
         "aggregator_hidden_state": image.aggregated,
         "vas_hidden_state": decoded.vas,
+        "decoder_hidden_states": tuple(decoded.queries),
         # never the cache's own tensor
         "text_embeddings": _per_image(vocabulary.text_embeddings.clone(), image.aggregated.shape[0]),
     }
