@@ -32,6 +32,7 @@ __all__ = [
     "finite_float",
     "non_negative_float",
     "non_negative_int",
+    "non_empty_text",
     "positive_float",
     "positive_int",
     "probability",
@@ -125,3 +126,11 @@ finite_float = _bounded(float, "finite_float", lambda v: True, "a finite number"
 positive_float = _bounded(float, "positive_float", lambda v: v > 0, "a positive number")
 non_negative_float = _bounded(float, "non_negative_float", lambda v: v >= 0, "0 or a positive number")
 probability = _bounded(float, "probability", lambda v: 0 <= v <= 1, "a probability between 0 and 1")
+
+
+def non_empty_text(text: str) -> str:
+    """A name, a path or a class entry: an empty (or blank) one is a usage error, where a command would otherwise
+    take it for "not given" and fall back on a default without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 from transformers import PretrainedConfig
@@ -205,6 +206,24 @@ _POSITIVE_INT_FIELDS = (
     "decoder_ffn_dim", "decoder_num_heads", "class_embed_num_layers", "vas_num_heads", "size_divisibility",
     "text_chunk_size", "train_num_points",
 )
+# Fields that are a probability, a weight of two probabilities or a threshold on one: a number in [0, 1].
+_UNIT_INTERVAL_FIELDS = (
+    "hard_mask_threshold", "geometric_ensemble_alpha", "geometric_ensemble_beta", "object_mask_threshold",
+    "overlap_threshold", "importance_sample_ratio", "iou_mask_threshold", "supervision_iou_threshold",
+)
+# Loss weights and Embedding Modulation's alpha and beta: a number of at least 0.
+_NON_NEGATIVE_FIELDS = (
+    "class_weight", "mask_weight", "dice_weight", "no_object_weight", "iou_loss_weight", "match_loss_weight",
+    "sum_loss_weight", "modulation_alpha", "debias_beta",
+)
+# Each checked field's (least, most or None, integer?); oversample_ratio >= 1 draws at least the points it keeps.
+_CHECKED_FIELDS = {
+    **{name: (1, None, True) for name in _POSITIVE_INT_FIELDS},
+    "num_mask_fcs": (0, None, True),
+    **{name: (0, 1, False) for name in _UNIT_INTERVAL_FIELDS},
+    **{name: (0, None, False) for name in _NON_NEGATIVE_FIELDS},
+    "oversample_ratio": (1, None, False),
+}
 
 # Class-scoring rules of eval mode: EOV-Seg's geometric ensemble, or OPSNet's Embedding Modulation.
 CLASS_ENSEMBLES = ("geometric", "embedding_modulation")
@@ -370,9 +389,10 @@ class EovSegConfig(PretrainedConfig):
 
     transformers' common names read and write the light-weight decoder's sizes (`attribute_map`), as Mask2Former's
     configuration maps them to its transformer decoder: `hidden_size` is `hidden_dim` (the object kernels' and
-    aggregated features' channels), `num_hidden_layers` is `num_stages` (decoder stages) and `num_attention_heads` is
-    `decoder_num_heads` (heads of the decoder's self-attention). The frozen CLIP towers keep their own sizes in their
-    open_clip configurations.
+    aggregated features' channels), `num_hidden_layers` is `num_stages` (decoder stages), `num_attention_heads` is
+    `decoder_num_heads` (heads of the decoder's self-attention) and `num_queries` is `num_proposals` (object queries).
+    The frozen CLIP towers keep their own sizes in their open_clip configurations. Numeric fields out of their range
+    (a size below 1, a probability or threshold outside [0, 1], a negative loss weight) are refused.
     """
 
     model_type = "eovseg"
@@ -380,6 +400,7 @@ class EovSegConfig(PretrainedConfig):
         "hidden_size": "hidden_dim",
         "num_hidden_layers": "num_stages",
         "num_attention_heads": "decoder_num_heads",
+        "num_queries": "num_proposals",
     }
 
     def __init__(
@@ -439,8 +460,8 @@ class EovSegConfig(PretrainedConfig):
         default_vocabulary_fingerprint: str | None = None,
         **kwargs,
     ):
-        self._check_sizes({name: value for name, value in locals().items() if name in _POSITIVE_INT_FIELDS},
-                          num_mask_fcs)
+        self._check_numbers({**{name: value for name, value in locals().items() if name in _CHECKED_FIELDS},
+                             **{alias: kwargs[alias] for alias in self.attribute_map if alias in kwargs}})
         self.variant = self._check_variant(variant, clip_model_config, vit_model_config)
         self._set_towers(clip_model_name, clip_pretrained, clip_model_config, vit_model_name, vit_pretrained,
                          vit_model_config)
@@ -489,12 +510,24 @@ class EovSegConfig(PretrainedConfig):
             kwargs.pop("custom_pipelines")
         super().__init__(**kwargs)
 
-    @staticmethod
-    def _check_sizes(sizes: dict, num_mask_fcs) -> None:
-        for name, value in {**sizes, "num_mask_fcs": num_mask_fcs}.items():
-            least = 0 if name == "num_mask_fcs" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}.")
+    @classmethod
+    def _check_numbers(cls, given: dict) -> None:
+        """Refuse a numeric field out of its range (see `_CHECKED_FIELDS`), by the name it was given as (a common
+        name of `attribute_map` included), before it can fail deep inside torch or skew the scores silently."""
+        sizes = {}
+        for name, value in given.items():
+            field = cls.attribute_map.get(name, name)
+            sizes[field] = value
+            least, most, integer = _CHECKED_FIELDS[field]
+            if integer:
+                valid = not isinstance(value, bool) and isinstance(value, int) and value >= least
+                if not valid:
+                    raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}.")
+                continue
+            valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not valid or value < least or (most is not None and value > most):
+                what = f"between {least} and {most}" if most is not None else f"of at least {least}"
+                raise ValueError(f"{name} must be a number {what}, got {value!r}.")
         kernel_dim = sizes["hidden_dim"] * sizes["conv_kernel_size_2d"] ** 2  # the decoder's attention width
         if kernel_dim % sizes["decoder_num_heads"]:
             raise ValueError(f"hidden_dim * conv_kernel_size_2d**2 ({kernel_dim}) must be a multiple of "

@@ -63,16 +63,50 @@ def load_local_dataset(
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; give a local data set (nothing is downloaded) or 'synthetic'.")
-    if _is_saved_dataset(path):
-        data = datasets.load_from_disk(path)
-    elif os.path.isfile(path):
+    if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lstrip(".").lower()
         if ext not in _DATA_FILE_BUILDERS:
             raise ValueError(f"{path}: unsupported data file type {ext!r}.")
-        data = datasets.load_dataset(_DATA_FILE_BUILDERS[ext], data_files=path)
-    else:
-        data = datasets.load_dataset(path)
-    return pick_split(data, split, default_splits, split_option)
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"data set {path!r} has no rows (the file is empty).")
+    try:
+        if _is_saved_dataset(path):
+            data = datasets.load_from_disk(path)
+        elif os.path.isfile(path):
+            data = datasets.load_dataset(_DATA_FILE_BUILDERS[ext], data_files=path)
+        else:
+            data = datasets.load_dataset(path)
+    except Exception as error:  # datasets' and pyarrow's own errors, raised deep inside and often several lines long
+        raise _unreadable(path, error) from error
+    data = pick_split(data, split, default_splits, split_option)
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError(f"data set {path!r} has no rows" + (f" in split {split!r}." if split else "."))
+    return data
+
+
+def _unreadable(path: str, error: BaseException) -> ValueError:
+    """The one-line error of a data set `datasets` cannot load: a saved split without rows (which
+    `datasets.load_from_disk` cannot even open), else the innermost cause's first line."""
+    for folder, _, files in os.walk(path) if os.path.isdir(path) else ():
+        if "state.json" in files and not _saved_data_files(os.path.join(folder, "state.json")):
+            where = os.path.relpath(folder, path)
+            return ValueError(f"data set {path!r} has no rows" + ("." if where == "." else f" in split {where!r}."))
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip()
+    reason = text.splitlines()[0] if text else type(cause).__name__
+    return ValueError(f"cannot read {path!r} as a data set ({type(cause).__name__}: {reason})")
+
+
+def _saved_data_files(state_file: str) -> list:
+    import json
+
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            return list(json.load(handle).get("_data_files") or [])
+    except (OSError, ValueError, AttributeError):
+        return [None]  # unreadable: not known to be empty, the loader's own error is reported
 
 
 def pick_split(data, split: str | None, default_splits: Sequence[str] = (), split_option: str = "--split"):

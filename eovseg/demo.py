@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .command_line import command_main
+from .command_line import command_main, non_empty_text
 
 _ASSETS = Path(__file__).with_name("assets")
 # A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
@@ -209,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a converted model folder; default: the bundled toy model (synthetic shapes)")
     parser.add_argument("--image", type=Path, default=None,
                         help="input image (default: the bundled synthetic scene, or the bundled photo with --model)")
-    parser.add_argument("--vocabulary", default=None, metavar="NAME|FILE",
+    parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
                         help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file")
-    parser.add_argument("--classes", nargs="+", default=None,
+    parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
                         help='vocabulary: class entries of comma-separated synonyms, e.g. "cup, mug" "table"')
-    parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
+    parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--overwrite", action="store_true",
                         help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "

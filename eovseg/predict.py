@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .command_line import command_main
+from .command_line import command_main, non_empty_text
 from .demo import ModelOutputError, check_finite_outputs, has_stored_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -511,10 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="images, folders (searched recursively) and videos")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the files go (new, empty, or a run to resume)")
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
-    parser.add_argument("--classes", nargs="+", default=None,
+    parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
                         help='the classes to find, synonyms by commas: "car, automobile" "road" (default: the model\'s)')
-    parser.add_argument("--stuff", nargs="+", default=None, help="which of --classes are stuff (merged, not instances)")
-    parser.add_argument("--vocabulary", default=None,
+    parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
+    parser.add_argument("--vocabulary", type=non_empty_text, default=None,
                         help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file, instead of --classes")
     parser.add_argument("--batch_size", type=positive_int, default=1, help="images (or video frames) per forward pass")
     parser.add_argument("--threshold", type=probability, default=0.0, help="least class probability of a segment")

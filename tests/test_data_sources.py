@@ -1,6 +1,7 @@
 """The one data-set loader and category resolver that training and evaluation share (`eovseg.data_sources`)."""
 
 import json
+import os
 
 import datasets
 import pytest
@@ -61,3 +62,36 @@ def test_category_sources_in_order(tmp_path):
         resolve_categories(["no such class"], None, config)
     with pytest.raises(VocabularyError, match="isthing of id 3 is 'no'"):
         normalize_categories([{"id": 3, "name": "x", "isthing": "no"}])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--model", "tiny", "--output_dir", "o", "--dataset", "{data}"],
+        ["train", "--model", "tiny", "--output_dir", "o", "--dataset", "synthetic", "--eval_dataset", "{data}"],
+        ["evaluate", "--model", "random:tiny", "--dataset", "{data}"],
+    ],
+    ids=["train", "train-eval", "evaluate"],
+)
+def test_empty_or_unreadable_data_sets_are_one_line_errors(command, tmp_path, monkeypatch, capsys):
+    from eovseg.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    datasets.Dataset.from_dict({"x": []}).save_to_disk("no_rows")
+    datasets.DatasetDict({"train": _rows(1, "t"), "validation": _rows(0, "v")}).save_to_disk("empty_split")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "garbage.json").write_text("{not json")
+    capsys.readouterr()  # save_to_disk's progress bars
+    expected = {
+        "no_rows": "data set 'no_rows' has no rows",
+        "empty_split": "data set 'empty_split' has no rows in split 'validation'",
+        "empty.jsonl": "data set 'empty.jsonl' has no rows (the file is empty)",
+        "garbage.json": "cannot read 'garbage.json' as a data set (ArrowInvalid: JSON parse error",
+    }
+    for data, message in expected.items():
+        argv = [data if arg == "{data}" else arg for arg in command]
+        assert cli_main(argv) == 1, data
+        # datasets' own progress bars and log lines aside, one line from the command
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eovseg")]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], lines
+        assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")

@@ -370,3 +370,19 @@ def test_segments_info_reaches_the_image_processor(processor):
     assert [c.tolist() for c in out["class_labels"]] == [[3]]
     with pytest.raises(ValueError, match="without images"):
         processor(text=VOCABULARY, segments_info=[{"id": 7, "category_id": 3}])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"size": "big"}, "`size` must be one of int, list[int], tuple[int, ...], dict[str, int], None, got 'big'."),
+        ({"images_kwargs": {"size": "big"}}, "`size` must be one of int, list[int], tuple[int, ...], dict[str, int]"),
+        ({"do_resize": "yes"}, "`do_resize` must be one of bool, None, got 'yes'."),
+    ],
+)
+def test_option_of_the_wrong_type_is_one_line_naming_it(processor, options, message):
+    # Before: huggingface_hub's StrictDataclassFieldValidationError, several lines and no ValueError / TypeError.
+    with pytest.raises(TypeError) as caught:
+        processor(images=np.zeros((16, 16, 3), np.uint8), **options)
+    assert str(caught.value) == message or str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)

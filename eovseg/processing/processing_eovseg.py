@@ -2,10 +2,12 @@
 
 import importlib
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import CLIPTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
@@ -32,6 +34,19 @@ VOCABULARY_TEXT_KWARGS = ("padding", "max_length", "truncation", "return_tensors
 
 class EovSegProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: EovSegImageProcessorKwargs
+
+
+def _option_type_message(error: StrictDataclassFieldValidationError) -> str:
+    """One line for an option of the wrong type that transformers' `ProcessingKwargs` validation refused: the
+    option's name, the types it takes and the value given (from the cause's "Field 'X' with value V doesn't match
+    any type in (...)")."""
+    cause = str(error.__cause__ or error).strip()
+    found = re.match(r"Field '(?P<name>[^']+)' with value (?P<value>.*) doesn't match any type in \((?P<types>.*?)\)\.",
+                     cause, re.DOTALL)
+    if found is None:
+        return f"`{error.field}` has the wrong type: {cause.splitlines()[0] if cause else type(error).__name__}"
+    types = re.sub(r"<class '([\w.]+)'>", r"\1", found["types"]).replace("NoneType", "None")
+    return f"`{found['name']}` must be one of {types}, got {found['value']}."
 
 
 def _image_processor_class(backend: str | None = None):
@@ -222,9 +237,12 @@ class EovSegProcessor(ProcessorMixin):
         if class_ensemble not in (None, "geometric", "embedding_modulation"):
             raise ValueError(f"class_ensemble must be 'geometric' or 'embedding_modulation', got {class_ensemble!r}.")
         self._check_call_kwargs(kwargs)
-        merged = self._merge_kwargs(
-            EovSegProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
-        )
+        try:
+            merged = self._merge_kwargs(
+                EovSegProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+            )
+        except StrictDataclassFieldValidationError as error:  # several lines of huggingface_hub's type checks
+            raise TypeError(_option_type_message(error)) from None
         encoded = BatchFeature()
         if images is not None:
             encoded.update(self.image_processor(
