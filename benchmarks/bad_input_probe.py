@@ -76,6 +76,8 @@ def make_fixtures(root: Path) -> None:
     data.select(range(2)).save_to_disk(str(root / "data_ok"))
     image = data[0]["image"].convert("RGB")
     image.save(root / "images" / "ok.png")
+    (root / "clean").mkdir()
+    image.save(root / "clean" / "ok.png")
     _make_bad_images(root / "images", np.asarray(image))
     _make_bad_datasets(root, data)
     _make_bad_models(root, Path(default_model_path()))
@@ -332,7 +334,7 @@ def _file_cases(fx: Path) -> list[Case]:
         cases.append(Case(f"predict {name}", "images", ["predict", path, "--output_dir", "{out}"], expect=expect))
     ok = str(fx / "images/ok.png")
     cases.append(Case("predict output folder inside its input", "images",
-                      ["predict", str(fx / "images"), "--output_dir", str(fx / "images" / "out")], expect="either"))
+                      ["predict", str(fx / "clean"), "--output_dir", str(fx / "clean" / "out")], expect="either"))
     cases.append(Case("predict --output_dir is a file", "images", ["predict", ok, "--output_dir", "{out}/notes.txt"],
                       user_files={USER_FILE: b"mine\n"}))
     cases.append(Case("demo --output_dir is a file", "images", ["demo", "--image", ok, "--output_dir", "{out}/notes.txt"],

@@ -1899,6 +1899,11 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
                 f"pixel_mask has shape {shape} but pixel_values has shape {tuple(pixel_values.shape)}: the mask must be "
                 f"(batch, height, width) = {expected}, as EovSegImageProcessor makes it."
             )
+        if not _tracing():  # (data-dependent: left to the caller in an exported program)
+            empty = [i for i in range(pixel_mask.shape[0]) if not bool(pixel_mask[i].any())]
+            if empty:
+                raise EovSegInputError(f"pixel_mask marks no valid pixel in image(s) {empty} of the batch: an image "
+                                       "needs at least one (1 where the image is, 0 on its padding).")
 
     def _check_text_embeddings(self, text_embeddings) -> torch.Tensor:
         if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.dim() != 2:

@@ -578,6 +578,10 @@ def test_pixel_mask_of_another_size_is_refused(tiny):
         tiny(torch.randn(1, 3, 64, 64), pixel_mask=torch.ones(1, 10, 10, dtype=torch.long), **vocab_inputs(tiny.config))
     with pytest.raises(EovSegInputError, match="pixel_mask has shape"):  # a mask per image, not one for the batch
         tiny(torch.randn(2, 3, 64, 64), pixel_mask=torch.ones(1, 64, 64, dtype=torch.long), **vocab_inputs(tiny.config))
+    mask = torch.ones(2, 64, 64, dtype=torch.long)
+    mask[1] = 0  # before: accepted, the image's valid size (0, 0) went to post-processing
+    with pytest.raises(EovSegInputError, match=r"pixel_mask marks no valid pixel in image\(s\) \[1\]"):
+        tiny(torch.randn(2, 3, 64, 64), pixel_mask=mask, **vocab_inputs(tiny.config))
 
 
 _NON_FINITE_WEIGHTS = r"""

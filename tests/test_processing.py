@@ -208,7 +208,10 @@ def test_save_load_round_trip(processor, tmp_path, saved_with, backend, caplog):
     assert loaded.tokenizer.pad_token_id == 0
     vocabulary = VOCABULARY + ["a very long class name " + "with many words " * 10]
     images = [_image(40, 60, 0), _image(70, 50, 1)]
-    assert loaded.image_processor.to_dict() == custom.image_processor.to_dict()
+    # the same settings; a saved folder also names the code files for trust_remote_code (auto_map)
+    settings = {k: v for k, v in loaded.image_processor.to_dict().items() if k != "auto_map"}
+    assert settings == custom.image_processor.to_dict()
+    assert set(loaded.image_processor.to_dict()["auto_map"]["AutoImageProcessor"]) == {"pil", "torchvision"}
     # the same settings on the loaded backend (the two backends' downscaled pixels differ slightly)
     custom.image_processor = type(loaded.image_processor)(**custom.image_processor.to_dict())
     before = custom(images=images, text=vocabulary)
