@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={
         # parameterized: transformers' common test mixins (pytest -m transformers_common) import it
-        "test": ["pytest>=8", "supervision>=0.26", "parameterized>=0.9"],
+        # gradio: the web page's handler tests (tests/test_app.py) run in the default test run, not skipped
+        "test": ["pytest>=8", "supervision>=0.26", "parameterized>=0.9", "gradio>=6,<7"],
         "app": ["gradio>=6,<7"],
         "supervision": ["supervision>=0.26"],
         # the web demo's browser test (Chromium itself comes from Debian: apt-get install chromium)
