@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import command_main
+from .command_line import command_main, port_number
 
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -201,13 +201,11 @@ def build_demo(app: SegmentationApp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .predict import bounded
-
     parser = argparse.ArgumentParser(prog="eovseg app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=bounded(int, 1, 65535, "a port number 1-65535"), default=7860)
+    parser.add_argument("--port", type=port_number, default=7860)
     return parser
 
 

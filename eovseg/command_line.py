@@ -34,6 +34,7 @@ __all__ = [
     "non_negative_int",
     "non_empty_text",
     "positive_float",
+    "port_number",
     "positive_int",
     "probability",
     "run_command",
@@ -126,6 +127,7 @@ finite_float = _bounded(float, "finite_float", lambda v: True, "a finite number"
 positive_float = _bounded(float, "positive_float", lambda v: v > 0, "a positive number")
 non_negative_float = _bounded(float, "non_negative_float", lambda v: v >= 0, "0 or a positive number")
 probability = _bounded(float, "probability", lambda v: 0 <= v <= 1, "a probability between 0 and 1")
+port_number = _bounded(int, "port_number", lambda v: 1 <= v <= 65535, "a port number 1-65535")
 
 
 def non_empty_text(text: str) -> str:

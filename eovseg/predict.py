@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .command_line import command_main, non_empty_text
+from .command_line import command_main, non_empty_text, positive_int, probability
 from .demo import ModelOutputError, check_finite_outputs, has_stored_vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -483,26 +483,6 @@ def merge(output_dir: Path, items: Sequence[Item], categories: list[dict], insta
     if instances:
         write_json(output_dir / "instances.json", detections)
     return skipped
-
-
-def bounded(kind: type, low, high, what: str):
-    """An argparse type: a `kind` (int or float) in [low, high], refused when the arguments are parsed (before
-    anything is written) with `expected WHAT` (NaN is outside every range)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-probability = bounded(float, 0.0, 1.0, "a number in [0, 1]")
-positive_int = bounded(int, 1, float("inf"), "a positive integer")
 
 
 def build_parser() -> argparse.ArgumentParser:

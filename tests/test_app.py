@@ -148,9 +148,10 @@ def test_the_page_shows_the_projects_message_for_a_file_predict_refuses(kind, su
 def test_bad_port_is_refused_when_the_arguments_are_parsed(capsys):
     from eovseg.app import main as app_main
 
-    for port in ("99999", "0", "http"):
+    for port, message in (("99999", "must be a port number 1-65535, got '99999'"),
+                          ("0", "must be a port number 1-65535, got '0'"), ("http", "expected an integer, got 'http'")):
         assert app_main(["--port", port]) == 2
-        assert "expected a port number 1-65535" in capsys.readouterr().err
+        assert f"argument --port: {message}" in capsys.readouterr().err
 
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

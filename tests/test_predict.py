@@ -439,9 +439,12 @@ def test_bad_arguments_write_nothing_and_the_corrected_run_is_not_refused(data, 
     # Before the fix a bad --threshold or --model left run.json, and the corrected run was refused ("other settings").
     output = tmp_path / "out"
     image = str(data["paths"][0])
-    for bad in (["--threshold", "5"], ["--threshold", "nan"], ["--mask_threshold", "-1"], ["--batch_size", "0"]):
+    for bad, message in ((["--threshold", "5"], "must be a probability between 0 and 1, got '5'"),
+                         (["--threshold", "nan"], "expected a finite number within float32's range, got 'nan'"),
+                         (["--mask_threshold", "-1"], "must be a probability between 0 and 1, got '-1'"),
+                         (["--batch_size", "0"], "must be a positive integer, got '0'")):
         assert predict_main(run_args(data, output, image) + bad) == 2
-        assert "expected" in capsys.readouterr().err
+        assert f"argument {bad[0]}: {message}" in capsys.readouterr().err
         assert not output.exists()
     bad_model = broken_model(data, tmp_path, "config_negative")
     assert predict_main([image, "--output_dir", str(output), "--model", str(bad_model), "--classes", "a"]) == 1
