@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["eovseg", "eovseg.*"]),
     package_data={"eovseg": ["assets/*", "assets/*/*", "evaluation/*.py", "vocabularies/*.json", "vocabularies/*.md"]},
     # Ranges, not pins (a library must not fix its users' environments); upper bounds at the next major version.
-    # README "Dependencies" says which lower bounds the test suite ran with.
+    # docs/getting_started.md, "Dependencies", says which lower bounds the test suite ran with.
     install_requires=[
         "torch>=2.14,<3",
         "torchvision>=0.29,<1",
@@ -42,6 +42,8 @@ setup(
         "supervision": ["supervision>=0.26"],
         # the web demo's browser test (Chromium itself comes from Debian: apt-get install chromium)
         "browser": ["gradio>=6,<7", "playwright>=1.40"],
+        # the documentation site (docs/, mkdocs.yml); mkdocs 1.6 for the link and anchor validation settings
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
     },
     entry_points={"console_scripts": ["eovseg=eovseg.cli:main"]},
 )
