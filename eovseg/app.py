@@ -39,7 +39,7 @@ DISPLAY_SIDE = 512
 # The pictures fill their column (Gradio shows an image no larger than its file); errors read as errors.
 PAGE_CSS = """
 #result img, #input-preview img { width: 100%; height: auto; max-height: none; object-fit: contain; }
-.eovseg-error { color: #b00020; font-weight: 600; padding: 4px 0; }
+.eovseg-error { color: #b00020; font-weight: 600; padding: 4px 0; overflow-wrap: anywhere; }
 .eovseg-note { color: #333; padding: 4px 0; }
 """
 
@@ -118,7 +118,8 @@ class SegmentationApp:
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
-        progress = progress or (lambda fraction, desc=None: None)
+        if progress is None:  # not `progress or ...`: Gradio's Progress is falsy (an empty iterable)
+            progress = _no_progress
         progress(0.0, desc="Reading the image")
         image = read_upload(image)
         names, is_thing, given = self.vocabulary(class_text)
@@ -140,6 +141,10 @@ class SegmentationApp:
             "segments_info": segments, "categories": categories}, indent=1))
         legend = legend_html(legend_entries(result["segments_info"], names))
         return overlay, legend, str(folder / "segments.json"), str(folder / "panoptic.png")
+
+
+def _no_progress(fraction, desc=None):
+    """Progress reports of a run outside the page (tests, scripts): none."""
 
 
 def read_upload(image):
@@ -185,8 +190,8 @@ def page_run(app: SegmentationApp):
                                                                mask_threshold, progress)
         except USER_ERRORS as err:
             return None, "", None, None, message_html(error_message(err), error=True)
-        found = json.loads(Path(json_path).read_text())["segments_info"]
-        return picture, legend, json_path, png_path, message_html(f"{len(found)} segments found.")
+        count = len(json.loads(Path(json_path).read_text())["segments_info"])
+        return picture, legend, json_path, png_path, message_html(f"{count} segment{'s' * (count != 1)} found.")
 
     return run
 
@@ -229,7 +234,8 @@ def build_demo(app: SegmentationApp):
                 # The file as uploaded (gr.Image would convert it with PIL first); the preview shows it as decoded.
                 image = gr.File(label="Image file", file_types=list(IMAGE_SUFFIXES), type="filepath",
                                 elem_id="input-image")
-                shown = gr.Image(type="pil", label="The image as read", elem_id="input-preview", interactive=False)
+                shown = gr.Image(type="pil", label="The image as read", elem_id="input-preview", interactive=False,
+                                 format="png")
                 gr.Examples([[example_image()]], inputs=[image])
                 vocabulary = gr.Dropdown([CUSTOM, *list_vocabularies()], value=CUSTOM, label="Built-in vocabulary",
                                          elem_id="vocabulary")
@@ -241,16 +247,18 @@ def build_demo(app: SegmentationApp):
                 mask_threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
                 button = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
-                result = gr.Image(type="pil", label="Result", elem_id="result", interactive=False)
+                # PNG, not Gradio's default WebP: labels and outlines stay sharp
+                result = gr.Image(type="pil", label="Result", elem_id="result", interactive=False, format="png")
                 message = gr.HTML(elem_id="message")
                 legend = gr.HTML(elem_id="legend")
                 segments_file = gr.File(label="Segments (COCO panoptic JSON)", elem_id="segments-json")
                 png_file = gr.File(label="Panoptic PNG (id = R + 256 G + 256^2 B)", elem_id="panoptic-png")
         outputs = [result, legend, segments_file, png_file, message]
-        image.change(page_preview, inputs=[image], outputs=[shown, *outputs])
+        image.change(page_preview, inputs=[image], outputs=[shown, *outputs], show_progress_on=[shown])
         vocabulary.change(pick, inputs=[vocabulary], outputs=[classes])
+        # the steps are shown once, over the picture (not repeated over every output)
         button.click(segment, inputs=[image, classes, subtask, threshold, overlap, mask_threshold], outputs=outputs,
-                     concurrency_limit=1)
+                     concurrency_limit=1, show_progress_on=[result])
     return demo
 
 

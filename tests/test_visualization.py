@@ -54,7 +54,7 @@ def test_draw_segments_tints_outlines_and_labels_only_segments():
 
 
 def test_label_font_follows_the_picture_size():
-    assert label_font_size(3000, 2000) == round(2000 / 30) and label_font_size(640, 480) == 16
+    assert label_font_size(3000, 2000) == 80 and label_font_size(640, 480) == 19
     assert label_font_size(64, 64) == 11
 
 
