@@ -33,8 +33,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 STUFF_MARK = "(stuff)"
 CUSTOM = "(the class list)"
-# Pictures shorter than this are shown enlarged by a whole factor, so that a small image (the bundled example) and
-# its labels are seen at the column's width, not as a thumbnail that the labels cover.
+# Pictures whose shorter side is under half this are shown enlarged by the whole factor DISPLAY_SIDE // shorter side,
+# so that a small image (the bundled example) and its labels are seen at the column's width, not as a thumbnail
+# that the labels cover.
 DISPLAY_SIDE = 512
 # The pictures fill their column (Gradio shows an image no larger than its file); errors read as errors.
 PAGE_CSS = """
@@ -159,7 +160,7 @@ def read_upload(image):
 
 
 def display_copy(image):
-    """The image as the page shows it: a small one enlarged by a whole factor (sharp pixels) to `DISPLAY_SIDE`."""
+    """The image as the page shows it: a small one enlarged by a whole factor (sharp pixels), see `DISPLAY_SIDE`."""
     from .visualization import enlarge
 
     return enlarge(image, DISPLAY_SIDE)

@@ -55,7 +55,7 @@ COLOR_WORDS: dict[str, str] = {
     "beige": "brown",
 }
 # Colours closer than this (CIE76 distance in Lab) are too alike to tell two classes apart in a legend.
-MIN_COLOR_DISTANCE = 28.0
+MIN_COLOR_DISTANCE = 45.0
 
 
 def _srgb_to_lab(rgb) -> np.ndarray:
@@ -175,12 +175,13 @@ def _text_color(color: Color) -> Color:
 
 
 def _factor(width: int, height: int, min_side: int) -> int:
-    return math.ceil(min_side / min(width, height)) if min_side and min(width, height) < min_side else 1
+    return max(1, min_side // min(width, height))
 
 
 def enlarge(image: Image.Image, min_side: int) -> Image.Image:
-    """The image enlarged by the least whole factor (nearest neighbour: sharp pixels) that makes its shorter side at
-    least `min_side`; the image itself when it is large enough."""
+    """The image enlarged by the whole factor `min_side // shorter side` (nearest neighbour: sharp pixels), so that a
+    small image's shorter side comes to between half `min_side` and `min_side`; an image whose shorter side is more
+    than half `min_side` is returned as it is."""
     factor = _factor(image.width, image.height, min_side)
     return image if factor == 1 else image.resize((image.width * factor, image.height * factor),
                                                   Image.Resampling.NEAREST)
@@ -244,9 +245,9 @@ def draw_segments(
         alpha: opacity of the tint.
         labels: write the class name on each segment (where it fits, see the module's docstring).
         colors: one RGB colour per class (default: [`class_colors`] of `class_names`).
-        min_side: draw on a copy enlarged by a whole factor (nearest neighbour) until its shorter side is at least
-            this, so that the labels of a small image are sharp and leave it visible (the picture is then larger
-            than the image); 0 keeps the image's size.
+        min_side: draw on a copy enlarged by the whole factor `min_side // shorter side` (nearest neighbour, see
+            [`enlarge`]), so that the labels of a small image are sharp and leave it visible (the picture is then
+            larger than the image); 0 keeps the image's size.
     """
     ids = _as_numpy_map(segmentation)
     if (image.height, image.width) != ids.shape:
