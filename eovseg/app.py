@@ -23,18 +23,19 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import USER_ERRORS, command_main, port_number
+from .command_line import USER_ERRORS, command_main, error_line, port_number
 
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 STUFF_MARK = "(stuff)"
 CUSTOM = "(the class list)"
-# Pictures whose shorter side is under half this are shown enlarged by the whole factor DISPLAY_SIDE // shorter side,
-# so that a small image (the bundled example) and its labels are seen at the column's width, not as a thumbnail
+# Pictures whose shorter side is at most half this are shown enlarged by the whole factor DISPLAY_SIDE // shorter
+# side, so that a small image (the bundled example) and its labels are seen at the column's width, not as a thumbnail
 # that the labels cover.
 DISPLAY_SIDE = 512
 # The pictures fill their column (Gradio shows an image no larger than its file); errors read as errors.
@@ -175,8 +176,6 @@ def message_html(text: str = "", error: bool = False) -> str:
 
 
 def error_message(err: BaseException) -> str:
-    from .command_line import error_line
-
     return f"eovseg app: error: {error_line(err)}"
 
 
@@ -191,6 +190,10 @@ def page_run(app: SegmentationApp):
                                                                mask_threshold, progress)
         except USER_ERRORS as err:
             return None, "", None, None, message_html(error_message(err), error=True)
+        except Exception as err:  # a bug: its traceback goes to the server's console, the page still says it failed
+            traceback.print_exc()
+            return None, "", None, None, message_html(f"eovseg app: internal error: {type(err).__name__}: "
+                                                      f"{error_line(err)}", error=True)
         count = len(json.loads(Path(json_path).read_text())["segments_info"])
         return picture, legend, json_path, png_path, message_html(f"{count} segment{'s' * (count != 1)} found.")
 

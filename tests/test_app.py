@@ -159,6 +159,18 @@ def test_the_page_shows_the_projects_message_for_a_file_predict_refuses(kind, su
     assert cleared == [None, "", None, None] and note == ""
 
 
+def test_a_bug_in_a_run_still_clears_the_result_and_says_it_failed(app, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("shape mismatch\nsecond line")
+
+    monkeypatch.setattr(app, "segment", broken)
+    *cleared, shown = page_run(app)(example_image(), CLASS_TEXT, "panoptic", 0.0, 0.8, 0.5)
+    assert cleared == [None, "", None, None]
+    assert html.unescape(shown) == '<div class="eovseg-error">eovseg app: internal error: RuntimeError: shape ' \
+        'mismatch</div>'
+    assert "Traceback" in capsys.readouterr().err  # for whoever runs the server
+
+
 class Steps(list):
     """A progress recorder that is falsy while empty, as Gradio's Progress is."""
 
