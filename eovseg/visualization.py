@@ -194,22 +194,15 @@ def _enlarged(image: Image.Image, ids: np.ndarray, min_side: int) -> tuple[Image
     return enlarge(image, min_side), np.repeat(np.repeat(ids, factor, axis=0), factor, axis=1)
 
 
-def _tint(base: np.ndarray, ids: np.ndarray, segment_colors: Mapping[int, Color], alpha: float) -> np.ndarray:
-    """`base` with each listed segment blended with its colour: one table look-up over the map (a pass per segment,
-    or `np.unique`'s sort, takes seconds on a 3000x2000 photo)."""
-    low = int(ids.min())
-    if int(ids.max()) - low >= 2**22:  # sparse ids: number them first
-        keys, index = np.unique(ids, return_inverse=True)
-        index = index.reshape(ids.shape)
-    else:
-        keys, index = np.arange(low, int(ids.max()) + 1), ids - low
-    table = np.zeros((len(keys), 4), dtype=np.float32)
-    for key, color in segment_colors.items():
-        row = int(np.searchsorted(keys, key))
-        if row < len(keys) and keys[row] == key:
-            table[row] = (*color, alpha)
-    looked_up = table[index]
-    return base + (looked_up[..., :3] - base) * looked_up[..., 3:]
+def _segment_numbers(ids: np.ndarray, segment_ids: Sequence[int]) -> np.ndarray:
+    """The map renumbered: `k + 1` where it holds `segment_ids[k]`, 0 elsewhere (one sorted look-up over the map; a
+    pass per segment, or `np.unique`'s sort, takes seconds on a 3000x2000 photo)."""
+    keys = np.asarray(segment_ids, dtype=np.int64)
+    if not len(keys):
+        return np.zeros(ids.shape, dtype=np.int32)
+    order = np.argsort(keys, kind="stable")
+    position = np.searchsorted(keys[order], ids).clip(max=len(keys) - 1)
+    return np.where(keys[order][position] == ids, order[position] + 1, 0).astype(np.int32)
 
 
 def _outline(ids: np.ndarray, drawn: np.ndarray, width: int) -> np.ndarray:
@@ -254,22 +247,27 @@ def draw_segments(
         raise ValueError(f"The image is {image.height}x{image.width} but the map is {ids.shape[0]}x{ids.shape[1]}.")
     image, ids = _enlarged(image, ids, min_side)
     palette = class_colors(class_names, colors)
-    segment_colors = {int(s["id"]): palette[int(s["label_id"])] for s in segments_info}
+    numbers = _segment_numbers(ids, [int(s["id"]) for s in segments_info])
+    tint = np.array([(0, 0, 0, 0)] + [(*palette[int(s["label_id"])], alpha) for s in segments_info],
+                    dtype=np.float32)[numbers]
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    out = _tint(base, ids, segment_colors, alpha)
-    drawn = np.isin(ids, list(segment_colors))
-    out[_outline(ids, drawn, max(1, round(min(ids.shape) / 500)))] = 255.0
+    out = base + (tint[..., :3] - base) * tint[..., 3:]
+    out[_outline(numbers, numbers > 0, max(1, round(min(ids.shape) / 500)))] = 255.0
     picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     if labels:
-        named = [(ids == int(s["id"]), display_name(class_names[int(s["label_id"])]), palette[int(s["label_id"])])
-                 for s in segments_info]
-        _write_labels(picture, [(mask, text, color) for mask, text, color in named if mask.any()])
+        found = []
+        for k, where in enumerate(ndimage.find_objects(numbers, max_label=len(segments_info))):
+            if where is not None:  # a segment with no pixel in the map is not drawn
+                label_id = int(segments_info[k]["label_id"])
+                found.append((numbers[where] == k + 1, (where[1].start, where[0].start),
+                              display_name(class_names[label_id]), palette[label_id]))
+        _write_labels(picture, found)
     return picture
 
 
-def _spots(mask: np.ndarray, step: int, count: int = 300) -> np.ndarray:
-    """Up to `count` `(x, y)` points inside the mask, farthest from its border first and, among points about as far,
-    nearest its centre first; on a map sampled every `step` pixels (a distance transform of a 3000x2000 mask per
+def _spots(mask: np.ndarray, step: int, count: int = 600) -> np.ndarray:
+    """About `count` `(x, y)` points spread over the mask, farthest from its border first and, among points about as
+    far, nearest its centre first; on a map sampled every `step` pixels (a distance transform of a 3000x2000 mask per
     segment would take seconds)."""
     small = mask[::step, ::step]
     ys, xs = np.nonzero(small)
@@ -277,7 +275,8 @@ def _spots(mask: np.ndarray, step: int, count: int = 300) -> np.ndarray:
         return np.zeros((0, 2), dtype=np.int64)
     distance = ndimage.distance_transform_edt(np.pad(small, 1))[1:-1, 1:-1][ys, xs]
     off_centre = (ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2
-    order = np.lexsort((off_centre, -np.round(distance)))[:count]
+    order = np.lexsort((off_centre, -np.round(distance)))
+    order = order[:: max(1, len(order) // count)]  # every depth, down to the border, gets tried
     return np.stack([xs[order] * step + step // 2, ys[order] * step + step // 2], axis=1)
 
 
@@ -285,24 +284,27 @@ def _overlaps(box, boxes) -> bool:
     return any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes)
 
 
-def label_boxes(size: tuple[int, int], labels: Sequence[tuple[np.ndarray, str]], font) -> list[tuple | None]:
-    """Where each `(mask, text)` label goes: `(left, top, right, bottom)` of its box, or None where it is left out.
-    Larger segments choose first; a box stays inside the picture and off every other box."""
+def label_boxes(size: tuple[int, int], labels: Sequence[tuple[np.ndarray, tuple[int, int], str]],
+                font) -> list[tuple | None]:
+    """Where each `(mask, (left, top) of the mask in the picture, text)` label goes: `(left, top, right, bottom)` of
+    its box, or None where it is left out. Larger segments choose first; a box stays inside the picture and off
+    every other box."""
     width, height = size
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = max(2, font.size // 5)
     step = max(1, math.ceil(max(size) / 400))
+    areas = [int(mask.sum()) for mask, _, _ in labels]
     placed: list[tuple] = []
     boxes: list[tuple | None] = [None] * len(labels)
-    for index in sorted(range(len(labels)), key=lambda i: -int(labels[i][0].sum())):
-        mask, text = labels[index]
+    for index in sorted(range(len(labels)), key=lambda i: -areas[i]):
+        mask, (left_of_mask, top_of_mask), text = labels[index]
         left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
         w, h = right - left + 2 * pad, bottom - top + 2 * pad
-        if w > width or h > height or mask.sum() < 2 * w * h:
+        if w > width or h > height or areas[index] < 2 * w * h:
             continue
         for x, y in _spots(mask, step):
-            x0 = int(min(max(0, x - w // 2), width - w))
-            y0 = int(min(max(0, y - h // 2), height - h))
+            x0 = int(min(max(0, left_of_mask + x - w // 2), width - w))
+            y0 = int(min(max(0, top_of_mask + y - h // 2), height - h))
             box = (x0, y0, x0 + w, y0 + h)
             if not _overlaps((x0 - pad, y0 - pad, x0 + w + pad, y0 + h + pad), placed):
                 placed.append(box)
@@ -311,17 +313,16 @@ def label_boxes(size: tuple[int, int], labels: Sequence[tuple[np.ndarray, str]],
     return boxes
 
 
-def _write_labels(picture: Image.Image, labels: Sequence[tuple[np.ndarray, str, Color]]) -> None:
+def _write_labels(picture: Image.Image, labels: Sequence[tuple[np.ndarray, tuple[int, int], str, Color]]) -> None:
     draw = ImageDraw.Draw(picture)
     font = _font(label_font_size(picture.width, picture.height))
-    boxes = label_boxes(picture.size, [(mask, text) for mask, text, _ in labels], font)
-    for box, (_, text, color) in zip(boxes, labels):
-        if box is None:
-            continue
-        left, top, _, _ = draw.textbbox((0, 0), text, font=font)
-        pad = max(2, font.size // 5)
-        draw.rectangle(box, fill=color, outline=(0, 0, 0), width=max(1, font.size // 12))
-        draw.text((box[0] + pad - left, box[1] + pad - top), text, fill=_text_color(color), font=font)
+    pad = max(2, font.size // 5)
+    boxes = label_boxes(picture.size, [(mask, offset, text) for mask, offset, text, _ in labels], font)
+    for box, (_, _, text, color) in zip(boxes, labels):
+        if box is not None:
+            left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+            draw.rectangle(box, fill=color, outline=(0, 0, 0), width=max(1, font.size // 12))
+            draw.text((box[0] + pad - left, box[1] + pad - top), text, fill=_text_color(color), font=font)
 
 
 def legend_entries(segments_info: Sequence[Mapping], class_names: Sequence[str],

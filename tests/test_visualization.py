@@ -83,14 +83,14 @@ def test_labels_are_sized_to_a_large_photo_and_leave_a_thumbnail_visible():
 def test_instance_labels_do_not_overlap():
     centres = [(300, 100 + 110 * k) for k in range(12)] + [(420, 150 + 110 * k) for k in range(11)]
     ids = circles(600, 1400, centres, 60)
-    masks = [(ids == k + 2, "person") for k in range(len(centres))] + [(ids == 1, "road")]
+    masks = [(ids == k + 2, (0, 0), "person") for k in range(len(centres))] + [(ids == 1, (0, 0), "road")]
     font = __import__("eovseg.visualization", fromlist=["_font"])._font(label_font_size(1400, 600))
     boxes = label_boxes((1400, 600), masks, font)
     placed = [box for box in boxes if box is not None]
     assert len(placed) >= 12
     for a, b in itertools.combinations(placed, 2):
         assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
-    for box, (mask, _) in zip(boxes, masks):
+    for box, (mask, _, _) in zip(boxes, masks):
         if box is not None:
             assert 0 <= box[0] < box[2] <= 1400 and 0 <= box[1] < box[3] <= 600
             assert mask[(box[1] + box[3]) // 2, (box[0] + box[2]) // 2]  # on its own segment
