@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import USER_ERRORS, command_main, error_line, port_number
+from .command_line import command_main, port_number
 
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -176,6 +176,8 @@ def message_html(text: str = "", error: bool = False) -> str:
 
 
 def error_message(err: BaseException) -> str:
+    from .command_line import error_line
+
     return f"eovseg app: error: {error_line(err)}"
 
 
@@ -183,6 +185,8 @@ def page_run(app: SegmentationApp):
     """The Segment button's handler: the five outputs (picture, legend, JSON, PNG, message). A failed run clears the
     earlier run's picture, legend and files and shows the project's one-line error instead (raising would leave
     them on the page under Gradio's bare "Error" badges)."""
+
+    from .command_line import USER_ERRORS, error_line
 
     def run(image, class_text, subtask, threshold, overlap, mask_threshold, progress=None):
         try:
@@ -203,6 +207,8 @@ def page_run(app: SegmentationApp):
 def page_preview(path):
     """The upload's handler: the decoded image, and the earlier result cleared (it showed another image); an
     unreadable file gives the project's one-line error."""
+    from .command_line import USER_ERRORS
+
     cleared = (None, "", None, None)
     if path is None:
         return (None, *cleared, "")
