@@ -114,13 +114,14 @@ class SegmentationApp:
     def segment(self, image, class_text: str, subtask: str = "panoptic", threshold: float = 0.0,
                 overlap: float = 0.8, mask_threshold: float = 0.5, progress=None):
         """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image: an image file's path
-        (what the page gives) or an image in memory. `progress(fraction, desc=...)` (Gradio's progress) is told
-        each step. The overlay is enlarged as the page shows it (`DISPLAY_SIDE`)."""
+        (what the page gives) or an image in memory."""
         from .export import panoptic_to_coco
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
-        if progress is None:  # not `progress or ...`: Gradio's Progress is falsy (an empty iterable)
+        # `progress(fraction, desc=...)` (Gradio's Progress on the page) is told each step; the overlay is enlarged
+        # as the page shows it (DISPLAY_SIDE). Not `progress or ...`: Gradio's Progress is falsy (an empty iterable).
+        if progress is None:
             progress = _no_progress
         progress(0.0, desc="Reading the image")
         image = read_upload(image)
