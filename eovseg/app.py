@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 STUFF_MARK = "(stuff)"
 CUSTOM = "(the class list)"
+# Pictures whose shorter side is at most half this are shown enlarged by the whole factor DISPLAY_SIDE // shorter
+# side, so that a small image (the bundled example) and its labels are seen at the column's width, not as a thumbnail
+# that the labels cover.
+DISPLAY_SIDE = 512
+# The pictures fill their column (Gradio shows an image no larger than its file); errors read as errors.
+PAGE_CSS = """
+#result img, #input-preview img { width: 100%; height: auto; max-height: none; object-fit: contain; }
+.eovseg-error { color: #b00020; font-weight: 600; padding: 4px 0; overflow-wrap: anywhere; }
+.eovseg-note { color: #333; padding: 4px 0; }
+"""
 
 
 def parse_class_list(text: str) -> tuple[list[str], list[bool]]:
@@ -101,19 +112,27 @@ class SegmentationApp:
             raise ValueError(str(err)) from None
 
     def segment(self, image, class_text: str, subtask: str = "panoptic", threshold: float = 0.0,
-                overlap: float = 0.8, mask_threshold: float = 0.5):
+                overlap: float = 0.8, mask_threshold: float = 0.5, progress=None):
         """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image: an image file's path
         (what the page gives) or an image in memory."""
         from .export import panoptic_to_coco
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
+        # `progress(fraction, desc=...)` (Gradio's Progress on the page) is told each step; the overlay is enlarged
+        # as the page shows it (DISPLAY_SIDE). Not `progress or ...`: Gradio's Progress is falsy (an empty iterable).
+        if progress is None:
+            progress = _no_progress
+        progress(0.0, desc="Reading the image")
         image = read_upload(image)
         names, is_thing, given = self.vocabulary(class_text)
+        progress(0.1, desc=f"Text pass: {len(names)} class names (once per class list)")
         predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
                               mask_threshold)
+        progress(0.5, desc=f"Segmenting the {image.width}x{image.height} image")
         result = predictor([image])[0]
-        overlay = draw_segments(image, result["segmentation"], result["segments_info"], names)
+        progress(0.9, desc="Drawing the segments")
+        overlay = draw_segments(image, result["segmentation"], result["segments_info"], names, min_side=DISPLAY_SIDE)
         self.calls += 1
         folder = self.output_root / f"{self.calls:06d}"
         folder.mkdir()
@@ -127,6 +146,10 @@ class SegmentationApp:
         return overlay, legend, str(folder / "segments.json"), str(folder / "panoptic.png")
 
 
+def _no_progress(fraction, desc=None):
+    """Progress reports of a run outside the page (tests, scripts): none."""
+
+
 def read_upload(image):
     """The image of an upload, decoded as `eovseg predict` decodes a file (a path), or an image in memory."""
     from .inputs import read_image_file, to_rgb_image
@@ -138,21 +161,62 @@ def read_upload(image):
     return to_rgb_image(image, "the uploaded image")
 
 
-def page_errors(function):
-    """`function` with the project's one-line error shown in the page (Gradio would show a bare "Error")."""
-    import functools
+def display_copy(image):
+    """The image as the page shows it: a small one enlarged by a whole factor (sharp pixels), see `DISPLAY_SIDE`."""
+    from .visualization import enlarge
 
-    import gradio as gr
+    return enlarge(image, DISPLAY_SIDE)
 
-    @functools.wraps(function)
-    def wrapped(*args):
+
+def message_html(text: str = "", error: bool = False) -> str:
+    """The line under the result: what the run found, or the project's one-line error."""
+    if not text:
+        return ""
+    kind = "eovseg-error" if error else "eovseg-note"
+    return f'<div class="{kind}">{html.escape(text)}</div>'
+
+
+def error_message(err: BaseException) -> str:
+    from .command_line import error_line
+
+    return f"eovseg app: error: {error_line(err)}"
+
+
+def page_run(app: SegmentationApp):
+    """The Segment button's handler: the five outputs (picture, legend, JSON, PNG, message). A failed run clears the
+    earlier run's picture, legend and files and shows the project's one-line error instead (raising would leave
+    them on the page under Gradio's bare "Error" badges)."""
+
+    from .command_line import USER_ERRORS, error_line
+
+    def run(image, class_text, subtask, threshold, overlap, mask_threshold, progress=None):
         try:
-            return function(*args)
-        except (ValueError, OSError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise gr.Error(message) from None
+            picture, legend, json_path, png_path = app.segment(image, class_text, subtask, threshold, overlap,
+                                                               mask_threshold, progress)
+        except USER_ERRORS as err:
+            return None, "", None, None, message_html(error_message(err), error=True)
+        except Exception as err:  # a bug: its traceback goes to the server's console, the page still says it failed
+            traceback.print_exc()
+            return None, "", None, None, message_html(f"eovseg app: internal error: {type(err).__name__}: "
+                                                      f"{error_line(err)}", error=True)
+        count = len(json.loads(Path(json_path).read_text())["segments_info"])
+        return picture, legend, json_path, png_path, message_html(f"{count} segment{'s' * (count != 1)} found.")
 
-    return wrapped
+    return run
+
+
+def page_preview(path):
+    """The upload's handler: the decoded image, and the earlier result cleared (it showed another image); an
+    unreadable file gives the project's one-line error."""
+    from .command_line import USER_ERRORS
+
+    cleared = (None, "", None, None)
+    if path is None:
+        return (None, *cleared, "")
+    try:
+        return (display_copy(read_upload(path)), *cleared, "")
+    except USER_ERRORS as err:
+        return (None, *cleared, message_html(error_message(err), error=True))
 
 
 def build_demo(app: SegmentationApp):
@@ -165,7 +229,11 @@ def build_demo(app: SegmentationApp):
     config = app.model.config
     default_text = format_class_list(config.vocabulary, config.is_thing) if config.vocabulary else ""
 
-    run, preview = page_errors(app.segment), page_errors(read_upload)
+    run = page_run(app)
+
+    def segment(image, class_text, subtask, threshold, overlap, mask_threshold,
+                progress=gr.Progress(track_tqdm=True)):
+        return run(image, class_text, subtask, threshold, overlap, mask_threshold, progress)
 
     def pick(name):
         return gr.update() if name == CUSTOM else vocabulary_text(name)
@@ -177,7 +245,8 @@ def build_demo(app: SegmentationApp):
                 # The file as uploaded (gr.Image would convert it with PIL first); the preview shows it as decoded.
                 image = gr.File(label="Image file", file_types=list(IMAGE_SUFFIXES), type="filepath",
                                 elem_id="input-image")
-                shown = gr.Image(type="pil", label="The image as read", elem_id="input-preview", interactive=False)
+                shown = gr.Image(type="pil", label="The image as read", elem_id="input-preview", interactive=False,
+                                 format="png")
                 gr.Examples([[example_image()]], inputs=[image])
                 vocabulary = gr.Dropdown([CUSTOM, *list_vocabularies()], value=CUSTOM, label="Built-in vocabulary",
                                          elem_id="vocabulary")
@@ -189,14 +258,18 @@ def build_demo(app: SegmentationApp):
                 mask_threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask threshold")
                 button = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
-                result = gr.Image(type="pil", label="Result", elem_id="result", interactive=False)
+                # PNG, not Gradio's default WebP: labels and outlines stay sharp
+                result = gr.Image(type="pil", label="Result", elem_id="result", interactive=False, format="png")
+                message = gr.HTML(elem_id="message")
                 legend = gr.HTML(elem_id="legend")
                 segments_file = gr.File(label="Segments (COCO panoptic JSON)", elem_id="segments-json")
                 png_file = gr.File(label="Panoptic PNG (id = R + 256 G + 256^2 B)", elem_id="panoptic-png")
-        image.change(lambda path: None if path is None else preview(path), inputs=[image], outputs=[shown])
+        outputs = [result, legend, segments_file, png_file, message]
+        image.change(page_preview, inputs=[image], outputs=[shown, *outputs], show_progress_on=[shown])
         vocabulary.change(pick, inputs=[vocabulary], outputs=[classes])
-        button.click(run, inputs=[image, classes, subtask, threshold, overlap, mask_threshold],
-                     outputs=[result, legend, segments_file, png_file], concurrency_limit=1)
+        # the steps are shown once, over the picture (not repeated over every output)
+        button.click(segment, inputs=[image, classes, subtask, threshold, overlap, mask_threshold], outputs=outputs,
+                     concurrency_limit=1, show_progress_on=[result])
     return demo
 
 
@@ -214,8 +287,8 @@ def launch(demo, host: str, port: int, block: bool = True):
     import gradio as gr
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return demo.launch(server_name=host, server_port=port, share=False, theme=theme, quiet=True, ssr_mode=False,
-                       prevent_thread_lock=not block, footer_links=[])
+    return demo.launch(server_name=host, server_port=port, share=False, theme=theme, css=PAGE_CSS, quiet=True,
+                       ssr_mode=False, prevent_thread_lock=not block, footer_links=[])
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

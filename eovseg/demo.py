@@ -1,4 +1,5 @@
-"""Run EOV-Seg on one image and write a panoptic overlay PNG and a JSON of segments.
+"""Run EOV-Seg on one image and write one PNG (the input, its labelled overlay and a legend side by side) and a JSON
+of segments.
 
     python -m eovseg.demo                                  # the bundled toy model on the bundled synthetic scene
     python -m eovseg.demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
@@ -14,12 +15,10 @@ segmentation convert an authors' checkpoint (README, "Converting the authors' ch
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
@@ -46,25 +45,6 @@ def default_image_path() -> Path:
     return _ASSETS / "shapes_scene.png"
 
 
-def segment_colors(num: int) -> np.ndarray:
-    """Well-separated RGB colours for `num` segments (golden-ratio hue steps)."""
-    colors = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95) for i in range(num)]
-    return (np.array(colors).reshape(-1, 3) * 255).astype(np.uint8)
-
-
-def overlay(image: Image.Image, segmentation: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """Blend a colour per segment id (0 = no segment, left as is) over the image."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    ids = np.unique(segmentation)
-    ids = ids[ids > 0]
-    colors = segment_colors(len(ids))
-    out = base.copy()
-    for color, seg_id in zip(colors, ids):
-        region = segmentation == seg_id
-        out[region] = (1 - alpha) * base[region] + alpha * color
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
 class ModelOutputError(ValueError):
     """The model gave NaN or infinite logits (broken weights, or an overflow): reported, never "0 segments"."""
 
@@ -89,7 +69,7 @@ DEMO_MARK = "eovseg demo"  # in the files the demo writes: only those are replac
 
 
 def written_by_demo(path: Path) -> bool:
-    """Whether `path` is an overlay PNG or a segments JSON written by this demo."""
+    """Whether `path` is a picture PNG or a segments JSON written by this demo."""
     try:
         if path.suffix == ".png":
             with Image.open(path) as image:
@@ -158,6 +138,7 @@ def segment(model, processor, image: Image.Image, vocabulary: list[str] | None, 
 
 def run(image_path: Path | None, model_path: str | None, classes: list[str] | None, stuff: list[str] | None,
         output_dir: Path, vocabulary: str | None = None, overwrite: bool = False) -> dict:
+    from .visualization import draw_side_by_side
     from .vocabulary import display_name
 
     is_toy = model_path is None
@@ -178,7 +159,8 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
     output_dir.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", DEMO_MARK)
-    overlay(image, segmentation).save(overlay_path, pnginfo=info)
+    picture, panels = draw_side_by_side(image, segmentation, result["segments_info"], names)
+    picture.save(overlay_path, pnginfo=info)
     segments = [
         {
             "id": int(info["id"]),
@@ -198,6 +180,7 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
         "image_size": [image.height, image.width],
         "vocabulary": names,
         "segments": segments,
+        "picture_panels": panels,  # (left, top, right, bottom) of the input, the overlay and the legend in the PNG
     }
     json_path.write_text(json.dumps(report, indent=2))
     return {"overlay": str(overlay_path), "json": str(json_path), **report}

@@ -66,12 +66,18 @@ def test_demo_command_prints_and_draws_shape_segments(demo_run):
     assert len(segments) >= 3 and report["toy_model"]
     assert all(s["label"] in SHAPES for s in segments)
     assert sum(1 for line in printed.splitlines() if re.match(r"\s+#\d+\s", line)) == len(segments)
-    # the overlay shows the segments: it differs from the scene inside every one of them
+    # the picture: the scene (enlarged by a whole factor) and its overlay side by side, then the legend; the overlay
+    # differs from the scene inside every segment
     scene = np.asarray(Image.open(default_image_path()).convert("RGB"), dtype=np.int64)
-    drawn = np.asarray(Image.open(output_dir / "shapes_scene_panoptic.png").convert("RGB"), dtype=np.int64)
-    assert scene.shape == drawn.shape
-    changed = np.abs(scene - drawn).sum(-1) > 0
-    assert changed.sum() >= sum(s["area"] for s in segments) * 0.95
+    sheet = np.asarray(Image.open(output_dir / "shapes_scene_panoptic.png").convert("RGB"), dtype=np.int64)
+    panels = report["picture_panels"]
+    factor = (panels["input"][2] - panels["input"][0]) // scene.shape[1]
+    scene = np.repeat(np.repeat(scene, factor, axis=0), factor, axis=1)
+    crop = {name: sheet[top:bottom, left:right] for name, (left, top, right, bottom) in panels.items()}
+    assert factor >= 1 and np.array_equal(crop["input"], scene) and crop["overlay"].shape == scene.shape
+    changed = np.abs(scene - crop["overlay"]).sum(-1) > 0
+    assert changed.sum() >= sum(s["area"] for s in segments) * factor**2 * 0.95
+    assert panels["legend"][0] >= panels["overlay"][2] and (crop["legend"] < 128).any()  # the legend's text
 
 
 def test_demo_finds_the_scenes_ground_truth_classes(demo_model):

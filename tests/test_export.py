@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 from eovseg.export import instances_to_coco, panoptic_to_coco, to_detections
-from eovseg.visualization import class_color, draw_segments, legend_entries
 
 H, W = 30, 40
 CLASSES = ["cat, kitty", "dog", "grass"]
@@ -73,28 +72,3 @@ def test_supervision_detections_from_panoptic_and_instance_results():
     assert detections.mask.sum(axis=(1, 2)).tolist() == [80, 120, 320]
     instances = to_detections(binary_instances())
     assert instances.xyxy.tolist() == [[3, 2, 12, 9], [0, 5, 3, 7]] and instances.class_id.tolist() == [1, 0]
-
-
-def test_draw_segments_tints_outlines_and_labels_only_segments():
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 60, (H * 4, W * 4, 3), dtype=np.uint8))
-    ids = np.zeros((H * 4, W * 4), dtype=np.int64)
-    ids[8:72, 8:100] = 3
-    picture = np.asarray(draw_segments(image, ids, [{"id": 3, "label_id": 1, "score": 1.0}], CLASSES))
-    original = np.asarray(image)
-    assert np.array_equal(picture[ids == 0], original[ids == 0])
-    tinted = original[12:68, 12:96] * 0.5 + np.array(class_color(1)) * 0.5
-    # Every pixel is tinted except the label (a black box with white text) on the segment's middle row (~40).
-    rows, cols = np.nonzero(np.abs(picture[12:68, 12:96] - tinted).max(-1) > 1)
-    assert rows.min() + 12 < 40 < rows.max() + 12
-    assert rows.max() - rows.min() < 30 and cols.max() - cols.min() < 60
-    assert np.all(picture[12:68, 12:96] == 0, axis=-1).sum() > 50
-    assert np.all(picture[8, 8:100] == 255)  # the outline
-    unlabeled = np.asarray(draw_segments(image, ids, [{"id": 3, "label_id": 1, "score": 1.0}], CLASSES, labels=False))
-    assert not np.all(unlabeled[12:68, 12:96] == 0, axis=-1).any()
-
-
-def test_legend_lists_each_class_found_once():
-    infos = panoptic_result()["segments_info"] + [{"id": 7, "label_id": 0, "score": 0.1}]
-    assert legend_entries(infos, CLASSES) == [("cat", class_color(0), 2), ("dog", class_color(1), 1),
-                                              ("grass", class_color(2), 1)]
