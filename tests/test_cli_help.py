@@ -69,3 +69,15 @@ def test_preset_names_of_the_parsers_are_the_configurations():
     from eovseg.parsers import PRESET_NAMES
 
     assert list(PRESET_NAMES) == list(PRESETS)
+
+
+def test_docs_commands_page_names_every_command_and_option():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "commands.md").read_text(encoding="utf-8")
+    for name in COMMANDS:
+        assert f"## eovseg {name}" in page
+        section = page.split(f"## eovseg {name}", 1)[1].split("\n## ", 1)[0]
+        for action in command_parser(name)._actions:
+            for option in action.option_strings:
+                assert option in ("-h", "--help") or f"`{option}`" in section, f"docs/commands.md: eovseg {name} {option}"
