@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from .command_line import command_main, command_parser, non_empty_text, positive_int, probability
-from .loading import (  # noqa: F401  (load_model, resolve_vocabulary: predict's public names since its first version)
+from .loading import (  # noqa: F401  (load_model, resolve_vocabulary, default_model_path: predict's public names)
     ModelOutputError,
     check_finite_outputs,
     check_model_folder,
