@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import command_main, port_number
+from .command_line import command_main, command_parser, port_number
 
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -73,9 +73,9 @@ def vocabulary_text(name: str) -> str:
 
 
 def example_image() -> str:
-    from . import demo
+    from .loading import default_image_path
 
-    return str(demo.default_image_path() if hasattr(demo, "default_image_path") else demo.BUNDLED_IMAGE)
+    return str(default_image_path())
 
 
 def legend_html(entries) -> str:
@@ -100,16 +100,12 @@ class SegmentationApp:
         self.calls = 0
 
     def vocabulary(self, class_text: str):
-        from .predict import PredictError, resolve_vocabulary
+        from .loading import resolve_vocabulary
 
         names, is_thing = parse_class_list(class_text)
         if not names:
-            return resolve_vocabulary(self.model.config, None, None)
-        stuff = [n for n, thing in zip(names, is_thing) if not thing]
-        try:
-            return resolve_vocabulary(self.model.config, names, stuff)
-        except PredictError as err:
-            raise ValueError(str(err)) from None
+            return resolve_vocabulary(self.model.config)
+        return resolve_vocabulary(self.model.config, names, [n for n, thing in zip(names, is_thing) if not thing])
 
     def segment(self, image, class_text: str, subtask: str = "panoptic", threshold: float = 0.0,
                 overlap: float = 0.8, mask_threshold: float = 0.5, progress=None):
@@ -274,11 +270,10 @@ def build_demo(app: SegmentationApp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eovseg app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("app", __doc__)
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=port_number, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
     return parser
 
 
@@ -292,7 +287,7 @@ def launch(demo, host: str, port: int, block: bool = True):
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from .predict import load_model
+    from .loading import load_model
 
     args = build_parser().parse_args(argv)
     # the arguments first: a wrong --model is reported the same way with or without the optional extra

@@ -3,8 +3,12 @@ folder (so `from_pretrained(..., trust_remote_code=True)` works where `eovseg` i
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import json
 import re
+import sys
+import threading
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).parent
@@ -57,13 +61,23 @@ IMAGE_PROCESSOR_AUTO_MAP = {
 }
 
 _registered = False
+_registering = False
 
 
 def register() -> None:
     """Register the config, model, image processor, processor and the open-vocabulary pipeline (idempotent)."""
-    global _registered
-    if _registered:
+    global _registering
+    if _registered or _registering:  # registering imports eovseg modules, whose imports would call it again
         return
+    _registering = True
+    try:
+        _register()
+    finally:
+        _registering = False
+
+
+def _register() -> None:
+    global _registered
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -96,6 +110,66 @@ def register() -> None:
     register_pipeline()
     set_saved_folder_hook(complete_model_folder)
     _registered = True
+    _stop_watching_imports()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registration once transformers is imported: `import eovseg` stays light
+# ----------------------------------------------------------------------------------------------------------------------
+
+_imports_running = threading.local()  # how many eovseg modules (or transformers) this thread is executing
+
+
+class _ReportingLoader(importlib.machinery.SourceFileLoader):
+    """A source loader that, after the outermost import of an eovseg module (or of transformers) finishes, registers
+    eovseg if transformers is imported by then. Not inside one: registering imports the eovseg modules, and one that
+    is half-executed (the one whose import brought transformers in) cannot be imported again."""
+
+    def exec_module(self, module) -> None:
+        _imports_running.depth = getattr(_imports_running, "depth", 0) + 1
+        try:
+            super().exec_module(module)
+        finally:
+            _imports_running.depth -= 1
+        if _imports_running.depth == 0 and "transformers" in sys.modules:
+            register()
+
+
+class _ImportWatcher(importlib.abc.MetaPathFinder):
+    """Gives transformers and the eovseg modules a [`_ReportingLoader`]: finds them with the other finders and swaps
+    the plain source loader they return for it (same file, same behaviour, plus the registration)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers" and not name.startswith("eovseg."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = _ReportingLoader(spec.loader.name, spec.loader.path)
+        return spec
+
+
+_watcher = _ImportWatcher()
+
+
+def register_when_transformers_loads() -> None:
+    """Register now if transformers is imported, else as soon as it is: no Auto class or pipeline can be used before,
+    and a program that never imports it (`eovseg --help`) does not pay for torch and transformers."""
+    if "transformers" in sys.modules:
+        register()
+    elif not _registered and _watcher not in sys.meta_path:
+        sys.meta_path.insert(0, _watcher)
+
+
+def _stop_watching_imports() -> None:
+    if _watcher in sys.meta_path:
+        sys.meta_path.remove(_watcher)
 
 
 def _default_to_pil_backend(class_name: str) -> None:

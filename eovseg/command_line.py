@@ -26,8 +26,10 @@ __all__ = [
     "CommandError",
     "EXIT_BAD_INPUT",
     "EXIT_USAGE",
+    "HelpFormatter",
     "USER_ERRORS",
     "command_main",
+    "command_parser",
     "error_line",
     "finite_float",
     "non_negative_float",
@@ -92,6 +94,36 @@ def command_main(run: Callable, command: str) -> Callable[[Sequence[str] | None]
 
     main.__doc__ = f"`eovseg {command}`: exit status 0, 1 for bad input (one line), 2 for a usage error."
     return main
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Help
+# ----------------------------------------------------------------------------------------------------------------------
+
+EXIT_STATUS_EPILOG = """\
+exit status: 0 done; 1 bad input, reported in one line "{prog}: error: ..." (EOVSEG_TRACEBACK=1 shows the
+traceback instead); 2 a usage error."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help: the description as written (its example lines kept), and each option's default after its
+    help, unless the help states it already or there is none to state (an option that is off or unset by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "(default" in text or "default:" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `eovseg COMMAND`: its usage line `eovseg COMMAND ...` and error lines
+    `eovseg COMMAND: error: ...`, the defaults shown, the exit statuses at the end."""
+    prog = f"eovseg {command}"
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_STATUS_EPILOG.format(prog=prog),
+                                   formatter_class=HelpFormatter)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def _open_vocabulary_pipeline_registered() -> bool:
 
 # Completes a folder after `save_pretrained` of the model or the processor (the code files for trust_remote_code, the
 # pipelines, the model card), called as `hook(folder, model_or_None)`. Set by `eovseg.auto_registration.register`
-# (run on `import eovseg`); unset in the code copied into a model folder, which saves what transformers saves.
+# (run once eovseg and transformers are both imported); unset in the code copied into a model folder, which saves
+# what transformers saves.
 _saved_folder_hook = None
 
 

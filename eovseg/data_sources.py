@@ -109,6 +109,18 @@ def _saved_data_files(state_file: str) -> list:
         return [None]  # unreadable: not known to be empty, the loader's own error is reported
 
 
+def synthetic_eval_dataset(num_images: int | None = None, size: int | None = None):
+    """The held-out synthetic set (`eovseg.synthetic`): what `eovseg train --eval_dataset synthetic` evaluates on and
+    `eovseg evaluate --dataset synthetic` evaluates, with the same defaults (`eovseg.parsers`), so that one model
+    gets one figure. Its images are drawn from their own seed, never from the training's."""
+    from .parsers import SYNTHETIC_EVAL_IMAGES, SYNTHETIC_EVAL_SEED, SYNTHETIC_IMAGE_SIZE
+    from .synthetic import make_synthetic_panoptic_dataset
+
+    num_images = SYNTHETIC_EVAL_IMAGES if num_images is None else num_images
+    size = SYNTHETIC_IMAGE_SIZE if size is None else size
+    return make_synthetic_panoptic_dataset(num_images, size, size, seed=SYNTHETIC_EVAL_SEED)
+
+
 def pick_split(data, split: str | None, default_splits: Sequence[str] = (), split_option: str = "--split"):
     """The split of a `DatasetDict` (or `IterableDatasetDict`) that [`load_local_dataset`] returns; a data set
     that is not a dict of splits is returned as it is."""

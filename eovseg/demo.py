@@ -1,9 +1,9 @@
 """Run EOV-Seg on one image and write one PNG (the input, its labelled overlay and a legend side by side) and a JSON
 of segments.
 
-    python -m eovseg.demo                                  # the bundled toy model on the bundled synthetic scene
-    python -m eovseg.demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
-    python -m eovseg.demo --model eovseg-r50 --classes "car" "road, street" "sky" --stuff "road" "sky"
+    eovseg demo                                  # the bundled toy model on the bundled synthetic scene
+    eovseg demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
+    eovseg demo --model eovseg-r50 --classes "car" "road, street" "sky" --stuff "road" "sky"
 
 Without `--model`, the bundled demo model is used: the tiny preset trained for a few minutes on synthetic shapes
 (red circles, purple rectangles, yellow triangles over a blue sky and green ground; see its model card,
@@ -19,50 +19,26 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image, PngImagePlugin
 
-from .command_line import command_main, non_empty_text
-
-_ASSETS = Path(__file__).with_name("assets")
-# A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
-BUNDLED_IMAGE = _ASSETS / "coffee.jpg"
+from .command_line import command_main, command_parser, non_empty_text
+from .loading import (  # noqa: F401  (default_model_path, default_image_path, BUNDLED_IMAGE: the demo's public names)
+    BUNDLED_IMAGE,
+    check_finite_outputs,
+    check_vocabulary_options,
+    default_image_path,
+    default_model_path,
+    has_stored_vocabulary,
+    load_model,
+    read_image,
+    resolve_vocabulary,
+)
 
 TOY_MODEL_NOTE = (
     "NOTE: this is the bundled TOY model, trained on synthetic shapes only (red circle, purple rectangle, yellow "
     "triangle, blue sky, green ground); it knows nothing else. For real segmentation, convert an authors' checkpoint "
     "(see the README) and pass --model DIR; pass --image PATH for another picture."
 )
-
-
-def default_model_path() -> Path:
-    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained on synthetic shapes)."""
-    return _ASSETS / "demo_model"
-
-
-def default_image_path() -> Path:
-    """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
-    return _ASSETS / "shapes_scene.png"
-
-
-class ModelOutputError(ValueError):
-    """The model gave NaN or infinite logits (broken weights, or an overflow): reported, never "0 segments"."""
-
-
-def check_finite_outputs(outputs) -> None:
-    """Refuse NaN or infinite class or mask logits: post-processing them finds no segment, or one class everywhere,
-    and says nothing. The demo, `eovseg predict` and the web page check every forward pass with this."""
-    for name in ("class_queries_logits", "masks_queries_logits"):
-        logits = getattr(outputs, name, None)
-        if logits is not None and not bool(torch.isfinite(logits).all()):
-            raise ModelOutputError(f"the model's {name} hold NaN or infinite values: its weights are broken (or "
-                                   "overflow in this precision), so no segmentation can be trusted.")
-
-
-def has_stored_vocabulary(model) -> bool:
-    """Whether the model holds the text embeddings of its default vocabulary (else that vocabulary is encoded)."""
-    stored = getattr(model, "default_text_embeddings", None)
-    return stored is not None and bool(stored.abs().sum() > 0)
 
 
 DEMO_MARK = "eovseg demo"  # in the files the demo writes: only those are replaced by a later run
@@ -88,44 +64,11 @@ def check_replaceable(paths: list[Path], overwrite: bool) -> None:
             )
 
 
-def load_model_and_processor(model_path: str | Path | None):
-    """The model and processor of a `save_pretrained` folder (default: the bundled demo model), through the one
-    model-folder loader (its errors name the file and the problem)."""
-    from .auto_registration import load_model_folder
-
-    path = Path(model_path) if model_path is not None else default_model_path()
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {str(path)!r} is not a folder with a config.json (a converted model).")
-    model, processor = load_model_folder(path)
-    return model.eval(), processor
-
-
-def read_image(image_path: Path) -> Image.Image:
-    from .inputs import read_image_file
-
-    return read_image_file(image_path)  # 16-bit and float images scaled, not saturated
-
-
-def choose_vocabulary(config, vocabulary: str | None, classes: list[str] | None, stuff: list[str] | None):
-    """Class entries and thing flags: `--vocabulary NAME|FILE`, else `--classes` (things unless in `--stuff`), else
-    the model's default vocabulary."""
-    from .vocabularies import load_vocabulary
-
-    if vocabulary and classes:
-        raise ValueError("give either --vocabulary or --classes, not both.")
-    if stuff and not classes:
-        raise ValueError("--stuff names some of --classes: give --classes too.")
-    if vocabulary or classes:
-        chosen = load_vocabulary(vocabulary or classes, stuff=None if vocabulary else stuff)
-        return list(chosen.class_names), list(chosen.is_thing)
-    if not config.vocabulary:
-        raise ValueError("this model has no default vocabulary; give --vocabulary or --classes.")
-    return list(config.vocabulary), list(config.is_thing)
-
-
 def segment(model, processor, image: Image.Image, vocabulary: list[str] | None, is_thing: list[bool]) -> dict:
     """Panoptic segmentation of `image` (the original's settings); `vocabulary=None` runs the model's stored default
     vocabulary with no text pass. Returns the post-processing result (`segmentation`, `segments_info`)."""
+    import torch
+
     inputs = processor(images=image, text=vocabulary, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs)
@@ -149,9 +92,10 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
     check_replaceable([overlay_path, json_path], overwrite)
+    check_vocabulary_options(classes, stuff, vocabulary)
     image = read_image(image_path)
-    model, processor = load_model_and_processor(model_path)
-    names, is_thing = choose_vocabulary(model.config, vocabulary, classes, stuff)
+    model, processor = load_model(model_path)
+    names, is_thing, _ = resolve_vocabulary(model.config, classes, stuff, vocabulary)
     uses_default = names == list(model.config.vocabulary or []) and has_stored_vocabulary(model)
     result = segment(model, processor, image, None if uses_default else names, is_thing)
     segmentation = result["segmentation"].cpu().numpy()
@@ -187,17 +131,18 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eovseg demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("demo", __doc__)
     parser.add_argument("--model", default=None,
-                        help="a converted model folder; default: the bundled toy model (synthetic shapes)")
+                        help="a saved or converted model folder (default: the bundled toy model, synthetic shapes)")
     parser.add_argument("--image", type=Path, default=None,
                         help="input image (default: the bundled synthetic scene, or the bundled photo with --model)")
     parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
                         help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file")
     parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
-                        help='vocabulary: class entries of comma-separated synonyms, e.g. "cup, mug" "table"')
+                        help='the classes to find, synonyms by commas: "cup, mug" "table" (default: the model\'s)')
     parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
-    parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"),
+                        help="where IMAGE_panoptic.png (the overlay) and IMAGE_segments.json go (created if needed)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "
                              "program wrote them (the demo's own earlier outputs are always replaced)")

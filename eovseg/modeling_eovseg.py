@@ -58,6 +58,15 @@ from .vocabulary import synonym_counts as count_synonyms
 
 logger = logging.get_logger(__name__)
 
+# The text pass of a new vocabulary shows a progress bar once it has run this many seconds (a short one shows none).
+TEXT_PROGRESS_DELAY = 1.0
+
+
+def text_pass_progress(total: int):
+    """The progress bar of a text pass over `total` prompts (prompts per second), by transformers' convention: off
+    where its progress bars are (`transformers.utils.logging.disable_progress_bar()`, `HF_HUB_DISABLE_PROGRESS_BARS=1`)."""
+    return logging.tqdm(total=total, desc="Encoding the vocabulary", unit="prompt", delay=TEXT_PROGRESS_DELAY)
+
 
 @dataclass
 class EovSegOutput(ModelOutput):
@@ -312,19 +321,22 @@ class EovSegClipBackbone(nn.Module):
         model = self.clip_model
         return offloaded_weights_loaded([model, *model.transformer.modules(), model.ln_final])
 
-    def encode_text_reduced(self, input_ids: torch.LongTensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    def encode_text_reduced(self, input_ids: torch.LongTensor, dtype: torch.dtype, chunk_size: int,
+                            progress=None) -> torch.Tensor:
         """Un-normalized float32 embeddings (P, D) of distinct prompts (P, L), with the text tower's matrix products
         in `dtype`: through [`EovSegPrefixSharingTextEncoder`], or, for a tower it does not know, under autocast in
         chunks of `chunk_size` prompts of equal length."""
         if EovSegPrefixSharingTextEncoder.supports(self.clip_model):
             with self.text_weights_loaded():
-                return EovSegPrefixSharingTextEncoder(self.clip_model, dtype).encode(input_ids, chunk_size)
+                return EovSegPrefixSharingTextEncoder(self.clip_model, dtype).encode(input_ids, chunk_size, progress)
         encoded = torch.empty(input_ids.shape[0], self.embed_dim, device=input_ids.device)
         order = torch.argsort(input_ids.argmax(dim=-1), stable=True)  # by end-of-text position
         for start in range(0, input_ids.shape[0], chunk_size):
             rows = order[start : start + chunk_size]
             with torch.autocast(input_ids.device.type, dtype=dtype):
                 encoded[rows] = self.encode_text(input_ids[rows]).float()
+            if progress is not None:
+                progress.update(len(rows))
         return encoded
 
 
@@ -442,8 +454,9 @@ class EovSegPrefixSharingTextEncoder:
         return x @ self.clip.text_projection.float()
 
     @torch.no_grad()
-    def encode(self, input_ids: torch.LongTensor, chunk_size: int) -> torch.Tensor:
-        """Un-normalized float32 embeddings (P, D) of prompts (P, L) (distinct ones: a repeat is computed again)."""
+    def encode(self, input_ids: torch.LongTensor, chunk_size: int, progress=None) -> torch.Tensor:
+        """Un-normalized float32 embeddings (P, D) of prompts (P, L) (distinct ones: a repeat is computed again);
+        `progress` (a tqdm bar), when given, advances by each batch's prompts."""
         eot = input_ids.argmax(dim=-1)
         starts = shared_prefix_lengths(input_ids, self.MIN_SHARE)
         keys_values, which = self._beginnings(input_ids, starts)
@@ -455,6 +468,8 @@ class EovSegPrefixSharingTextEncoder:
                 prefix_kv = [(k[which[rows]], v[which[rows]]) for k, v in keys_values] if keys_values else None
                 tokens = input_ids[rows].gather(1, starts[rows, None] + torch.arange(n, device=input_ids.device))
                 encoded[rows] = self._encode_rests(tokens, starts[rows], eot[rows], prefix_kv)
+                if progress is not None:
+                    progress.update(len(rows))
         return encoded
 
 
@@ -1609,12 +1624,17 @@ class EovSegForPanopticSegmentation(EovSegPreTrainedModel):
         decoder's hard masks amplify past the original's own noise. With a reduced `text_dtype`: distinct prompts
         only, their shared beginnings once (`EovSegClipBackbone.encode_text_reduced`)."""
         device = self.void_embedding.weight.device
+        size = self.config.text_chunk_size
         if text_dtype is None or text_dtype == torch.float32:
-            chunks = [self.clip_backbone.encode_text(input_ids[start : start + self.config.text_chunk_size].to(device))
-                      for start in range(0, input_ids.shape[0], self.config.text_chunk_size)]
+            chunks = []
+            with text_pass_progress(input_ids.shape[0]) as progress:
+                for start in range(0, input_ids.shape[0], size):
+                    chunks.append(self.clip_backbone.encode_text(input_ids[start : start + size].to(device)))
+                    progress.update(chunks[-1].shape[0])
             return F.normalize(_at_least_float32(torch.cat(chunks)), dim=-1)
         unique, inverse = torch.unique(input_ids.to(device), dim=0, return_inverse=True)
-        encoded = self.clip_backbone.encode_text_reduced(unique, text_dtype, self.config.text_chunk_size)
+        with text_pass_progress(unique.shape[0]) as progress:
+            encoded = self.clip_backbone.encode_text_reduced(unique, text_dtype, size, progress)
         return F.normalize(encoded, dim=-1)[inverse]
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ The output folder gets:
 An input that cannot be read is skipped with one line and listed at the end; the run goes on. The arguments, the
 inputs, the model and the vocabulary are checked before anything is written; a model that gives NaN or infinite
 outputs stops the run, and a new run that stops removes what it wrote. The exit status is 1 when an input was
-skipped or the run could not start (one line: `error: ...`), 0 otherwise. Running
+skipped or the run could not start (one line: `eovseg predict: error: ...`), 0 otherwise. Running
 again into the same folder resumes: inputs already written are skipped. The command refuses an output folder that
 holds anything but one of its own runs (with the same model and vocabulary), and it never replaces a file it did not
 write. Under torchrun / `accelerate launch`, the processes share the inputs and one merged output is written; the
@@ -40,11 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .command_line import command_main, non_empty_text, positive_int, probability
-from .demo import ModelOutputError, check_finite_outputs, has_stored_vocabulary
+from .command_line import command_main, command_parser, non_empty_text, positive_int, probability
+from .loading import (  # noqa: F401  (load_model, resolve_vocabulary, default_model_path: predict's public names)
+    ModelOutputError,
+    check_finite_outputs,
+    check_model_folder,
+    check_vocabulary_options,
+    default_model_path,
+    has_stored_vocabulary,
+    load_model,
+    resolve_vocabulary,
+)
+from .loading import read_image as read_image_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -63,53 +72,8 @@ class BadInput(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model and vocabulary
+# Segmenting
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def default_model_path() -> str:
-    """The model used without `--model`: the bundled demo model."""
-    from . import demo
-
-    if not hasattr(demo, "default_model_path"):
-        raise PredictError("no bundled demo model in this installation: give --model DIR (a converted model folder).")
-    return str(demo.default_model_path())
-
-
-def check_model_folder(model_path) -> Path:
-    """`model_path` as a Path, refused in one line unless it is a saved model folder."""
-    path = Path(model_path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise PredictError(f"--model {str(path)!r} is not a folder with a config.json (a saved or converted model).")
-    return path
-
-
-def load_model(model_path: str | None, device: torch.device | str = "cpu"):
-    """`(model, processor)` from a saved model folder (the bundled demo model when None), in eval mode on `device`."""
-    from .auto_registration import load_model_folder
-
-    path = check_model_folder(model_path if model_path is not None else default_model_path())
-    model, processor = load_model_folder(path)
-    return model.to(device).eval(), processor
-
-
-def resolve_vocabulary(config, classes: Sequence[str] | None, stuff: Sequence[str] | None, vocabulary: str | None = None):
-    """`(class_names, is_thing, given)`: a built-in vocabulary or vocabulary file by name, the class entries asked
-    for (things unless named in `stuff`) or, with neither, the model's default vocabulary (`given` False)."""
-    from .vocabularies import build_vocabulary, load_vocabulary
-    from .vocabulary import VocabularyError
-
-    if vocabulary and classes:
-        raise PredictError("give the classes (--classes) or a vocabulary (--vocabulary), not both.")
-    if not vocabulary and not classes:
-        if not config.vocabulary:
-            raise PredictError("this model has no default vocabulary: give the classes to find (--classes ...).")
-        return list(config.vocabulary), [bool(t) for t in config.is_thing], False
-    try:
-        found = load_vocabulary(vocabulary) if vocabulary else build_vocabulary(list(classes), stuff=stuff)
-    except (VocabularyError, OSError) as err:
-        raise PredictError(str(err)) from None
-    return list(found.class_names), [bool(t) for t in found.is_thing], True
 
 
 class Predictor:
@@ -139,6 +103,8 @@ class Predictor:
         }
 
     def _forward(self, images: Sequence[Image.Image]):
+        import torch
+
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         with torch.no_grad():
             outputs = self.model(**inputs, **self.text)
@@ -185,6 +151,8 @@ def _semantic_segments(class_map) -> dict:
 
 def _shift_instance_ids(result: dict) -> dict:
     """Instance ids 0, 1, ... (-1 = none) as segment ids 1, 2, ... (0 = none)."""
+    import torch
+
     infos = [dict(s, id=int(s["id"]) + 1) for s in result["segments_info"]]
     return {"segmentation": result["segmentation"].to(torch.int64) + 1, "segments_info": infos}
 
@@ -275,10 +243,9 @@ def _parents(name: str) -> list[str]:
 
 
 def read_image(path: str) -> Image.Image:
-    from .inputs import read_image_file
-
+    """An input image (`eovseg.loading.read_image`), or [`BadInput`]: the run goes on without it."""
     try:
-        return read_image_file(path)  # 16-bit and float images scaled, not saturated
+        return read_image_file(path)
     except (OSError, ValueError) as err:
         raise BadInput(str(err).rstrip(".")) from None
 
@@ -353,8 +320,9 @@ def read_record(output_dir: Path, item: Item) -> dict | None:
 class Writer:
     """Writes the files of each input and its record (what the merge step reads)."""
 
-    def __init__(self, output_dir: Path, predictor: Predictor, instances: bool):
+    def __init__(self, output_dir: Path, predictor: Predictor, instances: bool, progress: bool = False):
         self.output_dir, self.predictor, self.instances = output_dir, predictor, instances
+        self.progress = progress  # a bar per video, advancing by frame
 
     def frame_entry(self, image: Image.Image, result: dict, png_name: str, overlay_path: Path | None) -> dict:
         """Write the panoptic PNG (and the overlay PNG); the frame's entry for `panoptic.json`."""
@@ -393,18 +361,22 @@ class Writer:
             self.save_record(item, frames=[entry])
 
     def video(self, item: Item, batch_size: int) -> None:
+        from tqdm.auto import tqdm
+
         from .video import VideoOverlayWriter, read_video_frames
         from .visualization import draw_segments
 
         frames, fps = [], None
         overlay_path = self.output_dir / "overlay" / f"{item.key}.mp4"
-        with VideoOverlayWriter(overlay_path) as video_out:
+        with VideoOverlayWriter(overlay_path) as video_out, tqdm(
+                desc=Path(item.source).name, unit="frame", disable=not self.progress) as bar:
             for fps, batch in read_video_frames(item.source, batch_size):
                 for image, result in zip(batch, self.predictor(batch, instances=self.instances)):
                     entry = self.frame_entry(image, result, f"{item.key}/{len(frames):06d}.png", None)
                     video_out.add(draw_segments(image, result["segmentation"], result["segments_info"],
                                                 self.predictor.class_names), fps)
                     frames.append(entry)
+                bar.update(len(batch))
         if not frames:
             raise BadInput("a video with no frames")
         self._video_json(item, frames, fps)
@@ -486,20 +458,22 @@ def merge(output_dir: Path, items: Sequence[Item], categories: list[dict], insta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eovseg predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("predict", __doc__)
     parser.add_argument("inputs", nargs="+", help="images, folders (searched recursively) and videos")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the files go (new, empty, or a run to resume)")
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
     parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
                         help='the classes to find, synonyms by commas: "car, automobile" "road" (default: the model\'s)')
     parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
-    parser.add_argument("--vocabulary", type=non_empty_text, default=None,
+    parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
                         help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file, instead of --classes")
     parser.add_argument("--batch_size", type=positive_int, default=1, help="images (or video frames) per forward pass")
     parser.add_argument("--threshold", type=probability, default=0.0, help="least class probability of a segment")
-    parser.add_argument("--overlap_mask_area_threshold", type=probability, default=0.8)
-    parser.add_argument("--mask_threshold", type=probability, default=0.5)
+    parser.add_argument("--overlap_mask_area_threshold", type=probability, default=0.8,
+                        help="least fraction of a mask's area that must stay visible once the segments before it "
+                             "are drawn (else it is dropped)")
+    parser.add_argument("--mask_threshold", type=probability, default=0.5,
+                        help="mask probability above which a pixel belongs to a segment")
     parser.add_argument("--instances", action="store_true", help="also write instance masks (COCO RLE) to instances.json")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where an accelerator is present")
     return parser
@@ -516,13 +490,12 @@ def _settings(args, model_path: str, class_names, is_thing) -> dict:
 def prepare(args: argparse.Namespace, accelerator):
     """Every check of the run, before anything is written: the inputs, the model (loaded), the vocabulary (encoded)
     and the output folder. Returns `(items, arguments that are no input, predictor, settings, resuming)`."""
-    if args.stuff and not args.classes:
-        raise PredictError("--stuff names some of --classes: give --classes too.")
+    check_vocabulary_options(args.classes, args.stuff, args.vocabulary)
     items, bad_args = collect_inputs(args.inputs, args.output_dir)
     if not items:
         reasons = "; ".join(f"{path}: {reason}" for path, reason in bad_args)
         raise PredictError(f"nothing to segment ({reasons}).")
-    model_path = str(check_model_folder(args.model if args.model is not None else default_model_path()))
+    model_path = str(check_model_folder(args.model))
     model, processor = load_model(model_path, accelerator.device)
     class_names, is_thing, given = resolve_vocabulary(model.config, args.classes, args.stuff, args.vocabulary)
     predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
@@ -576,10 +549,14 @@ def _run(args, accelerator, items, bad_args, predictor, resuming) -> list[tuple[
     if resuming:
         accelerator.print(f"resuming {args.output_dir}: {len(items) - len(pending)} of {len(items)} inputs already done")
     accelerator.print(f"{len(pending)} inputs to segment in {accelerator.num_processes} process(es)")
-    writer = Writer(args.output_dir, predictor, args.instances)
+    progress = accelerator.is_local_main_process
+    writer = Writer(args.output_dir, predictor, args.instances, progress)
     units = work_units(pending, args.batch_size)[accelerator.process_index :: accelerator.num_processes]
-    for unit in tqdm(units, desc="eovseg predict", unit="batch", disable=not accelerator.is_local_main_process):
-        run_unit(writer, unit, args.batch_size)
+    # one step per input: an image, or a whole video (whose own bar counts its frames)
+    with tqdm(total=sum(len(unit) for unit in units), desc="eovseg predict", unit="input", disable=not progress) as bar:
+        for unit in units:
+            run_unit(writer, unit, args.batch_size)
+            bar.update(len(unit))
     accelerator.wait_for_everyone()
     skipped = list(bad_args)
     if accelerator.is_main_process:

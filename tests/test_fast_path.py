@@ -254,6 +254,7 @@ def test_background_work_hands_its_error_to_the_caller():
 
 REUSE_PROBE = """
 import resource, torch
+import eovseg.modeling_eovseg  # the process of a forward pass (which calls it): torch, transformers, the model
 from eovseg.cpu_memory import reuse_freed_memory
 torch.set_num_threads(1)
 applied = reuse_freed_memory() if {call} else None

@@ -60,7 +60,7 @@ def test_pipeline_demo_and_predict_read_sixteen_bit_files_as_the_processor(sixte
         raise Stop
 
     model = EovSegForPanopticSegmentation(config).eval()
-    monkeypatch.setattr(eovseg.demo, "load_model_and_processor", lambda *a, **k: (model, recording_processor))
+    monkeypatch.setattr(eovseg.demo, "load_model", lambda *a, **k: (model, recording_processor))
     with pytest.raises(Stop):
         eovseg.demo.run(path, None, ["sky", "road"], None, path.parent / "out")
     assert np.array_equal(seen[0], expected)

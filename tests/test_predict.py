@@ -464,3 +464,12 @@ def test_python_m_eovseg_predict_gives_one_line(data, tmp_path):
                           str(tmp_path / "out"), "--model", str(folder)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith("num_proposals must be an integer of at least 1, got 'ten'.")
+
+
+def test_progress_counts_inputs_and_each_video_frame(data, tmp_path, capsys):
+    images = [str(p) for p in data["paths"][:3]]
+    args = run_args(data, tmp_path / "out", *images, str(data["video"]))
+    assert predict_main([*args[:-3], "--batch_size", "1"]) == 0  # without --instances, one image per pass
+    err = capsys.readouterr().err
+    assert "eovseg predict: 100%" in err and "4/4" in err  # three images and the video: one step each
+    assert f"clip.mp4: {VIDEO_FRAMES}frame" in err  # the video's own bar, by frame

@@ -1,7 +1,6 @@
 """Convert an original EOV-Seg checkpoint (detectron2 `model_final.pth`) into a Transformers model folder.
 
-    python -m eovseg.conversion_scripts.convert_original_checkpoint \\
-        --checkpoint_path model_final.pth --variant r50 --output_dir eovseg-r50 \\
+    eovseg convert --checkpoint_path model_final.pth --variant r50 --output_dir eovseg-r50 \\
         [--vocabulary NAME|FILE] [--train_vocabulary NAME|FILE] [--push_to_hub user/eovseg-r50]
 
 The training vocabulary defaults to the built-in `coco_panoptic` (that of every released checkpoint, so the seen /
@@ -13,7 +12,6 @@ is written to `--output_dir` unless the whole conversion succeeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import sys
@@ -23,9 +21,11 @@ from pathlib import Path
 import torch
 
 from ..auto_registration import check_push_access, push_model_folder, save_model_folder_atomically
-from ..command_line import CommandError, command_main, non_negative_int
+from ..command_line import CommandError, command_main
 from ..configuration_eovseg import PRESETS, EovSegConfig
 from ..model_card import model_card
+from ..parsers import DEFAULT_TRAIN_VOCABULARY, DEFAULT_VOCABULARY  # noqa: F401  (the conversion's defaults)
+from ..parsers import convert_parser as build_parser
 from ..vocabularies import Vocabulary, load_vocabulary
 from ..vocabulary import VocabularyError, display_name
 from .key_mapping import convert_original_state_dict
@@ -36,12 +36,6 @@ class ConversionError(CommandError):
 
 
 # --------------------------------------------------------------------------------------------------- vocabularies
-
-# Every released checkpoint was trained on COCO panoptic: the training vocabulary decides which test classes are
-# "seen" (ensemble weight alpha rather than beta), so it must be this one for the original's outputs.
-DEFAULT_TRAIN_VOCABULARY = "coco_panoptic"
-# The vocabulary stored (with its embeddings) as the converted model's default.
-DEFAULT_VOCABULARY = "coco_panoptic"
 
 
 def read_vocabulary(spec: str, what: str) -> Vocabulary:
@@ -277,7 +271,7 @@ def run_conversion(args) -> Path:
 def sanity_run(model, processor) -> None:
     from PIL import Image
 
-    from ..demo import BUNDLED_IMAGE
+    from ..loading import BUNDLED_IMAGE
 
     image = Image.open(BUNDLED_IMAGE).convert("RGB")
     inputs = processor(images=image, return_tensors="pt")
@@ -290,27 +284,6 @@ def sanity_run(model, processor) -> None:
         raise ConversionError("sanity run on the bundled photo gave non-finite class logits")
     print(f"sanity run on {BUNDLED_IMAGE.name}: {len(labels)} segments: {', '.join(labels[:10])}"
           + (" ..." if len(labels) > 10 else ""))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eovseg convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", required=True, help="the original model_final.pth")
-    parser.add_argument("--variant", required=True, choices=list(PRESETS))
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, metavar="NAME|FILE",
-                        help="default vocabulary stored with its text embeddings: a built-in name (ade20k_150, ...) or "
-                             "a .json ({classes, is_thing}) / .txt (one 'id:name,synonym' per line) file "
-                             f"(default: {DEFAULT_VOCABULARY})")
-    parser.add_argument("--stuff_ids", type=non_negative_int, nargs="*", default=None, help="indices of stuff classes of --vocabulary")
-    parser.add_argument("--train_vocabulary", default=DEFAULT_TRAIN_VOCABULARY, metavar="NAME|FILE",
-                        help="the vocabulary the checkpoint was trained on, for the seen/unseen ensemble weights "
-                             f"(default: {DEFAULT_TRAIN_VOCABULARY}, that of every released checkpoint)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --output_dir: replace the files the conversion writes (config.json, "
-                             "model.safetensors, ...) and leave every other file there alone")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
-    return parser
 
 
 def _convert_command(argv: list[str] | None = None) -> None:

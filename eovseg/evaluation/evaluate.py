@@ -2,7 +2,7 @@
 
 `evaluate_model(model, processor, dataset, task, ...)` is what the training loop calls; the command line is
 
-    python -m eovseg.evaluation.evaluate --model DIR --dataset PATH_OR_synthetic [--split validation]
+    eovseg evaluate --model DIR --dataset PATH_OR_synthetic [--split validation]
         [--vocabulary NAME|categories.json] [--task panoptic|semantic|instance|all] [--batch_size N]
         [--output results.json [--overwrite]]
     torchrun --nproc_per_node N -m eovseg.evaluation.evaluate ...   # or: accelerate launch -m ...
@@ -45,12 +45,15 @@ import numpy as np
 from ..command_line import command_main, non_negative_int, positive_int, probability
 from ..data_sources import (
     categories_for_command,
+    synthetic_eval_dataset,
     categories_from_config,
     dataset_categories,
     load_local_dataset,
     pick_split,
     resolve_categories,
 )
+from ..parsers import EVALUATION_TASKS as TASKS
+from ..parsers import evaluate_parser as build_parser
 from ..inputs import decode_label_map, decode_panoptic_ids, normalize_segments
 from ._inputs import nan_to_none
 from .folders import CocoPanopticFolder, SemanticLabelFolder, is_coco_panoptic_json
@@ -69,8 +72,6 @@ __all__ = [
     "main",
     "run",
 ]
-
-TASKS = ("panoptic", "semantic", "instance")
 
 # The splits a data set is evaluated on when none is given, in order of preference.
 _EVAL_SPLITS = ("validation", "val", "test")
@@ -132,8 +133,8 @@ class DatasetColumns:
 def load_eval_dataset(
     path: str,
     split: str | None = None,
-    num_synthetic: int = 8,
-    seed: int = 0,
+    num_synthetic: int | None = None,
+    synthetic_image_size: int | None = None,
     *,
     panoptic_root: str | None = None,
     image_root: str | None = None,
@@ -154,10 +155,8 @@ def load_eval_dataset(
         return SemanticLabelFolder(path, label_root, split_file)
     if is_coco_panoptic_json(path):
         return CocoPanopticFolder(path, panoptic_root, image_root)
-    if path == "synthetic":
-        from ..synthetic import make_synthetic_panoptic_dataset
-
-        dataset = make_synthetic_panoptic_dataset(num_images=num_synthetic, seed=seed)
+    if path == "synthetic":  # the held-out set `eovseg train --eval_dataset synthetic` evaluates on
+        dataset = synthetic_eval_dataset(num_synthetic, synthetic_image_size)
         return pick_split(dataset, split, _EVAL_SPLITS, "--split")
     return load_local_dataset(path, split, _EVAL_SPLITS)
 
@@ -684,57 +683,6 @@ def _load_model(spec: str, device: str | None):
     return model, processor
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eovseg evaluate",
-        description="Evaluate an EOV-Seg model (panoptic PQ, semantic mIoU, instance mask AP; scores in percent). "
-        "Under torchrun / accelerate launch the data set is split between the processes and the results merged.",
-    )
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained), or random:<variant>")
-    parser.add_argument(
-        "--dataset", required=True,
-        help="a COCO-panoptic JSON (its PNG folder beside it), an image folder with --label_root, a save_to_disk "
-        "folder or data files, or 'synthetic'",
-    )
-    parser.add_argument("--split", default=None, help="split of a DatasetDict (default: validation/val/test)")
-    parser.add_argument("--panoptic_root", default=None, help="COCO-panoptic PNG folder (default: the JSON's path without .json)")
-    parser.add_argument("--image_root", default=None, help="COCO-panoptic image folder (default: found next to the JSON)")
-    parser.add_argument("--label_root", default=None, help="semantic label-map folder paired with the --dataset image folder")
-    parser.add_argument("--split_file", default=None, help="semantic: list of file stems to evaluate (VOC's val.txt)")
-    parser.add_argument(
-        "--label_values", choices=["index", "category_id"], default=None,
-        help="semantic label maps hold vocabulary indices (default for --label_root) or category ids",
-    )
-    parser.add_argument("--reduce_labels", action="store_true", help="semantic: label 0 is ignored, others lowered by one")
-    parser.add_argument("--ignore_index", type=non_negative_int, default=255, help="semantic: ignored label (65535 in 16-bit maps)")
-    parser.add_argument(
-        "--vocabulary", "--categories", dest="vocabulary", default=None,
-        help="built-in vocabulary name (ade20k_150, ...) or JSON file of categories [{id, name, isthing}] (or a COCO "
-        "panoptic JSON); default: the data set's stored categories, else the model's vocabulary",
-    )
-    parser.add_argument("--task", default="panoptic", choices=[*TASKS, "all"])
-    parser.add_argument("--batch_size", type=positive_int, default=1)
-    parser.add_argument("--max_samples", type=positive_int, default=None)
-    parser.add_argument("--num_synthetic", type=positive_int, default=8, help="images of the synthetic data set")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--panoptic_column", default="label", help="panoptic annotation column (RGB-encoded PNG)")
-    parser.add_argument("--segments_info_column", default="segments_info")
-    parser.add_argument("--semantic_column", default=None, help="class maps for semantic evaluation (category ids)")
-    parser.add_argument("--ignore_category_ids", type=int, nargs="*", default=[])
-    parser.add_argument("--pq_conventions", choices=["panopticapi", "clean"], default="panopticapi")
-    parser.add_argument("--miou_convention", choices=["detectron2", "mmseg"], default="detectron2")
-    parser.add_argument("--threshold", type=probability, default=None, help="panoptic: class score threshold")
-    parser.add_argument("--overlap_threshold", type=probability, default=None, help="panoptic: overlap area threshold")
-    parser.add_argument("--shortest_edge", type=positive_int, default=None, help="test resize: shorter side (processor's: 640)")
-    parser.add_argument("--longest_edge", type=positive_int, default=None, help="test resize: longer side cap (2560)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--output", default=None, help="write the results here as JSON (a new file)")
-    parser.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
-    parser.add_argument("--per_class", action="store_true", help="also print per-class tables")
-    parser.add_argument("--no_progress", action="store_true")
-    return parser
-
-
 def _check_output(path: str | None, overwrite: bool) -> None:
     """Refuse, before any work, an --output that would replace a file without --overwrite."""
     if path is None:
@@ -772,7 +720,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
             size["longest_edge"] = args.longest_edge
         image_processor.size = size
     dataset = load_eval_dataset(
-        args.dataset, args.split, num_synthetic=args.num_synthetic, panoptic_root=args.panoptic_root,
+        args.dataset, args.split, num_synthetic=args.num_synthetic, synthetic_image_size=args.synthetic_image_size,
+        panoptic_root=args.panoptic_root,
         image_root=args.image_root, label_root=args.label_root, split_file=args.split_file,
     )
     _check_named_columns(args, dataset)

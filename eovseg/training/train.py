@@ -1,8 +1,7 @@
 """Train (or fine-tune) EOV-Seg with Accelerate, as the original trains it.
 
-    accelerate launch -m eovseg.training.train --model DIR_OR_VARIANT --dataset PATH_OR_synthetic --output_dir OUT
-    python -m eovseg.training.train ...          # one device
-    eovseg train ...                              # the same, through the package's command
+    eovseg train --model DIR_OR_VARIANT --dataset PATH_OR_synthetic --output_dir OUT
+    accelerate launch -m eovseg.training.train ...     # several processes (or torchrun ... -m ...)
 
 What it does (defaults are the original's, `configs/Base-COCO-PanopticSegmentation.yaml` / `train_net.py`):
 
@@ -58,7 +57,9 @@ from ..command_line import (
     probability,
 )
 from ..configuration_eovseg import EovSegInputError
-from ..data_sources import categories_for_command, load_local_dataset
+from ..data_sources import categories_for_command, load_local_dataset, synthetic_eval_dataset
+from ..parsers import SYNTHETIC_EVAL_SEED
+from ..parsers import train_parser as build_parser
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -84,87 +85,6 @@ METRICS_FILE = "metrics.jsonl"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eovseg train", description="Train EOV-Seg (Accelerate; the original's recipe)."
-    )
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="save_pretrained directory, or a preset: tiny, tiny_convnext, r50, ...")
-    g.add_argument("--config_overrides", default=None, help="JSON object of EovSegConfig fields to change")
-    g.add_argument("--dataset", required=True, help="local data set path, or 'synthetic'")
-    g.add_argument("--dataset_split", default=None, help="default: train when a DatasetDict, else its only split")
-    g.add_argument("--dataset_type", choices=["panoptic", "semantic"], default="panoptic")
-    g.add_argument("--eval_dataset", default=None, help="local data set path or 'synthetic' (panoptic rows)")
-    g.add_argument("--eval_split", default=None, help="default: validation/val/test when a DatasetDict")
-    g.add_argument("--categories", default=None, metavar="NAME|FILE",
-                   help="built-in vocabulary name (coco_panoptic, ...) or JSON file: [{id, name, isthing}] or a COCO "
-                        "panoptic JSON")
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--panoptic_column", default="label")
-    g.add_argument("--segments_info_column", default="segments_info")
-    g.add_argument("--label_column", default="label", help="semantic label maps (--dataset_type semantic)")
-    g.add_argument("--ignore_index", type=int, default=255, help="unlabeled value of semantic label maps")
-    g.add_argument("--synthetic_train_images", type=positive_int, default=64)
-    g.add_argument("--synthetic_eval_images", type=positive_int, default=16)
-    g.add_argument("--synthetic_image_size", type=positive_int, default=64)
-    g.add_argument("--image_label_dataset", default=None,
-                   help="Decoupled Supervision (config decoupled_supervision): image-level data, a local path or "
-                        "'synthetic' (images with a list of label names or ids)")
-    g.add_argument("--image_label_column", default="labels")
-    g.add_argument("--image_label_names", nargs="*", default=None,
-                   help="the image-level vocabulary (default: the column's ClassLabel names, else its label names)")
-    g.add_argument("--image_label_ratio", type=probability, default=0.5, help="fraction of image-level examples")
-
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--image_size", type=positive_int, default=1024, help="large-scale-jitter crop size")
-    g.add_argument("--min_scale", type=positive_float, default=0.1)
-    g.add_argument("--max_scale", type=positive_float, default=2.0)
-    g.add_argument("--flip_probability", type=probability, default=0.5)
-    g.add_argument("--no_augmentation", action="store_true", help="train on the images as they are")
-    g.add_argument(
-        "--test_shortest_edge", type=positive_int, default=None, help="evaluation resize (default: the processor's, 640)"
-    )
-    g.add_argument("--test_longest_edge", type=positive_int, default=None)
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--max_steps", type=positive_int, default=200_000)
-    g.add_argument("--per_device_batch_size", type=positive_int, default=2, help="the original: 16 images over 8 GPUs")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    g.add_argument("--weight_decay", type=non_negative_float, default=0.05)
-    g.add_argument("--weight_decay_norm", type=non_negative_float, default=0.0)
-    g.add_argument("--weight_decay_embed", type=non_negative_float, default=0.0)
-    g.add_argument("--backbone_multiplier", type=non_negative_float, default=0.1)
-    g.add_argument("--max_grad_norm", type=non_negative_float, default=0.01, help="0 disables clipping")
-    g.add_argument("--lr_steps", type=positive_int, nargs="*", default=None, help="default: (163889, 187546) x max_steps/200000")
-    g.add_argument("--lr_gamma", type=positive_float, default=0.1)
-    g.add_argument("--warmup_factor", type=non_negative_float, default=1.0)
-    g.add_argument("--warmup_iters", type=non_negative_int, default=10)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU (several CPU processes under torchrun: gloo)")
-    g.add_argument("--seed", type=non_negative_int, default=42)
-    g.add_argument("--num_workers", type=non_negative_int, default=0)
-    g.add_argument("--max_train_seconds", type=positive_float, default=None, help="stop after this wall time")
-
-    g = p.add_argument_group("logging, checkpoints, evaluation")
-    g.add_argument("--output_dir", required=True,
-                   help="where the model, processor, metrics.jsonl and checkpoint-STEP folders go; must be empty or "
-                        "new unless --overwrite_output_dir or --resume_from_checkpoint")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="train into a non-empty --output_dir: replace the run's own files there (the model, processor "
-                        "and a fresh metrics.jsonl) and leave every other file alone")
-    g.add_argument("--logging_steps", type=positive_int, default=20)
-    g.add_argument("--save_steps", type=non_negative_int, default=5000, help="0: no intermediate checkpoints")
-    g.add_argument("--save_total_limit", type=positive_int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest'")
-    g.add_argument("--eval_steps", type=non_negative_int, default=0, help="0: evaluate only at the end (with --eval_dataset)")
-    g.add_argument("--eval_batch_size", type=positive_int, default=1)
-    g.add_argument("--eval_max_samples", type=positive_int, default=None)
-    g.add_argument("--no_progress", action="store_true")
-    g.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the final model and processor")
-    return p
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The arguments, with the combinations that cannot work refused as usage errors (exit status 2)."""
     parser = build_parser()
@@ -183,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{option} chooses a split of a local data set; {data or 'no data set'} has none")
     if args.save_total_limit and not args.save_steps:
         parser.error("--save_total_limit needs --save_steps (no checkpoint is saved with --save_steps 0)")
+    if args.dataset == "synthetic" and args.eval_dataset == "synthetic" and args.seed == SYNTHETIC_EVAL_SEED:
+        parser.error(f"--seed {args.seed} would train on the held-out synthetic images (drawn from seed "
+                     f"{SYNTHETIC_EVAL_SEED}): pick another seed")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir starts a new run; --resume_from_checkpoint continues one: pass one of them")
     return args
@@ -290,8 +213,7 @@ def build_datasets(args):
         train_rows = load_local_dataset(args.dataset, args.dataset_split, ("train",), "--dataset_split")
     eval_rows = None
     if args.eval_dataset == "synthetic":
-        size = args.synthetic_image_size
-        eval_rows = make_synthetic_panoptic_dataset(args.synthetic_eval_images, size, size, seed=args.seed + 1_000_003)
+        eval_rows = synthetic_eval_dataset(args.synthetic_eval_images, args.synthetic_image_size)
     elif args.eval_dataset:
         eval_rows = load_local_dataset(args.eval_dataset, args.eval_split, ("validation", "val", "test"), "--eval_split")
     return train_rows, eval_rows

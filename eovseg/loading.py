@@ -1,0 +1,136 @@
+"""What the inference commands (`eovseg demo`, `eovseg predict`, `eovseg app`) load, in one place: a model folder
+(through the one loader, `eovseg.auto_registration.load_model_folder`), the vocabulary asked for (through
+`eovseg.vocabularies.load_vocabulary`), an image file (through the one decoder, `eovseg.inputs.read_image_file`), and
+their defaults: the bundled demo model, its synthetic scene and the bundled photograph.
+
+Importing this module imports neither torch nor transformers: the commands' argument parsers read their defaults
+here, and `eovseg COMMAND --help` must answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BUNDLED_IMAGE",
+    "ModelOutputError",
+    "check_finite_outputs",
+    "check_model_folder",
+    "check_vocabulary_options",
+    "default_image_path",
+    "default_model_path",
+    "has_stored_vocabulary",
+    "load_model",
+    "read_image",
+    "resolve_vocabulary",
+]
+
+ASSETS = Path(__file__).with_name("assets")
+# A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
+BUNDLED_IMAGE = ASSETS / "coffee.jpg"
+
+
+def default_model_path() -> Path:
+    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained on synthetic shapes), the
+    model of every inference command run without `--model`."""
+    return ASSETS / "demo_model"
+
+
+def default_image_path() -> Path:
+    """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
+    return ASSETS / "shapes_scene.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_model_folder(model_path: str | os.PathLike | None) -> Path:
+    """`model_path` (default: the bundled demo model) as a Path, refused in one line unless it is a saved model
+    folder."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {str(path)!r} is not a folder with a config.json (a saved or converted model).")
+    return path
+
+
+def load_model(model_path: str | os.PathLike | None = None, device="cpu"):
+    """`(model, processor)` of a saved model folder (default: the bundled demo model), in eval mode on `device`,
+    through the one model-folder loader (its errors name the file and the problem)."""
+    from .auto_registration import load_model_folder
+
+    model, processor = load_model_folder(check_model_folder(model_path))
+    return model.to(device).eval(), processor
+
+
+def has_stored_vocabulary(model) -> bool:
+    """Whether the model holds the text embeddings of its default vocabulary (else that vocabulary is encoded)."""
+    stored = getattr(model, "default_text_embeddings", None)
+    return stored is not None and bool(stored.abs().sum() > 0)
+
+
+class ModelOutputError(ValueError):
+    """The model gave NaN or infinite logits (broken weights, or an overflow): reported, never "0 segments"."""
+
+
+def check_finite_outputs(outputs) -> None:
+    """Refuse NaN or infinite class or mask logits: post-processing them finds no segment, or one class everywhere,
+    and says nothing. The demo, `eovseg predict` and the web page check every forward pass with this."""
+    import torch
+
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        logits = getattr(outputs, name, None)
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise ModelOutputError(f"the model's {name} hold NaN or infinite values: its weights are broken (or "
+                                   "overflow in this precision), so no segmentation can be trusted.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vocabulary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_vocabulary_options(classes: Sequence[str] | None, stuff: Sequence[str] | None,
+                             vocabulary: str | None) -> None:
+    """Refuse a combination of `--classes`, `--stuff` and `--vocabulary` that names no one vocabulary (checked
+    before the model is loaded)."""
+    from .vocabulary import VocabularyError
+
+    if vocabulary and classes:
+        raise VocabularyError("give the classes (--classes) or a vocabulary (--vocabulary), not both.")
+    if stuff and not classes:
+        raise VocabularyError("--stuff names some of --classes: give --classes too.")
+
+
+def resolve_vocabulary(config, classes: Sequence[str] | None = None, stuff: Sequence[str] | None = None,
+                       vocabulary: str | None = None) -> tuple[list[str], list[bool], bool]:
+    """`(class_names, is_thing, given)`: a built-in vocabulary or vocabulary file by name (`vocabulary`), the class
+    entries asked for (`classes`: things unless named in `stuff`) or, with neither, the model's default vocabulary
+    (`given` False: its stored text embeddings can be used). Errors are `VocabularyError`s (one line)."""
+    from .vocabularies import load_vocabulary
+    from .vocabulary import VocabularyError
+
+    check_vocabulary_options(classes, stuff, vocabulary)
+    if not vocabulary and not classes:
+        if not config.vocabulary:
+            raise VocabularyError("this model has no default vocabulary: give the classes to find (--classes ...) or "
+                                  "a vocabulary (--vocabulary NAME|FILE).")
+        return list(config.vocabulary), [bool(t) for t in config.is_thing], False
+    found = load_vocabulary(vocabulary) if vocabulary else load_vocabulary(list(classes), stuff=stuff)
+    return list(found.class_names), [bool(t) for t in found.is_thing], True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike, where: str | None = None):
+    """An image file as 8-bit RGB by the project's one rule (16-bit and float images scaled, not saturated), so one
+    file gives one result in every command; errors are one line naming the file."""
+    from .inputs import read_image_file
+
+    return read_image_file(path, where)
