@@ -52,6 +52,24 @@ DEFAULT_TRAIN_VOCABULARY = "coco_panoptic"
 DEFAULT_VOCABULARY = "coco_panoptic"
 
 
+def add_column_options(group) -> None:
+    """The columns of a `datasets` data set with COCO-panoptic annotations (train's and evaluate's)."""
+    group.add_argument("--image_column", default="image", help="the data set's image column")
+    group.add_argument("--panoptic_column", default="label",
+                       help="the panoptic annotation column (RGB-encoded PNG, id = R + 256 G + 256^2 B)")
+    group.add_argument("--segments_info_column", default="segments_info",
+                       help="the column of each image's segments (id, category_id, iscrowd)")
+
+
+def add_test_resize_options(group, prefix: str = "", note: str = "") -> None:
+    """`--{prefix}shortest_edge` and `--{prefix}longest_edge`: the resize of images at inference (train saves it with
+    the processor, evaluate uses it for the run), with the processor's defaults."""
+    group.add_argument(f"--{prefix}shortest_edge", type=positive_int, default=None,
+                       help=f"inference resize: the shorter side in pixels{note} (default: the processor's, 640)")
+    group.add_argument(f"--{prefix}longest_edge", type=positive_int, default=None,
+                       help="inference resize: the most pixels of the longer side (default: the processor's, 2560)")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # eovseg train
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,11 +108,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--categories", default=None, metavar="NAME|FILE",
                    help="the training classes: a built-in vocabulary name (coco_panoptic, ...) or a JSON file, "
                         "[{id, name, isthing}] or a COCO panoptic JSON (default: the categories stored with the data set)")
-    g.add_argument("--image_column", default="image", help="the data set's image column")
-    g.add_argument("--panoptic_column", default="label",
-                   help="the panoptic annotation column (RGB-encoded PNG, id = R + 256 G + 256^2 B)")
-    g.add_argument("--segments_info_column", default="segments_info",
-                   help="the column of each image's segments (id, category_id, iscrowd)")
+    add_column_options(g)
     g.add_argument("--label_column", default="label", help="semantic label maps (--dataset_type semantic)")
     g.add_argument("--ignore_index", type=int, default=255, help="unlabeled value of semantic label maps")
     g.add_argument("--synthetic_train_images", type=positive_int, default=64,
@@ -117,10 +131,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_scale", type=positive_float, default=2.0, help="largest random rescaling of an image")
     g.add_argument("--flip_probability", type=probability, default=0.5, help="probability of a horizontal flip")
     g.add_argument("--no_augmentation", action="store_true", help="train on the images as they are")
-    g.add_argument("--test_shortest_edge", type=positive_int, default=None,
-                   help="evaluation resize: shorter side, saved with the processor (default: the processor's, 640)")
-    g.add_argument("--test_longest_edge", type=positive_int, default=None,
-                   help="evaluation resize: longer side cap (needs --test_shortest_edge; default: the processor's)")
+    add_test_resize_options(g, "test_", " (saved with the processor; --test_longest_edge needs --test_shortest_edge)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=positive_int, default=200_000, help="optimizer steps")
@@ -221,10 +232,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="images of --dataset synthetic (as eovseg train's --synthetic_eval_images)")
     g.add_argument("--synthetic_image_size", type=positive_int, default=SYNTHETIC_IMAGE_SIZE,
                    help="side in pixels of the synthetic images (as eovseg train's)")
-    g.add_argument("--image_column", default="image", help="the data set's image column")
-    g.add_argument("--panoptic_column", default="label", help="panoptic annotation column (RGB-encoded PNG)")
-    g.add_argument("--segments_info_column", default="segments_info",
-                   help="the column of each image's segments (id, category_id, iscrowd)")
+    add_column_options(g)
     g.add_argument("--semantic_column", default=None,
                    help="class maps for semantic evaluation (category ids; default: from the panoptic annotation)")
 
@@ -243,10 +251,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="panoptic: least class score of a segment (default: the post-processing's)")
     g.add_argument("--overlap_threshold", type=probability, default=None,
                    help="panoptic: least visible fraction of a mask's area (default: the post-processing's)")
-    g.add_argument("--shortest_edge", type=positive_int, default=None,
-                   help="test resize: shorter side (default: the processor's, 640)")
-    g.add_argument("--longest_edge", type=positive_int, default=None,
-                   help="test resize: longer side cap (default: the processor's, 2560)")
+    add_test_resize_options(g)
 
     g = p.add_argument_group("running and output")
     g.add_argument("--batch_size", type=positive_int, default=1, help="images per forward pass")
