@@ -33,6 +33,9 @@ def __getattr__(name: str):
     if name not in _LAZY_ATTRIBUTES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
+    # The class's module imported transformers: register now, whatever loaded the modules (the import watcher swaps
+    # only file loaders), so using one of these classes always finds the Auto classes and pipelines ready.
+    register_when_transformers_loads()
     globals()[name] = value
     return value
 

@@ -120,10 +120,10 @@ def _register() -> None:
 _imports_running = threading.local()  # how many eovseg modules (or transformers) this thread is executing
 
 
-class _ReportingLoader(importlib.machinery.SourceFileLoader):
-    """A source loader that, after the outermost import of an eovseg module (or of transformers) finishes, registers
-    eovseg if transformers is imported by then. Not inside one: registering imports the eovseg modules, and one that
-    is half-executed (the one whose import brought transformers in) cannot be imported again."""
+class _Reporting:
+    """Mixed into a file loader: after the outermost import of an eovseg module (or of transformers) finishes, it
+    registers eovseg if transformers is imported by then. Not inside one: registering imports the eovseg modules, and
+    one that is half-executed (the one whose import brought transformers in) cannot be imported again."""
 
     def exec_module(self, module) -> None:
         _imports_running.depth = getattr(_imports_running, "depth", 0) + 1
@@ -135,9 +135,19 @@ class _ReportingLoader(importlib.machinery.SourceFileLoader):
             register()
 
 
+# The file loaders a module can come with: from source, or from a .pyc alone (an install that ships no .py files).
+# Each gets a reporting subclass, so the swapped loader is still an instance of the class the finder chose.
+_REPORTING_LOADERS = {
+    loader: type(f"_Reporting{loader.__name__}", (_Reporting, loader), {})
+    for loader in (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader)
+}
+
+
 class _ImportWatcher(importlib.abc.MetaPathFinder):
-    """Gives transformers and the eovseg modules a [`_ReportingLoader`]: finds them with the other finders and swaps
-    the plain source loader they return for it (same file, same behaviour, plus the registration)."""
+    """Gives transformers and the eovseg modules a reporting loader ([`_Reporting`]): finds them with the other
+    finders and swaps the file loader they return for its reporting subclass (same file, same behaviour, plus the
+    registration). A module that comes with another loader is left as it is: the lazy classes of `eovseg`
+    (`eovseg.EovSegConfig`, ...) register on first use whatever loaded them."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "transformers" and not name.startswith("eovseg."):
@@ -150,8 +160,9 @@ class _ImportWatcher(importlib.abc.MetaPathFinder):
                 break
         else:
             return None
-        if type(spec.loader) is importlib.machinery.SourceFileLoader:
-            spec.loader = _ReportingLoader(spec.loader.name, spec.loader.path)
+        reporting = _REPORTING_LOADERS.get(type(spec.loader))
+        if reporting is not None:
+            spec.loader = reporting(spec.loader.name, spec.loader.path)
         return spec
 
 
@@ -162,7 +173,8 @@ def register_when_transformers_loads() -> None:
     """Register now if transformers is imported, else as soon as it is: no Auto class or pipeline can be used before,
     and a program that never imports it (`eovseg --help`) does not pay for torch and transformers."""
     if "transformers" in sys.modules:
-        register()
+        if not getattr(_imports_running, "depth", 0):  # else the reporting loader registers once that import ends
+            register()
     elif not _registered and _watcher not in sys.meta_path:
         sys.meta_path.insert(0, _watcher)
 

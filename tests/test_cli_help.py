@@ -3,6 +3,7 @@ transformers imported to print them (`benchmarks/cli_help.py` measures the time)
 still registers the Auto classes and the pipeline once transformers is imported."""
 
 import argparse
+import os
 import subprocess
 import sys
 import textwrap
@@ -81,3 +82,56 @@ def test_docs_commands_page_names_every_command_and_option():
         for action in command_parser(name)._actions:
             for option in action.option_strings:
                 assert option in ("-h", "--help") or f"`{option}`" in section, f"docs/commands.md: eovseg {name} {option}"
+
+
+REGISTERED_PROBE = textwrap.dedent("""
+    from transformers import AutoConfig, AutoModelForUniversalSegmentation
+    from transformers.pipelines import PIPELINE_REGISTRY
+    config = AutoConfig.for_model("eovseg")
+    print(type(config).__name__, AutoModelForUniversalSegmentation._model_mapping[type(config)].__name__,
+          "open-vocabulary-segmentation" in PIPELINE_REGISTRY.get_supported_tasks())
+""")
+
+
+def test_registration_in_an_install_of_pyc_files(tmp_path):
+    # An install that ships .pyc files only: its modules come with SourcelessFileLoader, not SourceFileLoader, and an
+    # eovseg module that brings transformers in must still register once it is executed, not half-way through.
+    # modeling_eovseg keeps its source: transformers' docstring decorators read the source of what they decorate.
+    import compileall
+    import shutil
+    from pathlib import Path
+
+    import eovseg
+
+    copy = tmp_path / "eovseg"
+    shutil.copytree(Path(eovseg.__file__).parent, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    assert compileall.compile_dir(copy, legacy=True, quiet=1)
+    for source in copy.rglob("*.py"):
+        if source.name != "modeling_eovseg.py":
+            source.unlink()
+    probe = textwrap.dedent("""
+        import importlib.machinery
+        import eovseg.configuration_eovseg
+        loader = eovseg.configuration_eovseg.__spec__.loader
+        assert isinstance(loader, importlib.machinery.SourcelessFileLoader), loader
+        assert eovseg.configuration_eovseg.__file__.startswith({root!r}), eovseg.configuration_eovseg.__file__
+    """).format(root=str(tmp_path)) + REGISTERED_PROBE
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["EovSegConfig", "EovSegForPanopticSegmentation", "True"]
+
+
+def test_a_lazy_class_registers_whatever_loaded_its_module():
+    # The import watcher swaps file loaders only; without it (a module loaded some other way), the first use of a class
+    # through the package's lazy attributes registers.
+    probe = textwrap.dedent("""
+        import sys
+        import eovseg
+        from eovseg import auto_registration
+        sys.meta_path.remove(auto_registration._watcher)
+        eovseg.EovSegConfig
+    """) + REGISTERED_PROBE
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["EovSegConfig", "EovSegForPanopticSegmentation", "True"]
