@@ -121,7 +121,7 @@ class SegmentationApp:
             progress = _no_progress
         progress(0.0, desc="Reading the image")
         image = read_upload(image)
-        names, is_thing, given = self.vocabulary(class_text)
+        names, is_thing, given, _ = self.vocabulary(class_text)
         progress(0.1, desc=f"Text pass: {len(names)} class names (once per class list)")
         predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
                               mask_threshold)

@@ -95,7 +95,7 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
     check_vocabulary_options(classes, stuff, vocabulary)
     image = read_image(image_path)
     model, processor = load_model(model_path)
-    names, is_thing, _ = resolve_vocabulary(model.config, classes, stuff, vocabulary)
+    names, is_thing, _, colors = resolve_vocabulary(model.config, classes, stuff, vocabulary)
     uses_default = names == list(model.config.vocabulary or []) and has_stored_vocabulary(model)
     result = segment(model, processor, image, None if uses_default else names, is_thing)
     segmentation = result["segmentation"].cpu().numpy()
@@ -103,7 +103,7 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
     output_dir.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", DEMO_MARK)
-    picture, panels = draw_side_by_side(image, segmentation, result["segments_info"], names)
+    picture, panels = draw_side_by_side(image, segmentation, result["segments_info"], names, colors=colors)
     picture.save(overlay_path, pnginfo=info)
     segments = [
         {

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
     "BUNDLED_IMAGE",
     "ModelOutputError",
+    "ResolvedVocabulary",
     "check_finite_outputs",
     "check_model_folder",
     "check_vocabulary_options",
@@ -105,11 +107,21 @@ def check_vocabulary_options(classes: Sequence[str] | None, stuff: Sequence[str]
         raise VocabularyError("--stuff names some of --classes: give --classes too.")
 
 
+class ResolvedVocabulary(NamedTuple):
+    """The vocabulary a command runs with."""
+
+    class_names: list[str]
+    is_thing: list[bool]
+    given: bool  # False for the model's default vocabulary, whose stored text embeddings can be used
+    colors: list[tuple[int, int, int]] | None  # the display colour of each class, where a vocabulary (file) has them
+
+
 def resolve_vocabulary(config, classes: Sequence[str] | None = None, stuff: Sequence[str] | None = None,
-                       vocabulary: str | None = None) -> tuple[list[str], list[bool], bool]:
-    """`(class_names, is_thing, given)`: a built-in vocabulary or vocabulary file by name (`vocabulary`), the class
-    entries asked for (`classes`: things unless named in `stuff`) or, with neither, the model's default vocabulary
-    (`given` False: its stored text embeddings can be used). Errors are `VocabularyError`s (one line)."""
+                       vocabulary: str | None = None) -> ResolvedVocabulary:
+    """`(class_names, is_thing, given, colors)`: a built-in vocabulary or vocabulary file by name (`vocabulary`), the
+    class entries asked for (`classes`: things unless named in `stuff`) or, with neither, the model's default
+    vocabulary (`given` False: its stored text embeddings can be used). `colors` are the vocabulary's own (a built-in
+    one's, or a file's that has them) for the drawing, else None. Errors are `VocabularyError`s (one line)."""
     from .vocabularies import load_vocabulary
     from .vocabulary import VocabularyError
 
@@ -118,9 +130,10 @@ def resolve_vocabulary(config, classes: Sequence[str] | None = None, stuff: Sequ
         if not config.vocabulary:
             raise VocabularyError("this model has no default vocabulary: give the classes to find (--classes ...) or "
                                   "a vocabulary (--vocabulary NAME|FILE).")
-        return list(config.vocabulary), [bool(t) for t in config.is_thing], False
+        return ResolvedVocabulary(list(config.vocabulary), [bool(t) for t in config.is_thing], False, None)
     found = load_vocabulary(vocabulary) if vocabulary else load_vocabulary(list(classes), stuff=stuff)
-    return list(found.class_names), [bool(t) for t in found.is_thing], True
+    return ResolvedVocabulary(list(found.class_names), [bool(t) for t in found.is_thing], True,
+                              list(found.colors) if found.colors else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -81,11 +81,12 @@ class Predictor:
     segment maps (`segmentation`: ids, 0 = none; `segments_info`: `id`, `label_id`, `score`) for any subtask."""
 
     def __init__(self, model, processor, class_names, is_thing, vocabulary_given: bool = True, subtask="panoptic",
-                 threshold=0.0, overlap_mask_area_threshold=0.8, mask_threshold=0.5):
+                 threshold=0.0, overlap_mask_area_threshold=0.8, mask_threshold=0.5, colors=None):
         if subtask not in SUBTASKS:
             raise PredictError(f"subtask must be one of {SUBTASKS}, got {subtask!r}.")
         self.model, self.processor = model, processor
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
+        self.colors = colors  # the vocabulary's display colours, for the overlays (None: visualization's rule)
         self.subtask, self.threshold = subtask, float(threshold)
         self.overlap, self.mask_threshold = float(overlap_mask_area_threshold), float(mask_threshold)
         self.text = self._encode_vocabulary() if vocabulary_given or not has_stored_vocabulary(model) else {}
@@ -332,7 +333,8 @@ class Writer:
         png, segments = panoptic_to_coco(result, self.predictor.is_thing)
         write_atomic(self.output_dir / "panoptic" / png_name, lambda p: png.save(p, format="PNG"))
         if overlay_path is not None:
-            picture = draw_segments(image, result["segmentation"], result["segments_info"], self.predictor.class_names)
+            picture = draw_segments(image, result["segmentation"], result["segments_info"], self.predictor.class_names,
+                                    colors=self.predictor.colors)
             write_atomic(overlay_path, lambda p: picture.save(p, format="PNG"))
         entry = {"file_name": png_name, "height": image.height, "width": image.width, "segments_info": segments}
         if self.instances:
@@ -374,7 +376,7 @@ class Writer:
                 for image, result in zip(batch, self.predictor(batch, instances=self.instances)):
                     entry = self.frame_entry(image, result, f"{item.key}/{len(frames):06d}.png", None)
                     video_out.add(draw_segments(image, result["segmentation"], result["segments_info"],
-                                                self.predictor.class_names), fps)
+                                                self.predictor.class_names, colors=self.predictor.colors), fps)
                     frames.append(entry)
                 bar.update(len(batch))
         if not frames:
@@ -497,9 +499,9 @@ def prepare(args: argparse.Namespace, accelerator):
         raise PredictError(f"nothing to segment ({reasons}).")
     model_path = str(check_model_folder(args.model))
     model, processor = load_model(model_path, accelerator.device)
-    class_names, is_thing, given = resolve_vocabulary(model.config, args.classes, args.stuff, args.vocabulary)
+    class_names, is_thing, given, colors = resolve_vocabulary(model.config, args.classes, args.stuff, args.vocabulary)
     predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
-                          args.overlap_mask_area_threshold, args.mask_threshold)
+                          args.overlap_mask_area_threshold, args.mask_threshold, colors)
     settings = _settings(args, model_path, class_names, is_thing)
     return items, bad_args, predictor, settings, check_output_dir(args.output_dir, settings)
 

@@ -209,7 +209,8 @@ def _vocabulary_from_json(text: str, path: Path) -> Vocabulary:
         flags = [parse_flag(c.get("isthing", c.get("is_thing", 1)), f"{path.name}: class {c['name']!r} isthing")
                  for c in data]
         ids = [int(c.get("id", i)) for i, c in enumerate(data)]
-        colors = [tuple(c["color"]) for c in data] if all("color" in c for c in data) else None
+        colors = ([_parse_color(c["color"], f"{path.name}: class {c['name']!r} color") for c in data]
+                  if all("color" in c for c in data) else None)
         return Vocabulary(str(path), names, flags, ids, colors)
     names = validate_vocabulary(data, f"vocabulary in {path.name}")
     if is_thing is not None:
@@ -217,6 +218,14 @@ def _vocabulary_from_json(text: str, path: Path) -> Vocabulary:
     if is_thing is not None and len(is_thing) != len(names):
         raise VocabularyError(f"{path.name}: is_thing has {len(is_thing)} flags for {len(names)} classes.")
     return build_vocabulary(names, is_thing=is_thing, name=str(path))
+
+
+def _parse_color(value, where: str) -> tuple[int, int, int]:
+    """A file's display colour: `[r, g, b]`, whole numbers from 0 to 255 (else refused here, not when drawing)."""
+    if not (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+        raise VocabularyError(f"{where} must be [r, g, b] with whole numbers from 0 to 255, got {value!r}.")
+    return tuple(value)
 
 
 def load_vocabulary(spec, stuff: Sequence[str] | None = None) -> Vocabulary:
