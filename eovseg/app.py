@@ -271,7 +271,9 @@ def build_demo(app: SegmentationApp):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("app", __doc__)
-    parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
+    from .loading import add_model_option
+
+    add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
     return parser

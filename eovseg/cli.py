@@ -28,7 +28,8 @@ class Command(NamedTuple):
 
 COMMANDS = {
     "demo": Command("eovseg.demo", "eovseg.demo:build_parser",
-                    "segment one image (default: the bundled toy model and scene); write an overlay PNG and a JSON"),
+                    "segment one image (default: the bundled toy model and scene); write the input, its overlay and a "
+                    "legend side by side in one PNG, and a JSON"),
     "predict": Command("eovseg.predict", "eovseg.predict:build_parser",
                        "segment images, folders and videos; write COCO panoptic JSON, PNGs and overlays"),
     "app": Command("eovseg.app", "eovseg.app:build_parser", "the web page: segment an image in the browser (Gradio)"),

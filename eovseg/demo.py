@@ -21,9 +21,11 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .command_line import command_main, command_parser, non_empty_text
+from .command_line import command_main, command_parser
 from .loading import (  # noqa: F401  (default_model_path, default_image_path, BUNDLED_IMAGE: the demo's public names)
     BUNDLED_IMAGE,
+    add_model_option,
+    add_vocabulary_options,
     check_finite_outputs,
     check_vocabulary_options,
     default_image_path,
@@ -132,17 +134,13 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("demo", __doc__)
-    parser.add_argument("--model", default=None,
-                        help="a saved or converted model folder (default: the bundled toy model, synthetic shapes)")
-    parser.add_argument("--image", type=Path, default=None,
+    add_model_option(parser)
+    parser.add_argument("--image", type=Path, default=None, metavar="FILE",
                         help="input image (default: the bundled synthetic scene, or the bundled photo with --model)")
-    parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
-                        help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file")
-    parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
-                        help='the classes to find, synonyms by commas: "cup, mug" "table" (default: the model\'s)')
-    parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
-    parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"),
-                        help="where IMAGE_panoptic.png (the overlay) and IMAGE_segments.json go (created if needed)")
+    add_vocabulary_options(parser)
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"), metavar="DIR",
+                        help="where IMAGE_panoptic.png (the input, its labelled overlay and the legend side by side) "
+                             "and IMAGE_segments.json go (created if needed)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "
                              "program wrote them (the demo's own earlier outputs are always replaced)")

@@ -1,7 +1,8 @@
 """What the inference commands (`eovseg demo`, `eovseg predict`, `eovseg app`) load, in one place: a model folder
 (through the one loader, `eovseg.auto_registration.load_model_folder`), the vocabulary asked for (through
 `eovseg.vocabularies.load_vocabulary`), an image file (through the one decoder, `eovseg.inputs.read_image_file`), and
-their defaults: the bundled demo model, its synthetic scene and the bundled photograph.
+their defaults: the bundled demo model, its synthetic scene and the bundled photograph; and the command-line
+options that choose the model and the vocabulary, worded once for the three commands.
 
 Importing this module imports neither torch nor transformers: the commands' argument parsers read their defaults
 here, and `eovseg COMMAND --help` must answer at once.
@@ -14,8 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from .command_line import non_empty_text
+
 __all__ = [
     "BUNDLED_IMAGE",
+    "add_model_option",
+    "add_vocabulary_options",
     "ModelOutputError",
     "ResolvedVocabulary",
     "check_finite_outputs",
@@ -43,6 +48,30 @@ def default_model_path() -> Path:
 def default_image_path() -> Path:
     """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
     return ASSETS / "shapes_scene.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_model_option(parser) -> None:
+    """`--model DIR`, the model folder of `demo`, `predict` and `app`."""
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a saved or converted model folder (default: the bundled demo model, a toy that knows "
+                             "only synthetic shapes)")
+
+
+def add_vocabulary_options(parser) -> None:
+    """`--vocabulary`, `--classes` and `--stuff` of `demo` and `predict` (read by [`resolve_vocabulary`])."""
+    parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
+                        help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file (.json, "
+                             ".txt; a JSON file's colours are drawn), instead of --classes")
+    parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None, metavar="CLASS",
+                        help='the classes to find, each with its synonyms after commas: "car, automobile" "road" '
+                             "(default: the model's vocabulary)")
+    parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, metavar="CLASS",
+                        help="which of --classes are stuff (their regions merged, not split into instances)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="stop after this wall time, saving the model as at the end (default: no limit)")
 
     g = p.add_argument_group("logging, checkpoints, evaluation")
-    g.add_argument("--output_dir", required=True,
+    g.add_argument("--output_dir", required=True, metavar="DIR",
                    help="where the model, processor, metrics.jsonl and checkpoint-STEP folders go; must be empty or "
                         "new unless --overwrite_output_dir or --resume_from_checkpoint")
     g.add_argument("--overwrite_output_dir", action="store_true",
@@ -181,7 +181,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_steps", type=non_negative_int, default=0,
                    help="steps between evaluations (0: evaluate only at the end, with --eval_dataset)")
     g.add_argument("--eval_batch_size", type=positive_int, default=1, help="images per evaluation forward pass")
-    g.add_argument("--eval_max_samples", type=positive_int, default=None,
+    g.add_argument("--eval_max_samples", type=positive_int, default=None, metavar="N",
                    help="evaluate on the first N images only (default: all)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     g.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
@@ -214,11 +214,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="a COCO-panoptic JSON (its PNG folder beside it), an image folder with --label_root, a "
                         "save_to_disk folder or data files, or 'synthetic' (the held-out synthetic set)")
     g.add_argument("--split", default=None, help="split of a DatasetDict (default: validation, val or test)")
-    g.add_argument("--panoptic_root", default=None,
+    g.add_argument("--panoptic_root", default=None, metavar="DIR",
                    help="COCO-panoptic PNG folder (default: the JSON's path without .json)")
-    g.add_argument("--image_root", default=None, help="COCO-panoptic image folder (default: found next to the JSON)")
-    g.add_argument("--label_root", default=None, help="semantic label-map folder paired with the --dataset image folder")
-    g.add_argument("--split_file", default=None, help="semantic: list of file stems to evaluate (VOC's val.txt)")
+    g.add_argument("--image_root", default=None, metavar="DIR", help="COCO-panoptic image folder (default: found next to the JSON)")
+    g.add_argument("--label_root", default=None, metavar="DIR", help="semantic label-map folder paired with the --dataset image folder")
+    g.add_argument("--split_file", default=None, metavar="FILE", help="semantic: list of file stems to evaluate (VOC's val.txt)")
     g.add_argument("--label_values", choices=["index", "category_id"], default=None,
                    help="semantic label maps hold vocabulary indices (default for --label_root) or category ids")
     g.add_argument("--reduce_labels", action="store_true", help="semantic: label 0 is ignored, others lowered by one")
@@ -226,8 +226,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="semantic: ignored label (65535 in 16-bit maps)")
     g.add_argument("--vocabulary", "--categories", dest="vocabulary", default=None, metavar="NAME|FILE",
                    help="built-in vocabulary name (ade20k_150, ...) or JSON file of categories [{id, name, isthing}] "
-                        "(or a COCO panoptic JSON); default: the data set's stored categories, else the model's "
-                        "vocabulary")
+                        "(or a COCO panoptic JSON); default: the data set's stored categories (a data set that "
+                        "stores none is refused)")
     g.add_argument("--num_synthetic", type=positive_int, default=SYNTHETIC_EVAL_IMAGES,
                    help="images of --dataset synthetic (as eovseg train's --synthetic_eval_images)")
     g.add_argument("--synthetic_image_size", type=positive_int, default=SYNTHETIC_IMAGE_SIZE,
@@ -238,7 +238,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("what is measured, and how")
     g.add_argument("--task", default="panoptic", choices=[*EVALUATION_TASKS, "all"], help="the metrics to compute")
-    g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate the first N images only (default: all)")
+    g.add_argument("--max_samples", type=positive_int, default=None, metavar="N",
+                   help="evaluate on the first N images only (default: all)")
     g.add_argument("--ignore_category_ids", type=int, nargs="*", default=[],
                    help="category ids left out of the scores (default: none)")
     g.add_argument("--pq_conventions", choices=["panopticapi", "clean"], default="panopticapi",
@@ -248,15 +249,17 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--miou_convention", choices=["detectron2", "mmseg"], default="detectron2",
                    help="whose semantic-segmentation rules (detectron2: the original's)")
     g.add_argument("--threshold", type=probability, default=None,
-                   help="panoptic: least class score of a segment (default: the post-processing's)")
+                   help="panoptic: least class probability of a segment (default: the model config's "
+                        "object_mask_threshold)")
     g.add_argument("--overlap_threshold", type=probability, default=None,
-                   help="panoptic: least visible fraction of a mask's area (default: the post-processing's)")
+                   help="panoptic: least fraction of a mask's area that must stay visible once the segments before it "
+                        "are drawn (else it is dropped; default: the model config's overlap_threshold)")
     add_test_resize_options(g)
 
     g = p.add_argument_group("running and output")
     g.add_argument("--batch_size", type=positive_int, default=1, help="images per forward pass")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the model's, the CPU)")
-    g.add_argument("--output", default=None, help="write the results here as JSON (a new file)")
+    g.add_argument("--output", default=None, metavar="FILE", help="write the results here as JSON (a new file)")
     g.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
     g.add_argument("--per_class", action="store_true", help="also print per-class tables")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -282,9 +285,11 @@ checkpoint."""
 
 def convert_parser() -> argparse.ArgumentParser:
     p = command_parser("convert", CONVERT_DESCRIPTION)
-    p.add_argument("--checkpoint_path", required=True, help="the original's model_final.pth")
+    p.add_argument("--checkpoint_path", required=True, metavar="FILE",
+                   help="the authors' checkpoint (detectron2's model_final.pth)")
     p.add_argument("--variant", required=True, choices=PRESET_NAMES, help="the checkpoint's model variant")
-    p.add_argument("--output_dir", required=True, help="the model folder to write (new, or with --overwrite)")
+    p.add_argument("--output_dir", required=True, metavar="DIR",
+                   help="the model folder to write (new, or with --overwrite)")
     p.add_argument("--vocabulary", default=DEFAULT_VOCABULARY, metavar="NAME|FILE",
                    help="default vocabulary stored with its text embeddings: a built-in name (ade20k_150, ...) or a "
                         ".json ({classes, is_thing}) / .txt (one 'id:name,synonym' per line) file")

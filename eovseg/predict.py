@@ -42,9 +42,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .command_line import command_main, command_parser, non_empty_text, positive_int, probability
+from .command_line import command_main, command_parser, positive_int, probability
 from .loading import (  # noqa: F401  (load_model, resolve_vocabulary, default_model_path: predict's public names)
     ModelOutputError,
+    add_model_option,
+    add_vocabulary_options,
     check_finite_outputs,
     check_model_folder,
     check_vocabulary_options,
@@ -461,14 +463,11 @@ def merge(output_dir: Path, items: Sequence[Item], categories: list[dict], insta
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("predict", __doc__)
-    parser.add_argument("inputs", nargs="+", help="images, folders (searched recursively) and videos")
-    parser.add_argument("--output_dir", required=True, type=Path, help="where the files go (new, empty, or a run to resume)")
-    parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
-    parser.add_argument("--classes", nargs="+", type=non_empty_text, default=None,
-                        help='the classes to find, synonyms by commas: "car, automobile" "road" (default: the model\'s)')
-    parser.add_argument("--stuff", nargs="+", type=non_empty_text, default=None, help="which of --classes are stuff (merged, not instances)")
-    parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
-                        help="a built-in vocabulary (ade20k_150, coco_panoptic, ...) or a vocabulary file, instead of --classes")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders (searched recursively) and videos")
+    parser.add_argument("--output_dir", required=True, type=Path, metavar="DIR",
+                        help="where the files go (new, empty, or a run to resume)")
+    add_model_option(parser)
+    add_vocabulary_options(parser)
     parser.add_argument("--batch_size", type=positive_int, default=1, help="images (or video frames) per forward pass")
     parser.add_argument("--threshold", type=probability, default=0.0, help="least class probability of a segment")
     parser.add_argument("--overlap_mask_area_threshold", type=probability, default=0.8,
