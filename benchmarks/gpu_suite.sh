@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass of the GPU measurements for the README (about 6-8 minutes on one recent GPU; nothing here needs the
+# One pass of the GPU measurements for docs/performance.md (about 6-8 minutes on one recent GPU; nothing here needs the
 # original code or any weights): the 3 published variants x float32 / bfloat16 / float16 x eager / torch.compile,
 # batch 1 and 8, images per second and peak memory, plus one training step per variant and precision.
 #

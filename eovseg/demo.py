@@ -8,7 +8,7 @@ of segments.
 Without `--model`, the bundled demo model is used: the tiny preset trained for a few minutes on synthetic shapes
 (red circles, purple rectangles, yellow triangles over a blue sky and green ground; see its model card,
 `eovseg/assets/demo_model/README.md`). It is a toy: it knows those five classes and nothing else. For real
-segmentation convert an authors' checkpoint (README, "Converting the authors' checkpoints") and pass its folder with
+segmentation convert an authors' checkpoint (`eovseg convert`, see docs/conversion.md) and pass its folder with
 `--model`; `--image` picks another picture.
 """
 
@@ -39,7 +39,7 @@ from .loading import (  # noqa: F401  (default_model_path, default_image_path, B
 TOY_MODEL_NOTE = (
     "NOTE: this is the bundled TOY model, trained on synthetic shapes only (red circle, purple rectangle, yellow "
     "triangle, blue sky, green ground); it knows nothing else. For real segmentation, convert an authors' checkpoint "
-    "(see the README) and pass --model DIR; pass --image PATH for another picture."
+    "(eovseg convert, see docs/conversion.md) and pass --model DIR; pass --image FILE for another picture."
 )
 
 
