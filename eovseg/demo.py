@@ -156,7 +156,7 @@ def _main(argv: list[str] | None = None) -> int:
     for seg in report["segments"]:
         print(f"  #{seg['id']:<3} {seg['label']:<20} {'thing' if seg['isthing'] else 'stuff'}  score {seg['score']:.3f}  "
               f"area {seg['area']}")
-    print(f"wrote {report['overlay']} and {report['json']}")
+    print(f"wrote {report['overlay']} (the input, its labelled overlay and the legend side by side) and {report['json']}")
     return 0
 
 
