@@ -124,18 +124,6 @@ def check_finite_outputs(outputs) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_vocabulary_options(classes: Sequence[str] | None, stuff: Sequence[str] | None,
-                             vocabulary: str | None) -> None:
-    """Refuse a combination of `--classes`, `--stuff` and `--vocabulary` that names no one vocabulary (checked
-    before the model is loaded)."""
-    from .vocabulary import VocabularyError
-
-    if vocabulary and classes:
-        raise VocabularyError("give the classes (--classes) or a vocabulary (--vocabulary), not both.")
-    if stuff and not classes:
-        raise VocabularyError("--stuff names some of --classes: give --classes too.")
-
-
 class ResolvedVocabulary(NamedTuple):
     """The vocabulary a command runs with."""
 
@@ -145,22 +133,36 @@ class ResolvedVocabulary(NamedTuple):
     colors: list[tuple[int, int, int]] | None  # the display colour of each class, where a vocabulary (file) has them
 
 
+def check_vocabulary_options(classes: Sequence[str] | None, stuff: Sequence[str] | None, vocabulary: str | None):
+    """Refuse a combination of `--classes`, `--stuff` and `--vocabulary` that names no one vocabulary, an unknown
+    vocabulary name, a bad vocabulary file or a `--stuff` entry not among `--classes` (so that it is refused before
+    the model is loaded). Returns the vocabulary asked for (a `Vocabulary`), or None for the model's default."""
+    from .vocabularies import load_vocabulary
+    from .vocabulary import VocabularyError
+
+    if vocabulary and classes:
+        raise VocabularyError("give the classes (--classes) or a vocabulary (--vocabulary), not both.")
+    if stuff and not classes:
+        raise VocabularyError("--stuff names some of --classes: give --classes too.")
+    if vocabulary:
+        return load_vocabulary(vocabulary)
+    return load_vocabulary(list(classes), stuff=stuff) if classes else None
+
+
 def resolve_vocabulary(config, classes: Sequence[str] | None = None, stuff: Sequence[str] | None = None,
                        vocabulary: str | None = None) -> ResolvedVocabulary:
     """`(class_names, is_thing, given, colors)`: a built-in vocabulary or vocabulary file by name (`vocabulary`), the
     class entries asked for (`classes`: things unless named in `stuff`) or, with neither, the model's default
     vocabulary (`given` False: its stored text embeddings can be used). `colors` are the vocabulary's own (a built-in
     one's, or a file's that has them) for the drawing, else None. Errors are `VocabularyError`s (one line)."""
-    from .vocabularies import load_vocabulary
     from .vocabulary import VocabularyError
 
-    check_vocabulary_options(classes, stuff, vocabulary)
-    if not vocabulary and not classes:
+    found = check_vocabulary_options(classes, stuff, vocabulary)
+    if found is None:
         if not config.vocabulary:
             raise VocabularyError("this model has no default vocabulary: give the classes to find (--classes ...) or "
                                   "a vocabulary (--vocabulary NAME|FILE).")
         return ResolvedVocabulary(list(config.vocabulary), [bool(t) for t in config.is_thing], False, None)
-    found = load_vocabulary(vocabulary) if vocabulary else load_vocabulary(list(classes), stuff=stuff)
     return ResolvedVocabulary(list(found.class_names), [bool(t) for t in found.is_thing], True,
                               list(found.colors) if found.colors else None)
 

@@ -1,5 +1,6 @@
-"""A vocabulary file's own colours reach the pictures of `eovseg predict` and the demo (as a built-in vocabulary's do),
-and a file's bad colour is refused in one line."""
+"""The vocabulary options of `eovseg demo` and `eovseg predict`: a vocabulary file's own colours reach their pictures (as
+a built-in vocabulary's do), a file's bad colour is refused in one line, and a bad vocabulary is refused before the
+model is loaded."""
 
 import json
 
@@ -93,3 +94,26 @@ def test_a_bad_color_in_a_vocabulary_file_is_one_line(tmp_path):
         path.write_text(json.dumps({"classes": [{"id": 0, "name": "car", "color": color}]}))
         with pytest.raises(VocabularyError, match=r"bad.json: class 'car' color"):
             read_vocabulary_file(path)
+
+
+@pytest.mark.parametrize("command", ["demo", "predict"])
+@pytest.mark.parametrize("options, message", [
+    (["--vocabulary", "missing.json"], "Vocabulary file 'missing.json' does not exist"),
+    (["--vocabulary", "no_such_name"], "Unknown vocabulary 'no_such_name'"),
+    (["--classes", "car", "--stuff", "sky"], "Stuff classes ['sky'] are not in the vocabulary"),
+])
+def test_a_bad_vocabulary_is_refused_before_the_model_is_loaded(command, options, message, setup, tmp_path, capsys,
+                                                                 monkeypatch):
+    # Before, the model was loaded first (seconds for a converted checkpoint), then the vocabulary refused.
+    import eovseg.auto_registration
+    from eovseg.cli import main as cli_main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(eovseg.auto_registration, "load_model_folder", no_loading)
+    monkeypatch.chdir(tmp_path)
+    inputs = [str(setup["image"])] if command == "predict" else ["--image", str(setup["image"])]
+    assert cli_main([command, *inputs, "--output_dir", "out", "--model", str(setup["model"]), *options]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
