@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 __all__ = [
@@ -116,6 +117,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or isinstance(default, bool) or default == []):
             return text
         return f"{text} (default: %(default)s)"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # not at hyphens: "--test_shortest_edge" or "held-out" stay whole on one line
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
