@@ -84,7 +84,8 @@ Train (or fine-tune) EOV-Seg with Accelerate, with the original's recipe as the 
 Writes to --output_dir: the model and processor (save_pretrained, with the training classes as the model's default
 vocabulary and a model card), metrics.jsonl (one line per logging step and evaluation), checkpoint-STEP folders
 every --save_steps. With --eval_dataset it prints the panoptic quality at the end; for --eval_dataset synthetic it is
-the figure `eovseg evaluate --model OUT --dataset synthetic` prints with its defaults (the same held-out images)."""
+the figure `eovseg evaluate --model OUT --dataset synthetic` prints with its defaults (the same held-out images; a run
+with --categories FILE: give evaluate the same file, --vocabulary FILE, as the classes are named by it)."""
 
 
 def train_parser() -> argparse.ArgumentParser:
