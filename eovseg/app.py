@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import command_main, command_parser, port_number
+from .command_line import add_progress_option, command_main, command_parser, port_number, progress_switch
 
 # Read by Gradio at import time: no usage reports, no update check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
+    add_progress_option(parser)
     return parser
 
 
@@ -289,9 +290,14 @@ def launch(demo, host: str, port: int, block: bool = True):
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with progress_switch(not args.no_progress):
+        return _serve(args)
+
+
+def _serve(args) -> int:
     from .loading import load_model
 
-    args = build_parser().parse_args(argv)
     # the arguments first: a wrong --model is reported the same way with or without the optional extra
     model, processor = load_model(args.model)
     try:

@@ -11,11 +11,18 @@ Python):
 
 A command's `main` is `command_main(run, "train")`: `run(argv)` does the work and raises; this module's
 [`run_command`] is the single place that catches the project's error types ([`USER_ERRORS`]) and prints the line.
+
+Progress bars, one rule for every command (docs/commands.md, "Progress"): each bar, the command's own ([`progress_bar`])
+and transformers' (loading and writing weights), is drawn once its step has run [`PROGRESS_DELAY`] seconds (`TQDM_DELAY`
+changes it), so a step done sooner prints nothing; `--no_progress` ([`add_progress_option`], applied by
+[`progress_switch`]) turns off all of them, transformers', huggingface_hub's and datasets' included, as do
+`HF_HUB_DISABLE_PROGRESS_BARS=1` and `TQDM_DISABLE=1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -28,6 +35,9 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_USAGE",
     "HelpFormatter",
+    "NO_PROGRESS_HELP",
+    "PROGRESS_DELAY",
+    "add_progress_option",
     "USER_ERRORS",
     "command_main",
     "command_parser",
@@ -40,6 +50,8 @@ __all__ = [
     "port_number",
     "positive_int",
     "probability",
+    "progress_bar",
+    "progress_switch",
     "run_command",
 ]
 
@@ -173,3 +185,78 @@ def non_empty_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
     return text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress bars
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Seconds a step runs before its bar is drawn: loading the toy model (a few hundredths of a second) prints no bar,
+# where a slow load of a converted checkpoint or a text pass of 150 classes on a CPU (minutes) shows one.
+PROGRESS_DELAY = 1.0
+
+NO_PROGRESS_HELP = ("no progress bars at all: neither the command's own nor those of transformers, huggingface_hub and "
+                    "datasets (loading and writing weights, reading data sets)")
+
+
+def add_progress_option(parser) -> None:
+    """`--no_progress`, worded once for every long-running command (a parser or an argument group)."""
+    parser.add_argument("--no_progress", action="store_true", help=NO_PROGRESS_HELP)
+
+
+def progress_delay() -> float:
+    """[`PROGRESS_DELAY`], or tqdm's own `TQDM_DELAY` where it is set (0 draws every bar at once)."""
+    try:
+        return max(0.0, float(os.environ.get("TQDM_DELAY", PROGRESS_DELAY)))
+    except ValueError:
+        return PROGRESS_DELAY
+
+
+def progress_bar(iterable=None, *, enabled: bool = True, **tqdm_options):
+    """A progress bar of the package (tqdm's arguments): transformers' tqdm, so that whatever turns transformers'
+    bars off turns it off too (`--no_progress`, `transformers.utils.logging.disable_progress_bar()`,
+    `HF_HUB_DISABLE_PROGRESS_BARS=1`), drawn after [`progress_delay`]. `enabled=False` (another process than the
+    main one, or a caller's choice) turns this bar off; `disable=False` is never passed, so `TQDM_DISABLE=1` holds."""
+    from transformers.utils import logging as hf_logging
+
+    if not enabled:
+        tqdm_options["disable"] = True
+    tqdm_options.setdefault("delay", progress_delay())
+    return hf_logging.tqdm(iterable, **tqdm_options)
+
+
+def _delayed(factory, args, kwargs):
+    """transformers' tqdm hook within a command: every bar made through it (transformers' own, the package's, the
+    model's text pass) waits [`progress_delay`]."""
+    return factory(*args, **{**kwargs, "delay": progress_delay()})
+
+
+@contextlib.contextmanager
+def progress_switch(enabled: bool = True):
+    """Within the block, the progress bars of a command run with `--no_progress` (`enabled=False`) are all off: the
+    package's, transformers', huggingface_hub's and datasets'; transformers' bars are delayed as the package's are.
+    Each library's setting is restored afterwards (a command called from Python leaves the caller's as it was)."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    previous_hook = hf_logging.set_tqdm_hook(_delayed)
+    try:
+        if enabled:
+            yield
+            return
+        import datasets
+
+        was = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled(),
+               datasets.utils.are_progress_bars_disabled())
+        hf_logging.disable_progress_bar()  # and huggingface_hub's
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            if was[0]:
+                hf_logging.enable_progress_bar()
+            (hub_utils.disable_progress_bars if was[1] else hub_utils.enable_progress_bars)()
+            if not was[2]:
+                datasets.enable_progress_bars()
+    finally:
+        hf_logging.set_tqdm_hook(previous_hook)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .command_line import command_main, command_parser
+from .command_line import add_progress_option, command_main, command_parser, progress_switch
 from .loading import (  # noqa: F401  (default_model_path, default_image_path, BUNDLED_IMAGE: the demo's public names)
     BUNDLED_IMAGE,
     add_model_option,
@@ -144,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace IMAGE_panoptic.png / IMAGE_segments.json in --output_dir even when another "
                              "program wrote them (the demo's own earlier outputs are always replaced)")
+    add_progress_option(parser)
     return parser
 
 
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.vocabulary, args.overwrite)
+    with progress_switch(not args.no_progress):
+        report = run(args.image, args.model, args.classes, args.stuff, args.output_dir, args.vocabulary, args.overwrite)
     if report["toy_model"]:
         print(TOY_MODEL_NOTE)
     print(f"{len(report['segments'])} segments on {report['image']} ({report['image_size'][0]}x{report['image_size'][1]})")

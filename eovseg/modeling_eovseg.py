@@ -58,7 +58,9 @@ from .vocabulary import synonym_counts as count_synonyms
 
 logger = logging.get_logger(__name__)
 
-# The text pass of a new vocabulary shows a progress bar once it has run this many seconds (a short one shows none).
+# The text pass of a new vocabulary shows a progress bar once it has run this many seconds (a short one shows none):
+# `eovseg.command_line.PROGRESS_DELAY`, the commands' rule, held here as well since this file is also the model
+# folder's remote code, which has no `eovseg.command_line` (a test holds the two equal).
 TEXT_PROGRESS_DELAY = 1.0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .command_line import (
+    add_progress_option,
     command_parser,
     non_negative_float,
     non_negative_int,
@@ -184,7 +185,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=positive_int, default=1, help="images per evaluation forward pass")
     g.add_argument("--eval_max_samples", type=positive_int, default=None, metavar="N",
                    help="evaluate on the first N images only (default: all)")
-    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_progress_option(g)
     g.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
                    help="upload the final model and processor to this Hub repository (the login is checked first)")
     return p
@@ -263,7 +264,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default=None, metavar="FILE", help="write the results here as JSON (a new file)")
     g.add_argument("--overwrite", action="store_true", help="allow --output to replace an existing file")
     g.add_argument("--per_class", action="store_true", help="also print per-class tables")
-    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_progress_option(g)
     return p
 
 
@@ -303,4 +304,5 @@ def convert_parser() -> argparse.ArgumentParser:
                         "model.safetensors, ...) and leave every other file there alone")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
                    help="upload the folder to this Hub repository (the login is checked before converting)")
+    add_progress_option(p)
     return p

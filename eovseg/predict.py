@@ -42,7 +42,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .command_line import command_main, command_parser, positive_int, probability
+from .command_line import (
+    add_progress_option,
+    command_main,
+    command_parser,
+    positive_int,
+    probability,
+    progress_bar,
+    progress_switch,
+)
 from .loading import (  # noqa: F401  (load_model, resolve_vocabulary, default_model_path: predict's public names)
     ModelOutputError,
     add_model_option,
@@ -365,15 +373,13 @@ class Writer:
             self.save_record(item, frames=[entry])
 
     def video(self, item: Item, batch_size: int) -> None:
-        from tqdm.auto import tqdm
-
         from .video import VideoOverlayWriter, read_video_frames
         from .visualization import draw_segments
 
         frames, fps = [], None
         overlay_path = self.output_dir / "overlay" / f"{item.key}.mp4"
-        with VideoOverlayWriter(overlay_path) as video_out, tqdm(
-                desc=Path(item.source).name, unit="frame", disable=not self.progress) as bar:
+        with VideoOverlayWriter(overlay_path) as video_out, progress_bar(
+                desc=Path(item.source).name, unit="frame", enabled=self.progress) as bar:
             for fps, batch in read_video_frames(item.source, batch_size):
                 for image, result in zip(batch, self.predictor(batch, instances=self.instances)):
                     entry = self.frame_entry(image, result, f"{item.key}/{len(frames):06d}.png", None)
@@ -477,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mask probability above which a pixel belongs to a segment")
     parser.add_argument("--instances", action="store_true", help="also write instance masks (COCO RLE) to instances.json")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where an accelerator is present")
+    add_progress_option(parser)
     return parser
 
 
@@ -544,8 +551,6 @@ def _remove(paths: Sequence[Path]) -> None:
 
 
 def _run(args, accelerator, items, bad_args, predictor, resuming) -> list[tuple[str, str]]:
-    from tqdm.auto import tqdm
-
     pending = [item for item in items if not _is_done(read_record(args.output_dir, item))]
     if resuming:
         accelerator.print(f"resuming {args.output_dir}: {len(items) - len(pending)} of {len(items)} inputs already done")
@@ -554,7 +559,7 @@ def _run(args, accelerator, items, bad_args, predictor, resuming) -> list[tuple[
     writer = Writer(args.output_dir, predictor, args.instances, progress)
     units = work_units(pending, args.batch_size)[accelerator.process_index :: accelerator.num_processes]
     # one step per input: an image, or a whole video (whose own bar counts its frames)
-    with tqdm(total=sum(len(unit) for unit in units), desc="eovseg predict", unit="input", disable=not progress) as bar:
+    with progress_bar(total=sum(len(unit) for unit in units), desc="eovseg predict", unit="input", enabled=progress) as bar:
         for unit in units:
             run_unit(writer, unit, args.batch_size)
             bar.update(len(unit))
@@ -572,7 +577,8 @@ def _run(args, accelerator, items, bad_args, predictor, resuming) -> list[tuple[
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    skipped = predict(args)
+    with progress_switch(not args.no_progress):
+        skipped = predict(args)
     done = "wrote" if not skipped else f"{len(skipped)} input(s) skipped (listed above); wrote"
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{done} {args.output_dir / 'panoptic.json'} and the PNGs in {args.output_dir}")

@@ -466,7 +466,8 @@ def test_python_m_eovseg_predict_gives_one_line(data, tmp_path):
     assert run.stderr.strip().splitlines()[-1].endswith("num_proposals must be an integer of at least 1, got 'ten'.")
 
 
-def test_progress_counts_inputs_and_each_video_frame(data, tmp_path, capsys):
+def test_progress_counts_inputs_and_each_video_frame(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DELAY", "0")  # drawn at once: these steps are shorter than a bar's usual delay
     images = [str(p) for p in data["paths"][:3]]
     args = run_args(data, tmp_path / "out", *images, str(data["video"]))
     assert predict_main([*args[:-3], "--batch_size", "1"]) == 0  # without --instances, one image per pass

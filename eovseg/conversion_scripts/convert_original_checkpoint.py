@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..auto_registration import check_push_access, push_model_folder, save_model_folder_atomically
-from ..command_line import CommandError, command_main
+from ..command_line import CommandError, command_main, progress_switch
 from ..configuration_eovseg import PRESETS, EovSegConfig
 from ..model_card import model_card
 from ..parsers import DEFAULT_TRAIN_VOCABULARY, DEFAULT_VOCABULARY  # noqa: F401  (the conversion's defaults)
@@ -287,7 +287,9 @@ def sanity_run(model, processor) -> None:
 
 
 def _convert_command(argv: list[str] | None = None) -> None:
-    run_conversion(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    with progress_switch(not args.no_progress):
+        run_conversion(args)
 
 
 main = command_main(_convert_command, "convert")

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..command_line import command_main, non_negative_int, positive_int, probability
+from ..command_line import command_main, non_negative_int, positive_int, probability, progress_bar, progress_switch
 from ..data_sources import (
     categories_for_command,
     synthetic_eval_dataset,
@@ -538,7 +538,6 @@ class _Run:
 
     def __call__(self, dataset, batch_size, max_samples, shard: _Shard, progress: bool) -> dict:
         import torch
-        from tqdm.auto import tqdm
 
         records = {t: [] for t in self.metrics if t != "semantic"}
         was_training = self.model.training
@@ -546,9 +545,9 @@ class _Run:
         try:
             with torch.no_grad():
                 text_inputs = self._text_inputs()
-                bar = tqdm(
+                bar = progress_bar(
                     total=_num_rows(dataset, max_samples, shard), desc=f"Evaluating ({', '.join(self.metrics)})",
-                    unit="img", disable=not progress,
+                    unit="img", enabled=progress,
                 )
                 for indices, rows in _iterate_batches(dataset, batch_size, max_samples, shard):
                     self._batch(indices, rows, text_inputs, records)
@@ -708,6 +707,11 @@ def _launched_accelerator():
 def run(argv: Sequence[str] | None = None) -> dict:
     """The command line's work: evaluate, print the tables and write --output (on the main process only)."""
     args = build_parser().parse_args(argv)
+    with progress_switch(not args.no_progress):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
     _check_output(args.output, args.overwrite)
     accelerator = _launched_accelerator()
     model, processor = _load_model(args.model, str(accelerator.device) if accelerator else args.device)

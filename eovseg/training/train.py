@@ -55,6 +55,8 @@ from ..command_line import (
     positive_float,
     positive_int,
     probability,
+    progress_bar,
+    progress_switch,
 )
 from ..configuration_eovseg import EovSegInputError
 from ..data_sources import categories_for_command, load_local_dataset, synthetic_eval_dataset
@@ -795,7 +797,6 @@ def train(args: argparse.Namespace) -> dict:
     """Run the training described by `args` (see [`build_parser`]). Returns a summary (final step, last metrics)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
 
     from ..launch import launched_on_cpu_only
 
@@ -828,7 +829,7 @@ def train(args: argparse.Namespace) -> dict:
 
     run = _TrainingRun(args, accelerator, model, processor, optimizer, scheduler, eval_rows, categories, resume,
                        global_step, micro_step)
-    bar = tqdm(total=args.max_steps, initial=global_step, desc="Training", disable=not is_main or args.no_progress)
+    bar = progress_bar(total=args.max_steps, initial=global_step, desc="Training", enabled=is_main and not args.no_progress)
     try:
         run.run(loader, train_dataset, bar)
         bar.close()
@@ -848,7 +849,9 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train_command(argv: Sequence[str] | None = None) -> int:
-    summary = train(parse_args(argv))
+    args = parse_args(argv)
+    with progress_switch(not args.no_progress):
+        summary = train(args)
     if summary["eval"]:
         print(json.dumps({"step": summary["global_step"], **summary["eval"]}))
     return 0
