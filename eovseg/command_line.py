@@ -233,12 +233,14 @@ def _delayed(factory, args, kwargs):
 
 @contextlib.contextmanager
 def progress_switch(enabled: bool = True):
-    """Within the block, the progress bars of a command run with `--no_progress` (`enabled=False`) are all off: the
-    package's, transformers', huggingface_hub's and datasets'; transformers' bars are delayed as the package's are.
-    Each library's setting is restored afterwards (a command called from Python leaves the caller's as it was)."""
+    """Within the block, the progress bars of a command run with `--no_progress` (`enabled=False`), or in another
+    process than a machine's first under torchrun / accelerate launch, are all off: the package's, transformers',
+    huggingface_hub's and datasets'; transformers' bars are delayed as the package's are. Each library's setting is
+    restored afterwards (a command called from Python leaves the caller's as it was)."""
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    enabled = enabled and os.environ.get("LOCAL_RANK", "0") == "0"  # one machine's bars once, not once per process
     previous_hook = hf_logging.set_tqdm_hook(_delayed)
     try:
         if enabled:

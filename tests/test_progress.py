@@ -60,6 +60,13 @@ def test_demo_shows_loading_and_text_pass_bars_and_no_progress_silences_all(tmp_
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
 
 
+def test_only_the_first_process_of_a_machine_draws_bars(tmp_path, bars_at_once, capfd, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun / accelerate launch set it in a machine's second process
+    assert run_demo(tmp_path) == 0
+    out, err = capfd.readouterr()
+    assert "segments on" in out and not BAR.search(out + err)
+
+
 def test_evaluate_shows_loading_and_per_image_bars_and_no_progress_silences_all(bars_at_once, capfd):
     assert run_evaluate() == 0
     out, err = capfd.readouterr()
@@ -89,6 +96,31 @@ def test_train_and_predict_show_their_bars_and_no_progress_silences_all(tmp_path
     # "Writing model shards": transformers' bar as train saves the model; "eovseg predict": one step per input
     assert {"Training", "Writing model shards", "Loading weights", "eovseg predict"} <= bar_names(err)
     out, err = runs("--no_progress")
+    assert not BAR.search(out + err) and "\r" not in out + err and "it/s" not in err
+
+
+def test_convert_shows_its_bars_and_no_progress_silences_all(tmp_path, bars_at_once, capfd):
+    import torch
+
+    from eovseg import EovSegConfig, EovSegForPanopticSegmentation
+    from eovseg.conversion_scripts.convert_original_checkpoint import main as convert
+    from eovseg.conversion_scripts.key_mapping import ours_to_original_key
+
+    model = EovSegForPanopticSegmentation(EovSegConfig.from_variant("tiny"))
+    state = {ours_to_original_key(k): v for k, v in model.state_dict().items() if k != "default_text_embeddings"}
+    torch.save({"model": state}, tmp_path / "model_final.pth")
+    (tmp_path / "vocabulary.json").write_text('{"classes": ["cup", "table", "wall"], "is_thing": [true, true, false]}')
+
+    def runs(*option):
+        assert convert(["--checkpoint_path", str(tmp_path / "model_final.pth"), "--variant", "tiny", "--output_dir",
+                        str(tmp_path / f"out{len(option)}"), "--vocabulary", str(tmp_path / "vocabulary.json"),
+                        *option]) == 0
+        return capfd.readouterr()
+
+    out, err = runs()
+    assert {"Encoding the vocabulary", "Writing model shards"} <= bar_names(err)
+    out, err = runs("--no_progress")
+    assert "sanity run" in out
     assert not BAR.search(out + err) and "\r" not in out + err and "it/s" not in err
 
 
