@@ -104,14 +104,20 @@ class SegmentationApp:
                 overlap: float = 0.8, mask_threshold: float = 0.5):
         """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image: an image file's path
         (what the page gives) or an image in memory."""
+        import functools
+
         from .export import panoptic_to_coco
         from .predict import Predictor
         from .visualization import draw_segments, legend_entries
 
         image = read_upload(image)
         names, is_thing, given = self.vocabulary(class_text)
-        predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
-                              mask_threshold)
+        from .runtime import EovSegRuntime
+
+        # an `eovseg export` folder (--runtime) makes its own predictor
+        make = self.model.predictor if isinstance(self.model, EovSegRuntime) else functools.partial(
+            Predictor, self.model, self.processor)
+        predictor = make(names, is_thing, given, subtask, threshold, overlap, mask_threshold)
         result = predictor([image])[0]
         overlay = draw_segments(image, result["segmentation"], result["segments_info"], names)
         self.calls += 1
@@ -206,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="a saved or converted model folder (default: the bundled demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=port_number, default=7860)
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="torch (default), or run an `eovseg export` folder given as --model with ONNX Runtime or "
+                             "OpenVINO")
     return parser
 
 
@@ -223,7 +232,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     # the arguments first: a wrong --model is reported the same way with or without the optional extra
-    model, processor = load_model(args.model)
+    if args.runtime == "torch":
+        model, processor = load_model(args.model)
+    else:
+        from .runtime import load
+
+        if args.model is None:
+            raise ValueError(f"--runtime {args.runtime} runs an `eovseg export` folder: give it as --model.")
+        model = load(args.model, args.runtime)
+        processor = model.processor
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "eovseg.evaluation.evaluate",
     "predict": "eovseg.predict",
     "app": "eovseg.app",
+    "export": "eovseg.onnx_export",
 }
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,7 +165,9 @@ def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=list(input_names),
             output_names=list(output_names), opset_version=OPSET, custom_translation_table=_translations(),
-            optimize=True, verify=False, report=False,
+            # not onnxscript's optimizer: its rule for `x + 0` also drops the `+ 1e-8` that keeps an empty mask's
+            # pooling weights finite (0 / 0 in the graph); ONNX Runtime and OpenVINO optimize the graph when loading
+            optimize=False, verify=False, report=False,
         )
     program.save(str(path), external_data=False)
 
@@ -247,3 +249,284 @@ def to_openvino(onnx_path: Path, xml_path: Path) -> None:
         onnx.save(graph, str(rewritten))
         onnx_path = rewritten
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# int8
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def calibration_feeds(config, processor, images: Sequence, embeddings) -> list[dict]:
+    """The image graph's inputs for each calibration image, with the vocabulary `embeddings` (the default one)."""
+    import numpy as np
+
+    from .vocabulary import synonym_counts, seen_class_mask
+    from .classifier_eovseg import build_synonym_index
+
+    counts = synonym_counts(config.vocabulary)
+    vocabulary = {
+        "text_embeddings": np.asarray(embeddings, dtype=np.float32),
+        "synonym_index": build_synonym_index(counts).numpy(),
+        "class_seen_mask": np.asarray(seen_class_mask(config.vocabulary, config.train_vocabulary), dtype=bool),
+    }
+    return [{"pixel_values": processor(images=[image], return_tensors="np")["pixel_values"].astype(np.float32),
+             **vocabulary} for image in images]
+
+
+def quantize_onnx(path: Path, feeds: list[dict] | None) -> None:
+    """`path` (an image graph) with int8 weights, in place: ONNX Runtime's static quantization (activations too,
+    calibrated on `feeds`) when calibration inputs are given, else its dynamic quantization (weights int8,
+    activations quantized per call)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_name(path.stem + ".prepared.onnx")
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    if feeds:
+        class Reader:
+            def __init__(self):
+                self.items = iter(feeds)
+
+            def get_next(self):
+                return next(self.items, None)
+
+        quantize_static(str(prepared), str(path), Reader(), weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, extra_options={"ActivationSymmetric": False})
+    else:
+        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
+    prepared.unlink()
+
+
+def quantize_openvino(xml_path: Path, feeds: list[dict] | None) -> None:
+    """`xml_path` (an image graph) with int8 weights, in place: NNCF's post-training quantization (activations
+    too, calibrated on `feeds`) when calibration inputs are given, else NNCF's int8 weight compression."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    if feeds:
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+    else:
+        quantized = nncf.compress_weights(model)
+    staged = xml_path.with_name(xml_path.stem + ".int8.xml")
+    ov.save_model(quantized, str(staged), compress_to_fp16=False)
+    del model, quantized
+    os.replace(staged, xml_path)
+    os.replace(staged.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The export folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse an output folder that is a file or holds anything an earlier `eovseg export` did not write."""
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"--output_dir {str(folder)!r} is a file.")
+    blocking = [parent for parent in folder.parents if parent.exists() and not parent.is_dir()]
+    if blocking:
+        raise CommandError(f"--output_dir {str(folder)!r} cannot be made: {str(blocking[0])!r} is a file.")
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    ours = set(_written_files(folder))
+    others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+    if others:
+        raise CommandError(f"--output_dir {str(folder)!r} holds files eovseg export did not write ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}): give a new or empty folder.")
+
+
+def _written_files(folder: Path) -> list[str]:
+    """The files an earlier export wrote into `folder` (its manifest and what it lists), none when it has no manifest."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return [MANIFEST, *manifest["files"]] if isinstance(manifest.get("files"), list) else []
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_in(staging: Path, folder: Path) -> None:
+    """The staged files into `folder`: a rename of the whole folder when `folder` does not exist; else file by file,
+    the manifest last, then the earlier export's files this one did not write again are removed."""
+    if not folder.exists():
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private
+        os.replace(staging, folder)
+        return
+    earlier = _written_files(folder)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        if name != MANIFEST:
+            os.replace(staging / name, folder / name)
+    os.replace(staging / MANIFEST, folder / MANIFEST)
+    for name in set(earlier) - set(names):
+        if (folder / name).is_file():
+            (folder / name).unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_model_folder(model_dir, output_dir, format: str = "onnx", precision: str = "float32",
+                        calibration_images: Sequence | None = None) -> list[str]:
+    """Export the model folder `model_dir` into `output_dir` (see this module's docstring); returns the file names.
+    `calibration_images` (PIL images) make the int8 export quantize activations too (static quantization)."""
+    import numpy as np
+
+    from .auto_registration import load_model_folder
+    from .demo import has_stored_vocabulary
+
+    if format not in FORMATS:
+        raise CommandError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    if precision not in PRECISIONS[format]:
+        raise CommandError(f"--precision {precision!r} is not offered for {format} (one of {', '.join(PRECISIONS[format])}).")
+    output_dir = Path(output_dir)
+    check_output_folder(output_dir)
+    model, processor = load_model_folder(model_dir)
+    model = model.float().eval()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.eovseg-export-", dir=output_dir.parent))
+    try:
+        paths = export_graphs(model, staging)
+        embeddings = model.default_text_embeddings.float().numpy() if has_stored_vocabulary(model) else None
+        if embeddings is not None:
+            np.save(staging / DEFAULT_EMBEDDINGS, embeddings)
+        feeds = None
+        if precision == "int8" and calibration_images:
+            if embeddings is None:
+                raise CommandError("static int8 calibration runs on the model's default vocabulary, which this model "
+                                   "does not store: export without calibration images (weights-only int8).")
+            feeds = calibration_feeds(model.config, processor, calibration_images, embeddings)
+        del model
+        graphs = _finish_graphs(paths, format, precision, feeds)
+        _save_processor(processor, staging)
+        _save_config(model_dir, staging)
+        files = sorted(p.name for p in staging.iterdir())
+        (staging / MANIFEST).write_text(json.dumps({
+            "format": format, "precision": precision, "graphs": graphs, "files": files,
+            "int8": None if precision != "int8" else ("static" if feeds else "weights"),
+            "batch_size": 1, "opset": OPSET,
+        }, indent=1), encoding="utf-8")
+        _move_in(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [MANIFEST, *files]
+
+
+def _save_processor(processor, folder: Path) -> None:
+    """The processor's files (tokenizer, processor and image processor configurations), without the model code files
+    a model folder gets for `trust_remote_code` (the runtime loads the processor from the installed package)."""
+    from transformers import ProcessorMixin
+
+    ProcessorMixin.save_pretrained(processor, folder)
+    processor.image_processor.save_pretrained(folder)
+
+
+def _save_config(model_dir, folder: Path) -> None:
+    from .configuration_eovseg import EovSegConfig
+
+    EovSegConfig.from_pretrained(model_dir).to_json_file(str(folder / "config.json"))
+
+
+def _finish_graphs(paths: dict[str, Path], format: str, precision: str, feeds) -> dict[str, str]:
+    """The exported ONNX graphs in their final form (format, precision); the file of each graph by name."""
+    if format == "onnx":
+        if precision == "int8":
+            quantize_onnx(paths["image"], feeds)
+        elif precision == "float16":
+            _onnx_float16(paths["image"])
+            _onnx_float16(paths["text"])
+        return {name: path.name for name, path in paths.items()}
+    graphs = {}
+    for name, path in paths.items():
+        xml = path.with_suffix(".xml")
+        to_openvino(path, xml)
+        for stale in path.parent.glob(f"{path.stem}*.onnx"):
+            stale.unlink()
+        if name == "image" and precision == "int8":
+            quantize_openvino(xml, feeds)
+        elif precision in ("float16", "bfloat16"):
+            _openvino_half_weights(xml)
+        graphs[name] = xml.name
+    return graphs
+
+
+def _onnx_float16(path: Path) -> None:
+    """Weights and computation in float16 (for GPU execution providers: ONNX Runtime's CPU provider lacks most
+    float16 kernels), inputs and outputs kept float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    onnx.save(model, str(path))
+
+
+def _openvino_half_weights(xml: Path) -> None:
+    """Weights stored in float16 (half the file); the precision of the computation is chosen when the graph is
+    loaded (`eovseg.runtime.load(..., precision=...)`)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    staged = xml.with_name(xml.stem + ".half.xml")
+    ov.save_model(model, str(staged), compress_to_fp16=True)
+    del model
+    os.replace(staged, xml)
+    os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eovseg export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=non_empty_text, help="a saved or converted model folder")
+    parser.add_argument("--format", choices=FORMATS, default="onnx",
+                        help="onnx (ONNX Runtime) or openvino (OpenVINO IR) (default: onnx)")
+    parser.add_argument("--output_dir", required=True, type=Path,
+                        help="where the graphs go: a new or empty folder, or an earlier export to replace")
+    parser.add_argument("--precision", choices=sorted({p for ps in PRECISIONS.values() for p in ps}), default="float32",
+                        help="float32 (default); int8: int8 weights (ONNX Runtime dynamic quantization / NNCF weight "
+                             "compression, or with --calibration static quantization of activations too); float16 "
+                             "(onnx: for GPU providers) and bfloat16/float16 (openvino: half-size weights, the "
+                             "computation's precision chosen at load time)")
+    parser.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
+                        help="images (or folders of images) to calibrate int8 activations on (static quantization)")
+    return parser
+
+
+def _calibration_images(paths: Sequence[str]) -> list:
+    from .inputs import read_image_file
+
+    files = []
+    for path in map(Path, paths):
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    images = [read_image_file(str(p)) for p in files if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
+    if not images:
+        raise CommandError(f"--calibration {' '.join(paths)}: no image files found.")
+    return images
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.calibration and args.precision != "int8":
+        raise CommandError("--calibration calibrates int8 quantization: give --precision int8 too.")
+    if not Path(args.model).is_dir() or not (Path(args.model) / "config.json").is_file():
+        raise CommandError(f"{args.model!r} is not a model folder (a folder with a config.json).")
+    images = _calibration_images(args.calibration) if args.calibration else None
+    files = export_model_folder(args.model, args.output_dir, args.format, args.precision, images)
+    print(f"wrote {len(files)} files to {args.output_dir} ({args.format}, {args.precision})")
+    return 0
+
+
+main = command_main(_main, "export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
