@@ -373,25 +373,23 @@ def _move_in(staging: Path, folder: Path) -> None:
 def export_model_folder(model_dir, output_dir, format: str = "onnx", precision: str = "float32",
                         calibration_images: Sequence | None = None) -> list[str]:
     """Export the model folder `model_dir` into `output_dir` (see this module's docstring); returns the file names.
+    `model_dir` may also be a float32 ONNX export, whose graphs are then converted (no PyTorch model is built).
     `calibration_images` (PIL images) make the int8 export quantize activations too (static quantization)."""
     import numpy as np
-
-    from .auto_registration import load_model_folder
-    from .demo import has_stored_vocabulary
 
     if format not in FORMATS:
         raise CommandError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
     if precision not in PRECISIONS[format]:
         raise CommandError(f"--precision {precision!r} is not offered for {format} (one of {', '.join(PRECISIONS[format])}).")
-    output_dir = Path(output_dir)
+    output_dir, model_dir = Path(output_dir), Path(model_dir)
+    if output_dir.resolve() == model_dir.resolve():
+        raise CommandError("--output_dir is the model folder itself: give another folder.")
     check_output_folder(output_dir)
-    model, processor = load_model_folder(model_dir)
-    model = model.float().eval()
+    source = _source(model_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.eovseg-export-", dir=output_dir.parent))
     try:
-        paths = export_graphs(model, staging)
-        embeddings = model.default_text_embeddings.float().numpy() if has_stored_vocabulary(model) else None
+        paths, embeddings = source.write_graphs(staging)
         if embeddings is not None:
             np.save(staging / DEFAULT_EMBEDDINGS, embeddings)
         feeds = None
@@ -399,11 +397,10 @@ def export_model_folder(model_dir, output_dir, format: str = "onnx", precision: 
             if embeddings is None:
                 raise CommandError("static int8 calibration runs on the model's default vocabulary, which this model "
                                    "does not store: export without calibration images (weights-only int8).")
-            feeds = calibration_feeds(model.config, processor, calibration_images, embeddings)
-        del model
+            feeds = calibration_feeds(source.config, source.processor, calibration_images, embeddings)
         graphs = _finish_graphs(paths, format, precision, feeds)
-        _save_processor(processor, staging)
-        _save_config(model_dir, staging)
+        _save_processor(source.processor, staging)
+        source.config.to_json_file(str(staging / "config.json"))
         files = sorted(p.name for p in staging.iterdir())
         (staging / MANIFEST).write_text(json.dumps({
             "format": format, "precision": precision, "graphs": graphs, "files": files,
@@ -417,6 +414,58 @@ def export_model_folder(model_dir, output_dir, format: str = "onnx", precision: 
     return [MANIFEST, *files]
 
 
+class _ModelSource:
+    """A model folder: the PyTorch model is loaded and traced."""
+
+    def __init__(self, folder: Path):
+        from .auto_registration import load_model_folder
+        from .configuration_eovseg import EovSegConfig
+
+        model, self.processor = load_model_folder(folder)
+        self.model = model.float().eval()
+        self.config = EovSegConfig.from_pretrained(folder)  # as saved (loading may complete the model's own)
+
+    def write_graphs(self, folder: Path):
+        from .demo import has_stored_vocabulary
+
+        embeddings = self.model.default_text_embeddings.float().numpy() if has_stored_vocabulary(self.model) else None
+        return export_graphs(self.model, folder), embeddings
+
+
+class _ExportSource:
+    """A float32 ONNX export: its graphs are copied and converted."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        from .configuration_eovseg import EovSegConfig
+        from .processing import EovSegProcessor
+
+        if manifest.get("format") != "onnx" or manifest.get("precision") != "float32":
+            raise CommandError(f"{str(folder)!r} is a {manifest.get('format')} {manifest.get('precision')} export: "
+                               "export from the model folder, or from a float32 ONNX export.")
+        self.folder, self.manifest = folder, manifest
+        self.config = EovSegConfig.from_pretrained(folder)
+        self.processor = EovSegProcessor.from_pretrained(folder)
+
+    def write_graphs(self, folder: Path):
+        import numpy as np
+
+        paths = {}
+        for name, file in self.manifest["graphs"].items():
+            paths[name] = folder / file
+            shutil.copyfile(self.folder / file, paths[name])
+        stored = self.folder / DEFAULT_EMBEDDINGS
+        return paths, np.load(stored) if stored.is_file() else None
+
+
+def _source(folder: Path):
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file():
+        from .runtime import read_manifest
+
+        return _ExportSource(folder, read_manifest(folder))
+    return _ModelSource(folder)
+
+
 def _save_processor(processor, folder: Path) -> None:
     """The processor's files (tokenizer, processor and image processor configurations), without the model code files
     a model folder gets for `trust_remote_code` (the runtime loads the processor from the installed package)."""
@@ -424,12 +473,6 @@ def _save_processor(processor, folder: Path) -> None:
 
     ProcessorMixin.save_pretrained(processor, folder)
     processor.image_processor.save_pretrained(folder)
-
-
-def _save_config(model_dir, folder: Path) -> None:
-    from .configuration_eovseg import EovSegConfig
-
-    EovSegConfig.from_pretrained(model_dir).to_json_file(str(folder / "config.json"))
 
 
 def _finish_graphs(paths: dict[str, Path], format: str, precision: str, feeds) -> dict[str, str]:
@@ -486,7 +529,8 @@ def _openvino_half_weights(xml: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eovseg export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=non_empty_text, help="a saved or converted model folder")
+    parser.add_argument("model", type=non_empty_text,
+                        help="a saved or converted model folder (or a float32 ONNX export, to convert its graphs)")
     parser.add_argument("--format", choices=FORMATS, default="onnx",
                         help="onnx (ONNX Runtime) or openvino (OpenVINO IR) (default: onnx)")
     parser.add_argument("--output_dir", required=True, type=Path,

@@ -181,13 +181,18 @@ def test_runtime_refuses_a_model_folder(model_folder, tmp_path, capsys):
     assert "is not an `eovseg export` folder (no eovseg_export.json)" in capsys.readouterr().err
 
 
-def test_openvino_export_matches_eager_float32(model_folder, eager, tmp_path):
+def test_openvino_export_matches_eager_float32(onnx_folder, eager, tmp_path):
+    """The ONNX export converted (no PyTorch model): OpenVINO's own deformable convolution, same numbers."""
+    import openvino as ov
+
     from eovseg.runtime import load
 
     output = tmp_path / "openvino"
-    assert export_main([str(model_folder), "--format", "openvino", "--output_dir", str(output)]) == 0
+    assert export_main([str(onnx_folder), "--format", "openvino", "--output_dir", str(output)]) == 0
     assert {"image.xml", "image.bin", "text.xml", "text.bin"} <= {p.name for p in output.iterdir()}
     assert not list(output.glob("*.onnx"))
+    operations = [op.get_type_name() for op in ov.Core().read_model(str(output / "image.xml")).get_ops()]
+    assert operations.count("DeformableConvolution") == 3
     runtime = load(output, threads=1)
     assert runtime.runtime == "openvino"
     check_image_graph(runtime.image_graph, *eager)
@@ -195,3 +200,37 @@ def test_openvino_export_matches_eager_float32(model_folder, eager, tmp_path):
     input_ids = processor.encode_vocabulary(CLASSES)["input_ids"]
     torch.testing.assert_close(torch.from_numpy(runtime.text_embeddings(input_ids.numpy())),
                                model.get_text_embeddings(input_ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("format", ["onnx", "openvino"])
+def test_int8_export_quantizes_the_image_graph(format, onnx_folder, eager, tmp_path):
+    """Weights-only int8 (ONNX Runtime's dynamic quantization, NNCF's weight compression): int8 weights in the
+    graph, the text graph left float32, outputs near float32's (a random model: no accuracy claim here, see
+    benchmarks/int8_pq.py)."""
+    from eovseg.runtime import load
+
+    output = tmp_path / format
+    assert export_main([str(onnx_folder), "--format", format, "--precision", "int8", "--output_dir", str(output)]) == 0
+    manifest = json.loads((output / "eovseg_export.json").read_text())
+    assert (manifest["precision"], manifest["int8"]) == ("int8", "weights")
+    if format == "onnx":
+        import onnx
+
+        graph = onnx.load(str(output / "image.onnx")).graph
+        assert sum(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer) > 10
+        assert (output / "text.onnx").read_bytes() == (onnx_folder / "text.onnx").read_bytes()
+    else:
+        import openvino as ov
+
+        constants = [op for op in ov.Core().read_model(str(output / "image.xml")).get_ops() if op.get_type_name() == "Constant"]
+        assert sum(op.get_element_type() in (ov.Type.i8, ov.Type.u8) for op in constants) > 10
+    model, processor = eager
+    text, feeds = vocabulary_inputs(model, processor, CLASSES)
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = model(pixel_values, text_embeddings=torch.from_numpy(feeds["text_embeddings"]),
+                         synonym_counts=text["synonym_counts"], class_seen_mask=text["class_seen_mask"])
+    got = load(output, threads=1).image_graph({"pixel_values": pixel_values.numpy(), **feeds})
+    for name in OUTPUTS:
+        ours, reference = got[name].ravel(), getattr(expected, name).numpy().ravel()
+        assert np.isfinite(ours).all() and np.corrcoef(ours, reference)[0, 1] > 0.9, name
