@@ -291,10 +291,24 @@ def quantize_onnx(path: Path, feeds: list[dict] | None) -> None:
                 return next(self.items, None)
 
         quantize_static(str(prepared), str(path), Reader(), weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8, extra_options={"ActivationSymmetric": False})
+                        activation_type=QuantType.QUInt8, nodes_to_exclude=_products_of_activations(prepared))
     else:
-        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=_products_of_activations(prepared))
     prepared.unlink()
+
+
+def _products_of_activations(path: Path) -> list[str]:
+    """The matrix products of a graph between two activations (attention's): left in float32 by the dynamic
+    quantization (int8 weights), which would otherwise quantize the whole tensor by its range, and a masked
+    attention row of an empty mask (-inf scores, NaN weights, replaced by zeros after the product) makes that range
+    NaN for every row."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [node.name for node in graph.node
+            if node.op_type in ("MatMul", "Gemm", "Conv") and not any(i in constants for i in node.input[1:2])]
 
 
 def quantize_openvino(xml_path: Path, feeds: list[dict] | None) -> None:

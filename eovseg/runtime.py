@@ -62,6 +62,7 @@ class _OnnxRuntimeGraph:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only (not the constant-folding notes on the exported casts)
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))

@@ -206,7 +206,7 @@ def test_openvino_export_matches_eager_float32(onnx_folder, eager, tmp_path):
 def test_int8_export_quantizes_the_image_graph(format, onnx_folder, eager, tmp_path):
     """Weights-only int8 (ONNX Runtime's dynamic quantization, NNCF's weight compression): int8 weights in the
     graph, the text graph left float32, outputs near float32's (a random model: no accuracy claim here, see
-    benchmarks/int8_pq.py)."""
+    benchmarks/export_pq.py)."""
     from eovseg.runtime import load
 
     output = tmp_path / format
@@ -234,3 +234,40 @@ def test_int8_export_quantizes_the_image_graph(format, onnx_folder, eager, tmp_p
     for name in OUTPUTS:
         ours, reference = got[name].ravel(), getattr(expected, name).numpy().ravel()
         assert np.isfinite(ours).all() and np.corrcoef(ours, reference)[0, 1] > 0.9, name
+
+
+# ------------------------------------------------------------------------------------------------ R50 (slow)
+
+from test_original_fixture import FIXTURE, converted, expected  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.slow
+def test_r50_exports_match_eager_float32(converted, tmp_path):
+    """The R50 converted from the fidelity fixture, exported: ONNX Runtime and OpenVINO give eager float32's class
+    and mask logits (within 1e-4 of their largest magnitude) and its panoptic result, on the fixture's photo with the
+    stored ADE20K-150 vocabulary."""
+    from eovseg.onnx_export import export_graphs, to_openvino
+    from eovseg.runtime import _OnnxRuntimeGraph, _OpenVinoGraph
+    from eovseg.vocabulary import seen_class_mask, synonym_counts
+
+    model, processor = converted
+    paths = export_graphs(model, tmp_path)
+    to_openvino(paths["image"], tmp_path / "image.xml")
+    config = model.config
+    pixel_values = processor(images=Image.open(FIXTURE / "coffee.png").convert("RGB"))["pixel_values"]
+    feeds = {"pixel_values": pixel_values.numpy(), "text_embeddings": model.default_text_embeddings.numpy(),
+             "synonym_index": build_synonym_index(synonym_counts(config.vocabulary)).numpy(),
+             "class_seen_mask": np.array(seen_class_mask(config.vocabulary, config.train_vocabulary))}
+    with torch.no_grad():
+        expected_outputs = model(pixel_values)  # the stored default vocabulary
+    post = processor.post_process_panoptic_segmentation
+    reference = post(expected_outputs, label_ids_to_fuse=set(expected_outputs.stuff_class_ids[0].tolist()))[0]
+    for graph in (_OnnxRuntimeGraph(paths["image"], None, None), _OpenVinoGraph(tmp_path / "image.xml", None, "float32")):
+        got = graph(feeds)
+        for name in OUTPUTS[:2]:
+            assert relative_difference(got[name], getattr(expected_outputs, name)) < TOLERANCE, (type(graph), name)
+        outputs = type(expected_outputs)(**{name: torch.from_numpy(got[name]) for name in OUTPUTS})
+        ours = post(outputs, label_ids_to_fuse=set(expected_outputs.stuff_class_ids[0].tolist()))[0]
+        assert torch.equal(ours["segmentation"], reference["segmentation"])
+        assert [(s["id"], s["label_id"]) for s in ours["segments_info"]] == \
+            [(s["id"], s["label_id"]) for s in reference["segments_info"]]
