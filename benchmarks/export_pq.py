@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from eovseg import demo
+    from eovseg.demo import ModelOutputError
     from eovseg.onnx_export import export_model_folder
     from eovseg.predict import Predictor, load_model
     from eovseg.runtime import load
@@ -79,9 +80,13 @@ def main(argv=None) -> None:
             runtime_precisions = ["float32", "bfloat16"] if (format, precision) == ("openvino", "float32") else ["float32"]
             for run_precision in runtime_precisions:
                 runtime = load(folder, precision=run_precision)
-                pq = panoptic_quality(runtime.predictor(config.vocabulary, config.is_thing, False), rows, categories)
                 name = f"{'ONNX Runtime' if format == 'onnx' else 'OpenVINO'} {precision if precision != 'float32' else run_precision}"
                 name += " static" if images else " weights-only" if precision == "int8" else ""
+                try:
+                    pq = panoptic_quality(runtime.predictor(config.vocabulary, config.is_thing, False), rows, categories)
+                except ModelOutputError as error:
+                    print(f"{name:<34} failed: {error}")
+                    continue
                 print(f"{name:<34} PQ {pq:6.2f}  ({pq - eager:+.2f} vs eager float32; export {seconds:.0f} s)")
     finally:
         if not args.work_dir:

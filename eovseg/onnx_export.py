@@ -290,8 +290,11 @@ def quantize_onnx(path: Path, feeds: list[dict] | None) -> None:
             def get_next(self):
                 return next(self.items, None)
 
+        # the products with weights only: other operators' inputs hold -inf by design (masked logits, attention
+        # masks), which no int8 range covers
         quantize_static(str(prepared), str(path), Reader(), weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8, nodes_to_exclude=_products_of_activations(prepared))
+                        activation_type=QuantType.QUInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        nodes_to_exclude=_products_of_activations(prepared))
     else:
         quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
                          nodes_to_exclude=_products_of_activations(prepared))
@@ -319,7 +322,14 @@ def quantize_openvino(xml_path: Path, feeds: list[dict] | None) -> None:
 
     model = ov.Core().read_model(str(xml_path))
     if feeds:
-        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+        # as for ONNX Runtime: products of two activations (attention, with the NaN rows of empty masks) stay float
+        # and only the inputs of weighted layers: element-wise inputs hold -inf by design (masked logits)
+        ignored = nncf.IgnoredScope(names=_openvino_products_of_activations(model), validate=False,
+                                    types=["Add", "Multiply", "Subtract", "Divide", "Power", "Maximum", "Minimum",
+                                           "Interpolate", "MVN", "ReduceMean", "ReduceSum", "ReduceMax", "Concat",
+                                           "Softmax", "SoftMax", "Exp", "Log", "Select", "Sigmoid"])
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=ignored,
+                                  model_type=nncf.ModelType.TRANSFORMER)
     else:
         quantized = nncf.compress_weights(model)
     staged = xml_path.with_name(xml_path.stem + ".int8.xml")
@@ -327,6 +337,17 @@ def quantize_openvino(xml_path: Path, feeds: list[dict] | None) -> None:
     del model, quantized
     os.replace(staged, xml_path)
     os.replace(staged.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+
+
+def _openvino_products_of_activations(model) -> list[str]:
+    def constant(output) -> bool:
+        node = output.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose", "Unsqueeze") and node.get_type_name() != "Constant":
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops()
+            if op.get_type_name() == "MatMul" and not any(constant(op.input_value(i)) for i in range(2))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

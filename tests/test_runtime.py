@@ -243,9 +243,12 @@ from test_original_fixture import FIXTURE, converted, expected  # noqa: E402,F40
 
 @pytest.mark.slow
 def test_r50_exports_match_eager_float32(converted, tmp_path):
-    """The R50 converted from the fidelity fixture, exported: ONNX Runtime and OpenVINO give eager float32's class
-    and mask logits (within 1e-4 of their largest magnitude) and its panoptic result, on the fixture's photo with the
-    stored ADE20K-150 vocabulary."""
+    """The R50 converted from the fidelity fixture, exported: ONNX Runtime and OpenVINO give eager float32's panoptic
+    result on the fixture's photo with the stored ADE20K-150 vocabulary, and its class and mask logits within 1e-4
+    of their largest magnitude or, where the model's own float32 round-off is larger, within 1.5 times what eager
+    itself changes from two threads to one (measured: class logits 8.6e-5, mask logits 6.8e-4, the hard masks of
+    the decoder amplifying round-off; ONNX Runtime 8.1e-5 / 6.3e-4, OpenVINO 1.0e-4 / 7.9e-4)."""
+    from eovseg.modeling_eovseg import EovSegOutput
     from eovseg.onnx_export import export_graphs, to_openvino
     from eovseg.runtime import _OnnxRuntimeGraph, _OpenVinoGraph
     from eovseg.vocabulary import seen_class_mask, synonym_counts
@@ -258,16 +261,33 @@ def test_r50_exports_match_eager_float32(converted, tmp_path):
     feeds = {"pixel_values": pixel_values.numpy(), "text_embeddings": model.default_text_embeddings.numpy(),
              "synonym_index": build_synonym_index(synonym_counts(config.vocabulary)).numpy(),
              "class_seen_mask": np.array(seen_class_mask(config.vocabulary, config.train_vocabulary))}
-    with torch.no_grad():
-        expected_outputs = model(pixel_values)  # the stored default vocabulary
-    post = processor.post_process_panoptic_segmentation
-    reference = post(expected_outputs, label_ids_to_fuse=set(expected_outputs.stuff_class_ids[0].tolist()))[0]
-    for graph in (_OnnxRuntimeGraph(paths["image"], None, None), _OpenVinoGraph(tmp_path / "image.xml", None, "float32")):
+    threads = torch.get_num_threads()
+    eager = []
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                eager.append(model(pixel_values))  # the stored default vocabulary
+    finally:
+        torch.set_num_threads(threads)
+    reference = eager[0]
+    bounds = {name: max(TOLERANCE, 1.5 * relative_difference(getattr(eager[1], name), getattr(reference, name)))
+              for name in OUTPUTS[:2]}
+    # The fixture's deterministic weights are untrained: void wins every query, so the panoptic result is empty
+    # (eager's too) and the semantic map (2 classes, near ties) is compared as well, within what eager's own
+    # thread count changes (3 pixels of 614400 measured).
+    stuff = set(reference.stuff_class_ids[0].tolist())
+    expected = processor.post_process_panoptic_segmentation(reference, label_ids_to_fuse=stuff)[0]
+    semantic = processor.post_process_semantic_segmentation(reference)[0]
+    allowed = max(10, 2 * int((processor.post_process_semantic_segmentation(eager[1])[0] != semantic).sum()))
+    assert semantic.unique().numel() > 1
+    for graph in (_OnnxRuntimeGraph(paths["image"], 2, None), _OpenVinoGraph(tmp_path / "image.xml", 2, "float32")):
         got = graph(feeds)
         for name in OUTPUTS[:2]:
-            assert relative_difference(got[name], getattr(expected_outputs, name)) < TOLERANCE, (type(graph), name)
-        outputs = type(expected_outputs)(**{name: torch.from_numpy(got[name]) for name in OUTPUTS})
-        ours = post(outputs, label_ids_to_fuse=set(expected_outputs.stuff_class_ids[0].tolist()))[0]
-        assert torch.equal(ours["segmentation"], reference["segmentation"])
+            assert relative_difference(got[name], getattr(reference, name)) < bounds[name], (type(graph), name)
+        outputs = EovSegOutput(**{name: torch.from_numpy(got[name]) for name in OUTPUTS})
+        ours = processor.post_process_panoptic_segmentation(outputs, label_ids_to_fuse=stuff)[0]
+        assert torch.equal(ours["segmentation"], expected["segmentation"])
         assert [(s["id"], s["label_id"]) for s in ours["segments_info"]] == \
-            [(s["id"], s["label_id"]) for s in reference["segments_info"]]
+            [(s["id"], s["label_id"]) for s in expected["segments_info"]]
+        assert int((processor.post_process_semantic_segmentation(outputs)[0] != semantic).sum()) <= allowed
