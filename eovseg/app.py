@@ -108,12 +108,11 @@ class SegmentationApp:
 
         from .export import panoptic_to_coco
         from .predict import Predictor
+        from .runtime import EovSegRuntime
         from .visualization import draw_segments, legend_entries
 
         image = read_upload(image)
         names, is_thing, given = self.vocabulary(class_text)
-        from .runtime import EovSegRuntime
-
         # an `eovseg export` folder (--runtime) makes its own predictor
         make = self.model.predictor if isinstance(self.model, EovSegRuntime) else functools.partial(
             Predictor, self.model, self.processor)

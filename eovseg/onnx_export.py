@@ -17,7 +17,12 @@ The output folder holds two graphs and what is needed to feed them:
 - the processor's files and the model's `config.json` (class names, thing flags, the training vocabulary), the
   default vocabulary's embeddings (`default_text_embeddings.npy`) and `eovseg_export.json` (what was written, how).
 
-`eovseg.runtime.load(DIR)` runs such a folder. The modulated deformable convolutions of the neck become ONNX's
+`eovseg.runtime.load(DIR)` runs such a folder. A float32 ONNX export may be given as MODEL: its graphs are converted (`--format openvino`, `--precision int8`)
+without building the PyTorch model. `--precision int8` quantizes the image graph's weights (ONNX Runtime's dynamic
+quantization, NNCF's weight compression); with `--calibration IMAGES` the activations too (static quantization,
+calibrated on those images with the default vocabulary). The text graph stays float32.
+
+The modulated deformable convolutions of the neck become ONNX's
 `DeformConv` (opset 19, which ONNX Runtime's CPU provider implements) in the ONNX export, and OpenVINO's own
 `DeformableConvolution` (through its ONNX front end's `org.openvinotoolkit.DeformableConv2D`) in the OpenVINO export.
 
@@ -39,7 +44,8 @@ from pathlib import Path
 from .command_line import CommandError, command_main, non_empty_text
 
 FORMATS = ("onnx", "openvino")
-PRECISIONS = {"onnx": ("float32", "float16", "int8"), "openvino": ("float32", "bfloat16", "float16", "int8")}
+# (OpenVINO computes in bfloat16 from a float32 export: a precision chosen when the graph is loaded)
+PRECISIONS = {"onnx": ("float32", "float16", "int8"), "openvino": ("float32", "float16", "int8")}
 MANIFEST = "eovseg_export.json"
 DEFAULT_EMBEDDINGS = "default_text_embeddings.npy"
 OPSET = 19
@@ -527,7 +533,7 @@ def _finish_graphs(paths: dict[str, Path], format: str, precision: str, feeds) -
             stale.unlink()
         if name == "image" and precision == "int8":
             quantize_openvino(xml, feeds)
-        elif precision in ("float16", "bfloat16"):
+        elif precision == "float16":
             _openvino_half_weights(xml)
         graphs[name] = xml.name
     return graphs
@@ -571,10 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, type=Path,
                         help="where the graphs go: a new or empty folder, or an earlier export to replace")
     parser.add_argument("--precision", choices=sorted({p for ps in PRECISIONS.values() for p in ps}), default="float32",
-                        help="float32 (default); int8: int8 weights (ONNX Runtime dynamic quantization / NNCF weight "
-                             "compression, or with --calibration static quantization of activations too); float16 "
-                             "(onnx: for GPU providers) and bfloat16/float16 (openvino: half-size weights, the "
-                             "computation's precision chosen at load time)")
+                        help="float32 (default; OpenVINO runs it in bfloat16 when loaded so); int8: int8 weights "
+                             "(ONNX Runtime dynamic quantization / NNCF weight compression, or with --calibration "
+                             "static quantization of activations too); float16: onnx for GPU providers, openvino "
+                             "half-size weights")
     parser.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
                         help="images (or folders of images) to calibrate int8 activations on (static quantization)")
     return parser

@@ -110,6 +110,9 @@ class EovSegRuntime:
                                 "precision in ONNX Runtime export with --precision float16 and run on a GPU provider).")
         if runtime == "onnxruntime" and self.manifest["format"] != "onnx":
             raise ExportFolderError(f"{str(folder)!r} holds an OpenVINO export: ONNX Runtime runs `--format onnx` exports.")
+        if runtime == "openvino" and self.manifest["format"] != "openvino":
+            raise ExportFolderError(f"{str(folder)!r} holds an ONNX export: convert it for OpenVINO with `eovseg export "
+                                    f"{folder} --format openvino --output_dir DIR`.")
         self.folder, self.runtime, self.precision = folder, runtime, precision
         self.config = EovSegConfig.from_pretrained(folder)
         self.processor = EovSegProcessor.from_pretrained(folder)

@@ -161,6 +161,20 @@ def test_predict_with_onnxruntime_writes_the_pytorch_files(onnx_folder, model_fo
     assert written == tree(tmp_path / "torch")
 
 
+def test_web_page_runs_an_export(onnx_folder, eager, tmp_path):
+    """`eovseg app --runtime onnxruntime`: the page's handler gives the PyTorch model's segments."""
+    from eovseg.app import SegmentationApp, format_class_list
+    from eovseg.runtime import load
+
+    image = make_synthetic_panoptic_dataset(1, 64, 80, seed=5)[0]["image"].convert("RGB")
+    text = format_class_list(CLASSES, [name not in STUFF for name in CLASSES])
+    runtime = load(onnx_folder, threads=1)
+    ours = SegmentationApp(runtime, runtime.processor).segment(image, text)
+    expected = SegmentationApp(*eager).segment(image, text)
+    assert Path(ours[3]).read_bytes() == Path(expected[3]).read_bytes()  # the panoptic PNG
+    assert json.loads(Path(ours[2]).read_text())["categories"] == json.loads(Path(expected[2]).read_text())["categories"]
+
+
 def test_export_refuses_a_folder_it_did_not_write(model_folder, tmp_path, capsys):
     output = tmp_path / "out"
     output.mkdir()
