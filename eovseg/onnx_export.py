@@ -7,24 +7,25 @@
 The output folder holds two graphs and what is needed to feed them:
 
 - `image` (`image.onnx`, or `image.xml` + `image.bin`): the whole image path (CLIP backbone, ViT block, light
-  aggregator, decoder, out-of-vocabulary branch, geometric ensemble). Inputs: `pixel_values` (B, 3, H, W) as the
-  processor makes them (any H and W that are multiples of `config.size_divisibility`), the vocabulary's
+  aggregator, decoder, out-of-vocabulary branch, geometric ensemble) for one image. Inputs: `pixel_values` (1, 3, H, W)
+  as the processor makes them (any H and W that are multiples of `config.size_divisibility`), the vocabulary's
   `text_embeddings` (S, D), its `synonym_index` (K, M: each class's rows of `text_embeddings`, -1 padded) and
-  `class_seen_mask` (K,). Outputs: `class_queries_logits` (B, Q, K + 1), `masks_queries_logits` (B, Q, H/4, W/4),
-  `out_of_vocabulary_logits` (B, Q, K + 1) and, with Mask Filtering, `iou_scores` (B, Q).
+  `class_seen_mask` (K,). Outputs: `class_queries_logits` (1, Q, K + 1), `masks_queries_logits` (1, Q, H/4, W/4),
+  `out_of_vocabulary_logits` (1, Q, K + 1) and, with Mask Filtering, `iou_scores` (1, Q). (One image: the
+  decoder's dynamic convolutions group by image and query, and ONNX's group count is a constant.)
 - `text` (`text.onnx` / `text.xml`): the CLIP text tower: `input_ids` (P, L) of a vocabulary's prompts (the
   processor's `encode_vocabulary`) to the synonym embeddings (S, D), so a new class list needs no PyTorch model.
 - the processor's files and the model's `config.json` (class names, thing flags, the training vocabulary), the
   default vocabulary's embeddings (`default_text_embeddings.npy`) and `eovseg_export.json` (what was written, how).
 
-`eovseg.runtime.load(DIR)` runs such a folder. A float32 ONNX export may be given as MODEL: its graphs are converted (`--format openvino`, `--precision int8`)
-without building the PyTorch model. `--precision int8` quantizes the image graph's weights (ONNX Runtime's dynamic
+`eovseg.runtime.load(DIR)` runs such a folder. A float32 ONNX export may be given as MODEL: its graphs are converted
+(`--format openvino`, `--precision int8`) without building the PyTorch model. `--precision int8` quantizes the image graph's weights (ONNX Runtime's dynamic
 quantization, NNCF's weight compression); with `--calibration IMAGES` the activations too (static quantization,
 calibrated on those images with the default vocabulary). The text graph stays float32.
 
-The modulated deformable convolutions of the neck become ONNX's
-`DeformConv` (opset 19, which ONNX Runtime's CPU provider implements) in the ONNX export, and OpenVINO's own
-`DeformableConvolution` (through its ONNX front end's `org.openvinotoolkit.DeformableConv2D`) in the OpenVINO export.
+The modulated deformable convolutions of the neck become ONNX's `DeformConv` (opset 19, which ONNX Runtime's CPU
+provider implements) in the ONNX export, and OpenVINO's own `DeformableConvolution` (through its ONNX front end's
+`org.openvinotoolkit.DeformableConv2D`) in the OpenVINO export.
 
 The output folder must be new, empty or an earlier export (only the files that export wrote are replaced); the
 graphs are written to a staging folder beside it and moved in when complete.
