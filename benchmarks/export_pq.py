@@ -1,6 +1,6 @@
 """PQ of every exported precision on a model's held-out synthetic set, against the PyTorch model in float32: ONNX
 Runtime float32, int8 weights-only (dynamic quantization) and int8 static (activations calibrated); OpenVINO float32,
-bfloat16 (the computation's precision at load time), int8 weights-only (NNCF weight compression) and int8 static
+bfloat16 (the computation's precision at load time), float16 weights, int8 weights-only (NNCF weight compression) and int8 static
 (NNCF post-training quantization).
 
     python benchmarks/export_pq.py                        # the bundled demo model (its held_out.json gives the set)
@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     eager = panoptic_quality(Predictor(model, processor, config.vocabulary, config.is_thing, False), rows, categories)
     print(f"{'PyTorch eager float32':<34} PQ {eager:6.2f}")
     exports = [("onnx", "float32", None), ("onnx", "int8", None), ("onnx", "int8", calibration),
-               ("openvino", "float32", None), ("openvino", "int8", None), ("openvino", "int8", calibration)]
+               ("openvino", "float32", None), ("openvino", "float16", None), ("openvino", "int8", None),
+               ("openvino", "int8", calibration)]
     base = work / "onnx-float32"
     try:
         for format, precision, images in exports:

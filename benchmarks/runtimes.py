@@ -117,13 +117,12 @@ EXPORTED = {
     "OpenVINO int8": ("openvino", "int8", "float32", None),
     # GPU (benchmarks/gpu_suite.sh; needs onnxruntime-gpu, and TensorRT's libraries for the TensorRT provider)
     "ORT CUDA float32": ("onnx", "float32", "float32", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
-    "ORT CUDA float16": ("onnx", "float16", "float32", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
     "ORT TensorRT float32": ("onnx", "float32", "float32", "tensorrt32"),
     "ORT TensorRT float16": ("onnx", "float32", "float32", "tensorrt16"),
 }
 CPU_RUNTIMES = ["eager float32", "eager bfloat16", "torch.compile float32", "ONNX Runtime float32",
                 "ONNX Runtime int8", "OpenVINO float32", "OpenVINO bfloat16", "OpenVINO int8"]
-GPU_RUNTIMES = ["ORT CUDA float32", "ORT CUDA float16", "ORT TensorRT float32", "ORT TensorRT float16"]
+GPU_RUNTIMES = ["ORT CUDA float32", "ORT TensorRT float32", "ORT TensorRT float16"]
 
 
 def post_process(processor, outputs, vocab, size):

@@ -46,7 +46,8 @@ from .command_line import CommandError, command_main, non_empty_text
 
 FORMATS = ("onnx", "openvino")
 # (OpenVINO computes in bfloat16 from a float32 export: a precision chosen when the graph is loaded)
-PRECISIONS = {"onnx": ("float32", "float16", "int8"), "openvino": ("float32", "float16", "int8")}
+# (ONNX float16 is left to TensorRT's engines: onnxruntime's float16 converter breaks the graph's typing)
+PRECISIONS = {"onnx": ("float32", "int8"), "openvino": ("float32", "float16", "int8")}
 MANIFEST = "eovseg_export.json"
 DEFAULT_EMBEDDINGS = "default_text_embeddings.npy"
 OPSET = 19
@@ -522,9 +523,6 @@ def _finish_graphs(paths: dict[str, Path], format: str, precision: str, feeds) -
     if format == "onnx":
         if precision == "int8":
             quantize_onnx(paths["image"], feeds)
-        elif precision == "float16":
-            _onnx_float16(paths["image"])
-            _onnx_float16(paths["text"])
         return {name: path.name for name, path in paths.items()}
     graphs = {}
     for name, path in paths.items():
@@ -538,16 +536,6 @@ def _finish_graphs(paths: dict[str, Path], format: str, precision: str, feeds) -
             _openvino_half_weights(xml)
         graphs[name] = xml.name
     return graphs
-
-
-def _onnx_float16(path: Path) -> None:
-    """Weights and computation in float16 (for GPU execution providers: ONNX Runtime's CPU provider lacks most
-    float16 kernels), inputs and outputs kept float32."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-    onnx.save(model, str(path))
 
 
 def _openvino_half_weights(xml: Path) -> None:
@@ -580,8 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=sorted({p for ps in PRECISIONS.values() for p in ps}), default="float32",
                         help="float32 (default; OpenVINO runs it in bfloat16 when loaded so); int8: int8 weights "
                              "(ONNX Runtime dynamic quantization / NNCF weight compression, or with --calibration "
-                             "static quantization of activations too); float16: onnx for GPU providers, openvino "
-                             "half-size weights")
+                             "static quantization of activations too); float16 (openvino): half-size weights")
     parser.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
                         help="images (or folders of images) to calibrate int8 activations on (static quantization)")
     return parser

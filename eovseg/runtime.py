@@ -106,8 +106,8 @@ class EovSegRuntime:
             raise ExportFolderError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}.")
         if precision not in PRECISIONS or (runtime == "onnxruntime" and precision != "float32"):
             offered = "float32" if runtime == "onnxruntime" else ", ".join(PRECISIONS)
-            raise ExportFolderError(f"precision {precision!r} is not offered by {runtime} here ({offered}; for half "
-                                "precision in ONNX Runtime export with --precision float16 and run on a GPU provider).")
+            raise ExportFolderError(f"precision {precision!r} is not offered by {runtime} here ({offered}; ONNX Runtime "
+                                "runs the graph's own precision).")
         if runtime == "onnxruntime" and self.manifest["format"] != "onnx":
             raise ExportFolderError(f"{str(folder)!r} holds an OpenVINO export: ONNX Runtime runs `--format onnx` exports.")
         if runtime == "openvino" and self.manifest["format"] != "openvino":
