@@ -133,7 +133,8 @@ def post_process(processor, outputs, vocab, size):
 
 
 def build_runtimes(model, work: Path, threads: int, names) -> dict:
-    """Every runtime of `names`, loaded: `{name: (callable, seconds to build: cast / export / convert / load)}`."""
+    """Every runtime of `names`, loaded: `{name: (callable, seconds to build: cast / export / convert / load, resident
+    bytes the loaded runtime added)}`."""
     import json
     import shutil
 
@@ -142,11 +143,13 @@ def build_runtimes(model, work: Path, threads: int, names) -> dict:
 
     eager = {"eager float32": (torch.float32, False), "eager bfloat16": (torch.bfloat16, False),
              "torch.compile float32": (torch.float32, True)}
+    from eovseg.cpu_memory import resident_bytes
+
     runtimes, paths, folders = {}, None, {}
     for name in names:
-        start = time.perf_counter()
+        start, resident = time.perf_counter(), resident_bytes()
         if name in eager:
-            runtimes[name] = (Eager(model, *eager[name]), time.perf_counter() - start)
+            runtimes[name] = (Eager(model, *eager[name]), time.perf_counter() - start, resident_bytes() - resident)
             continue
         format, precision, load_precision, providers = EXPORTED[name]
         if paths is None:
@@ -166,21 +169,26 @@ def build_runtimes(model, work: Path, threads: int, names) -> dict:
             EovSegProcessor.from_config(model.config).save_pretrained(folder)
         if isinstance(providers, str):  # TensorRT, float32 or float16 engines
             providers = _tensorrt(providers.endswith("16"), work / "tensorrt")
+        resident = resident_bytes()  # (the export and conversion above are not the runtime's)
         run = Exported(folders[format, precision], load_precision, threads, providers)
-        runtimes[name] = (run, time.perf_counter() - start)
+        runtimes[name] = (run, time.perf_counter() - start, resident_bytes() - resident)
     return runtimes
 
 
 def measure(runtimes, processor, pixel_values, vocabularies, size, rounds: int, sweep_rounds: int):
     """First calls, then `rounds` alternating rounds at ADE-150 (times and peak memory), then the vocabulary sweep."""
+    from eovseg.cpu_memory import resident_bytes
+
     first, times, peaks = {}, {name: [] for name in runtimes}, {name: 0 for name in runtimes}
+    held = {name: loaded for name, (_, _, loaded) in runtimes.items()}
     main = vocabularies["ADE-150"]
-    for name, (run, _) in runtimes.items():
-        start = time.perf_counter()
+    for name, (run, *_) in runtimes.items():
+        resident, start = resident_bytes(), time.perf_counter()
         post_process(processor, run(pixel_values, main), main, size)
         first[name] = time.perf_counter() - start
+        held[name] += resident_bytes() - resident  # what the first call allocated and keeps (arenas, kernels)
     for _ in range(rounds):
-        for name, (run, _) in runtimes.items():
+        for name, (run, *_) in runtimes.items():
             gc.collect()
             with PeakMemory() as memory:
                 start = time.perf_counter()
@@ -189,17 +197,17 @@ def measure(runtimes, processor, pixel_values, vocabularies, size, rounds: int, 
             peaks[name] = max(peaks[name], memory.peak)
     sweep = {name: {} for name in runtimes}
     for vocab_name, vocab in vocabularies.items():
-        for name, (run, _) in runtimes.items():  # a first call at this vocabulary size (a compiled program re-traces)
+        for name, (run, *_) in runtimes.items():  # a first call at this vocabulary size (a compiled program re-traces)
             post_process(processor, run(pixel_values, vocab), vocab, size)
         samples = {name: [] for name in runtimes}
         for _ in range(sweep_rounds):
-            for name, (run, _) in runtimes.items():
+            for name, (run, *_) in runtimes.items():
                 start = time.perf_counter()
                 post_process(processor, run(pixel_values, vocab), vocab, size)
                 samples[name].append(time.perf_counter() - start)
         for name in runtimes:
             sweep[name][vocab_name] = statistics.median(samples[name])
-    return first, times, peaks, sweep
+    return first, times, peaks, held, sweep
 
 
 def floor_of(name: str) -> tuple[str, float]:
@@ -207,21 +215,22 @@ def floor_of(name: str) -> tuple[str, float]:
     return precision, FLOOR[precision]
 
 
-def report(runtimes, first, times, peaks, sweep, quick: bool) -> None:
-    header = (f"{'runtime':<24} {'s/image':>8} {'x floor':>8} {'first call':>11} {'load':>7} {'peak MiB':>9}   "
-              + " ".join(f"{v:>9}" for v in VOCABULARIES))
+def report(runtimes, first, times, peaks, held, sweep, quick: bool) -> None:
+    header = (f"{'runtime':<24} {'s/image':>8} {'x floor':>8} {'first call':>11} {'load':>7} {'held MiB':>9} "
+              f"{'peak MiB':>9}   " + " ".join(f"{v:>9}" for v in VOCABULARIES))
     print(header)
     print("-" * len(header))
-    for name, (_, load_seconds) in runtimes.items():
+    for name, (_, load_seconds, _) in runtimes.items():
         median = statistics.median(times[name])
         _, floor = floor_of(name)
         fraction = "" if quick or name.startswith("ORT ") else f"{median / floor:8.2f}"  # the floor is this CPU's
         costs = " ".join(f"{sweep[name][v]:9.3f}" for v in VOCABULARIES)
         print(f"{name:<24} {median:8.3f} {fraction:>8} {first[name]:11.2f} {load_seconds:7.1f} "
-              f"{peaks[name] / 2**20:9.0f}   {costs}")
+              f"{held[name] / 2**20:9.0f} {peaks[name] / 2**20:9.0f}   {costs}")
     print("(s/image: median, forward + panoptic post-processing at ADE-150; x floor: against 1.9 s float32 / 0.85 s "
-          "bfloat16; first call after loading; load: build / export / convert / compile setup; peak MiB: resident "
-          "memory a call adds; the last columns: s/image by vocabulary)")
+          "bfloat16; first call after loading; load: build / export / convert / compile setup; held MiB: resident "
+          "memory the loaded runtime and its first call keep; peak MiB: resident memory a later call adds on top; "
+          "the last columns: s/image by vocabulary)")
 
 
 def components(model, pixel_values, vocab, rounds: int) -> None:
