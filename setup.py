@@ -37,7 +37,13 @@ setup(
     extras_require={
         # parameterized: transformers' common test mixins (pytest -m transformers_common) import it
         # gradio: the web page's handler tests (tests/test_app.py) run in the default test run, not skipped
-        "test": ["pytest>=8", "supervision>=0.26", "parameterized>=0.9", "gradio>=6,<7"],
+        # onnx, onnxruntime, onnxscript (torch.onnx's exporter), openvino, nncf: the export tests (tests/test_runtime.py)
+        "test": ["pytest>=8", "supervision>=0.26", "parameterized>=0.9", "gradio>=6,<7", "onnx>=1.18",
+                 "onnxruntime>=1.31", "onnxscript>=0.5", "openvino>=2025.2", "nncf>=2.17"],
+        # `eovseg export --format onnx` and `eovseg.runtime` on ONNX Runtime (int8: onnxruntime.quantization)
+        "onnx": ["onnx>=1.18", "onnxruntime>=1.31", "onnxscript>=0.5"],
+        # `eovseg export --format openvino` (converted from the ONNX graphs) and int8 through NNCF
+        "openvino": ["onnx>=1.18", "onnxscript>=0.5", "openvino>=2025.2", "nncf>=2.17"],
         "app": ["gradio>=6,<7"],
         "supervision": ["supervision>=0.26"],
         # the web demo's browser test (Chromium itself comes from Debian: apt-get install chromium)

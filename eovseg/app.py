@@ -111,8 +111,11 @@ class SegmentationApp:
                 overlap: float = 0.8, mask_threshold: float = 0.5, progress=None):
         """`(overlay image, legend HTML, segments JSON path, panoptic PNG path)` for one image: an image file's path
         (what the page gives) or an image in memory."""
+        import functools
+
         from .export import panoptic_to_coco
         from .predict import Predictor
+        from .runtime import EovSegRuntime
         from .visualization import draw_segments, legend_entries
 
         # `progress(fraction, desc=...)` (Gradio's Progress on the page) is told each step; the overlay is enlarged
@@ -123,8 +126,10 @@ class SegmentationApp:
         image = read_upload(image)
         names, is_thing, given, _ = self.vocabulary(class_text)
         progress(0.1, desc=f"Text pass: {len(names)} class names (once per class list)")
-        predictor = Predictor(self.model, self.processor, names, is_thing, given, subtask, threshold, overlap,
-                              mask_threshold)
+        # an `eovseg export` folder (--runtime) makes its own predictor
+        make = self.model.predictor if isinstance(self.model, EovSegRuntime) else functools.partial(
+            Predictor, self.model, self.processor)
+        predictor = make(names, is_thing, given, subtask, threshold, overlap, mask_threshold)
         progress(0.5, desc=f"Segmenting the {image.width}x{image.height} image")
         result = predictor([image])[0]
         progress(0.9, desc="Drawing the segments")
@@ -276,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="torch, or run an `eovseg export` folder given as --model with ONNX Runtime or OpenVINO")
     add_progress_option(parser)
     return parser
 
@@ -299,7 +306,15 @@ def _serve(args) -> int:
     from .loading import load_model
 
     # the arguments first: a wrong --model is reported the same way with or without the optional extra
-    model, processor = load_model(args.model)
+    if args.runtime == "torch":
+        model, processor = load_model(args.model)
+    else:
+        from .runtime import load
+
+        if args.model is None:
+            raise ValueError(f"--runtime {args.runtime} runs an `eovseg export` folder: give it as --model.")
+        model = load(args.model, args.runtime)
+        processor = model.processor
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -39,6 +39,8 @@ COMMANDS = {
                         "panoptic quality, mIoU and mask AP of a model on a data set"),
     "convert": Command("eovseg.conversion_scripts.convert_original_checkpoint", "eovseg.parsers:convert_parser",
                        "convert an original EOV-Seg checkpoint into a Transformers model folder"),
+    "export": Command("eovseg.onnx_export", "eovseg.onnx_export:build_parser",
+                      "export a model folder to ONNX or OpenVINO graphs (image path and text tower)"),
 }
 
 

@@ -306,7 +306,9 @@ class EovSegClipBackbone(nn.Module):
         """
         model = self.clip_model
         eot = input_ids.argmax(dim=-1)
-        length = int(eot.max().item()) + 1
+        # (traced, the ids' own length: an exported text graph takes rows cut to their longest prompt, as the
+        # processor pads them)
+        length = input_ids.shape[1] if _tracing() else int(eot.max().item()) + 1
         ids = input_ids[:, :length]
         with self.text_weights_loaded():
             x = model.token_embedding(ids) + model.positional_embedding[:length]
@@ -1153,6 +1155,8 @@ class EovSegOutOfVocabularyEmbedder(nn.Module):
         k = split(attnpool.k_proj(keys))
         v = split(attnpool.v_proj(keys))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=inside)
+        # the zeros said explicitly: exported attention (ONNX) gives an empty mask's row uniform weights instead
+        out = out.masked_fill(~inside.any(-1, keepdim=True), 0)
         out = out.transpose(1, 2).reshape(batch, num_queries, -1)
         return attnpool.c_proj(out)
 

@@ -31,6 +31,7 @@ files are the same as one process writes.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mask probability above which a pixel belongs to a segment")
     parser.add_argument("--instances", action="store_true", help="also write instance masks (COCO RLE) to instances.json")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where an accelerator is present")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="torch, or run an `eovseg export` folder given as --model with ONNX Runtime or OpenVINO "
+                             "(on the CPU, one process)")
     add_progress_option(parser)
     return parser
 
@@ -504,11 +508,20 @@ def prepare(args: argparse.Namespace, accelerator):
         reasons = "; ".join(f"{path}: {reason}" for path, reason in bad_args)
         raise PredictError(f"nothing to segment ({reasons}).")
     model_path = str(check_model_folder(args.model))
-    model, processor = load_model(model_path, accelerator.device)
-    class_names, is_thing, given, colors = resolve_vocabulary(model.config, args.classes, args.stuff, args.vocabulary)
-    predictor = Predictor(model, processor, class_names, is_thing, given, "panoptic", args.threshold,
-                          args.overlap_mask_area_threshold, args.mask_threshold, colors)
+    if args.runtime == "torch":
+        model, processor = load_model(model_path, accelerator.device)
+        config, make_predictor = model.config, functools.partial(Predictor, model, processor)
+    else:
+        from .runtime import load
+
+        exported = load(model_path, args.runtime)
+        config, make_predictor = exported.config, exported.predictor
+    class_names, is_thing, given, colors = resolve_vocabulary(config, args.classes, args.stuff, args.vocabulary)
+    predictor = make_predictor(class_names, is_thing, given, "panoptic", args.threshold,
+                               args.overlap_mask_area_threshold, args.mask_threshold, colors)
     settings = _settings(args, model_path, class_names, is_thing)
+    if args.runtime != "torch":  # (absent for torch: earlier runs' folders resume as before)
+        settings["runtime"] = args.runtime
     return items, bad_args, predictor, settings, check_output_dir(args.output_dir, settings)
 
 
