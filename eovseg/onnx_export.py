@@ -596,10 +596,10 @@ def _calibration_images(paths: Sequence[str]) -> list:
 def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with progress_switch(not args.no_progress):
-        return _export(args)
+        return _export_command(args)
 
 
-def _export(args) -> int:
+def _export_command(args) -> int:
     if args.calibration and args.precision != "int8":
         raise CommandError("--calibration calibrates int8 quantization: give --precision int8 too.")
     if not Path(args.model).is_dir() or not (Path(args.model) / "config.json").is_file():
