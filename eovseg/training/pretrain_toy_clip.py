@@ -62,6 +62,7 @@ def normalize(images: np.ndarray) -> torch.Tensor:
 
 
 def resnet_dense(backbone, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The dense CLIP features EOV-Seg's out-of-vocabulary branch pools (the last ResNet stage)."""
     return backbone(pixel_values)["clip_dense"]
 
 
@@ -280,12 +281,7 @@ def save_init_model(config, backbone, vit, output_dir) -> None:
     save_model_folder_atomically(model, processor, output_dir)
 
 
-def run(args) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    pretrain(args)
-
-
-main = command_main(lambda argv: run(build_parser().parse_args(argv)), "pretrain_toy_clip")
+main = command_main(lambda argv: pretrain(build_parser().parse_args(argv)), "pretrain_toy_clip")
 
 if __name__ == "__main__":
     sys.exit(main())
