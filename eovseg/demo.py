@@ -4,10 +4,11 @@
     python -m eovseg.demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
     python -m eovseg.demo --model eovseg-r50 --classes "car" "road, street" "sky" --stuff "road" "sky"
 
-Without `--model`, the bundled demo model is used: the tiny preset trained for a few minutes on synthetic shapes
-(red circles, purple rectangles, yellow triangles over a blue sky and green ground; see its model card,
-`eovseg/assets/demo_model/README.md`). It is a toy: it knows those five classes and nothing else. For real
-segmentation convert an authors' checkpoint (README, "Converting the authors' checkpoints") and pass its folder with
+Without `--model`, the bundled demo model is used: the tiny preset in a toy world (coloured circles, squares and
+triangles over sky or wall and grass, water, road or sand; `docs/toy_world.md`), with CLIP towers pretrained on the
+toy world's captions and panoptic training on 14 of its 18 classes; it also names the 4 it never saw in panoptic
+training (red triangle, yellow circle, purple square, sand; see its model card, `eovseg/assets/demo_model/README.md`).
+It is a toy: it knows those 18 classes and nothing else. For real segmentation convert an authors' checkpoint (README, "Converting the authors' checkpoints") and pass its folder with
 `--model`; `--image` picks another picture.
 """
 
@@ -30,19 +31,21 @@ _ASSETS = Path(__file__).with_name("assets")
 BUNDLED_IMAGE = _ASSETS / "coffee.jpg"
 
 TOY_MODEL_NOTE = (
-    "NOTE: this is the bundled TOY model, trained on synthetic shapes only (red circle, purple rectangle, yellow "
-    "triangle, blue sky, green ground); it knows nothing else. For real segmentation, convert an authors' checkpoint "
-    "(see the README) and pass --model DIR; pass --image PATH for another picture."
+    "NOTE: this is the bundled TOY model of a synthetic toy world (red, yellow, purple and white circles, squares and "
+    "triangles; sky, wall, grass, water, road, sand). Its CLIP was pretrained on all 18 classes, its segmenter on 14: "
+    "red triangle, yellow circle, purple square and sand it never saw in panoptic training, and names through CLIP. "
+    "It knows nothing else. For real segmentation, convert an authors' checkpoint (see the README) and pass "
+    "--model DIR; pass --image PATH for another picture."
 )
 
 
 def default_model_path() -> Path:
-    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained on synthetic shapes)."""
+    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained in the toy world)."""
     return _ASSETS / "demo_model"
 
 
 def default_image_path() -> Path:
-    """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
+    """The bundled toy-world scene (256 px, with a class unseen in panoptic training) that the demo model segments."""
     return _ASSETS / "shapes_scene.png"
 
 
@@ -206,7 +209,7 @@ def run(image_path: Path | None, model_path: str | None, classes: list[str] | No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eovseg demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="a converted model folder; default: the bundled toy model (synthetic shapes)")
+                        help="a converted model folder; default: the bundled toy model (toy world)")
     parser.add_argument("--image", type=Path, default=None,
                         help="input image (default: the bundled synthetic scene, or the bundled photo with --model)")
     parser.add_argument("--vocabulary", type=non_empty_text, default=None, metavar="NAME|FILE",
