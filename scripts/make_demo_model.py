@@ -1,7 +1,8 @@
 """Package the bundled demo model (`eovseg/assets/demo_model/`) from a toy-world training run, and pick the bundled scene.
 
     (the commands of `docs/toy_world.md`: toy world data, toy CLIP pretraining, EOV-Seg training on the seen classes)
-    python scripts/make_demo_model.py --run_dir runs/toy_eovseg --clip_log /tmp/toy_clip.log --seconds CLIP,EOVSEG
+    python scripts/make_demo_model.py --run_dir runs/toy_eovseg_stage2 --control_dir runs/toy_control_stage2 \
+        --clip_log toy_clip.log --minutes CLIP,EOVSEG,CONTROL
 
 What it does: loads the trained model and processor of `--run_dir`; makes all 18 toy-world classes (seen and unseen)
 its default vocabulary (text embeddings stored), its training vocabulary staying the 14 seen classes; stores the
@@ -38,11 +39,20 @@ CLIP_COMMAND = ("OMP_NUM_THREADS=1 python -m eovseg.training.pretrain_toy_clip -
                 "--seed 0")
 TRAIN_ARGS = (
     "--dataset runs/toy_world/seen_train --image_size 128 --min_scale 1 --max_scale 1 --test_shortest_edge 128 "
-    "--test_longest_edge 512 --per_device_batch_size 8 --learning_rate 1.5e-3 --max_steps 1600 --save_steps 400 "
-    "--eval_dataset runs/toy_world/seen_eval --logging_steps 100 --seed 0 --cpu --no_progress"
+    "--test_longest_edge 512 --per_device_batch_size 8 --learning_rate 1.5e-3 --max_steps 1600 "
+    "--eval_dataset runs/toy_world/seen_eval --logging_steps 100 --cpu --no_progress"
 )
-TRAIN_COMMAND = f"OMP_NUM_THREADS=1 python -m eovseg.training.train --model runs/toy_clip {TRAIN_ARGS} --output_dir runs/toy_eovseg"
-CONTROL_COMMAND = f"OMP_NUM_THREADS=1 python -m eovseg.training.train --model tiny {TRAIN_ARGS} --output_dir runs/toy_control"
+TRAIN = "OMP_NUM_THREADS=1 python -m eovseg.training.train"
+# two stages of 1600 steps (the second a fresh schedule from the first's weights, another data order): the second was
+# added after the first, and kept because it raised the training script's own (seen-class) evaluation, 74.4 -> 76.5
+TRAIN_COMMAND = (
+    f"{TRAIN} --model runs/toy_clip {TRAIN_ARGS} --save_steps 400 --seed 0 --output_dir runs/toy_eovseg\n"
+    f"{TRAIN} --model runs/toy_eovseg {TRAIN_ARGS} --save_steps 0 --seed 1 --output_dir runs/toy_eovseg_stage2"
+)
+CONTROL_COMMAND = (
+    f"{TRAIN} --model tiny {TRAIN_ARGS} --save_steps 400 --seed 0 --output_dir runs/toy_control\n"
+    f"{TRAIN} --model runs/toy_control {TRAIN_ARGS} --save_steps 0 --seed 1 --output_dir runs/toy_control_stage2"
+)
 
 
 def store_half(folder: Path) -> None:
@@ -187,19 +197,21 @@ For real weights, convert an authors' checkpoint (README, "Converting the author
 
 ## How it was made
 
-On a shared 2-core CPU (one thread per job, other jobs running beside), from the repository root, seed 0 throughout:
+On a shared 2-core CPU (one thread per job, other jobs running beside), from the repository root, with the seeds given:
 
 ```bash
 {WORLD_COMMAND}
 {CLIP_COMMAND}
 {TRAIN_COMMAND}
 {CONTROL_COMMAND}
-python scripts/make_demo_model.py --run_dir runs/toy_eovseg --control_dir runs/toy_control --clip_log toy_clip.log
+python scripts/make_demo_model.py --run_dir runs/toy_eovseg_stage2 --control_dir runs/toy_control_stage2 --clip_log toy_clip.log
 ```
 
 (the pretraining's output saved as `toy_clip.log`). Wall times here: toy CLIP pretraining {minutes[0]} min, EOV-Seg
-training {minutes[1]} min, control training {minutes[2]} min (the two trainings ran at the same time). Images are
-128x128 in training and evaluation. `scripts/make_demo_model.py` makes the 18 classes the default vocabulary, stores
+training {minutes[1]} min (both stages), control training {minutes[2]} min (beside the others, at a lower priority).
+The second training stage (a fresh schedule from the first stage's weights, seed 1 for another data order) was added
+after the first and kept because it raised the training script's own evaluation on seen classes (74.4 -> 76.5).
+Images are 128x128 in training and evaluation. `scripts/make_demo_model.py` makes the 18 classes the default vocabulary, stores
 the weights as float16 (they load as float32), evaluates the stored model, and picks the bundled scene. Same commands,
 same machine type and thread count give the same weights; another machine may differ in float round-off.
 
@@ -208,7 +220,7 @@ same machine type and thread count give the same weights; another machine may di
 - Toy CLIP, top-1 naming among the 18 class names on new pictures: close-ups of seen classes {retrieval.get('closeups_seen', '?')}%,
   unseen {retrieval.get('closeups_unseen', '?')}%; ground-truth segments of 100 new scenes mask-pooled as EOV-Seg's
   out-of-vocabulary branch pools a mask: seen {retrieval.get('segments_seen', '?')}%, unseen {retrieval.get('segments_unseen', '?')}%.
-- Training script's own evaluation (100 seen-class scenes, seed 1000003): PQ {train_eval['eval/PQ']:.1f}.
+- Training script's own evaluation (100 seen-class scenes, seed 1000003), second stage: PQ {train_eval['eval/PQ']:.1f}.
 - Held-out scenes (`held_out.json`, measured on the float16-stored weights by
   `eovseg.evaluation.zero_shot.evaluate_toy_world`), {held_out['num_images']} scenes of {held_out['image_size']}x{held_out['image_size']}
   holding every class, seed {held_out['seed']}, 18 names as vocabulary, geometric ensemble: {_figures(held_out)}.

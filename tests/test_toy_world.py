@@ -20,7 +20,7 @@ from eovseg.synthetic import (
 )
 
 # The model card's 64 held-out scenes (seed 2026, 128 px; ~7 s per pass). Measured on the bundled model: unseen-class
-# PQ 28.1 (held_out.json), 0.0 with its CLIP towers re-initialised at random. The bound 20 leaves room for float
+# PQ 30.8 (held_out.json), 0.0 with its CLIP towers re-initialised at random. The bound 20 leaves room for float
 # round-off across machines moving a few segments (one unseen segment moves the unseen mean by ~1-2 points) and sits
 # far above the control's; 5 is issue 22's bound for a control.
 NUM_SCENES = 64
