@@ -226,7 +226,7 @@ same machine type and thread count give the same weights; another machine may di
   holding every class, seed {held_out['seed']}, 18 names as vocabulary, geometric ensemble: {_figures(held_out)}.
   Per class: {per_class}. `tests/test_demo.py` re-measures it.
 - Control, the same model with its CLIP towers re-initialised at random: {_figures(held_out['random_towers'])}.
-""" + (f"""- Control, the same EOV-Seg training on random (untrained) towers (`runs/toy_control`): {_figures(control_run)}.
+""" + (f"""- Control, the same EOV-Seg training (both stages) on random (untrained) towers (`runs/toy_control_stage2`): {_figures(control_run)}.
 """ if control_run else "") + f"""- More settings (in-vocabulary head alone, Embedding Modulation): `python benchmarks/zero_shot_toy.py`.
 - The bundled scene `eovseg/assets/shapes_scene.png` (256x256) is image {scene_index} of
   `make_toy_world_dataset(60, 256, seed={SCENE_SEED}, split="all")`: the first with an unseen class and at least five
