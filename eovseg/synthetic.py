@@ -520,7 +520,8 @@ def _toy_texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.nda
 
 
 def _toy_thing_classes(split: str) -> list[tuple[str, tuple[int, int, int], int]]:
-    """(shape, colour, category id) of the split's thing classes."""
+    """(drawn shape, colour, category id, whether a square) of the split's thing classes (a square is drawn by its own
+    rule, the old data sets' rectangles keep theirs)."""
     ids = {name: i for i, name in enumerate(TOY_CLASSES)}
     names = [t for t in _TOY_THINGS if split == "all" or t not in TOY_UNSEEN_THINGS]
     out = []
@@ -551,8 +552,8 @@ def _draw_toy_scene(rng: np.random.Generator, size: int, split: str, max_instanc
 
 
 def _draw_toy_things(rng, yy, xx, image, category, instance, thing_classes, max_instances) -> list[int]:
-    """Thing instances (1 .. max_instances attempted), each placed where it fits ([`_thing_fits`]), with a colour
-    jitter, shading and a darker outline; returns the category id of each placed instance."""
+    """Thing instances (1 .. max_instances attempted), each placed where it fits ([`_thing_fits`], at most 20%
+    overlap), with a colour jitter and shading; returns the category id of each placed instance."""
     size = yy.shape[0]
     min_area = max(4, int(0.012 * size * size))
     things = []

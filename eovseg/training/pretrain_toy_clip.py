@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eovseg.training.pretrain_toy_clip",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", required=True, help="where the EOV-Seg model with the pretrained towers is saved")
-    p.add_argument("--preset", default="tiny", help="the EOV-Seg preset whose towers are pretrained")
+    # the ResNet CLIP's attention pooling is what the picture embedding goes through (a ConvNeXt CLIP has none)
+    p.add_argument("--preset", default="tiny", choices=["tiny"], help="the EOV-Seg preset whose towers are pretrained")
     p.add_argument("--steps", type=positive_int, default=1500)
     p.add_argument("--scenes_per_step", type=positive_int, default=24)
     p.add_argument("--scene_pool", type=positive_int, default=3000, help="distinct scenes drawn before training")
