@@ -5,10 +5,12 @@ of segments.
     eovseg demo --model eovseg-r50 --image street.jpg --vocabulary ade20k_150
     eovseg demo --model eovseg-r50 --classes "car" "road, street" "sky" --stuff "road" "sky"
 
-Without `--model`, the bundled demo model is used: the tiny preset trained for a few minutes on synthetic shapes
-(red circles, purple rectangles, yellow triangles over a blue sky and green ground; see its model card,
-`eovseg/assets/demo_model/README.md`). It is a toy: it knows those five classes and nothing else. For real
-segmentation convert an authors' checkpoint (`eovseg convert`, see docs/conversion.md) and pass its folder with
+Without `--model`, the bundled demo model is used: the tiny preset in a toy world (coloured circles, squares and
+triangles over sky or wall and grass, water, road or sand; docs/toy_world.md), with CLIP towers pretrained on the
+toy world's captions and panoptic training on 14 of its 18 classes; it also names the 4 it never saw in panoptic
+training (red triangle, yellow circle, purple square, sand; see its model card, `eovseg/assets/demo_model/README.md`).
+It is a toy: it knows those 18 classes and nothing else. For real segmentation convert an authors' checkpoint
+(`eovseg convert`, see docs/conversion.md) and pass its folder with
 `--model`; `--image` picks another picture.
 """
 
@@ -37,9 +39,11 @@ from .loading import (  # noqa: F401  (default_model_path, default_image_path, B
 )
 
 TOY_MODEL_NOTE = (
-    "NOTE: this is the bundled TOY model, trained on synthetic shapes only (red circle, purple rectangle, yellow "
-    "triangle, blue sky, green ground); it knows nothing else. For real segmentation, convert an authors' checkpoint "
-    "(eovseg convert, see docs/conversion.md) and pass --model DIR; pass --image FILE for another picture."
+    "NOTE: this is the bundled TOY model of a synthetic toy world (red, yellow, purple and white circles, squares and "
+    "triangles; sky, wall, grass, water, road, sand). Its CLIP was pretrained on all 18 classes, its segmenter on 14: "
+    "red triangle, yellow circle, purple square and sand it never saw in panoptic training, and names through CLIP. "
+    "It knows nothing else. For real segmentation, convert an authors' checkpoint (eovseg convert, see "
+    "docs/conversion.md) and pass --model DIR; pass --image FILE for another picture."
 )
 
 

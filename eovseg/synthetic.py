@@ -37,6 +37,13 @@ __all__ = [
     "make_synthetic_image_label_dataset",
     "make_synthetic_panoptic_dataset",
     "synthetic_categories",
+    "make_toy_world_dataset",
+    "toy_world_categories",
+    "toy_world_crop",
+    "toy_caption",
+    "TOY_CLASSES",
+    "TOY_SEEN_CLASSES",
+    "TOY_UNSEEN_CLASSES",
 ]
 
 # The kinds of segment drawn, in category-id order: three thing shapes, then two stuff regions.
@@ -432,3 +439,235 @@ def make_synthetic_image_label_dataset(
     ]
     features = datasets.Features({"image": datasets.Image(), "labels": datasets.Sequence(datasets.Value("string"))})
     return datasets.Dataset.from_dict({"image": panoptic["image"], "labels": labels}, features=features)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The toy world: an open vocabulary with seen and unseen classes (issue 22)
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# Stuff: an upper region (sky or wall) above a wavy horizon and a lower one (grass, water, road or sand), each with a
+# texture of its own. Things: circles, squares and triangles in red, yellow, purple or white (a class is a colour and a
+# shape). The *seen* classes are those of panoptic training (the toy COCO); the *unseen* ones (the toy ADE20K's extra
+# classes) are new colour x shape combinations and one new stuff type, sand. Every word of an unseen class name is in
+# some seen class name, so a text tower that learnt the words can name the new combinations (as CLIP names ADE20K's
+# classes); the toy CLIP pretraining sees every class, as CLIP saw the web.
+
+TOY_COLOURS = {"red": (220, 40, 40), "yellow": (240, 210, 40), "purple": (150, 60, 200), "white": (240, 240, 240)}
+TOY_SHAPES = ("circle", "square", "triangle")
+TOY_UPPER_STUFF = ("sky", "wall")
+TOY_LOWER_STUFF = ("grass", "water", "road", "sand")
+TOY_UNSEEN_THINGS = ("red triangle", "yellow circle", "purple square")
+TOY_UNSEEN_STUFF = ("sand",)
+_TOY_THINGS = tuple(f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES)
+# The vocabulary order: seen things, seen stuff, unseen things, unseen stuff (the seen split's categories are then the
+# first ids, the same in both splits).
+TOY_SEEN_CLASSES = tuple(t for t in _TOY_THINGS if t not in TOY_UNSEEN_THINGS) + tuple(
+    s for s in TOY_UPPER_STUFF + TOY_LOWER_STUFF if s not in TOY_UNSEEN_STUFF
+)
+TOY_UNSEEN_CLASSES = TOY_UNSEEN_THINGS + TOY_UNSEEN_STUFF
+TOY_CLASSES = TOY_SEEN_CLASSES + TOY_UNSEEN_CLASSES
+TOY_SPLITS = ("seen", "all")
+
+
+def toy_world_categories(split: str = "all") -> list[dict]:
+    """`[{"id", "name", "isthing"}]` of the toy world: the 14 seen classes (ids 0 .. 13) and, for split `"all"`, the 4
+    unseen ones (ids 14 .. 17)."""
+    names = TOY_SEEN_CLASSES if _check_toy_split(split) == "seen" else TOY_CLASSES
+    return [{"id": i, "name": n, "isthing": int(n in _TOY_THINGS)} for i, n in enumerate(names)]
+
+
+def _check_toy_split(split: str) -> str:
+    if split not in TOY_SPLITS:
+        raise ValueError(f"split must be one of {TOY_SPLITS}, got {split!r}.")
+    return split
+
+
+def toy_caption(names: Sequence[str]) -> str:
+    """The caption of a picture showing the named classes (each once, in the given order)."""
+    return "a photo of " + ", ".join(dict.fromkeys(names)) + "."
+
+
+def _toy_texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A float (H, W, 3) image of one stuff type, its look scaled to the image size."""
+    height, width = yy.shape
+    side = min(height, width)
+    noise = _smooth_noise(rng, height, width, max(2, side // 8))[..., None]
+    grain = rng.normal(0, 1, size=(height, width, 1))
+    jitter = rng.uniform(-12, 12, 3)
+    if kind == "sky":
+        t = (yy / height)[..., None]
+        return np.array([55, 115, 210]) * (1 - t) + np.array([170, 205, 245]) * t + jitter + 5 * noise
+    if kind == "wall":  # bricks: mortar lines every eighth of the side, joints shifted every other row
+        course = max(3, side // 8)
+        row = (yy // course).astype(int)
+        joint = ((xx + (row % 2) * course) % (2 * course)) < 1.5
+        mortar = ((yy % course) < 1.5) | joint
+        brick = np.array([165, 85, 65]) + jitter + 10 * noise + 5 * grain
+        return np.where(mortar[..., None], np.array([200, 195, 185]), brick)
+    if kind == "grass":
+        return np.array([70, 135, 50]) + jitter + 25 * noise * np.array([0.6, 1.0, 0.4]) + 16 * grain
+    if kind == "water":  # horizontal ripples
+        ripple = np.sin(yy * (2 * np.pi / max(3, side / 10)) + 2 * noise[..., 0])[..., None]
+        return np.array([30, 90, 150]) + jitter + 25 * ripple * np.array([0.5, 0.8, 1.0]) + 4 * grain
+    if kind == "road":  # dark asphalt with a dashed white line
+        base = np.array([75, 75, 80]) + jitter + 6 * noise + 10 * grain
+        line_y = rng.uniform(0.3, 0.7) * height
+        dash = (np.abs(yy - line_y) < max(1.0, side / 64)) & ((xx % (side / 4)) < side / 8)
+        return np.where(dash[..., None], np.array([235, 235, 225]), base)
+    if kind == "sand":
+        return np.array([215, 185, 125]) + jitter + 12 * noise + 9 * grain
+    raise ValueError(f"unknown stuff type {kind!r}")
+
+
+def _toy_thing_classes(split: str) -> list[tuple[str, tuple[int, int, int], int]]:
+    """(drawn shape, colour, category id, whether a square) of the split's thing classes (a square is drawn by its own
+    rule, the old data sets' rectangles keep theirs)."""
+    ids = {name: i for i, name in enumerate(TOY_CLASSES)}
+    names = [t for t in _TOY_THINGS if split == "all" or t not in TOY_UNSEEN_THINGS]
+    out = []
+    for name in names:
+        colour, shape = name.split(" ")
+        out.append(("rectangle" if shape == "square" else shape, TOY_COLOURS[colour], ids[name], shape == "square"))
+    return out
+
+
+def _draw_toy_scene(rng: np.random.Generator, size: int, split: str, max_instances: int):
+    """One toy-world scene: (image uint8, segment-id map, segments_info, names present)."""
+    ids = {name: i for i, name in enumerate(TOY_CLASSES)}
+    lower = [s for s in TOY_LOWER_STUFF if split == "all" or s not in TOY_UNSEEN_STUFF]
+    upper_kind = TOY_UPPER_STUFF[int(rng.integers(len(TOY_UPPER_STUFF)))]
+    lower_kind = lower[int(rng.integers(len(lower)))]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    horizon = rng.uniform(0.3, 0.6) * size
+    wave = rng.uniform(0.02, 0.08) * size * np.sin(xx[0] / size * 2 * np.pi * rng.uniform(0.5, 2.0) + rng.uniform(0, 6.3))
+    is_upper = yy < (horizon + wave)[None, :]
+    image = np.where(is_upper[..., None], _toy_texture(upper_kind, rng, yy, xx), _toy_texture(lower_kind, rng, yy, xx))
+    category = np.where(is_upper, ids[upper_kind], ids[lower_kind]).astype(np.int64)
+    instance = np.full((size, size), -1, dtype=np.int64)
+    things = _draw_toy_things(rng, yy, xx, image, category, instance, _toy_thing_classes(split), max_instances)
+    stuff = (ids[upper_kind], ids[lower_kind])
+    id_map, segments = _toy_segments(rng, category, instance, things, stuff)
+    names = [TOY_CLASSES[s["category_id"]] for s in segments]
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), id_map, segments, names
+
+
+def _draw_toy_things(rng, yy, xx, image, category, instance, thing_classes, max_instances) -> list[int]:
+    """Thing instances (1 .. max_instances attempted), each placed where it fits ([`_thing_fits`], at most 20%
+    overlap), with a colour jitter and shading; returns the category id of each placed instance."""
+    size = yy.shape[0]
+    min_area = max(4, int(0.012 * size * size))
+    things = []
+    for _ in range(int(rng.integers(1, max_instances + 1))):
+        kind, base_colour, category_id, square = thing_classes[int(rng.integers(len(thing_classes)))]
+        for _attempt in range(25):
+            mask = _toy_shape_mask(kind, square, rng, yy, xx)
+            area = int(mask.sum())
+            if not _thing_fits(mask, area, instance, len(things), 0.2, min_area):
+                continue
+            colour = np.array(base_colour) + rng.uniform(-20, 20, 3)
+            image[mask] = colour + rng.normal(0, 5, size=(area, 3))
+            instance[mask] = len(things)
+            category[mask] = category_id
+            things.append(category_id)
+            break
+    return things
+
+
+def _toy_shape_mask(kind: str, square: bool, rng, yy, xx) -> np.ndarray:
+    if not square:
+        return _shape_mask(kind, rng, yy, xx, (0.2, 0.42))
+    size = yy.shape[0]
+    side = rng.uniform(0.18, 0.36) * size
+    cy, cx = rng.uniform(0, size), rng.uniform(0, size)
+    return (np.abs(yy - cy) <= side / 2) & (np.abs(xx - cx) <= side / 2)
+
+
+def _toy_segments(rng, category, instance, things, stuff):
+    """Segment-id map and segments_info (stuff first, then things; random distinct ids)."""
+    masks, categories = [], []
+    for stuff_category in stuff:
+        mask = (category == stuff_category) & (instance < 0)
+        if mask.any():
+            masks.append(mask)
+            categories.append(stuff_category)
+    for index, category_id in enumerate(things):
+        mask = instance == index
+        if mask.any():
+            masks.append(mask)
+            categories.append(category_id)
+    ids = rng.choice(2**24 - 1, size=len(masks), replace=False) + 1
+    id_map = np.zeros(instance.shape, dtype=np.int64)
+    segments = []
+    for segment_id, mask, category_id in zip(ids, masks, categories):
+        id_map[mask] = segment_id
+        rows, cols = np.nonzero(mask)
+        segments.append({
+            "id": int(segment_id), "category_id": int(category_id), "iscrowd": 0, "area": int(mask.sum()),
+            "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)],
+        })
+    return id_map, segments
+
+
+def make_toy_world_dataset(num_images: int = 8, size: int = 128, seed: int = 0, split: str = "all", *,
+                           max_instances: int = 5):
+    """The toy world's scenes as a COCO-panoptic `datasets.Dataset` (the columns of
+    [`make_synthetic_panoptic_dataset`] plus `caption`, naming the classes shown).
+
+    Args:
+        num_images: number of rows; image `i` is drawn from `default_rng([seed, i])`.
+        size: side of the square images in pixels (at least 16).
+        seed: the data set is a pure function of its arguments.
+        split: `"seen"`: only the 14 seen classes appear (panoptic training, the toy COCO); `"all"`: all 18 classes
+            (the toy ADE20K vocabulary: held-out scenes with unseen classes). The categories stored with the data set
+            are those of the split ([`toy_world_categories`]).
+        max_instances: most thing instances attempted per image (at least 1).
+    """
+    import datasets
+    import PIL.Image
+
+    _check_toy_split(split)
+    _check_synthetic_arguments(num_images, size, size, 1, max_instances)
+    rows = {k: [] for k in ("image_id", "file_name", "height", "width", "image", "label", "segments_info", "caption")}
+    for index in range(num_images):
+        image, id_map, segments, names = _draw_toy_scene(np.random.default_rng([seed, index]), size, split, max_instances)
+        rows["image_id"].append(index)
+        rows["file_name"].append(f"toy_{split}_{seed}_{index:06d}.png")
+        rows["height"].append(size)
+        rows["width"].append(size)
+        rows["image"].append(PIL.Image.fromarray(image))
+        rows["label"].append(PIL.Image.fromarray(id_to_rgb(id_map)))
+        rows["segments_info"].append(segments)
+        rows["caption"].append(toy_caption(names))
+    features = _panoptic_features()
+    features["caption"] = datasets.Value("string")
+    description = json.dumps({
+        "categories": toy_world_categories(split),
+        "eovseg_toy_world": {"num_images": num_images, "size": size, "seed": seed, "split": split},
+    })
+    return datasets.Dataset.from_dict(rows, features=features, info=datasets.DatasetInfo(description=description, features=features))
+
+
+def toy_world_crop(name: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A close-up (uint8 (size, size, 3)) of one class of the toy world: a thing centred over a random stuff
+    background, or a stuff type filling the picture, for the toy CLIP's single-concept image-caption pairs."""
+    if name not in TOY_CLASSES:
+        raise ValueError(f"{name!r} is not a toy-world class; they are {list(TOY_CLASSES)}.")
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    if name not in _TOY_THINGS:
+        return np.clip(np.rint(_toy_texture(name, rng, yy, xx)), 0, 255).astype(np.uint8)
+    background = (TOY_UPPER_STUFF + TOY_LOWER_STUFF)[int(rng.integers(6))]
+    image = _toy_texture(background, rng, yy, xx)
+    colour, shape = name.split(" ")
+    extent = rng.uniform(0.55, 0.85) * size
+    cy, cx = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+    if shape == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= (extent / 2) ** 2
+    elif shape == "square":
+        mask = (np.abs(yy - cy) <= extent / 2) & (np.abs(xx - cx) <= extent / 2)
+    else:
+        angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.uniform(-0.3, 0.3, 3)
+        vy, vx = cy + extent / 2 * np.sin(angles), cx + extent / 2 * np.cos(angles)
+        cross = np.stack([(vx[(i + 1) % 3] - vx[i]) * (yy - vy[i]) - (vy[(i + 1) % 3] - vy[i]) * (xx - vx[i]) for i in range(3)])
+        mask = (cross >= 0).all(0) | (cross <= 0).all(0)
+    image[mask] = np.array(TOY_COLOURS[colour]) + rng.uniform(-20, 20, 3) + rng.normal(0, 5, size=(int(mask.sum()), 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -13,18 +13,21 @@ from transformers import pipeline
 
 import eovseg  # noqa: F401  (registers the Auto classes and pipelines)
 from eovseg.demo import default_image_path, default_model_path
+from eovseg.synthetic import toy_world_categories
 
-# The bundled demo model (shortest edge 64): sizes that all become 64 x 85..94, padded to 64 x 96 (transformers'
-# pipeline can batch these) ...
+TOY_STUFF = [c["name"] for c in toy_world_categories() if not c["isthing"]]
+
+# The bundled demo model (shortest edge 128): sizes that all become 128 x 170..188, padded to 128 x 192
+# (transformers' pipeline can batch these) ...
 SAME_PADDED_SIZE = [(48, 64), (60, 80), (42, 60), (50, 72), (30, 44)]
-# ... and sizes padded to 128 x 64 and to 64 x 64, which eovseg's pipeline batches apart
+# ... and sizes padded to 224 x 128, 256 x 128 and 128 x 128, which eovseg's pipeline batches apart
 OTHER_PADDED_SIZES = [(64, 40), (50, 50), (70, 35), (44, 44)]
 BATCH_SIZES = (1, 2, 3, 4, 8)
 
 
 def _images(sizes):
-    # the demo model's shapes scene (things, and stuff to merge), cropped and stretched to each size
-    scene = Image.open(default_image_path()).convert("RGB")
+    # the demo model's shapes scene (things, and stuff to merge) at 64 px, cropped and stretched to each size
+    scene = Image.open(default_image_path()).convert("RGB").resize((64, 64), Image.BILINEAR)
     return [scene.crop((i % 3 * 4, i % 2 * 4, 64 - i % 4 * 3, 64)).resize((w, h), Image.BILINEAR)
             for i, (h, w) in enumerate(sizes)]
 
@@ -85,7 +88,7 @@ def test_batch_size_gives_the_one_by_one_results(segmenters, task, subtask):
     assert all(len(result) >= 2 for result in one_by_one)  # results to compare, not empty lists
     if subtask == "panoptic":  # the default vocabulary's stuff classes are merged: one segment each at most
         for result in one_by_one:
-            stuff = [r["label"] for r in result if r["label"] in ("blue sky", "green ground")]
+            stuff = [r["label"] for r in result if r["label"] in TOY_STUFF]
             assert len(stuff) == len(set(stuff))
     for batch_size in BATCH_SIZES:
         _assert_same(segmenter(images, batch_size=batch_size, **kwargs), one_by_one, sizes)
