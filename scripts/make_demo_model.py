@@ -192,7 +192,7 @@ It was made like the real model, in three layers:
 3. **Open-vocabulary evaluation** (the toy ADE20K): all 18 names, including the 4 classes never in panoptic training:
    {", ".join(TOY_UNSEEN_CLASSES)} (new colour x shape combinations and a new stuff type).
 
-For real weights, convert an authors' checkpoint (README, "Converting the authors' checkpoints") and pass the folder
+For real weights, convert an authors' checkpoint (`eovseg convert`, docs/conversion.md) and pass the folder
 (`python -m eovseg.demo --model eovseg-r50 --image street.jpg`).
 
 ## How it was made
