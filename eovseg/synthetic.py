@@ -268,11 +268,12 @@ def _thing_fits(mask, area: int, instance, num_things: int, max_overlap: float, 
     return True
 
 
-def _segments(rng, category, instance, things, crowd_probability):
+def _segments(rng, category, instance, things, crowd_probability, stuff_categories=_STUFF_CATEGORIES):
     """The segment-id map and segments_info: stuff first, then things, with random distinct ids in [1, 2^24) and
-    now and then one thing segment flagged `iscrowd`."""
+    now and then one thing segment flagged `iscrowd` (never with `crowd_probability=None`, which draws nothing
+    more from `rng`)."""
     segment_masks, segment_categories = [], []
-    for stuff_category in _STUFF_CATEGORIES:
+    for stuff_category in stuff_categories:
         mask = (category == stuff_category) & (instance < 0)
         if mask.any():
             segment_masks.append(mask)
@@ -285,8 +286,10 @@ def _segments(rng, category, instance, things, crowd_probability):
     ids = rng.choice(2**24 - 1, size=len(segment_masks), replace=False) + 1
     id_map = np.zeros(instance.shape, dtype=np.int64)
     segments = []
-    thing_segments = [i for i, c in enumerate(segment_categories) if c not in _STUFF_CATEGORIES]
-    crowd = int(rng.choice(thing_segments)) if thing_segments and rng.random() < crowd_probability else -1
+    thing_segments = [i for i, c in enumerate(segment_categories) if c not in stuff_categories]
+    crowd = -1
+    if crowd_probability is not None and thing_segments and rng.random() < crowd_probability:
+        crowd = int(rng.choice(thing_segments))
     for i, (mask, cat) in enumerate(zip(segment_masks, segment_categories)):
         id_map[mask] = ids[i]
         rows, cols = np.nonzero(mask)
@@ -546,7 +549,7 @@ def _draw_toy_scene(rng: np.random.Generator, size: int, split: str, max_instanc
     instance = np.full((size, size), -1, dtype=np.int64)
     things = _draw_toy_things(rng, yy, xx, image, category, instance, _toy_thing_classes(split), max_instances)
     stuff = (ids[upper_kind], ids[lower_kind])
-    id_map, segments = _toy_segments(rng, category, instance, things, stuff)
+    id_map, segments = _segments(rng, category, instance, things, None, stuff)
     names = [TOY_CLASSES[s["category_id"]] for s in segments]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), id_map, segments, names
 
@@ -580,32 +583,6 @@ def _toy_shape_mask(kind: str, square: bool, rng, yy, xx) -> np.ndarray:
     side = rng.uniform(0.18, 0.36) * size
     cy, cx = rng.uniform(0, size), rng.uniform(0, size)
     return (np.abs(yy - cy) <= side / 2) & (np.abs(xx - cx) <= side / 2)
-
-
-def _toy_segments(rng, category, instance, things, stuff):
-    """Segment-id map and segments_info (stuff first, then things; random distinct ids)."""
-    masks, categories = [], []
-    for stuff_category in stuff:
-        mask = (category == stuff_category) & (instance < 0)
-        if mask.any():
-            masks.append(mask)
-            categories.append(stuff_category)
-    for index, category_id in enumerate(things):
-        mask = instance == index
-        if mask.any():
-            masks.append(mask)
-            categories.append(category_id)
-    ids = rng.choice(2**24 - 1, size=len(masks), replace=False) + 1
-    id_map = np.zeros(instance.shape, dtype=np.int64)
-    segments = []
-    for segment_id, mask, category_id in zip(ids, masks, categories):
-        id_map[mask] = segment_id
-        rows, cols = np.nonzero(mask)
-        segments.append({
-            "id": int(segment_id), "category_id": int(category_id), "iscrowd": 0, "area": int(mask.sum()),
-            "bbox": [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)],
-        })
-    return id_map, segments
 
 
 def make_toy_world_dataset(num_images: int = 8, size: int = 128, seed: int = 0, split: str = "all", *,
