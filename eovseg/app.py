@@ -96,7 +96,9 @@ class SegmentationApp:
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        self.output_root = Path(tempfile.mkdtemp(prefix="eovseg-app-"))
+        # removed with the app (at exit at the latest): the page's files are downloads, not results to keep
+        self._output_folder = tempfile.TemporaryDirectory(prefix="eovseg-app-")
+        self.output_root = Path(self._output_folder.name)
         self.calls = 0
 
     def vocabulary(self, class_text: str):

@@ -434,3 +434,17 @@ def test_a_builtin_vocabulary_is_shown_in_its_data_sets_colours(page, tmp_path):
         inside = ndimage.binary_erosion(ids == segment["id"], iterations=2)
         color = np.median(2 * picture[inside] - scene[inside], axis=0)
         assert np.abs(color - coco[names[segment["category_id"]]]).max() <= 2, (segment, color)
+
+
+def test_the_pages_files_are_removed_with_the_app(tmp_path):
+    """The page's downloads live in a temporary folder that goes away with the app (at exit at the latest), so
+    runs and test runs leave no eovseg-app-* folders behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from eovseg.app import SegmentationApp; app = SegmentationApp(None, None); "
+            "(app.output_root / 'segments.json').write_text('{}'); print(app.output_root)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    folder = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert folder.strip().startswith(str(tmp_path))
+    assert not list(tmp_path.glob("eovseg-app-*"))
