@@ -7,8 +7,8 @@ bfloat16 (the computation's precision at load time), float16 weights, int8 weigh
     python benchmarks/export_pq.py --model DIR --work_dir /tmp/export-pq --calibration 32
 
 The held-out set is the one `scripts/make_demo_model.py` records in the model folder's `held_out.json` (`seed`,
-`num_images`, `image_size`, synthetic images of the model's vocabulary); the calibration images are synthetic images of
-another seed. Every variant runs the model's default vocabulary with the predictor `eovseg predict` uses.
+`num_images`, `image_size`: toy-world scenes of all 18 classes, `eovseg.synthetic.make_toy_world_dataset`); the
+calibration images are toy-world scenes of another seed. Every variant runs the model's default vocabulary with the predictor `eovseg predict` uses.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 
-def held_out(model_dir: Path, vocabulary, seed_offset: int = 0, count: int | None = None):
-    from eovseg.synthetic import make_synthetic_panoptic_dataset, synthetic_categories
+def held_out(model_dir: Path, seed_offset: int = 0, count: int | None = None):
+    """The toy-world scenes of every class (seen and unseen) that `held_out.json` names, as the model card's figures."""
+    from eovseg.synthetic import make_toy_world_dataset, toy_world_categories
 
     spec = json.loads((model_dir / "held_out.json").read_text())
-    rows = list(make_synthetic_panoptic_dataset(count or spec["num_images"], spec["image_size"], spec["image_size"],
-                                                seed=spec["seed"] + seed_offset, class_names=vocabulary))
-    return rows, synthetic_categories(vocabulary), spec
+    rows = list(make_toy_world_dataset(count or spec["num_images"], spec["image_size"], seed=spec["seed"] + seed_offset,
+                                       split="all"))
+    return rows, toy_world_categories("all"), spec
 
 
 def panoptic_quality(predictor, rows, categories) -> float:
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from eovseg import demo
-    from eovseg.demo import ModelOutputError
+    from eovseg.loading import ModelOutputError
     from eovseg.onnx_export import export_model_folder
     from eovseg.predict import Predictor, load_model
     from eovseg.runtime import load
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="eovseg-export-pq-"))
     model, processor = load_model(str(model_dir))
     config = model.config
-    rows, categories, spec = held_out(model_dir, config.vocabulary)
-    calibration = [row["image"].convert("RGB") for row in held_out(model_dir, config.vocabulary, 1000, args.calibration)[0]]
+    rows, categories, spec = held_out(model_dir)
+    calibration = [row["image"].convert("RGB") for row in held_out(model_dir, 1000, args.calibration)[0]]
     print(f"{model_dir}: {len(rows)} held-out images of {spec['image_size']}x{spec['image_size']} (seed {spec['seed']}), "
           f"PQ recorded {spec.get('PQ')}")
     eager = panoptic_quality(Predictor(model, processor, config.vocabulary, config.is_thing, False), rows, categories)
