@@ -40,13 +40,13 @@ BUNDLED_IMAGE = ASSETS / "coffee.jpg"
 
 
 def default_model_path() -> Path:
-    """The bundled demo model: a folder written by `save_pretrained` (tiny preset trained on synthetic shapes), the
-    model of every inference command run without `--model`."""
+    """The bundled demo model: a folder written by `save_pretrained` (the tiny preset in the toy world, see
+    docs/toy_world.md), the model of every inference command run without `--model`."""
     return ASSETS / "demo_model"
 
 
 def default_image_path() -> Path:
-    """The bundled synthetic scene (shapes over sky and ground) that the demo model segments."""
+    """The bundled toy-world scene (256 px, with classes unseen in panoptic training) that the demo model segments."""
     return ASSETS / "shapes_scene.png"
 
 
@@ -59,7 +59,7 @@ def add_model_option(parser) -> None:
     """`--model DIR`, the model folder of `demo`, `predict` and `app`."""
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="a saved or converted model folder (default: the bundled demo model, a toy that knows "
-                             "only synthetic shapes)")
+                             "only the 18 classes of its toy world)")
 
 
 def add_vocabulary_options(parser) -> None:

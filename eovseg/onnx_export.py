@@ -390,9 +390,13 @@ def _written_files(folder: Path) -> list[str]:
     """The files an earlier export wrote into `folder` (its manifest and what it lists), none when it has no manifest."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        return [MANIFEST, *manifest["files"]] if isinstance(manifest.get("files"), list) else []
-    except (OSError, ValueError, AttributeError, TypeError):
+        files = manifest["files"]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return []
+    if not isinstance(files, list):
+        return []
+    # plain names only: a manifest naming "../x" or an absolute path must not make the export replace that file
+    return [MANIFEST, *(name for name in files if isinstance(name, str) and name and Path(name).name == name)]
 
 
 def _umask() -> int:
@@ -476,7 +480,7 @@ class _ModelSource:
         self.config = EovSegConfig.from_pretrained(folder)  # as saved (loading may complete the model's own)
 
     def write_graphs(self, folder: Path):
-        from .demo import has_stored_vocabulary
+        from .loading import has_stored_vocabulary
 
         embeddings = self.model.default_text_embeddings.float().numpy() if has_stored_vocabulary(self.model) else None
         return export_graphs(self.model, folder), embeddings
@@ -583,11 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _calibration_images(paths: Sequence[str]) -> list:
     from .inputs import read_image_file
+    from .predict import IMAGE_SUFFIXES
 
-    files = []
+    files = []  # every file named; in folders, the image files (as `eovseg predict` finds them)
     for path in map(Path, paths):
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    images = [read_image_file(str(p)) for p in files if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp")]
+        files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+            if path.is_dir() else [path]
+    images = [read_image_file(str(p)) for p in files]
     if not images:
         raise CommandError(f"--calibration {' '.join(paths)}: no image files found.")
     return images

@@ -14,7 +14,6 @@ from .command_line import (
     command_parser,
     non_negative_float,
     non_negative_int,
-    non_empty_text,
     positive_float,
     positive_int,
     probability,

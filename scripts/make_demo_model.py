@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +85,9 @@ def scene_is_clean(model, processor, row) -> bool:
     from eovseg.demo import segment
     from eovseg.synthetic import TOY_CLASSES, TOY_UNSEEN_CLASSES
 
-    label = np.asarray(row["label"].convert("RGB")).astype(np.int64)
-    ids = label[..., 0] + 256 * label[..., 1] + 65536 * label[..., 2]
+    from eovseg.inputs import rgb_to_id
+
+    ids = rgb_to_id(np.asarray(row["label"].convert("RGB")))
     truth = [(ids == s["id"], s["category_id"]) for s in row["segments_info"]]
     if len(truth) < 5 or not any(TOY_CLASSES[c] in TOY_UNSEEN_CLASSES for _, c in truth):
         return False
@@ -125,13 +128,29 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", default="?,?,?", help="wall minutes of pretraining, training, control (card)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    out = ASSETS / "demo_model"
+    if args.run_dir.resolve() == out.resolve():
+        parser.error("--run_dir is the bundled folder this script writes: give the training run's folder")
+    metrics = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_eval = next((m for m in reversed(metrics) if "eval/PQ" in m), {"eval/PQ": float("nan")})
+    # built beside the bundled folder and swapped in at the end: a failure leaves the shipped model as it was
+    staging = Path(tempfile.mkdtemp(prefix=".demo_model-", dir=ASSETS))
+    try:
+        held_out, index = package(args, staging, train_eval)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps({"held_out": held_out, "scene_index": index}))
+    return 0
+
+
+def package(args, out: Path, train_eval: dict) -> tuple[dict, int]:
+    """Write the model folder into `out` (an empty staging folder): weights in float16, 18-class default vocabulary,
+    held-out figures and the model card. Returns the held-out figures and the bundled scene's index."""
     from eovseg import EovSegForPanopticSegmentation, EovSegProcessor
     from eovseg.synthetic import TOY_CLASSES, TOY_LOWER_STUFF, TOY_UPPER_STUFF
     from eovseg.vocabularies import set_default_vocabulary
 
-    out = ASSETS / "demo_model"
-    if out.exists():
-        shutil.rmtree(out)  # this script's own output folder
     model = EovSegForPanopticSegmentation.from_pretrained(args.run_dir).eval()
     processor = EovSegProcessor.from_pretrained(args.run_dir)
     set_default_vocabulary(model, processor, list(TOY_CLASSES), stuff=list(TOY_UPPER_STUFF + TOY_LOWER_STUFF))
@@ -139,7 +158,7 @@ def main(argv=None) -> int:
     processor.save_pretrained(out)
     processor.image_processor.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).unlink()  # 3.6 MB of open_clip's fixed tokenizer, which the processor builds offline when absent
+        (out / name).unlink(missing_ok=True)  # open_clip's fixed tokenizer (3.6 MB), built offline when absent
     for code in out.glob("*.py"):
         code.unlink()  # copies of the package's code for trust_remote_code: the bundled folder is read by eovseg itself
     store_half(out)
@@ -155,13 +174,22 @@ def main(argv=None) -> int:
                                          IMAGE_SIZE, HELD_OUT_SEED)
         held_out["control_run"] = {k: figures[k] for k in ("PQ", "PQ_seen", "PQ_unseen")}
     index = pick_scene(model, processor)
-    metrics = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_eval = next((m for m in reversed(metrics) if "eval/PQ" in m), {"eval/PQ": float("nan")})
     (out / "held_out.json").write_text(json.dumps(held_out, indent=2) + "\n")
     card = model_card(held_out, train_eval, index, read_log(args.clip_log), args.minutes.split(","))
     (out / "README.md").write_text(card)
-    print(json.dumps({"held_out": held_out, "scene_index": index}))
-    return 0
+    return held_out, index
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put `new` where `out` is (this script's own output), the old folder removed only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _figures(f: dict) -> str:

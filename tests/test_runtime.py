@@ -187,6 +187,20 @@ def test_export_refuses_a_folder_it_did_not_write(model_folder, tmp_path, capsys
     assert [p.name for p in output.iterdir()] == ["notes.txt"] and (output / "notes.txt").read_text() == "mine"
 
 
+def test_a_manifest_naming_files_outside_the_folder_is_not_trusted(tmp_path):
+    """The manifest of an earlier export says which files the export may replace or remove; only plain names in the
+    folder count, so an edited manifest naming "../x" or an absolute path cannot make it touch other files."""
+    from eovseg.onnx_export import MANIFEST, _written_files
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    outside = tmp_path / "precious.txt"
+    (folder / MANIFEST).write_text(json.dumps({"files": ["image.onnx", "../precious.txt", str(outside), "", 3]}))
+    assert _written_files(folder) == [MANIFEST, "image.onnx"]
+    (folder / MANIFEST).write_text(json.dumps({"files": "image.onnx"}))
+    assert _written_files(folder) == []
+
+
 def test_runtime_refuses_a_model_folder(model_folder, tmp_path, capsys):
     Image.new("RGB", (80, 64)).save(tmp_path / "a.png")
     code = predict_main([str(tmp_path / "a.png"), "--output_dir", str(tmp_path / "o"),

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..command_line import command_main, non_negative_int, positive_int, probability, progress_bar, progress_switch
+from ..command_line import command_main, progress_bar, progress_switch
 from ..data_sources import (
     categories_for_command,
     synthetic_eval_dataset,

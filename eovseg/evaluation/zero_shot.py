@@ -72,8 +72,9 @@ def with_random_towers(model, seed: int = 0):
 
     from ..modeling_eovseg import EovSegForPanopticSegmentation
 
-    torch.manual_seed(seed)
-    fresh = EovSegForPanopticSegmentation(model.config)
+    with torch.random.fork_rng():  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        fresh = EovSegForPanopticSegmentation(model.config)
     control = copy.deepcopy(model)
     control.clip_backbone.load_state_dict(fresh.clip_backbone.state_dict())
     control.spatial_extractor.load_state_dict(fresh.spatial_extractor.state_dict())

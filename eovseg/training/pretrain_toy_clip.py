@@ -27,11 +27,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ..command_line import command_main, non_negative_int, positive_float, positive_int
+from ..command_line import non_negative_int, positive_float, positive_int, run_command
+from ..inputs import rgb_to_id
 
 __all__ = ["build_parser", "pretrain", "retrieval_accuracy", "tower_state_dict"]
 
@@ -223,8 +225,7 @@ def retrieval_accuracy(backbone, tokenizer, scene_size: int = 128, crop_size: in
     scenes = make_toy_world_dataset(num_scenes, scene_size, seed=seed, split="all")
     seg_truth, seg_pred = [], []
     for row in scenes:
-        label = np.asarray(row["label"]).astype(np.int64)
-        ids = label[..., 0] + 256 * label[..., 1] + 65536 * label[..., 2]
+        ids = rgb_to_id(np.asarray(row["label"]))
         masks = torch.from_numpy(np.stack([ids == s["id"] for s in row["segments_info"]])).float()[None] * 2 - 1
         dense = resnet_dense(backbone, normalize(np.asarray(row["image"])[None]))
         embedded = torch.nn.functional.normalize(pooled_embedding(backbone, dense, masks)[0], dim=-1)
@@ -282,7 +283,10 @@ def save_init_model(config, backbone, vit, output_dir) -> None:
     save_model_folder_atomically(model, processor, output_dir)
 
 
-main = command_main(lambda argv: pretrain(build_parser().parse_args(argv)), "pretrain_toy_clip")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0, 1 for bad input (one line), 2 for a usage error."""
+    return run_command(lambda args: pretrain(build_parser().parse_args(args)), argv,
+                       prog="python -m eovseg.training.pretrain_toy_clip")
 
 if __name__ == "__main__":
     sys.exit(main())

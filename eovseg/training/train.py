@@ -50,11 +50,6 @@ from ..command_line import (
     CommandError,
     command_main,
     error_line,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
     progress_bar,
     progress_switch,
 )
