@@ -18,9 +18,11 @@ here with the same message.
 from __future__ import annotations
 
 import argparse
+import atexit
 import html
 import json
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -96,9 +98,10 @@ class SegmentationApp:
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        # removed with the app (at exit at the latest): the page's files are downloads, not results to keep
-        self._output_folder = tempfile.TemporaryDirectory(prefix="eovseg-app-")
-        self.output_root = Path(self._output_folder.name)
+        # removed when the process exits (not with this object: the paths it returned stay readable until then); the
+        # page's files are downloads, not results to keep
+        self.output_root = Path(tempfile.mkdtemp(prefix="eovseg-app-"))
+        atexit.register(shutil.rmtree, self.output_root, ignore_errors=True)
         self.calls = 0
 
     def vocabulary(self, class_text: str):

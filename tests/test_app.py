@@ -436,9 +436,9 @@ def test_a_builtin_vocabulary_is_shown_in_its_data_sets_colours(page, tmp_path):
         assert np.abs(color - coco[names[segment["category_id"]]]).max() <= 2, (segment, color)
 
 
-def test_the_pages_files_are_removed_with_the_app(tmp_path):
-    """The page's downloads live in a temporary folder that goes away with the app (at exit at the latest), so
-    runs and test runs leave no eovseg-app-* folders behind."""
+def test_the_pages_files_are_removed_at_exit(tmp_path):
+    """The page's downloads live in a temporary folder removed when the process exits, so runs and test runs leave
+    no eovseg-app-* folders behind."""
     import subprocess
     import sys
 
