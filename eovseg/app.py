@@ -119,7 +119,7 @@ class SegmentationApp:
         import functools
 
         from .export import panoptic_to_coco
-        from .predict import Predictor
+        from .predictor import Predictor
         from .runtime import EovSegRuntime
         from .visualization import draw_segments, legend_entries
 

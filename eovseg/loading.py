@@ -38,6 +38,9 @@ ASSETS = Path(__file__).with_name("assets")
 # A real photograph, for models converted from the authors' checkpoints (and the conversion's sanity run).
 BUNDLED_IMAGE = ASSETS / "coffee.jpg"
 
+# the image files `eovseg predict` finds in folders (and the web page and `eovseg export --calibration` take)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
 
 def default_model_path() -> Path:
     """The bundled demo model: a folder written by `save_pretrained` (the tiny preset in the toy world, see

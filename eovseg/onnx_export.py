@@ -57,6 +57,23 @@ FORMATS = ("onnx", "openvino")
 PRECISIONS = {"onnx": ("float32", "int8"), "openvino": ("float32", "float16", "int8")}
 MANIFEST = "eovseg_export.json"
 DEFAULT_EMBEDDINGS = "default_text_embeddings.npy"
+
+
+class ExportFolderError(ValueError):
+    """An export folder or a setting the runtime cannot use (one line)."""
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an `eovseg export` folder, refused in one line when missing or unreadable."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ExportFolderError(f"{str(folder)!r} is not an `eovseg export` folder (no {MANIFEST}).")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest["graphs"]["image"], manifest["graphs"]["text"], manifest["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ExportFolderError(f"{path} cannot be read as an export manifest: export the model again.") from None
+    return manifest
 OPSET = 19
 IMAGE_INPUTS = ("pixel_values", "text_embeddings", "synonym_index", "class_seen_mask")
 TEXT_INPUTS = ("input_ids",)
@@ -514,8 +531,6 @@ class _ExportSource:
 def _source(folder: Path):
     manifest_path = folder / MANIFEST
     if manifest_path.is_file():
-        from .runtime import read_manifest
-
         return _ExportSource(folder, read_manifest(folder))
     return _ModelSource(folder)
 
@@ -587,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _calibration_images(paths: Sequence[str]) -> list:
     from .inputs import read_image_file
-    from .predict import IMAGE_SUFFIXES
+    from .loading import IMAGE_SUFFIXES
 
     files = []  # every file named; in folders, the image files (as `eovseg predict` finds them)
     for path in map(Path, paths):

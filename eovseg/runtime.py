@@ -18,20 +18,16 @@ size, which gives the numbers a batched forward of the model gives.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from .loading import check_finite_outputs, resolve_vocabulary
-from .predict import Predictor
+from .onnx_export import ExportFolderError, read_manifest  # noqa: F401  (the runtime's error, by its name here too)
+from .predictor import Predictor
 
 RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = ("float32", "bfloat16", "float16")
 _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-
-
-class ExportFolderError(ValueError):
-    """An export folder or a setting the runtime cannot use (one line)."""
 
 
 def load(folder, runtime: str | None = None, precision: str = "float32", threads: int | None = None,
@@ -41,20 +37,6 @@ def load(folder, runtime: str | None = None, precision: str = "float32", threads
     "bfloat16" on CPUs with bfloat16 instructions); `threads` the intra-op threads (default: the runtime's);
     `providers` ONNX Runtime's execution providers (default: CPU)."""
     return EovSegRuntime(folder, runtime, precision, threads, providers)
-
-
-def read_manifest(folder: Path) -> dict:
-    from .onnx_export import MANIFEST
-
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ExportFolderError(f"{str(folder)!r} is not an `eovseg export` folder (no {MANIFEST}).")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["graphs"]["image"], manifest["graphs"]["text"], manifest["format"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ExportFolderError(f"{path} cannot be read as an export manifest: export the model again.") from None
-    return manifest
 
 
 class _OnnxRuntimeGraph:
