@@ -345,7 +345,6 @@ def make_synthetic_panoptic_dataset(
         `segments_info`; its `info.description` holds the categories as JSON.
     """
     import datasets
-    import PIL.Image
 
     _check_synthetic_arguments(num_images, height, width, min_instances, max_instances)
     extras = _check_extra_thing_classes(extra_thing_classes)
@@ -360,13 +359,7 @@ def make_synthetic_panoptic_dataset(
             rng, height, width, min_instances, max_instances, tuple(size_range), max_overlap, min_area,
             crowd_probability, void_probability, thing_classes,
         )
-        rows["image_id"].append(index)
-        rows["file_name"].append(f"synthetic_{seed}_{index:06d}.png")
-        rows["height"].append(height)
-        rows["width"].append(width)
-        rows["image"].append(PIL.Image.fromarray(image))
-        rows["label"].append(PIL.Image.fromarray(id_to_rgb(id_map)))
-        rows["segments_info"].append(segments)
+        _append_row(rows, index, f"synthetic_{seed}_{index:06d}.png", image, id_map, segments)
     features = _panoptic_features()
     description = json.dumps(
         {
@@ -389,6 +382,19 @@ def _check_synthetic_arguments(num_images, height, width, min_instances, max_ins
         raise ValueError(f"Synthetic images must be at least 16x16, got {height}x{width}.")
     if not 0 <= min_instances <= max_instances:
         raise ValueError(f"Need 0 <= min_instances <= max_instances, got {min_instances}, {max_instances}.")
+
+
+def _append_row(rows: dict, index: int, file_name: str, image: np.ndarray, id_map: np.ndarray, segments) -> None:
+    """One image's COCO-panoptic columns appended to `rows` (the label as an RGB-encoded PNG of the segment ids)."""
+    import PIL.Image
+
+    rows["image_id"].append(index)
+    rows["file_name"].append(file_name)
+    rows["height"].append(image.shape[0])
+    rows["width"].append(image.shape[1])
+    rows["image"].append(PIL.Image.fromarray(image))
+    rows["label"].append(PIL.Image.fromarray(id_to_rgb(id_map)))
+    rows["segments_info"].append(segments)
 
 
 def _panoptic_features():
@@ -600,20 +606,13 @@ def make_toy_world_dataset(num_images: int = 8, size: int = 128, seed: int = 0, 
         max_instances: most thing instances attempted per image (at least 1).
     """
     import datasets
-    import PIL.Image
 
     _check_toy_split(split)
     _check_synthetic_arguments(num_images, size, size, 1, max_instances)
     rows = {k: [] for k in ("image_id", "file_name", "height", "width", "image", "label", "segments_info", "caption")}
     for index in range(num_images):
         image, id_map, segments, names = _draw_toy_scene(np.random.default_rng([seed, index]), size, split, max_instances)
-        rows["image_id"].append(index)
-        rows["file_name"].append(f"toy_{split}_{seed}_{index:06d}.png")
-        rows["height"].append(size)
-        rows["width"].append(size)
-        rows["image"].append(PIL.Image.fromarray(image))
-        rows["label"].append(PIL.Image.fromarray(id_to_rgb(id_map)))
-        rows["segments_info"].append(segments)
+        _append_row(rows, index, f"toy_{split}_{seed}_{index:06d}.png", image, id_map, segments)
         rows["caption"].append(toy_caption(names))
     features = _panoptic_features()
     features["caption"] = datasets.Value("string")
