@@ -261,6 +261,7 @@ def _open_page(url, tmp_path, request):
         browser.close()
     assert [u for u in requested if not u.startswith((url, "data:", "blob:"))] == []  # nothing off this machine
     if os.environ.get("EOVSEG_SCREENSHOT_DIR"):
+        os.makedirs(os.environ["EOVSEG_SCREENSHOT_DIR"], exist_ok=True)
         for shot in (tmp_path / "shots").glob("*.png"):
             shutil.copy(shot, os.path.join(os.environ["EOVSEG_SCREENSHOT_DIR"], f"{request.node.name}-{shot.name}"))
 
