@@ -34,6 +34,7 @@ graphs are written to a staging folder beside it and moved in when complete.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -620,9 +621,26 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _export_command(args)
 
 
+def required_packages(format: str, precision: str) -> list[str]:
+    """The packages an export in `format` and `precision` imports that are not installed (the `onnx` / `openvino`
+    extras hold them)."""
+    needed = ["onnx", "onnxscript"] + (["openvino"] if format == "openvino" else [])
+    if precision == "int8":
+        needed.append("nncf" if format == "openvino" else "onnxruntime")
+    return [name for name in needed if not _installed(name)]
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def _export_command(args) -> int:
     if args.calibration and args.precision != "int8":
         raise CommandError("--calibration calibrates int8 quantization: give --precision int8 too.")
+    missing = required_packages(args.format, args.precision)
+    if missing:
+        raise CommandError(f"--format {args.format} needs {', '.join(missing)}, not installed: "
+                           f"pip install 'eovseg[{args.format}]'.")
     if not Path(args.model).is_dir() or not (Path(args.model) / "config.json").is_file():
         raise CommandError(f"{args.model!r} is not a model folder (a folder with a config.json).")
     images = _calibration_images(args.calibration) if args.calibration else None

@@ -39,9 +39,20 @@ def load(folder, runtime: str | None = None, precision: str = "float32", threads
     return EovSegRuntime(folder, runtime, precision, threads, providers)
 
 
+def _import_runtime(name: str, extra: str):
+    """The runtime's package, or a one-line error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ExportFolderError(f"running an export with {name} needs {name}, not installed: "
+                                f"pip install 'eovseg[{extra}]'.") from None
+
+
 class _OnnxRuntimeGraph:
     def __init__(self, path: Path, threads: int | None, providers: Sequence | None):
-        import onnxruntime as ort
+        ort = _import_runtime("onnxruntime", "onnx")
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only (not the constant-folding notes on the exported casts)
@@ -56,7 +67,7 @@ class _OnnxRuntimeGraph:
 
 class _OpenVinoGraph:
     def __init__(self, path: Path, threads: int | None, precision: str):
-        import openvino as ov
+        ov = _import_runtime("openvino", "openvino")
 
         config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision]}
         if threads:
