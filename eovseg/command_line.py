@@ -70,6 +70,19 @@ class CommandError(ValueError):
 USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
 
 
+def output_dir_problem(output_dir) -> str | None:
+    """Why `--output_dir` cannot be a folder here (it, or a folder above it, is a file), or None."""
+    from pathlib import Path
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"--output_dir {str(output_dir)!r} is a file."
+    in_file = [parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()]
+    if in_file:
+        return f"--output_dir {str(output_dir)!r} cannot be made: {str(in_file[0])!r} is a file."
+    return None
+
+
 def error_line(error: BaseException) -> str:
     """The first line of an error's message (a KeyError's key without its quotes), or its type's name."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else error

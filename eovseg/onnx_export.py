@@ -49,6 +49,7 @@ from .command_line import (
     command_main,
     command_parser,
     non_empty_text,
+    output_dir_problem,
     progress_switch,
 )
 
@@ -390,11 +391,9 @@ def _openvino_products_of_activations(model) -> list[str]:
 
 def check_output_folder(folder: Path) -> None:
     """Refuse an output folder that is a file or holds anything an earlier `eovseg export` did not write."""
-    if folder.exists() and not folder.is_dir():
-        raise CommandError(f"--output_dir {str(folder)!r} is a file.")
-    blocking = [parent for parent in folder.parents if parent.exists() and not parent.is_dir()]
-    if blocking:
-        raise CommandError(f"--output_dir {str(folder)!r} cannot be made: {str(blocking[0])!r} is a file.")
+    problem = output_dir_problem(folder)
+    if problem:
+        raise CommandError(problem)
     if not folder.exists() or not any(folder.iterdir()):
         return
     ours = set(_written_files(folder))

@@ -46,6 +46,7 @@ from .command_line import (
     add_progress_option,
     command_main,
     command_parser,
+    output_dir_problem,
     positive_int,
     probability,
     progress_bar,
@@ -173,11 +174,9 @@ def read_image(path: str) -> Image.Image:
 
 def check_output_dir(output_dir: Path, settings: dict) -> bool:
     """Whether the run resumes an earlier one; raises PredictError for a folder this command may not write to."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise PredictError(f"--output_dir {str(output_dir)!r} is a file.")
-    in_file = [parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()]
-    if in_file:
-        raise PredictError(f"--output_dir {str(output_dir)!r} cannot be made: {str(in_file[0])!r} is a file.")
+    problem = output_dir_problem(output_dir)
+    if problem:
+        raise PredictError(problem)
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return False
     run_file = output_dir / STATE_DIR / RUN_FILE
