@@ -259,9 +259,11 @@ from eovseg.cpu_memory import reuse_freed_memory
 torch.set_num_threads(1)
 applied = reuse_freed_memory() if {call} else None
 faults = []
-for _ in range(6):
+for step in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = torch.ones(50_000_000)  # 200 MB, above glibc's mmap threshold
+    # about 200 MB, above glibc's mmap threshold; 1 MB less each pass, so each block fits the hole the previous one
+    # left even when a small allocation has taken the few bytes beside it (an equal size then grows the heap)
+    block = torch.ones(50_000_000 - 250_000 * step)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del block
 print(applied, max(faults[-2:]))  # steady state: the first calls grow the heap
@@ -293,12 +295,15 @@ from eovseg import cpu_memory
 
 torch.set_num_threads(1)
 assert cpu_memory.reuse_freed_memory()
-for _ in range(4):  # passes of one size: the heap settles (its first holes are nibbled by small allocations)
-    block = torch.ones(50_000_000); del block
+# about 200 MB a pass, 1 MB less each time: each block fits the hole the previous one left (an equal size may not,
+# once a small allocation has taken the few bytes beside the hole)
+sizes = iter(range(50_000_000, 0, -250_000))
+for _ in range(4):
+    block = torch.ones(next(sizes)); del block
 first = cpu_memory.release_if_grown()  # measures the resident set after such a pass
 same = []
 for _ in range(3):
-    block = torch.ones(50_000_000); del block  # the same pass again: reused, nothing grows
+    block = torch.ones(next(sizes)); del block  # another such pass: reused, nothing grows
     same.append(cpu_memory.release_if_grown())
 small, large = torch.ones(50_000_000), torch.ones(150_000_000); del small, large  # a larger pass: 600 MB more
 before = cpu_memory.resident_bytes()
