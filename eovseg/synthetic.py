@@ -188,8 +188,8 @@ def _draw_image(
     if rng.random() < void_probability:
         _draw_void_patch(rng, yy, xx, image, category)
     things = _draw_things(
-        rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area,
-        thing_classes,
+        rng, yy, xx, image, category, instance, min_instances, max_instances,
+        lambda entry, rng, yy, xx: _shape_mask(entry[0], rng, yy, xx, size_range), max_overlap, min_area, thing_classes,
     )
     id_map, segments = _segments(rng, category, instance, things, crowd_probability)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -226,24 +226,25 @@ def _draw_void_patch(rng, yy, xx, image, category) -> None:
 
 
 def _draw_things(
-    rng, yy, xx, image, category, instance, min_instances, max_instances, size_range, max_overlap, min_area,
-    thing_classes,
+    rng, yy, xx, image, category, instance, min_instances, max_instances, shape_mask, max_overlap, min_area,
+    thing_classes, jitter: float = 25, shading: float = 6,
 ) -> list[int]:
     """Thing instances drawn in place over the background, each tried up to 25 times until it fits (see
-    [`_thing_fits`]); returns the category id of each placed instance (its index is its value in `instance`).
-    `thing_classes`: (shape, base colour, category id) of each class, drawn with equal probability."""
+    [`_thing_fits`]), its colour jittered by up to `jitter` and shaded (normal, `shading`); returns the category id
+    of each placed instance (its index is its value in `instance`). `thing_classes`: (shape, base colour, category
+    id, ...) of each class, drawn with equal probability; `shape_mask(entry, rng, yy, xx)` draws one entry's mask."""
     things = []
     target = int(rng.integers(min_instances, max_instances + 1))
     for _ in range(target):
-        kind, base_colour, category_id = thing_classes[int(rng.integers(len(thing_classes)))]
+        entry = thing_classes[int(rng.integers(len(thing_classes)))]
+        _, base_colour, category_id = entry[:3]
         for _attempt in range(25):
-            mask = _shape_mask(kind, rng, yy, xx, size_range)
+            mask = shape_mask(entry, rng, yy, xx)
             area = int(mask.sum())
             if not _thing_fits(mask, area, instance, len(things), max_overlap, min_area):
                 continue
-            colour = np.array(base_colour) + rng.uniform(-25, 25, 3)
-            shading = rng.normal(0, 6, size=(area, 3))
-            image[mask] = colour + shading
+            colour = np.array(base_colour) + rng.uniform(-jitter, jitter, 3)
+            image[mask] = colour + rng.normal(0, shading, size=(area, 3))
             instance[mask] = len(things)
             category[mask] = category_id
             things.append(category_id)
@@ -553,36 +554,17 @@ def _draw_toy_scene(rng: np.random.Generator, size: int, split: str, max_instanc
     image = np.where(is_upper[..., None], _toy_texture(upper_kind, rng, yy, xx), _toy_texture(lower_kind, rng, yy, xx))
     category = np.where(is_upper, ids[upper_kind], ids[lower_kind]).astype(np.int64)
     instance = np.full((size, size), -1, dtype=np.int64)
-    things = _draw_toy_things(rng, yy, xx, image, category, instance, _toy_thing_classes(split), max_instances)
+    # 1 .. max_instances attempted, at most 20% overlap
+    things = _draw_things(rng, yy, xx, image, category, instance, 1, max_instances, _toy_shape_mask, 0.2,
+                          max(4, int(0.012 * size * size)), _toy_thing_classes(split), jitter=20, shading=5)
     stuff = (ids[upper_kind], ids[lower_kind])
     id_map, segments = _segments(rng, category, instance, things, None, stuff)
     names = [TOY_CLASSES[s["category_id"]] for s in segments]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), id_map, segments, names
 
 
-def _draw_toy_things(rng, yy, xx, image, category, instance, thing_classes, max_instances) -> list[int]:
-    """Thing instances (1 .. max_instances attempted), each placed where it fits ([`_thing_fits`], at most 20%
-    overlap), with a colour jitter and shading; returns the category id of each placed instance."""
-    size = yy.shape[0]
-    min_area = max(4, int(0.012 * size * size))
-    things = []
-    for _ in range(int(rng.integers(1, max_instances + 1))):
-        kind, base_colour, category_id, square = thing_classes[int(rng.integers(len(thing_classes)))]
-        for _attempt in range(25):
-            mask = _toy_shape_mask(kind, square, rng, yy, xx)
-            area = int(mask.sum())
-            if not _thing_fits(mask, area, instance, len(things), 0.2, min_area):
-                continue
-            colour = np.array(base_colour) + rng.uniform(-20, 20, 3)
-            image[mask] = colour + rng.normal(0, 5, size=(area, 3))
-            instance[mask] = len(things)
-            category[mask] = category_id
-            things.append(category_id)
-            break
-    return things
-
-
-def _toy_shape_mask(kind: str, square: bool, rng, yy, xx) -> np.ndarray:
+def _toy_shape_mask(entry, rng, yy, xx) -> np.ndarray:
+    kind, square = entry[0], entry[3]
     if not square:
         return _shape_mask(kind, rng, yy, xx, (0.2, 0.42))
     size = yy.shape[0]
