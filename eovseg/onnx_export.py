@@ -206,12 +206,10 @@ def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_
     program.save(str(path), external_data=False)
 
 
-def export_graphs(model, folder: Path) -> dict[str, Path]:
-    """Write `image.onnx` and `text.onnx` of `model` (float32, eval mode) into `folder`. Returns the paths by graph
-    name."""
+def image_example(config) -> tuple[tuple, tuple]:
+    """Example inputs of the image graph and their dynamic dimensions, for `torch.onnx.export`."""
     import torch
 
-    config = model.config
     div = config.size_divisibility
     text_embeddings = torch.randn(4, config.embed_dim)
     text_embeddings = text_embeddings / text_embeddings.norm(dim=-1, keepdim=True)
@@ -221,16 +219,26 @@ def export_graphs(model, folder: Path) -> dict[str, Path]:
                torch.tensor([[0, 1], [2, -1], [3, -1]]), torch.tensor([True, False, False]))
     Dim = torch.export.Dim
     classes, synonyms = Dim("classes", max=100000), Dim("synonyms", max=1000000)
-    image_shapes = ({2: div * Dim("height", min=2, max=512), 3: div * Dim("width", min=2, max=512)},
-                    {0: synonyms}, {0: classes, 1: Dim("max_synonyms", max=1000)}, {0: classes})
+    shapes = ({2: div * Dim("height", min=2, max=512), 3: div * Dim("width", min=2, max=512)},
+              {0: synonyms}, {0: classes, 1: Dim("max_synonyms", max=1000)}, {0: classes})
+    return example, shapes
+
+
+def export_graphs(model, folder: Path) -> dict[str, Path]:
+    """Write `image.onnx` and `text.onnx` of `model` (float32, eval mode) into `folder`. Returns the paths by graph
+    name."""
+    import torch
+
+    config = model.config
     paths = {"image": folder / "image.onnx", "text": folder / "text.onnx"}
-    _export(image_graph(model), example, paths["image"], IMAGE_INPUTS, image_output_names(config), image_shapes)
+    example, shapes = image_example(config)
+    _export(image_graph(model), example, paths["image"], IMAGE_INPUTS, image_output_names(config), shapes)
     from .processing import EovSegProcessor
 
     ids = EovSegProcessor.from_config(config).encode_vocabulary(["cat", "dog, puppy"])["input_ids"]
     context = model.clip_backbone.clip_model.positional_embedding.shape[0]
     _export(text_graph(model), (ids,), paths["text"], TEXT_INPUTS, TEXT_OUTPUTS,
-            ({0: Dim("prompts", max=10000000), 1: Dim("length", min=3, max=context)},))
+            ({0: torch.export.Dim("prompts", max=10000000), 1: torch.export.Dim("length", min=3, max=context)},))
     return paths
 
 

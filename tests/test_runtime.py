@@ -157,13 +157,13 @@ def test_predict_with_onnxruntime_writes_the_pytorch_files(onnx_folder, model_fo
     assert predict_main([*common, "--output_dir", str(tmp_path / "torch"), "--model", str(model_folder)]) == 0
     assert predict_main([*common, "--output_dir", str(tmp_path / "onnx"), "--model", str(onnx_folder),
                          "--runtime", "onnxruntime"]) == 0
-    written, expected = tree(tmp_path / "onnx"), tree(tmp_path / "torch")
-    assert {"panoptic.json", "panoptic/images/0.png", "overlay/images/1.png"} <= set(written) == set(expected)
+    written, pytorch_files = tree(tmp_path / "onnx"), tree(tmp_path / "torch")
+    assert {"panoptic.json", "panoptic/images/0.png", "overlay/images/1.png"} <= set(written) == set(pytorch_files)
     for name, content in written.items():
         if name.endswith(".json"):  # scores are written to 6 decimals: a 1e-7 difference may round either way
-            assert same_json(json.loads(content), json.loads(expected[name])), name
+            assert same_json(json.loads(content), json.loads(pytorch_files[name])), name
         else:
-            assert content == expected[name], name
+            assert content == pytorch_files[name], name
 
 
 def same_json(ours, theirs) -> bool:
@@ -296,25 +296,13 @@ def test_r50_exports_match_eager_float32(converted, tmp_path):
     from eovseg.modeling_eovseg import EovSegOutput
     from eovseg.onnx_export import export_graphs, to_openvino
     from eovseg.runtime import _OnnxRuntimeGraph, _OpenVinoGraph
-    from eovseg.vocabulary import seen_class_mask, synonym_counts
 
     model, processor = converted
     paths = export_graphs(model, tmp_path)
     to_openvino(paths["image"], tmp_path / "image.xml")
-    config = model.config
-    pixel_values = processor(images=Image.open(FIXTURE / "coffee.png").convert("RGB"))["pixel_values"]
-    feeds = {"pixel_values": pixel_values.numpy(), "text_embeddings": model.default_text_embeddings.numpy(),
-             "synonym_index": build_synonym_index(synonym_counts(config.vocabulary)).numpy(),
-             "class_seen_mask": np.array(seen_class_mask(config.vocabulary, config.train_vocabulary))}
-    threads = torch.get_num_threads()
-    eager = []
-    try:
-        for count in (2, 1):
-            torch.set_num_threads(count)
-            with torch.no_grad():
-                eager.append(model(pixel_values))  # the stored default vocabulary
-    finally:
-        torch.set_num_threads(threads)
+    feeds = fixture_feeds(model, processor)
+    pixel_values = torch.from_numpy(feeds["pixel_values"])
+    eager = with_two_threads_then_one(lambda: model(pixel_values))  # the stored default vocabulary
     reference = eager[0]
     bounds = {name: max(TOLERANCE, 1.5 * relative_difference(getattr(eager[1], name), getattr(reference, name)))
               for name in OUTPUTS[:2]}
@@ -336,6 +324,31 @@ def test_r50_exports_match_eager_float32(converted, tmp_path):
         assert [(s["id"], s["label_id"]) for s in ours["segments_info"]] == \
             [(s["id"], s["label_id"]) for s in expected["segments_info"]]
         assert int((processor.post_process_semantic_segmentation(outputs)[0] != semantic).sum()) <= allowed
+
+
+def fixture_feeds(model, processor) -> dict:
+    """The image graph's inputs for the fidelity fixture's photo and the model's stored default vocabulary."""
+    from eovseg.vocabulary import seen_class_mask, synonym_counts
+
+    config = model.config
+    pixel_values = processor(images=Image.open(FIXTURE / "coffee.png").convert("RGB"))["pixel_values"]
+    return {"pixel_values": pixel_values.numpy(), "text_embeddings": model.default_text_embeddings.numpy(),
+            "synonym_index": build_synonym_index(synonym_counts(config.vocabulary)).numpy(),
+            "class_seen_mask": np.array(seen_class_mask(config.vocabulary, config.train_vocabulary))}
+
+
+def with_two_threads_then_one(run) -> list:
+    """`run()` without gradients with two threads, then with one: float32 round-off in two summation orders."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results
 
 
 def image_path_levels(model):
@@ -375,38 +388,17 @@ def test_r50_export_departs_from_eager_only_through_the_hard_masks(converted, tm
     3.3e-4, 7.9e-4; eager from two threads to one 9.9e-5, 2.6e-4, 6.8e-4). Those are the few mask pixels whose sign
     differs: at most 1 in 10,000 in every stage, for the exports as for eager itself (measured 131, 133 and 100 of
     3,840,000 in the last stage)."""
-    from eovseg.onnx_export import _export, to_openvino
+    from eovseg.onnx_export import _export, image_example, to_openvino
     from eovseg.runtime import _OnnxRuntimeGraph, _OpenVinoGraph
-    from eovseg.vocabulary import seen_class_mask, synonym_counts
 
     model, processor = converted
-    config = model.config
     levels, names = image_path_levels(model)
-    div = config.size_divisibility
-    text = torch.nn.functional.normalize(torch.randn(4, config.embed_dim), dim=-1)
-    example = (torch.randn(1, 3, 4 * div, 6 * div), text, torch.tensor([[0, 1], [2, -1], [3, -1]]),
-               torch.tensor([True, False, False]))
-    Dim = torch.export.Dim
-    classes = Dim("classes", max=100000)
-    shapes = ({2: div * Dim("height", min=2, max=512), 3: div * Dim("width", min=2, max=512)},
-              {0: Dim("synonyms", max=1000000)}, {0: classes, 1: Dim("max_synonyms", max=1000)}, {0: classes})
+    example, shapes = image_example(model.config)
     _export(levels, example, tmp_path / "levels.onnx", IMAGE_INPUTS, names, shapes)
     to_openvino(tmp_path / "levels.onnx", tmp_path / "levels.xml")
-
-    pixel_values = processor(images=Image.open(FIXTURE / "coffee.png").convert("RGB"))["pixel_values"]
-    feeds = {"pixel_values": pixel_values.numpy(), "text_embeddings": model.default_text_embeddings.numpy(),
-             "synonym_index": build_synonym_index(synonym_counts(config.vocabulary)).numpy(),
-             "class_seen_mask": np.array(seen_class_mask(config.vocabulary, config.train_vocabulary))}
-    threads = torch.get_num_threads()
-    eager = []
-    try:
-        for count in (2, 1):
-            torch.set_num_threads(count)
-            with torch.no_grad():
-                eager.append(dict(zip(names, levels(*(torch.from_numpy(feeds[k]) for k in IMAGE_INPUTS)))))
-    finally:
-        torch.set_num_threads(threads)
-    reference, one_thread = eager
+    feeds = fixture_feeds(model, processor)
+    inputs = [torch.from_numpy(feeds[name]) for name in IMAGE_INPUTS]
+    reference, one_thread = with_two_threads_then_one(lambda: dict(zip(names, levels(*inputs))))
     before_the_decoder = names[:7]
     for name in before_the_decoder:
         assert relative_difference(one_thread[name], reference[name]) < 1e-5, name
