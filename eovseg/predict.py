@@ -313,7 +313,8 @@ class Writer:
 
 def work_units(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
     """Batches of consecutive images, and each video alone. Processes take every n-th unit, so a batch holds the
-    same images however many processes there are (batch padding can change the results)."""
+    same images however many processes there are (the Predictor runs a batch's images of each processed size
+    together: which images share a pass decides the float round-off of batched kernels)."""
     units, batch = [], []
     for item in items:
         if item.kind == "video":

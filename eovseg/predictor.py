@@ -63,7 +63,21 @@ class Predictor:
         return outputs
 
     def __call__(self, images: Sequence[Image.Image], instances: bool = False) -> list[dict]:
-        """One result per image; with `instances`, each also has `instances` (an instance result with COCO RLEs)."""
+        """One result per image, in order; with `instances`, each also has `instances` (an instance result with COCO
+        RLEs). Only images of one processed size share a forward pass (`processed_size`), so each image's result is
+        the one it gets alone (but for the float round-off of batched kernels)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            size = self.processor.image_processor.processed_size(image.height, image.width)
+            groups.setdefault(size, []).append(index)
+        results: list = [None] * len(images)
+        for indices in groups.values():
+            for index, result in zip(indices, self._segment([images[i] for i in indices], instances)):
+                results[index] = result
+        return results
+
+    def _segment(self, images: Sequence[Image.Image], instances: bool) -> list[dict]:
+        """The results of images of one processed size, in one forward pass."""
         outputs = self._forward(images)
         sizes = [(image.height, image.width) for image in images]
         if self.subtask == "panoptic":

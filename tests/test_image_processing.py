@@ -70,13 +70,16 @@ def test_resized_shape_padding_and_mask(processor, size, expected):
     # zero padding after normalization
     assert out["pixel_values"][0, :, h:, :].abs().sum() == 0
     assert out["pixel_values"][0, :, :, w:].abs().sum() == 0
+    assert processor.processed_size(*size) == (hp, wp)
 
 
 def test_custom_size_and_no_resize():
     processor = EovSegImageProcessorPil(size={"shortest_edge": 100, "longest_edge": 150})
     assert tuple(processor(random_image(50, 100))["pixel_values"].shape) == (1, 3, 96, 160)  # 75x150
+    assert processor.processed_size(50, 100) == (96, 160)
     out = EovSegImageProcessor(do_resize=False)(random_image(50, 70))
     assert tuple(out["pixel_values"].shape) == (1, 3, 64, 96)
+    assert EovSegImageProcessor(do_resize=False).processed_size(50, 70) == (64, 96)
     assert int(out["pixel_mask"].sum()) == 50 * 70
 
 

@@ -474,3 +474,43 @@ def test_progress_counts_inputs_and_each_video_frame(data, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "eovseg predict: 100%" in err and "4/4" in err  # three images and the video: one step each
     assert f"clip.mp4: {VIDEO_FRAMES}frame" in err  # the video's own bar, by frame
+
+
+def same_json(ours, theirs) -> bool:
+    """Equal JSON values, floats within 2e-6 (one unit of the 6 decimals written, plus round-off)."""
+    if isinstance(ours, dict):
+        return isinstance(theirs, dict) and ours.keys() == theirs.keys() and all(
+            same_json(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, list):
+        return isinstance(theirs, list) and len(ours) == len(theirs) and all(map(same_json, ours, theirs))
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return isinstance(theirs, (int, float)) and abs(ours - theirs) <= 2e-6
+    return ours == theirs
+
+
+def assert_same_files(ours: dict[str, bytes], theirs: dict[str, bytes]) -> None:
+    """Two runs' files (`tree`): the same names, PNGs byte for byte, JSON with scores within their rounding."""
+    assert sorted(ours) == sorted(theirs)
+    for name, content in ours.items():
+        if name.endswith(".json"):  # scores are written to 6 decimals: a 1e-7 difference may round either way
+            assert same_json(json.loads(content), json.loads(theirs[name])), name
+        else:
+            assert content == theirs[name], name
+
+
+def test_a_batch_of_mixed_sizes_gives_the_results_of_one_image_at_a_time(data, tmp_path):
+    """`--batch_size` batches an image only with images of its processed (resized and padded) size: padded to
+    another image's size, its segments would change."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = [(48, 64), (48, 96), (96, 96), (48, 64), (48, 96), (64, 48)]  # processed: 64x64, 32x64, 64x64, ...
+    for i, ((height, width), row) in enumerate(zip(sizes, data["rows"])):
+        row["image"].resize((width, height)).save(folder / f"{i}.png")
+    runs = {}
+    for batch in (1, 4):
+        assert predict_main([str(folder), "--output_dir", str(tmp_path / f"batch{batch}"), "--model", str(data["model"]),
+                             "--classes", *CLASSES, "--stuff", *STUFF, "--batch_size", str(batch)]) == 0
+        runs[batch] = {k: v for k, v in tree(tmp_path / f"batch{batch}").items() if ".eovseg-predict" not in k}
+    segments = [s for a in json.loads(runs[1]["panoptic.json"])["annotations"] for s in a["segments_info"]]
+    assert len(segments) >= len(sizes)
+    assert_same_files(runs[4], runs[1])

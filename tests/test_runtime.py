@@ -21,6 +21,7 @@ from eovseg.synthetic import make_synthetic_panoptic_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_modeling import make_model  # noqa: E402
+from test_predict import assert_same_files  # noqa: E402
 
 TOLERANCE = 1e-4  # of the largest magnitude of the eager float32 output
 CLASSES = ["cat, kitty", "dog", "grass, lawn", "sky", "road, street, path"]
@@ -157,25 +158,9 @@ def test_predict_with_onnxruntime_writes_the_pytorch_files(onnx_folder, model_fo
     assert predict_main([*common, "--output_dir", str(tmp_path / "torch"), "--model", str(model_folder)]) == 0
     assert predict_main([*common, "--output_dir", str(tmp_path / "onnx"), "--model", str(onnx_folder),
                          "--runtime", "onnxruntime"]) == 0
-    written, pytorch_files = tree(tmp_path / "onnx"), tree(tmp_path / "torch")
-    assert {"panoptic.json", "panoptic/images/0.png", "overlay/images/1.png"} <= set(written) == set(pytorch_files)
-    for name, content in written.items():
-        if name.endswith(".json"):  # scores are written to 6 decimals: a 1e-7 difference may round either way
-            assert same_json(json.loads(content), json.loads(pytorch_files[name])), name
-        else:
-            assert content == pytorch_files[name], name
-
-
-def same_json(ours, theirs) -> bool:
-    """Equal JSON values, floats within 2e-6 (one unit of the 6 decimals written, plus round-off)."""
-    if isinstance(ours, dict):
-        return isinstance(theirs, dict) and ours.keys() == theirs.keys() and all(
-            same_json(ours[k], theirs[k]) for k in ours)
-    if isinstance(ours, list):
-        return isinstance(theirs, list) and len(ours) == len(theirs) and all(map(same_json, ours, theirs))
-    if isinstance(ours, float) or isinstance(theirs, float):
-        return isinstance(theirs, (int, float)) and abs(ours - theirs) <= 2e-6
-    return ours == theirs
+    written = tree(tmp_path / "onnx")
+    assert {"panoptic.json", "panoptic/images/0.png", "overlay/images/1.png"} <= set(written)
+    assert_same_files(written, tree(tmp_path / "torch"))
 
 
 def test_web_page_runs_an_export(onnx_folder, eager, tmp_path):

@@ -52,6 +52,7 @@ from ..inputs import (
     get_resize_output_shape,
     normalize,
     pad_batch,
+    padded_size,
     resize_nearest,
 )
 
@@ -737,6 +738,13 @@ class EovSegImageProcessingMixin:
                 k: ([t.numpy() for t in v] if isinstance(v, list) else v.numpy()) for k, v in data.items()
             }
         return BatchFeature(data=data)
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) of the `pixel_values` this processor makes of one image of that size, resized and
+        padded to `size_divisibility`. Batched with images of another processed size, an image is padded further,
+        which changes what the model finds in it (the borders, the interpolated positional embeddings)."""
+        options = self._call_options(*[None] * 11)
+        return padded_size([self._output_size(int(height), int(width), options)], options.size_divisibility)
 
     def _call_options(
         self, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
