@@ -66,12 +66,9 @@ class Predictor:
         """One result per image, in order; with `instances`, each also has `instances` (an instance result with COCO
         RLEs). Only images of one processed size share a forward pass (`processed_size`), so each image's result is
         the one it gets alone (but for the float round-off of batched kernels)."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            size = self.processor.image_processor.processed_size(image.height, image.width)
-            groups.setdefault(size, []).append(index)
+        sizes = [(image.height, image.width) for image in images]
         results: list = [None] * len(images)
-        for indices in groups.values():
+        for indices in self.processor.image_processor.group_by_processed_size(sizes):
             for index, result in zip(indices, self._segment([images[i] for i in indices], instances)):
                 results[index] = result
         return results

@@ -727,6 +727,43 @@ def test_evaluate_model_runs_all_tasks(tiny_model):
     assert semantic["num_images"] == 1 and not math.isnan(semantic["per_class"][4]["ACC"])
 
 
+def test_batch_size_does_not_change_the_scores_of_mixed_sizes():
+    """Rows of different processed sizes never share a forward pass (padded to another's size, an image's result
+    would change): the bundled demo model's scores with `batch_size=4` are those of `batch_size=1` on toy-world
+    scenes stretched to three processed sizes."""
+    from eovseg import EovSegForPanopticSegmentation, EovSegProcessor
+    from eovseg.demo import default_model_path
+    from eovseg.evaluation import evaluate_model
+    from eovseg.inputs import rgb_to_id
+    from eovseg.synthetic import make_toy_world_dataset
+
+    model = EovSegForPanopticSegmentation.from_pretrained(default_model_path()).eval()
+    processor = EovSegProcessor.from_pretrained(default_model_path())  # shortest edge 128
+    rows = []
+    for row, (width, height) in zip(make_toy_world_dataset(4, 128, seed=5), [(128, 128), (176, 128), (128, 160),
+                                                                              (176, 128)]):
+        label = row["label"].resize((width, height), Image.NEAREST)
+        ids = rgb_to_id(np.asarray(label))
+        segments = [dict(s, area=int((ids == s["id"]).sum())) for s in row["segments_info"]]
+        rows.append({"image": row["image"].resize((width, height), Image.BILINEAR), "label": label,
+                     "segments_info": [s for s in segments if s["area"]]})
+    sizes = [(row["image"].height, row["image"].width) for row in rows]
+    assert len(processor.image_processor.group_by_processed_size(sizes)) == 3
+    one, four = (evaluate_model(model, processor, rows, "panoptic", batch_size=b, progress=False) for b in (1, 4))
+
+    def close(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(map(close, a, b))
+        if isinstance(a, float):
+            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        return a == b
+
+    assert one["PQ"] > 30
+    assert close(four, one)
+
+
 # An "oracle" model that reads the segments off the image colours: with it the runner must score 100, which pins
 # its wiring (vocabulary order, label id -> category id, stuff fusion, output sizes, crowd and void handling).
 ORACLE_CATEGORIES = [

@@ -514,3 +514,26 @@ def test_a_batch_of_mixed_sizes_gives_the_results_of_one_image_at_a_time(data, t
     segments = [s for a in json.loads(runs[1]["panoptic.json"])["annotations"] for s in a["segments_info"]]
     assert len(segments) >= len(sizes)
     assert_same_files(runs[4], runs[1])
+
+
+def test_predictor_runs_each_processed_size_in_one_pass_and_keeps_the_order(data):
+    """The Predictor's batches: one forward pass per processed size, holding every image of that size; results in
+    the order of the images."""
+    from eovseg.predictor import Predictor
+    from eovseg.processing import EovSegProcessor
+
+    predictor = Predictor.__new__(Predictor)  # the grouping only: no model
+    predictor.processor = EovSegProcessor.from_pretrained(data["model"])  # shortest edge 48, longest 64, padded to 32
+    passes = []
+
+    def segment(images, instances):
+        passes.append([image.size for image in images])
+        return [image.size for image in images]
+
+    predictor._segment = segment
+    # (width, height): processed 64x64, 32x64, 64x64, 64x64, 32x64, 64x64
+    sizes = [(64, 48), (96, 48), (96, 96), (64, 48), (96, 48), (48, 64)]
+    assert predictor([Image.new("RGB", size) for size in sizes]) == sizes
+    assert passes == [[(64, 48), (96, 96), (64, 48), (48, 64)], [(96, 48), (96, 48)]]
+    with pytest.raises(ValueError, match="at least 2 pixels"):
+        predictor([Image.new("RGB", (64, 1))])

@@ -372,7 +372,7 @@ def test_r50_export_departs_from_eager_only_through_the_hard_masks(converted, tm
     query gathers, and the stages amplify the difference (ONNX Runtime 1.0e-4, 2.2e-4, 6.3e-4; OpenVINO 1.0e-4,
     3.3e-4, 7.9e-4; eager from two threads to one 9.9e-5, 2.6e-4, 6.8e-4). Those are the few mask pixels whose sign
     differs: at most 1 in 10,000 in every stage, for the exports as for eager itself (measured 131, 133 and 100 of
-    3,840,000 in the last stage)."""
+    3,840,000 in the last stage); each stage within 1.5 times eager's own difference (or 1e-4)."""
     from eovseg.onnx_export import _export, image_example, to_openvino
     from eovseg.runtime import _OnnxRuntimeGraph, _OpenVinoGraph
 
@@ -393,6 +393,8 @@ def test_r50_export_departs_from_eager_only_through_the_hard_masks(converted, tm
         for name in before_the_decoder:
             assert relative_difference(got[name], reference[name]) < 1e-5, (type(graph), name)
         for name in names[7:]:
+            bound = max(TOLERANCE, 1.5 * relative_difference(one_thread[name], reference[name]))
+            assert relative_difference(got[name], reference[name]) < bound, (type(graph), name)
             for ours in (torch.from_numpy(got[name]), one_thread[name]):
                 flipped = int(((ours > 0) != (reference[name] > 0)).sum())
                 assert flipped < 1e-4 * reference[name].numel(), (type(graph), name, flipped)

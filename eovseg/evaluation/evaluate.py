@@ -443,7 +443,8 @@ def evaluate_model(
         device: where to run (default: the model's device).
         accelerator: an `accelerate.Accelerator` of several processes: each evaluates its contiguous share of the
             data set and the results are merged so that every process returns exactly the numbers one process
-            would give (with `batch_size=1`, or shares that are multiples of it: padding depends on the batch).
+            would give (with `batch_size=1`, or shares that are multiples of it: the batches decide the float
+            round-off of batched kernels; images of different processed sizes never share a forward pass).
         class_ensemble: the model's class scoring for the run (`"geometric"` or `"embedding_modulation"`, which
             also encodes the processor's training vocabulary); default: the model configuration's.
 
@@ -579,6 +580,14 @@ class _Run:
             self.unresolved = False
         images = [row[self.columns.image] for row in rows]
         references, sizes = _read_references(rows, indices, self.columns, images)
+        # images of one processed size per forward pass: padded to another's size, an image's result would change
+        grouping = getattr(self.image_processor, "group_by_processed_size", None)  # another library's: as given
+        for group in grouping(sizes) if grouping else [list(range(len(rows)))]:
+            self._evaluate([indices[i] for i in group], [rows[i] for i in group], [images[i] for i in group],
+                           [references[i] for i in group], [sizes[i] for i in group], text_inputs, records)
+
+    def _evaluate(self, indices, rows, images, references, sizes, text_inputs, records) -> None:
+        """Images of one processed size through the model, into the metrics."""
         inputs = self.image_processor(images, return_tensors="pt")
         outputs = self.model(
             pixel_values=inputs["pixel_values"].to(device=self.device, dtype=self.dtype),

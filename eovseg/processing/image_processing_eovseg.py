@@ -740,11 +740,22 @@ class EovSegImageProcessingMixin:
         return BatchFeature(data=data)
 
     def processed_size(self, height: int, width: int) -> tuple[int, int]:
-        """The (height, width) of the `pixel_values` this processor makes of one image of that size, resized and
-        padded to `size_divisibility`. Batched with images of another processed size, an image is padded further,
-        which changes what the model finds in it (the borders, the interpolated positional embeddings)."""
+        """The (height, width) of the `pixel_values` this processor makes, with its own settings, of one image of that
+        size: resized, then padded to `size_divisibility`. Batched with images of another processed size, an image is
+        padded further, which changes what the model finds in it (the borders, the interpolated positional
+        embeddings)."""
+        if min(int(height), int(width)) < 2:
+            raise ValueError(f"an image is {height}x{width} pixels; both sides must be at least 2 pixels.")
         options = self._call_options(*[None] * 11)
         return padded_size([self._output_size(int(height), int(width), options)], options.size_divisibility)
+
+    def group_by_processed_size(self, sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+        """The indices of images of these (height, width) sizes, grouped by `processed_size` (groups in the order of
+        their first image): the images a batch can hold so that each gets the result it gets alone."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (height, width) in enumerate(sizes):
+            groups.setdefault(self.processed_size(height, width), []).append(index)
+        return list(groups.values())
 
     def _call_options(
         self, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,

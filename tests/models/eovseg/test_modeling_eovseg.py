@@ -36,8 +36,9 @@ class EovSegModelTester:
     batch leave it whole (test_batching_equivalence slices tensors whose first dimension is a multiple of 2; the
     eager-against-sdpa test cuts or extends every input to 7 rows).
 
-    The inputs come from a generator of the tester's own, seeded: the mixins' `floats_tensor` otherwise draws from an
-    unseeded module-level generator that their `set_seed(42)` does not reach, so every run saw other images."""
+    The pixel values and the vocabulary come from a generator of the tester's own, seeded: the mixins'
+    `floats_tensor` otherwise draws from an unseeded module-level generator that their `set_seed(42)` does not reach,
+    so every run saw other images (the training labels come from torch's generator, which `set_seed` seeds)."""
 
     def __init__(self, parent, batch_size=2, image_size=64, num_labels=3, num_classes=7, is_training=True, seed=0):
         self.parent = parent
