@@ -9,9 +9,10 @@ does). The numbers are unchanged.
 
 Kept memory is bounded: images of changing sizes leave holes that later blocks do not fit (even a block of the
 same size may miss its old hole by the few bytes an aligned allocation adds, once a small allocation sits beside
-it), so the heap would keep growing (3.6 to 7.6 GiB over 40 R50 calls at 640 x 640-1152). Before each pass `release_if_grown` compares the
-process's resident set with what it was after the first pass since the last release; beyond 1.25 times that, it
-returns the free pages to the system (`malloc_trim`; the next pass faults them in again) and measures anew.
+it), so the heap would keep growing (3.6 to 7.6 GiB over 40 R50 calls at 640 x 640-1152). Before each pass
+`release_if_grown` compares the process's resident set with what it was after the first pass since the last
+release; beyond 1.25 times that, it returns the free pages to the system (`malloc_trim`; the next pass faults them
+in again) and measures anew.
 
 The model calls `reuse_freed_memory` at the start of each forward pass on CPU (the setting is applied once per
 process; later calls check the growth), on Linux with glibc. `EOVSEG_CPU_MEMORY_REUSE=0` in the environment leaves

@@ -92,14 +92,24 @@ def image_output_names(config) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def graph_vocabulary(model, text_embeddings, synonym_index, class_seen_mask, dtype):
+    """The model's vocabulary from the image graph's tensor inputs (the text embeddings, the stored void embedding
+    normalized, both in `dtype`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .modeling_eovseg import _Vocabulary
+
+    embeddings = text_embeddings.to(dtype)
+    void = F.normalize(model.void_embedding.weight, dim=-1).to(dtype)
+    return _Vocabulary(embeddings, torch.cat([embeddings, void]), synonym_index, class_seen_mask, False)
+
+
 def image_graph(model):
     """The image path of `model` as a module whose inputs are tensors only (see the module's docstring): the vocabulary
     comes as its embeddings and synonym index, whose sizes stay symbolic in a traced program (the model's own forward
     takes the synonym counts as Python numbers, which a trace would fix)."""
     import torch
-    import torch.nn.functional as F
-
-    from .modeling_eovseg import _Vocabulary
 
     class EovSegImageGraph(torch.nn.Module):
         def __init__(self):
@@ -109,9 +119,7 @@ def image_graph(model):
         def forward(self, pixel_values, text_embeddings, synonym_index, class_seen_mask):
             m = self.model
             pixel_values = m._check_pixel_values(pixel_values)
-            embeddings = text_embeddings.to(pixel_values.dtype)
-            void = F.normalize(m.void_embedding.weight, dim=-1).to(pixel_values.dtype)
-            vocabulary = _Vocabulary(embeddings, torch.cat([embeddings, void]), synonym_index, class_seen_mask, False)
+            vocabulary = graph_vocabulary(m, text_embeddings, synonym_index, class_seen_mask, pixel_values.dtype)
             image = m._encode_image(pixel_values)
             decoded = m._decode(image, vocabulary)
             class_logits, out_vocab_logits, _ = m._ensemble_with_clip(

@@ -736,6 +736,7 @@ def test_batch_size_does_not_change_the_scores_of_mixed_sizes():
     from eovseg.evaluation import evaluate_model
     from eovseg.inputs import rgb_to_id
     from eovseg.synthetic import make_toy_world_dataset
+    from test_predict import same_json
 
     model = EovSegForPanopticSegmentation.from_pretrained(default_model_path()).eval()
     processor = EovSegProcessor.from_pretrained(default_model_path())  # shortest edge 128
@@ -751,17 +752,8 @@ def test_batch_size_does_not_change_the_scores_of_mixed_sizes():
     assert len(processor.image_processor.group_by_processed_size(sizes)) == 3
     one, four = (evaluate_model(model, processor, rows, "panoptic", batch_size=b, progress=False) for b in (1, 4))
 
-    def close(a, b):
-        if isinstance(a, dict):
-            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
-        if isinstance(a, (list, tuple)):
-            return len(a) == len(b) and all(map(close, a, b))
-        if isinstance(a, float):
-            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-        return a == b
-
     assert one["PQ"] > 30
-    assert close(four, one)
+    assert same_json(four, one, abs_tol=1e-9, rel_tol=1e-6)
 
 
 # An "oracle" model that reads the segments off the image colours: with it the runner must score 100, which pins

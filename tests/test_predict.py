@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -476,15 +477,21 @@ def test_progress_counts_inputs_and_each_video_frame(data, tmp_path, capsys, mon
     assert f"clip.mp4: {VIDEO_FRAMES}frame" in err  # the video's own bar, by frame
 
 
-def same_json(ours, theirs) -> bool:
-    """Equal JSON values, floats within 2e-6 (one unit of the 6 decimals written, plus round-off)."""
+def same_json(ours, theirs, abs_tol: float = 2e-6, rel_tol: float = 0.0) -> bool:
+    """Equal JSON-like values (dicts, lists, tuples), floats within `abs_tol` or `rel_tol` (by default 2e-6: one unit
+    of the 6 decimals written, plus round-off), NaN equal to NaN."""
     if isinstance(ours, dict):
         return isinstance(theirs, dict) and ours.keys() == theirs.keys() and all(
-            same_json(ours[k], theirs[k]) for k in ours)
-    if isinstance(ours, list):
-        return isinstance(theirs, list) and len(ours) == len(theirs) and all(map(same_json, ours, theirs))
+            same_json(ours[k], theirs[k], abs_tol, rel_tol) for k in ours)
+    if isinstance(ours, (list, tuple)):
+        return isinstance(theirs, (list, tuple)) and len(ours) == len(theirs) and all(
+            same_json(a, b, abs_tol, rel_tol) for a, b in zip(ours, theirs))
     if isinstance(ours, float) or isinstance(theirs, float):
-        return isinstance(theirs, (int, float)) and abs(ours - theirs) <= 2e-6
+        if not isinstance(theirs, (int, float)) or not isinstance(ours, (int, float)):
+            return False
+        if math.isnan(ours) or math.isnan(theirs):
+            return math.isnan(ours) and math.isnan(theirs)
+        return math.isclose(ours, theirs, rel_tol=rel_tol, abs_tol=abs_tol)
     return ours == theirs
 
 

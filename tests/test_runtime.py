@@ -340,9 +340,7 @@ def image_path_levels(model):
     """The image graph's computation with what each level gives as outputs: the CLIP backbone's res2-res5, the ViT
     block's features, the neck, Vocabulary-Aware Selection (all before the decoder's first hard masks), then each
     decoder stage's mask logits."""
-    import torch.nn.functional as F
-
-    from eovseg.modeling_eovseg import _Vocabulary
+    from eovseg.onnx_export import graph_vocabulary
 
     class Levels(torch.nn.Module):
         def __init__(self):
@@ -351,9 +349,7 @@ def image_path_levels(model):
 
         def forward(self, pixel_values, text_embeddings, synonym_index, class_seen_mask):
             m = self.model
-            void = F.normalize(m.void_embedding.weight, dim=-1)
-            vocabulary = _Vocabulary(text_embeddings, torch.cat([text_embeddings, void]), synonym_index,
-                                     class_seen_mask, False)
+            vocabulary = graph_vocabulary(m, text_embeddings, synonym_index, class_seen_mask, pixel_values.dtype)
             image = m._encode_image(pixel_values)
             decoded = m._decode(image, vocabulary)
             return (*(image.clip[f"res{i}"] for i in range(2, 6)), image.spatial, image.aggregated, decoded.vas,
